@@ -1,0 +1,127 @@
+"""Dataclass configs shared by the CLI, the Python API and the saved JSON.
+
+A command's config is one flat dataclass. Each field carries its help text in
+`field(metadata={"help": ...})` (and optionally `"flags": ("-n",)` for extra short flags, or
+`"choices": (...)`). `add_arguments` turns the fields into argparse flags with the same names
+(`batch_size` <-> `--batch-size`), and `resolve` merges defaults < `--config FILE` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from latent_prior.errors import LatentPriorError
+
+C = TypeVar("C")
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    # `X | None` -> X: None is expressed by leaving the flag out.
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+    return tp
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field; defaults are SUPPRESSed so `resolve` can tell what was given."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp = _field_type(cls, f)
+        default = _default_of(f)
+        flags = [*f.metadata.get("flags", ()), "--" + f.name.replace("_", "-")]
+        help_text = f.metadata.get("help", "")
+        required = default is None and f.metadata.get("required", False)
+        shown = "required" if required else f"default: {default!r}" if default is not None else "default: none"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{help_text} ({shown})"}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (tuple, list):
+            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kwargs.update(type=inner, nargs="+", metavar=f.name.upper())
+        else:
+            kwargs.update(type=tp if tp in (int, float, str) else str, metavar=f.metadata.get("metavar", f.name.upper()))
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        default=None,
+        help="YAML or JSON file with any of the fields above; flags given on the command line win (default: none)",
+    )
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of field names to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatentPriorError(f"--config {path}: no such file; check the path.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear sentence
+        raise LatentPriorError(f"--config {path}: could not parse it ({exc}); it must be a YAML or JSON mapping.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LatentPriorError(f"--config {path}: expected a mapping of field names to values, got {type(data).__name__}.")
+    return data
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Build `cls` from a mapping, refusing unknown keys with the list of valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LatentPriorError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(names))}."
+        )
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise LatentPriorError(f"{source}: {exc}") from None
+
+
+def resolve(cls: type[C], args: argparse.Namespace) -> C:
+    """defaults < --config FILE < command-line flags -> one `cls` instance."""
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config_file", None)
+    if config_file:
+        values.update(load_config_file(config_file))
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(_field_type(cls, f)) is tuple and isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
+    return from_dict(cls, values, source=f"--config {config_file}" if config_file else "arguments")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config -> JSON-able dict with the same field names."""
+    out = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
