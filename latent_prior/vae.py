@@ -138,8 +138,12 @@ def fingerprint_module(module: torch.nn.Module, config_hash: str = "") -> str:
     h = hashlib.sha256(config_hash.encode())
     with torch.no_grad():
         for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().to(torch.float64)
-            h.update(f"{name}:{tuple(t.shape)}:{t.sum().item():.6e}:{t.abs().sum().item():.6e}".encode())
+            t = tensor.detach()
+            if not t.is_floating_point():
+                t = t.to(torch.float32)
+            # Reductions accumulate in float64 without materialising a float64 copy of the weights.
+            total, l1 = t.sum(dtype=torch.float64).item(), t.norm(1, dtype=torch.float64).item()
+            h.update(f"{name}:{tuple(t.shape)}:{total:.6e}:{l1:.6e}".encode())
     return h.hexdigest()[:16]
 
 
