@@ -1,0 +1,198 @@
+"""Energy networks E_θ(z) of the EVaLP prior.
+
+The prior is p_θ(z) ∝ N(z; 0, I) · exp(−E_θ(z)) in *normalized* latent space, so an energy network
+maps a batch of latents (N, *latent_shape) to one scalar per sample (N,), in nats. A constant offset
+in E is absorbed by the normalizer Z_θ and has no effect on the density.
+
+Design choices, all because the trainer differentiates E with respect to z (Langevin steps, the
+data-side gradient penalty):
+* smooth activations (SiLU), so ∇_z E is continuous;
+* no batch-dependent normalization (no BatchNorm / GroupNorm over the batch): E(z) of one sample
+  must not depend on the others in the batch;
+* the head starts near zero, so E ≈ 0 and p_θ ≈ N(0, I) at initialization;
+* optional spectral normalization of the hidden layers (as in LEBM). The head is left
+  un-normalized: normalizing it would undo its near-zero init; the trainer's energy-magnitude
+  penalty keeps its scale in check.
+
+Each module keeps its constructor arguments in `self.config` (JSON-able), and
+`build_energy(**module.config)` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from latent_prior.errors import LatentPriorError
+
+__all__ = ["MLPEnergy", "ConvEnergy", "build_energy", "ENERGY_KINDS"]
+
+ENERGY_KINDS = ("auto", "mlp", "conv")
+
+# Standard deviation of the head's initial weights: small enough that |E| is ~1e-3 nats at init,
+# large enough that ∇_z E is not exactly zero (Langevin and gradient penalties see a signal).
+_HEAD_INIT_STD = 1e-3
+
+
+def _check_shape(latent_shape: Sequence[int], arg: str = "latent_shape") -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in latent_shape)
+    except (TypeError, ValueError):
+        raise LatentPriorError(f"{arg}={latent_shape!r} is not a sequence of integers; pass e.g. (8,) or (4, 32, 32).") from None
+    if not shape or any(s < 1 for s in shape) or any(int(s) != s for s in latent_shape):
+        raise LatentPriorError(f"{arg}={latent_shape!r} must be a non-empty sequence of positive integers, e.g. (8,) or (4, 32, 32).")
+    return shape
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LatentPriorError(f"{name}={value!r} must be a positive integer.")
+    return value
+
+
+def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
+
+
+def _small_head(in_features: int) -> nn.Linear:
+    head = nn.Linear(in_features, 1)
+    nn.init.normal_(head.weight, std=_HEAD_INIT_STD)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class MLPEnergy(nn.Module):
+    """E_θ(z) by a SiLU multilayer perceptron on the flattened latent.
+
+    Args:
+        latent_shape: shape of one latent, e.g. (8,); any shape is flattened to D = prod(shape).
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        spectral_norm: spectral-normalize the hidden layers.
+
+    forward(z): (N, *latent_shape) -> (N,) energies in nats.
+    """
+
+    def __init__(self, latent_shape: Sequence[int], hidden: int = 256, depth: int = 3, spectral_norm: bool = False) -> None:
+        super().__init__()
+        self.latent_shape = _check_shape(latent_shape)
+        _check_positive("hidden", hidden)
+        _check_positive("depth", depth)
+        self.config = {
+            "latent_shape": list(self.latent_shape),
+            "kind": "mlp",
+            "hidden": hidden,
+            "depth": depth,
+            "spectral_norm": bool(spectral_norm),
+        }
+        dim = math.prod(self.latent_shape)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [_maybe_sn(nn.Linear(dim if i == 0 else hidden, hidden), spectral_norm), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = _small_head(hidden)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if tuple(z.shape[1:]) != self.latent_shape:
+            raise LatentPriorError(
+                f"MLPEnergy got latents of shape {tuple(z.shape)}, expected (N, {', '.join(map(str, self.latent_shape))}); "
+                "check that the cache and the prior use the same VAE."
+            )
+        return self.head(self.body(z.flatten(1))).squeeze(-1)
+
+
+class _ResBlock(nn.Module):
+    """x + conv(SiLU(conv(SiLU(x)))), 3×3 convs, no normalization (no batch dependence)."""
+
+    def __init__(self, channels: int, spectral_norm: bool) -> None:
+        super().__init__()
+        self.conv1 = _maybe_sn(nn.Conv2d(channels, channels, 3, padding=1), spectral_norm)
+        self.conv2 = _maybe_sn(nn.Conv2d(channels, channels, 3, padding=1), spectral_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class ConvEnergy(nn.Module):
+    """E_θ(z) by a residual CNN with global average pooling, for spatial latents (C, H, W).
+
+    Layout: 3×3 stem conv (C -> channels), then `depth` stages of [residual block, stride-2 3×3
+    conv], then SiLU, global average pooling over H×W and a linear head. Strided convs with padding
+    accept any H, W (a 1×1 map stays 1×1), so one network runs on 4×8×8, 4×32×32 and 4×64×64 alike.
+    No normalization layers: the energy of a sample never depends on the rest of the batch.
+
+    Args:
+        latent_shape: (C, H, W) of one latent; H and W only set the default, any H, W run.
+        channels: width of every stage.
+        depth: number of residual + downsampling stages.
+        spectral_norm: spectral-normalize every conv (as in SN-GAN, on the reshaped kernel).
+
+    forward(z): (N, C, H, W) -> (N,) energies in nats.
+    """
+
+    def __init__(self, latent_shape: Sequence[int], channels: int = 64, depth: int = 3, spectral_norm: bool = False) -> None:
+        super().__init__()
+        shape = _check_shape(latent_shape)
+        if len(shape) != 3:
+            raise LatentPriorError(f"ConvEnergy needs latent_shape=(C, H, W), got {shape}; use kind='mlp' for flat latents.")
+        self.latent_shape = shape
+        _check_positive("channels", channels)
+        _check_positive("depth", depth)
+        self.config = {
+            "latent_shape": list(shape),
+            "kind": "conv",
+            "channels": channels,
+            "depth": depth,
+            "spectral_norm": bool(spectral_norm),
+        }
+        self.stem = _maybe_sn(nn.Conv2d(shape[0], channels, 3, padding=1), spectral_norm)
+        stages: list[nn.Module] = []
+        for _ in range(depth):
+            stages += [_ResBlock(channels, spectral_norm), _maybe_sn(nn.Conv2d(channels, channels, 3, stride=2, padding=1), spectral_norm)]
+        self.stages = nn.Sequential(*stages)
+        self.head = _small_head(channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.latent_shape[0]:
+            raise LatentPriorError(
+                f"ConvEnergy got latents of shape {tuple(z.shape)}, expected (N, {self.latent_shape[0]}, H, W); "
+                "check that the cache and the prior use the same VAE."
+            )
+        h = F.silu(self.stages(self.stem(z)))
+        return self.head(h.mean(dim=(2, 3))).squeeze(-1)
+
+
+def build_energy(
+    latent_shape: Sequence[int],
+    *,
+    kind: str = "auto",
+    hidden: int = 256,
+    depth: int = 3,
+    channels: int = 64,
+    spectral_norm: bool = False,
+) -> nn.Module:
+    """Build an energy network for latents of `latent_shape`; `build_energy(**net.config)` rebuilds `net`.
+
+    kind: "auto" (MLP for flat (D,) latents, conv for (C, H, W)), "mlp" (any shape, flattened) or "conv".
+    `hidden` applies to the MLP, `channels` to the CNN, `depth` to both.
+    """
+    shape = _check_shape(latent_shape)
+    if kind not in ENERGY_KINDS:
+        raise LatentPriorError(f"energy kind={kind!r} is unknown; choose one of {', '.join(ENERGY_KINDS)}.")
+    if kind == "auto":
+        if len(shape) == 1:
+            kind = "mlp"
+        elif len(shape) == 3:
+            kind = "conv"
+        else:
+            raise LatentPriorError(
+                f"latent_shape={shape} has {len(shape)} dimensions; the energy supports flat (D,) or spatial (C, H, W) "
+                "latents (pass kind='mlp' to flatten other shapes)."
+            )
+    if kind == "mlp":
+        return MLPEnergy(shape, hidden=hidden, depth=depth, spectral_norm=spectral_norm)
+    return ConvEnergy(shape, channels=channels, depth=depth, spectral_norm=spectral_norm)

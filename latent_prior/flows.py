@@ -1,0 +1,759 @@
+"""Normalizing flows: the sampler q_φ of the EVaLP prior, with an exact log-density.
+
+A flow is an invertible map z = f(ε) from base noise ε ~ N(0, T²·I) (flattened, (N, D)) to latents
+z (N, *latent_shape) in normalized latent space. log q(z) is exact by the change of variables,
+
+    log q(z) = log N(ε; 0, T²·I) + log |det ∂ε/∂z|,    ε = f⁻¹(z),
+
+in nats per latent (summed over all D dimensions). Two families:
+
+* `RealNVP`: flat latents (D,) (any shape is flattened). Each block is ActNorm -> invertible
+  linear map (LU-parameterized, mixes all dimensions) -> coupling; couplings alternate which half
+  they transform. The coupling is affine (RealNVP/Glow) or a rational-quadratic spline (NSF,
+  Durkan et al. 2019) with `coupling="spline"`.
+* `MultiScaleFlow`: spatial latents (C, H, W), RealNVP/Glow multi-scale: at each scale,
+  checkerboard affine couplings, squeeze (space-to-depth), ActNorm + invertible 1×1 conv +
+  channel-wise affine couplings, then half the channels are factored out to the base.
+
+ActNorm, never BatchNorm: log q(z) of a sample must not depend on the rest of its batch. ActNorm's
+data-dependent init runs once, through `Flow.initialize(z)`, and is recorded in the `initialized`
+buffer so a reloaded flow is not re-initialized. Every coupling's last layer starts at zero, so a
+fresh flow is the identity after its ActNorms.
+
+Every layer maps data -> base in `forward(x) -> (y, log|det ∂y/∂x|)` and base -> data in
+`inverse(y) -> (x, log|det ∂x/∂y|)`; log-determinants are per sample, shape (N,).
+Each flow keeps its constructor arguments in `self.config` (JSON-able) and `build_flow(**flow.config)`
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from latent_prior.errors import LatentPriorError
+
+__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
+
+FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale")
+
+_LOG_2PI = math.log(2 * math.pi)
+# Affine couplings bound their log-scale softly to (−2, 2) per layer: enough range when stacked,
+# and no exp() overflow when a badly trained conditioner outputs huge values.
+_AFFINE_LOG_SCALE_BOUND = 2.0
+# Floor on the std ActNorm divides by at init, so a collapsed (constant) latent dimension cannot
+# produce an astronomically large log-density.
+_ACTNORM_MIN_STD = 1e-3
+# Rational-quadratic spline: minimum bin width / height / knot derivative (as in NSF), for stability.
+_RQ_MIN_BIN = 1e-3
+_RQ_MIN_DERIVATIVE = 1e-3
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    try:
+        as_int = operator.index(value)  # accepts numpy integers, rejects floats and strings
+    except TypeError:
+        as_int = None
+    if isinstance(value, bool) or as_int is None or as_int < minimum:
+        raise LatentPriorError(f"{name}={value!r} must be an integer >= {minimum}.")
+    return as_int
+
+
+def _latent_shape(latent_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in latent_shape)
+    except (TypeError, ValueError):
+        raise LatentPriorError(f"latent_shape={latent_shape!r} is not a sequence of integers; pass e.g. (8,) or (4, 32, 32).") from None
+    if not shape or any(s < 1 for s in shape) or any(int(s) != s for s in latent_shape):
+        raise LatentPriorError(f"latent_shape={latent_shape!r} must be a non-empty sequence of positive integers, e.g. (8,) or (4, 32, 32).")
+    return shape
+
+
+def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise transforms used by the couplings: params (..., P) -> y, log|dy/dx| (same shape as x)
+# ---------------------------------------------------------------------------------------------
+
+
+class AffineTransform:
+    """y = x·exp(s) + t with s = B·tanh(raw / B) (soft-bounded log-scale). 2 params per element."""
+
+    num_params = 2
+
+    @staticmethod
+    def _split(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = _AFFINE_LOG_SCALE_BOUND
+        return b * torch.tanh(params[..., 0] / b), params[..., 1]
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_s, t = self._split(params)
+        return x * torch.exp(log_s) + t, log_s
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_s, t = self._split(params)
+        return (y - t) * torch.exp(-log_s), -log_s
+
+
+class RationalQuadraticSplineTransform:
+    """Monotone rational-quadratic spline on [−B, B], identity outside (linear tails).
+
+    Durkan et al. 2019, "Neural Spline Flows", with the knot derivatives at ±B pinned to 1 so the
+    map is C¹ at the tails. 3K − 1 params per element: K widths, K heights, K − 1 inner derivatives.
+    All-zero params give the identity (uniform bins, unit derivatives).
+    """
+
+    def __init__(self, num_bins: int, tail_bound: float) -> None:
+        self.num_bins = num_bins
+        self.tail_bound = float(tail_bound)
+        self.num_params = 3 * num_bins - 1
+        # softplus(raw + shift) + min = 1 at raw = 0, so zero params give unit derivatives.
+        self._derivative_shift = math.log(math.expm1(1.0 - _RQ_MIN_DERIVATIVE))
+
+    def _knots(self, raw: torch.Tensor) -> torch.Tensor:
+        """Unnormalized bin sizes (..., K) -> knot positions (..., K + 1) from −B to B."""
+        k, b = self.num_bins, self.tail_bound
+        sizes = _RQ_MIN_BIN + (1 - _RQ_MIN_BIN * k) * torch.softmax(raw, dim=-1)
+        inner = -b + 2 * b * torch.cumsum(sizes, dim=-1)[..., :-1]
+        ends = torch.full_like(raw[..., :1], b)
+        return torch.cat([-ends, inner, ends], dim=-1)
+
+    def _spline(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.num_bins
+        xk = self._knots(params[..., :k])
+        yk = self._knots(params[..., k : 2 * k])
+        inner = _RQ_MIN_DERIVATIVE + F.softplus(params[..., 2 * k :] + self._derivative_shift)
+        ones = torch.ones_like(inner[..., :1])
+        return xk, yk, torch.cat([ones, inner, ones], dim=-1)
+
+    @staticmethod
+    def _bin(knots: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        idx = torch.searchsorted(knots.contiguous(), v.unsqueeze(-1).contiguous(), right=True) - 1
+        return idx.clamp(0, knots.shape[-1] - 2)
+
+    @staticmethod
+    def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return t.gather(-1, idx).squeeze(-1)
+
+    def _bin_quantities(self, params: torch.Tensor, v: torch.Tensor, by_output: bool):
+        xk, yk, d = self._spline(params)
+        idx = self._bin(yk if by_output else xk, v)
+        x0, x1 = self._gather(xk, idx), self._gather(xk, idx + 1)
+        y0, y1 = self._gather(yk, idx), self._gather(yk, idx + 1)
+        d0, d1 = self._gather(d, idx), self._gather(d, idx + 1)
+        w, h = x1 - x0, y1 - y0
+        return x0, y0, w, h, h / w, d0, d1
+
+    @staticmethod
+    def _log_derivative(xi, s, d0, d1):
+        one_minus = 1 - xi
+        denom = s + (d0 + d1 - 2 * s) * xi * one_minus
+        numer = s.pow(2) * (d1 * xi.pow(2) + 2 * s * xi * one_minus + d0 * one_minus.pow(2))
+        return torch.log(numer) - 2 * torch.log(denom)
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.tail_bound
+        inside = (x > -b) & (x < b)
+        xc = x.clamp(-b, b)  # evaluate the spline everywhere on clamped inputs, keep it where inside
+        x0, y0, w, h, s, d0, d1 = self._bin_quantities(params, xc, by_output=False)
+        xi = ((xc - x0) / w).clamp(0, 1)
+        one_minus = 1 - xi
+        y = y0 + h * (s * xi.pow(2) + d0 * xi * one_minus) / (s + (d0 + d1 - 2 * s) * xi * one_minus)
+        log_det = self._log_derivative(xi, s, d0, d1)
+        return torch.where(inside, y, x), torch.where(inside, log_det, torch.zeros_like(log_det))
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.tail_bound
+        inside = (y > -b) & (y < b)
+        yc = y.clamp(-b, b)
+        x0, y0, w, h, s, d0, d1 = self._bin_quantities(params, yc, by_output=True)
+        # Solve the rational-quadratic for ξ: a ξ² + b ξ + c = 0, the root in [0, 1].
+        dy = yc - y0
+        slope_sum = d0 + d1 - 2 * s
+        qa = h * (s - d0) + dy * slope_sum
+        qb = h * d0 - dy * slope_sum
+        qc = -s * dy
+        disc = (qb.pow(2) - 4 * qa * qc).clamp_min(0)
+        xi = ((2 * qc) / (-qb - torch.sqrt(disc))).clamp(0, 1)
+        x = x0 + xi * w
+        log_det = -self._log_derivative(xi, s, d0, d1)
+        return torch.where(inside, x, y), torch.where(inside, log_det, torch.zeros_like(log_det))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: forward(x) -> (y, log|det ∂y/∂x|), inverse(y) -> (x, log|det ∂x/∂y|), data -> base
+# ---------------------------------------------------------------------------------------------
+
+
+class ActNorm(nn.Module):
+    """Per-feature affine y = (x + bias)·exp(log_scale) on dim 1 of (N, F) or (N, F, H, W).
+
+    Data-dependent init (Kingma & Dhariwal 2018): when the owning flow runs `initialize`, the
+    first forward pass sets bias and log_scale so that the outputs of that batch have zero mean and
+    unit variance per feature. Afterwards it is an ordinary per-feature affine map: no batch statistics.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.pending_init = False  # set by Flow.initialize for exactly one pass
+
+    @staticmethod
+    def _view(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return p.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def _log_det(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = math.prod(x.shape[2:])
+        return (self.log_scale.sum() * pixels).expand(x.shape[0])
+
+    @torch.no_grad()
+    def _data_init(self, x: torch.Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, correction=0).clamp_min(_ACTNORM_MIN_STD)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std))
+        self.pending_init = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending_init:
+            self._data_init(x)
+        y = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
+        return y, self._log_det(x)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = y * torch.exp(-self._view(self.log_scale, y)) - self._view(self.bias, y)
+        return x, -self._log_det(y)
+
+
+class InvertibleLinear(nn.Module):
+    """Learned invertible linear map on dim 1 (features, or channels as a 1×1 conv; Glow).
+
+    LU-parameterized, W = P·L·(U + diag(sign·exp(log_s))), so log|det W| = Σ log_s is cheap and W
+    stays invertible. Initialized to a random rotation (log|det| = 0), which mixes all features.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        n = num_features
+        q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+        perm, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("perm", perm.float())
+        self.register_buffer("sign_s", torch.sign(diag).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(n, n), -1), persistent=False)
+        self.register_buffer("eye", torch.eye(n), persistent=False)
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(diag.abs()).float())
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    @staticmethod
+    def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        w = w.to(x.dtype)
+        if x.dim() == 2:
+            return x @ w.T
+        return F.conv2d(x, w.view(*w.shape, 1, 1))
+
+    def _log_det(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.log_s.sum() * math.prod(x.shape[2:])).expand(x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lower, upper = self._factors()
+        return self._mix(x, self.perm @ lower @ upper), self._log_det(x)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # W⁻¹ = U⁻¹ L⁻¹ Pᵀ by triangular solves, in float32 at least (solves do not run in half).
+        dtype = torch.promote_types(self.log_s.dtype, torch.float32)
+        lower, upper = (f.to(dtype) for f in self._factors())
+        eye = self.eye.to(dtype)
+        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return self._mix(y, upper_inv @ lower_inv @ self.perm.to(dtype).T), -self._log_det(y)
+
+
+def _mlp(in_features: int, out_features: int, hidden: int, num_layers: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(num_layers):
+        layers += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    last = nn.Linear(width, out_features)
+    nn.init.zeros_(last.weight)  # the coupling starts as the identity
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+def _convnet(in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
+    """3×3 -> 1×1 -> 3×3 conv conditioner (Glow's), SiLU, no normalization, zero-initialized output."""
+    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), last
+    )
+
+
+class ChannelCoupling(nn.Module):
+    """Coupling along dim 1: one part conditions, the other is transformed elementwise.
+
+    Dim 1 is split at F // 2; `flip=False` transforms the second part, `flip=True` the first, so
+    consecutive couplings with alternating `flip` transform every feature. Works on (N, F) with an
+    MLP conditioner and on (N, F, H, W) with a conv conditioner (`make_net(in, out)` builds it).
+    """
+
+    def __init__(self, num_features: int, flip: bool, transform, make_net: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.split = num_features // 2
+        self.flip = flip
+        self.transform = transform
+        n_cond = num_features - self.split if flip else self.split
+        self.n_trans = num_features - n_cond
+        self.net = make_net(n_cond, self.n_trans * transform.num_params)
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = x[:, : self.split], x[:, self.split :]
+        return (second, first) if self.flip else (first, second)  # (conditioning, transformed)
+
+    def _join(self, cond: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        return torch.cat([trans, cond] if self.flip else [cond, trans], dim=1)
+
+    def _params(self, cond: torch.Tensor) -> torch.Tensor:
+        out = self.net(cond)  # (N, n_trans·P, ...) -> (N, n_trans, ..., P)
+        return out.view(out.shape[0], self.n_trans, self.transform.num_params, *out.shape[2:]).movedim(2, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, trans = self._parts(x)
+        y, log_det = self.transform.forward(trans, self._params(cond))
+        return self._join(cond, y), _sum_per_sample(log_det)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, trans = self._parts(y)
+        x, log_det = self.transform.inverse(trans, self._params(cond))
+        return self._join(cond, x), _sum_per_sample(log_det)
+
+
+class CheckerboardCoupling(nn.Module):
+    """Affine coupling on (N, C, H, W) with a spatial checkerboard mask (RealNVP).
+
+    Pixels with (i + j) % 2 == parity condition; the others are transformed. The conditioner sees
+    the masked input plus the mask itself, so it knows which pixels it may read.
+    """
+
+    def __init__(self, channels: int, hidden: int, parity: int) -> None:
+        super().__init__()
+        self.parity = parity
+        self.transform = AffineTransform()
+        self.net = _convnet(channels + 1, channels * self.transform.num_params, hidden)
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        i = torch.arange(h, device=x.device).view(h, 1)
+        j = torch.arange(w, device=x.device).view(1, w)
+        return ((i + j) % 2 == self.parity).view(1, 1, h, w)  # True where conditioning
+
+    def _params(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
+        out = self.net(torch.cat([x * m, m], dim=1))
+        return out.view(x.shape[0], x.shape[1], self.transform.num_params, *x.shape[2:]).movedim(2, -1)
+
+    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self._mask(x)
+        params = self._params(x, mask)  # the conditioning pixels are the same on both sides
+        step = self.transform.inverse if inverse else self.transform.forward
+        y, log_det = step(x, params)
+        y = torch.where(mask, x, y)
+        return y, _sum_per_sample(torch.where(mask, torch.zeros_like(log_det), log_det))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._couple(x, inverse=False)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._couple(y, inverse=True)
+
+
+def squeeze2x2(x: torch.Tensor) -> torch.Tensor:
+    """Space-to-depth: (N, C, H, W) -> (N, 4C, H/2, W/2); volume preserving (log-det 0)."""
+    n, c, h, w = x.shape
+    x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze2x2(x: torch.Tensor) -> torch.Tensor:
+    """Depth-to-space, the inverse of `squeeze2x2`: (N, 4C, H, W) -> (N, C, 2H, 2W)."""
+    n, c4, h, w = x.shape
+    c = c4 // 4
+    x = x.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c, 2 * h, 2 * w)
+
+
+def _run(layers: Sequence[nn.Module], x: torch.Tensor, log_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    for layer in layers:
+        x, ld = layer(x)
+        log_det = log_det + ld
+    return x, log_det
+
+
+def _run_inverse(layers: Sequence[nn.Module], y: torch.Tensor, log_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    for layer in reversed(layers):
+        y, ld = layer.inverse(y)
+        log_det = log_det + ld
+    return y, log_det
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------------------------
+
+
+class Flow(nn.Module):
+    """Base class: a bijection between latents (N, *latent_shape) and base noise ε (N, D).
+
+    Subclasses implement `to_base(z) -> (ε, log|det ∂ε/∂z|)` and `from_base(ε) -> (z, log|det ∂z/∂ε|)`.
+    Sampling draws ε ~ N(0, T²·I); `temperature` T scales the base noise (not the energy).
+    Device and dtype follow the module's parameters.
+    """
+
+    config: dict[str, Any]
+
+    def __init__(self, latent_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.latent_shape = _latent_shape(latent_shape)
+        self.dim = math.prod(self.latent_shape)
+        # uint8, not bool: gloo (Accelerate on CPU) can broadcast it, and .to(dtype) leaves it alone.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+
+    # -- to be implemented ------------------------------------------------------------------
+    def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- shared API ---------------------------------------------------------------------------
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized.item())
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.parameters())
+        return p.device, p.dtype
+
+    def _check_latents(self, z: torch.Tensor, what: str) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or tuple(z.shape[1:]) != self.latent_shape:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise LatentPriorError(
+                f"{what} got latents of shape {got}, expected (N, {', '.join(map(str, self.latent_shape))}); "
+                "check that the latents come from the VAE this flow was built for."
+            )
+
+    @staticmethod
+    def _check_temperature(temperature: float) -> float:
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if isinstance(temperature, bool) or not (math.isfinite(t) and t > 0):
+            raise LatentPriorError(f"temperature={temperature!r} must be a positive finite number (1.0 samples the flow as trained).")
+        return t
+
+    def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log N(ε; 0, T²·I) in nats, ε (N, D) -> (N,)."""
+        t = float(temperature)
+        return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
+
+    def log_prob(self, z: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """Exact log q(z) in nats, (N, *latent_shape) -> (N,); `temperature` T gives the density of
+        the flow driven by ε ~ N(0, T²·I), the distribution `sample(..., temperature=T)` draws from."""
+        self._check_latents(z, "Flow.log_prob")
+        t = self._check_temperature(temperature)
+        eps, log_det = self.to_base(z)
+        return self.base_log_prob(eps, t) + log_det
+
+    def _base_noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        device, dtype = self._device_dtype()
+        # Draw in float32 on the generator's own device (a CPU generator may drive a CUDA flow),
+        # then move: the same seed gives the same samples wherever the flow lives.
+        where = generator.device if generator is not None else device
+        eps = torch.randn(n, self.dim, generator=generator, device=where, dtype=torch.float32)
+        return eps.to(device=device, dtype=dtype)
+
+    def sample_and_log_prob(
+        self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw n latents and their exact log-density in one pass.
+
+        Returns z (n, *latent_shape) and log_q (n,), the log-density (nats) of the distribution
+        actually sampled (base N(0, T²·I)). Differentiable with respect to the flow's parameters
+        (reparameterized), for the reverse-KL sampler loss.
+        """
+        n = _positive_int("n", n, minimum=0)
+        t = self._check_temperature(temperature)
+        eps = self._base_noise(n, generator) * t
+        z, log_det = self.from_base(eps)
+        return z, self.base_log_prob(eps, t) - log_det
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Draw n latents (n, *latent_shape) in normalized latent space."""
+        return self.sample_and_log_prob(n, generator=generator, temperature=temperature)[0]
+
+    @torch.no_grad()
+    def initialize(self, z: torch.Tensor, *, force: bool = False) -> bool:
+        """Data-dependent ActNorm init from a batch of normalized posterior samples (N, *latent_shape).
+
+        Runs once: the `initialized` buffer is saved with the weights, so a reloaded flow is left
+        alone (returns False). `force=True` re-initializes. Returns True when it initialized.
+        In a distributed run, initialize before wrapping the model (DDP then broadcasts rank 0's values).
+        """
+        if self.is_initialized and not force:
+            return False
+        self._check_latents(z, "Flow.initialize")
+        if z.shape[0] < 2:
+            raise LatentPriorError(f"Flow.initialize needs a batch of at least 2 latents, got {z.shape[0]}; pass a larger batch.")
+        if not torch.isfinite(z).all():
+            raise LatentPriorError("Flow.initialize got non-finite latents; check the cache for NaN/inf values.")
+        device, dtype = self._device_dtype()
+        actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
+        for m in actnorms:
+            m.pending_init = True
+        try:
+            self.to_base(z.to(device=device, dtype=dtype))
+        finally:
+            for m in actnorms:
+                m.pending_init = False
+        self.initialized.fill_(1)
+        return True
+
+    def extra_repr(self) -> str:
+        return f"latent_shape={self.latent_shape}, initialized={self.is_initialized}"
+
+
+class RealNVP(Flow):
+    """Flow for flat latents: `num_blocks` × [ActNorm, invertible linear, coupling], then ActNorm.
+
+    Args:
+        latent_shape: (D,); other shapes are flattened (D = prod(shape) >= 2).
+        num_blocks: number of couplings; they alternate which half of the features they transform.
+        hidden: width of each coupling's MLP conditioner.
+        num_layers: hidden layers per conditioner.
+        coupling: "affine" (soft-bounded log-scale) or "spline" (rational-quadratic, NSF).
+        num_bins, tail_bound: spline bins on [−tail_bound, tail_bound] (identity outside); spline only.
+
+    The final ActNorm makes the base codes of the `initialize` batch exactly standardized per
+    dimension, so an initialized flow starts as a Gaussian matched to that batch's scales.
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int] = (8,),
+        num_blocks: int = 8,
+        hidden: int = 256,
+        num_layers: int = 2,
+        coupling: str = "affine",
+        num_bins: int = 8,
+        tail_bound: float = 3.0,
+    ) -> None:
+        super().__init__(latent_shape)
+        num_blocks = _positive_int("num_blocks", num_blocks)
+        hidden = _positive_int("hidden", hidden)
+        num_layers = _positive_int("num_layers", num_layers)
+        if coupling not in ("affine", "spline"):
+            raise LatentPriorError(f"coupling={coupling!r} is unknown; choose 'affine' or 'spline'.")
+        num_bins = _positive_int("num_bins", num_bins, minimum=2)
+        if not (isinstance(tail_bound, (int, float)) and math.isfinite(tail_bound) and tail_bound > 0):
+            raise LatentPriorError(f"tail_bound={tail_bound!r} must be a positive number.")
+        if self.dim < 2:
+            raise LatentPriorError(f"RealNVP needs at least 2 latent dimensions, latent_shape={self.latent_shape} has {self.dim}.")
+        self.config = {
+            "kind": "realnvp",
+            "latent_shape": list(self.latent_shape),
+            "num_blocks": num_blocks,
+            "hidden": hidden,
+            "num_layers": num_layers,
+            "coupling": coupling,
+            "num_bins": num_bins,
+            "tail_bound": float(tail_bound),
+        }
+        transform = AffineTransform() if coupling == "affine" else RationalQuadraticSplineTransform(num_bins, tail_bound)
+
+        def make_net(n_in: int, n_out: int) -> nn.Module:
+            return _mlp(n_in, n_out, hidden, num_layers)
+
+        layers: list[nn.Module] = []
+        for k in range(num_blocks):
+            layers += [ActNorm(self.dim), InvertibleLinear(self.dim), ChannelCoupling(self.dim, k % 2 == 1, transform, make_net)]
+        layers.append(ActNorm(self.dim))
+        self.layers = nn.ModuleList(layers)
+
+    def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = z.flatten(1)
+        return _run(self.layers, x, x.new_zeros(x.shape[0]))
+
+    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_det = _run_inverse(self.layers, eps, eps.new_zeros(eps.shape[0]))
+        return z.view(-1, *self.latent_shape), log_det
+
+
+def auto_num_scales(height: int, width: int, max_scales: int = 4) -> int:
+    """Scales for a (C, H, W) latent: squeeze while the map stays >= 4×4 (at least once, at most 4).
+
+    4×8×8 -> 1 (16×4×4), 4×32×32 -> 3 (64×4×4 at the end), 4×64×64 -> 4.
+    """
+    if height % 2 or width % 2:
+        raise LatentPriorError(
+            f"MultiScaleFlow needs even latent height and width, got {height}×{width}; "
+            "use a resolution that gives even latent sizes, or kind='realnvp' on the flattened latent."
+        )
+    scales, h, w = 1, height // 2, width // 2
+    while scales < max_scales and h % 2 == 0 and w % 2 == 0 and h // 2 >= 4 and w // 2 >= 4:
+        scales, h, w = scales + 1, h // 2, w // 2
+    return scales
+
+
+class MultiScaleFlow(Flow):
+    """RealNVP/Glow multi-scale flow for spatial latents (C, H, W).
+
+    Each scale: `checkerboard_blocks` × [ActNorm, checkerboard affine coupling] at the current
+    resolution; squeeze to (4c, h/2, w/2); `blocks_per_scale` × [ActNorm, invertible 1×1 conv,
+    channel-wise affine coupling]; then, except at the last scale, half the channels are factored
+    out straight to the base distribution and the rest go on to the next scale.
+
+    Args:
+        latent_shape: (C, H, W); H and W must be divisible by 2**num_scales.
+        num_scales: None chooses it from H, W (`auto_num_scales`).
+        blocks_per_scale: channel-wise steps per scale.
+        checkerboard_blocks: checkerboard couplings per scale, before the squeeze (0 for pure Glow).
+        hidden_channels: width of the conv conditioners.
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int] = (4, 8, 8),
+        num_scales: int | None = None,
+        blocks_per_scale: int = 4,
+        checkerboard_blocks: int = 2,
+        hidden_channels: int = 64,
+    ) -> None:
+        super().__init__(latent_shape)
+        if len(self.latent_shape) != 3:
+            raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use kind='realnvp' for flat latents.")
+        c, h, w = self.latent_shape
+        if num_scales is None:
+            num_scales = auto_num_scales(h, w)
+        num_scales = _positive_int("num_scales", num_scales)
+        if h % 2**num_scales or w % 2**num_scales:
+            raise LatentPriorError(
+                f"num_scales={num_scales} needs latent height and width divisible by {2**num_scales}, got {h}×{w}; "
+                "lower num_scales or leave it unset to choose automatically."
+            )
+        blocks_per_scale = _positive_int("blocks_per_scale", blocks_per_scale)
+        checkerboard_blocks = _positive_int("checkerboard_blocks", checkerboard_blocks, minimum=0)
+        hidden_channels = _positive_int("hidden_channels", hidden_channels)
+        self.config = {
+            "kind": "multiscale",
+            "latent_shape": list(self.latent_shape),
+            "num_scales": num_scales,
+            "blocks_per_scale": blocks_per_scale,
+            "checkerboard_blocks": checkerboard_blocks,
+            "hidden_channels": hidden_channels,
+        }
+
+        def make_net(n_in: int, n_out: int) -> nn.Module:
+            return _convnet(n_in, n_out, hidden_channels)
+
+        affine = AffineTransform()
+        self.pre_squeeze = nn.ModuleList()
+        self.post_squeeze = nn.ModuleList()
+        self.keep_channels: list[int] = []  # channels passed on to the next scale
+        self.piece_shapes: list[tuple[int, int, int]] = []  # shapes factored out, in base order
+        for s in range(num_scales):
+            pre: list[nn.Module] = []
+            for k in range(checkerboard_blocks):
+                pre += [ActNorm(c), CheckerboardCoupling(c, hidden_channels, parity=k % 2)]
+            c, h, w = 4 * c, h // 2, w // 2
+            post: list[nn.Module] = []
+            for k in range(blocks_per_scale):
+                post += [ActNorm(c), InvertibleLinear(c), ChannelCoupling(c, k % 2 == 1, affine, make_net)]
+            self.pre_squeeze.append(nn.ModuleList(pre))
+            self.post_squeeze.append(nn.ModuleList(post))
+            keep = c // 2 if s < num_scales - 1 else c
+            self.keep_channels.append(keep)
+            if keep < c:
+                self.piece_shapes.append((c - keep, h, w))
+            c = keep
+        self.piece_shapes.append((c, h, w))
+
+    def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_det = z, z.new_zeros(z.shape[0])
+        pieces = []
+        for pre, post, keep in zip(self.pre_squeeze, self.post_squeeze, self.keep_channels):
+            x, log_det = _run(pre, x, log_det)
+            x, log_det = _run(post, squeeze2x2(x), log_det)
+            if keep < x.shape[1]:
+                pieces.append(x[:, keep:].flatten(1))
+                x = x[:, :keep]
+        pieces.append(x.flatten(1))
+        return torch.cat(pieces, dim=1), log_det
+
+    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes = [math.prod(s) for s in self.piece_shapes]
+        flat = list(torch.split(eps, sizes, dim=1))
+        n = eps.shape[0]
+        x = flat.pop().view(n, *self.piece_shapes[-1])
+        log_det = eps.new_zeros(n)
+        for s in reversed(range(len(self.post_squeeze))):
+            if s < len(self.post_squeeze) - 1:  # this scale factored out piece s: put it back
+                x = torch.cat([x, flat.pop().view(n, *self.piece_shapes[s])], dim=1)
+            x, log_det = _run_inverse(self.post_squeeze[s], x, log_det)
+            x, log_det = _run_inverse(self.pre_squeeze[s], unsqueeze2x2(x), log_det)
+        return x, log_det
+
+
+_FLOW_CLASSES: dict[str, type[Flow]] = {"realnvp": RealNVP, "multiscale": MultiScaleFlow}
+
+
+def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any) -> Flow:
+    """Build a flow for latents of `latent_shape`; `build_flow(**flow.config)` rebuilds `flow`.
+
+    kind: "auto" (RealNVP for flat (D,) latents, MultiScaleFlow for (C, H, W)), "realnvp",
+    "spline" (RealNVP with rational-quadratic spline couplings) or "multiscale".
+    Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`).
+    """
+    shape = _latent_shape(latent_shape)
+    if kind not in FLOW_KINDS:
+        raise LatentPriorError(f"flow kind={kind!r} is unknown; choose one of {', '.join(FLOW_KINDS)}.")
+    if kind == "auto":
+        if len(shape) == 1:
+            kind = "realnvp"
+        elif len(shape) == 3:
+            kind = "multiscale"
+        else:
+            raise LatentPriorError(
+                f"latent_shape={shape} has {len(shape)} dimensions; flows support flat (D,) or spatial (C, H, W) "
+                "latents (pass kind='realnvp' to flatten other shapes)."
+            )
+    if kind == "spline":
+        if kwargs.get("coupling", "spline") != "spline":
+            raise LatentPriorError(f"kind='spline' conflicts with coupling={kwargs['coupling']!r}; use kind='realnvp' for affine couplings.")
+        kind, kwargs = "realnvp", {**kwargs, "coupling": "spline"}
+    cls = _FLOW_CLASSES[kind]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "latent_shape"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise LatentPriorError(
+            f"flow option(s) {', '.join(unknown)} do not apply to kind={kind!r}; it accepts {', '.join(sorted(accepted))}."
+        )
+    return cls(shape, **kwargs)

@@ -1,0 +1,361 @@
+"""Flows: invertibility, exact log-density, sampling, ActNorm init, rebuild, and a real density fit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import make_moons
+
+from latent_prior.errors import LatentPriorError
+from latent_prior.flows import ActNorm, MultiScaleFlow, RealNVP, build_flow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These are many tiny ops: on 2 shared, busy cores a second intra-op thread makes them
+    # tens of times slower (measured), so run this module single-threaded.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(flow: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter, so couplings are no longer the identity (they start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return flow
+
+
+def initialized(flow, seed: int = 0, scale: float = 1.5, shift: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    z = scale * torch.randn(256, *flow.latent_shape, generator=g, dtype=torch.float64).to(next(flow.parameters()).dtype) + shift
+    flow.initialize(z)
+    return flow
+
+
+def tiny_multiscale(shape=(4, 8, 8), **kw):
+    kw = {"blocks_per_scale": 2, "checkerboard_blocks": 2, "hidden_channels": 16, **kw}
+    return MultiScaleFlow(shape, **kw)
+
+
+FLAT = [
+    pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32), id="affine"),
+    pytest.param(dict(kind="spline", num_blocks=4, hidden=32), id="spline"),
+]
+
+
+# --- invertibility ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", FLAT)
+@pytest.mark.parametrize("dim", [2, 5])
+def test_flat_flow_inverts(kw, dim):
+    torch.manual_seed(0)
+    flow = randomize(initialized(build_flow((dim,), **kw)), std=0.05)
+    z = 2 * torch.randn(64, dim)
+    eps, log_det = flow.to_base(z)
+    back, log_det_inv = flow.from_base(eps)
+    assert eps.shape == (64, dim) and log_det.shape == (64,)
+    torch.testing.assert_close(back, z, atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_det_inv, -log_det, atol=1e-4, rtol=0)
+
+
+def test_spatial_flow_inverts_4x8x8():
+    torch.manual_seed(0)
+    flow = randomize(initialized(tiny_multiscale(num_scales=2)), std=0.02)
+    z = torch.randn(8, 4, 8, 8)
+    eps, log_det = flow.to_base(z)
+    back, log_det_inv = flow.from_base(eps)
+    assert eps.shape == (8, 256)
+    torch.testing.assert_close(back, z, atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_det_inv, -log_det, atol=1e-3, rtol=1e-5)
+
+
+def test_spatial_flow_shapes_on_sd_latents():
+    torch.manual_seed(0)
+    flow = tiny_multiscale((4, 32, 32), blocks_per_scale=1, checkerboard_blocks=1, hidden_channels=8)
+    assert flow.config["num_scales"] == 3
+    assert sum(math.prod(s) for s in flow.piece_shapes) == 4 * 32 * 32
+    z, log_q = flow.sample_and_log_prob(2)
+    assert z.shape == (2, 4, 32, 32) and log_q.shape == (2,) and torch.isfinite(log_q).all()
+    back = flow.from_base(flow.to_base(z)[0])[0]
+    torch.testing.assert_close(back, z, atol=1e-4, rtol=0)
+
+    big = tiny_multiscale((4, 64, 64), blocks_per_scale=1, checkerboard_blocks=1, hidden_channels=8)
+    assert big.config["num_scales"] == 4
+    log_p = big.log_prob(torch.randn(2, 4, 64, 64))
+    assert log_p.shape == (2,) and torch.isfinite(log_p).all()
+
+
+def test_default_spatial_flow_runs_on_4x32x32():
+    flow = build_flow((4, 32, 32))
+    assert isinstance(flow, MultiScaleFlow)
+    assert flow.log_prob(torch.randn(2, 4, 32, 32)).shape == (2,)
+
+
+# --- exact log-density -------------------------------------------------------------------------
+
+
+def _jacobian_log_prob(flow, z: torch.Tensor) -> torch.Tensor:
+    """log N(f(z); 0, I) + log|det ∂f/∂z| by brute force: autograd Jacobian and slogdet."""
+    out = []
+    for zi in z:
+        jac = torch.autograd.functional.jacobian(lambda v: flow.to_base(v.unsqueeze(0))[0][0], zi)
+        jac = jac.reshape(flow.dim, flow.dim)
+        eps = flow.to_base(zi.unsqueeze(0))[0][0]
+        base = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum()
+        out.append(base + torch.linalg.slogdet(jac).logabsdet)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kw", FLAT)
+@pytest.mark.parametrize("dim", [2, 3])
+def test_flat_log_prob_matches_jacobian(kw, dim):
+    torch.manual_seed(1)
+    flow = randomize(initialized(build_flow((dim,), **kw).double()), std=0.3)
+    z = 2 * torch.randn(6, dim, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(z), _jacobian_log_prob(flow, z), atol=1e-8, rtol=1e-8)
+
+
+def test_spatial_log_prob_matches_jacobian():
+    # 2×4×4 with two scales: exercises checkerboard, squeeze, 1×1 convs and the factor-out.
+    torch.manual_seed(2)
+    flow = randomize(initialized(tiny_multiscale((2, 4, 4), num_scales=2, hidden_channels=8).double()), std=0.1)
+    z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(z), _jacobian_log_prob(flow, z), atol=1e-8, rtol=1e-8)
+
+
+def _grid_integral(flow, half: float, n: int) -> tuple[float, float]:
+    """(∫ q over the square [-half, half]², mass of q outside it estimated from 20k samples)."""
+    axis = torch.linspace(-half, half, n, dtype=torch.float64)
+    grid = torch.cartesian_prod(axis, axis).to(next(flow.parameters()).dtype)
+    with torch.no_grad():
+        density = flow.log_prob(grid).double().exp()
+        samples = flow.sample(20000, generator=torch.Generator().manual_seed(0))
+    mass_outside = (samples.abs() > half).any(dim=1).double().mean().item()
+    return density.sum().item() * (axis[1] - axis[0]).item() ** 2, mass_outside
+
+
+@pytest.mark.parametrize("kw", FLAT)
+def test_density_integrates_to_one(kw):
+    torch.manual_seed(3)
+    flow = randomize(initialized(build_flow((2,), **kw).double(), scale=1.0, shift=0.0), std=0.15)
+    # The randomized flow is not a Gaussian: Monte Carlo KL(q || fitted Gaussian) is measurably > 0
+    # (measured 0.07 nats affine, 0.8 spline), so the integral below is not a Gaussian's.
+    with torch.no_grad():
+        z, log_q = flow.sample_and_log_prob(20000, generator=torch.Generator().manual_seed(1))
+    gaussian = torch.distributions.MultivariateNormal(z.mean(0), torch.cov(z.T))
+    assert (log_q - gaussian.log_prob(z)).mean() > 0.05
+    integral, mass_outside = _grid_integral(flow, half=9.0, n=601)
+    assert mass_outside < 1e-3
+    assert integral + mass_outside == pytest.approx(1.0, abs=2e-3)
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("make", [lambda: build_flow((6,), num_blocks=3, hidden=32), lambda: tiny_multiscale()], ids=["flat", "spatial"])
+def test_sample_and_log_prob_agree(make, temperature):
+    torch.manual_seed(4)
+    flow = randomize(initialized(make()), std=0.02)
+    with torch.no_grad():
+        z, log_q = flow.sample_and_log_prob(32, generator=torch.Generator().manual_seed(1), temperature=temperature)
+        assert z.shape == (32, *flow.latent_shape) and log_q.shape == (32,)
+        torch.testing.assert_close(log_q, flow.log_prob(z, temperature=temperature), atol=2e-3, rtol=1e-5)
+        if temperature != 1.0:  # the tempered density is a different one
+            assert (log_q - flow.log_prob(z)).abs().min() > 1e-2
+
+
+def test_temperature_scales_base_noise():
+    flow = build_flow((4,), num_blocks=2, hidden=8)  # not initialized: the identity map
+    for t in (0.5, 1.0, 2.0):
+        z = flow.sample(20000, generator=torch.Generator().manual_seed(0), temperature=t)
+        assert z.std().item() == pytest.approx(t, rel=0.02)
+
+
+def test_generator_reproducible_and_dtype_followed():
+    flow = randomize(initialized(build_flow((5,), num_blocks=2, hidden=16)), std=0.05).double()
+    a = flow.sample(10, generator=torch.Generator().manual_seed(7))
+    b = flow.sample(10, generator=torch.Generator().manual_seed(7))
+    c = flow.sample(10, generator=torch.Generator().manual_seed(8))
+    assert a.dtype == torch.float64
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_samples_are_differentiable():
+    flow = initialized(build_flow((4,), num_blocks=2, hidden=16))
+    z, log_q = flow.sample_and_log_prob(64, generator=torch.Generator().manual_seed(0))
+    (log_q.mean() + z.pow(2).sum(1).mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flow.parameters())
+    output_layer = flow.layers[2].net[-1]  # the first coupling's zero-initialized output layer
+    assert output_layer.weight.grad.abs().sum() > 0
+
+
+# --- ActNorm initialization --------------------------------------------------------------------
+
+
+def test_actnorm_init_standardizes_flat_base_codes():
+    torch.manual_seed(5)
+    flow = build_flow((6,), num_blocks=3, hidden=16)
+    z = torch.randn(500, 6) @ torch.randn(6, 6) + 3.0  # correlated, shifted
+    assert flow.initialize(z) is True
+    eps = flow.to_base(z)[0]
+    torch.testing.assert_close(eps.mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(eps.var(0, correction=0), torch.ones(6), atol=1e-3, rtol=0)
+
+
+def test_actnorm_init_standardizes_every_spatial_actnorm():
+    torch.manual_seed(6)
+    flow = tiny_multiscale(num_scales=2)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o[0])) for m in flow.modules() if isinstance(m, ActNorm)]
+    z = 0.3 * torch.randn(200, 4, 8, 8) - 1.0
+    flow.initialize(z)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 2 * (2 + 2)  # 2 scales × (2 checkerboard + 2 channel steps)
+    for y in outputs:
+        dims = [0, 2, 3]
+        torch.testing.assert_close(y.mean(dims), torch.zeros(y.shape[1]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(y.var(dims, correction=0), torch.ones(y.shape[1]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: build_flow((6,), num_blocks=3, hidden=16), lambda: tiny_multiscale()], ids=["flat", "spatial"])
+def test_log_prob_does_not_depend_on_the_batch(make):
+    torch.manual_seed(7)
+    flow = randomize(initialized(make()), std=0.02)
+    z = torch.randn(40, *flow.latent_shape)
+    full = flow.log_prob(z)
+    torch.testing.assert_close(flow.log_prob(z[:5]), full[:5], atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(flow.log_prob(z[5:].flip(0)), full[5:].flip(0), atol=1e-4, rtol=1e-6)
+    # Training mode must not change anything either (ActNorm, not BatchNorm).
+    flow.train()
+    torch.testing.assert_close(flow.log_prob(z[:5]), full[:5], atol=1e-4, rtol=1e-6)
+
+
+# --- rebuild from JSON + safetensors -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: build_flow((6,), kind="spline", num_blocks=2, hidden=16), lambda: tiny_multiscale()], ids=["spline", "spatial"])
+def test_rebuild_from_config_and_state(make, tmp_path):
+    torch.manual_seed(8)
+    flow = randomize(initialized(make()), std=0.02)
+    save_file(flow.state_dict(), tmp_path / "flow.safetensors")
+    (tmp_path / "flow.json").write_text(json.dumps(flow.config))
+
+    torch.manual_seed(99)  # a different init, to be overwritten by the saved state
+    clone = build_flow(**json.loads((tmp_path / "flow.json").read_text()))
+    clone.load_state_dict(load_file(tmp_path / "flow.safetensors"))
+    z = torch.randn(16, *flow.latent_shape)
+    torch.testing.assert_close(clone.log_prob(z), flow.log_prob(z))
+    # A reloaded flow is already initialized: a second data-dependent init must not happen.
+    assert clone.is_initialized
+    assert clone.initialize(5 * z) is False
+    torch.testing.assert_close(clone.log_prob(z), flow.log_prob(z))
+    assert clone.initialize(5 * z, force=True) is True
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(LatentPriorError, match="kind"):
+        build_flow((8,), kind="glow")
+    with pytest.raises(LatentPriorError, match="even"):
+        build_flow((4, 7, 7))
+    with pytest.raises(LatentPriorError, match="divisible"):
+        build_flow((4, 6, 6), num_scales=2)
+    with pytest.raises(LatentPriorError, match="hidden_channels"):
+        build_flow((8,), hidden_channels=8)
+    with pytest.raises(LatentPriorError, match="at least 2"):
+        build_flow((1,))
+    with pytest.raises(LatentPriorError, match="dimensions"):
+        build_flow((4, 8))
+    with pytest.raises(LatentPriorError, match="num_blocks"):
+        RealNVP((8,), num_blocks=0)
+    flow = build_flow((8,), num_blocks=1, hidden=8)
+    with pytest.raises(LatentPriorError, match="shape"):
+        flow.log_prob(torch.randn(3, 9))
+    with pytest.raises(LatentPriorError, match="temperature"):
+        flow.sample(3, temperature=0.0)
+    with pytest.raises(LatentPriorError, match="at least 2"):
+        flow.initialize(torch.randn(1, 8))
+    with pytest.raises(LatentPriorError, match="non-finite"):
+        flow.initialize(torch.full((4, 8), float("nan")))
+
+
+# --- fitting a known density -------------------------------------------------------------------
+
+
+def _mixture(n: int, seed: int) -> torch.Tensor:
+    """Four well-separated isotropic Gaussians (σ = 0.3) at (±2, ±2), equal weights."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]])
+    return centers[torch.randint(0, 4, (n,), generator=g)] + 0.3 * torch.randn(n, 2, generator=g)
+
+
+def _mixture_log_prob(x: torch.Tensor) -> torch.Tensor:
+    centers = torch.tensor([[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]])
+    comp = torch.distributions.Normal(centers, 0.3).log_prob(x.unsqueeze(1)).sum(-1)
+    return torch.logsumexp(comp, dim=1) - math.log(4)
+
+
+def _moons(n: int, seed: int) -> torch.Tensor:
+    x, _ = make_moons(n, noise=0.05, random_state=seed)
+    return torch.tensor((x - [0.5, 0.25]) / [0.87, 0.5], dtype=torch.float32)
+
+
+def _fit(flow, train: torch.Tensor, steps: int, lr: float, seed: int) -> None:
+    flow.initialize(train)
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = train[torch.randint(0, len(train), (256,), generator=g)]
+        loss = -flow.log_prob(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def _gaussian_log_likelihood(train: torch.Tensor, test: torch.Tensor) -> float:
+    return torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T)).log_prob(test).mean().item()
+
+
+def test_affine_realnvp_fits_a_gaussian_mixture():
+    # Measured (torch seeds 0-4, 500 steps, lr 1e-2): held-out gain over a fitted Gaussian 1.71-2.14
+    # nats, of the 2.42 nats between that Gaussian (-4.25) and the true density (-1.83). We require 1.4.
+    torch.manual_seed(0)
+    train, test = _mixture(2000, 0), _mixture(2000, 1)
+    flow = build_flow((2,), num_blocks=6, hidden=64)
+    _fit(flow, train, steps=500, lr=1e-2, seed=0)
+    with torch.no_grad():
+        flow_ll = flow.log_prob(test).mean().item()
+    gaussian_ll = _gaussian_log_likelihood(train, test)
+    true_ll = _mixture_log_prob(test).mean().item()
+    assert flow_ll - gaussian_ll > 1.4, (flow_ll, gaussian_ll)
+    assert flow_ll < true_ll + 0.05  # held out, it cannot beat the truth (sanity of log_prob)
+    # The trained, strongly non-Gaussian density is still normalized.
+    integral, mass_outside = _grid_integral(flow, half=6.0, n=401)
+    assert integral + mass_outside == pytest.approx(1.0, abs=5e-3)
+
+
+def test_spline_realnvp_fits_two_moons():
+    # Measured (torch seeds 0-3, 300 steps, lr 3e-3): held-out gain over a fitted Gaussian 1.43-1.45
+    # nats (affine couplings managed 0.3-1.3 in a similar budget). We require 1.2.
+    torch.manual_seed(0)
+    train, test = _moons(2000, 0), _moons(2000, 1)
+    flow = build_flow((2,), kind="spline", num_blocks=4, hidden=64)
+    _fit(flow, train, steps=300, lr=3e-3, seed=0)
+    with torch.no_grad():
+        flow_ll = flow.log_prob(test).mean().item()
+    assert flow_ll - _gaussian_log_likelihood(train, test) > 1.2
