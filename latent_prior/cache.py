@@ -1,0 +1,758 @@
+"""The on-disk latent cache: safetensors shards of posterior moments plus a JSON manifest.
+
+A cache directory (full description in docs/cache-format.md):
+
+    plan.json                 identity of the run (VAE fingerprint, resolution, dtype, flip, file list
+                              hash, shard size), written once when an encode starts
+    shard-00000.safetensors   chunk 0 of the sorted file list: `mean` (n, C, H, W) float32, `logvar`
+    shard-00001.safetensors   (absent for deterministic VAEs), optional `mean_flip` / `logvar_flip`,
+    ...                       and metadata (source files, skipped files, identity hash, writer rank)
+    manifest.json             written last, by one process: its presence means "complete"
+
+The plan is fixed: the sorted file list is cut into chunks of `shard_size` files and shard k holds
+chunk k, whoever writes it. A resumed run or another rank can therefore never write the same images
+twice, and a finished shard is simply skipped on resume. Every file is written to a hidden temporary
+name and moved into place with `os.replace`, so a killed run leaves either a whole shard or none.
+
+`CacheWriter` writes caches (used by `latent_prior.encode`); `open_latents` reads a cache directory
+or a bare `.safetensors` file into a `LatentSource`, which streams float32 batches from memory-mapped
+files without ever loading the whole cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from latent_prior.errors import LatentPriorError
+from latent_prior.vae import LatentNormalization
+
+#: Bumped whenever a reader of the previous version could misread a new cache.
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+#: Default memory budget of a `LatentSource` for one read-ahead window (shuffle buffer) and for scans.
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def shard_name(chunk: int) -> str:
+    return f"shard-{chunk:05d}.safetensors"
+
+
+def _tmp_path(path: Path) -> Path:
+    # Hidden and chunk-specific: ranks own disjoint chunks, so two writers never share a tmp name.
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to `path` via a temporary file and `os.replace`: readers see all of it or none."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file` via a temporary file and `os.replace`."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600; give shards the usual permissions
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def files_digest(files: Sequence[str]) -> str:
+    """sha256 of the newline-joined relative paths: identifies the exact (ordered) file list."""
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def _hash_identity(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LatentPriorError(f"{path}: cannot read the {what} ({exc}); delete the cache folder and encode again.") from None
+    if not isinstance(data, dict):
+        raise LatentPriorError(f"{path}: the {what} is not a JSON object; delete the cache folder and encode again.")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class CacheWriter:
+    """Writes one cache directory following a fixed plan; safe to share between ranks and resumes.
+
+    Args:
+        out: the cache directory (created if needed).
+        files: the sorted relative paths of all images; chunk k is files[k*shard_size:(k+1)*shard_size].
+        shard_size: images per shard (the last shard may hold fewer).
+        identity: what must match for a resume to reuse shards, e.g. {"vae": {...}, "resolution": 256,
+            "dtype": "fp32"}; the writer adds the file list digest, shard size, latent shape, flip and
+            determinism.
+        latent_shape: shape of one latent, e.g. (4, 32, 32).
+        deterministic: True when the VAE has no posterior variance (no `logvar` is stored).
+        flip: whether shards also hold the moments of horizontally flipped images.
+
+    Typical use (one process or many):
+        writer.check_compatible()            # every rank: refuse a cache started differently
+        if main: writer.prepare()            # one rank: clean tmp leftovers, write plan.json
+        barrier()
+        for k in writer.pending_chunks(rank, world_size): ... writer.write_shard(k, ...)
+        barrier()
+        if main: writer.finalize({...})      # one rank: write manifest.json
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        files: Sequence[str],
+        shard_size: int,
+        identity: dict[str, Any],
+        latent_shape: Sequence[int],
+        deterministic: bool,
+        flip: bool = False,
+    ):
+        if int(shard_size) < 1:
+            raise LatentPriorError(f"--shard-size {shard_size}: must be at least 1.")
+        self.out = Path(out)
+        self.files = list(files)
+        self.shard_size = int(shard_size)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.deterministic = bool(deterministic)
+        self.flip = bool(flip)
+        self.identity = {
+            **identity,
+            "format_version": FORMAT_VERSION,
+            "num_files": len(self.files),
+            "files_sha256": files_digest(self.files),
+            "shard_size": self.shard_size,
+            "latent_shape": list(self.latent_shape),
+            "deterministic": self.deterministic,
+            "flip": self.flip,
+        }
+        self.identity_hash = _hash_identity(self.identity)
+
+    # -- the plan ---------------------------------------------------------------------------------
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.files) / self.shard_size)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """[start, end) indices into `files` of chunk `chunk`."""
+        start = chunk * self.shard_size
+        return start, min(start + self.shard_size, len(self.files))
+
+    def chunk_files(self, chunk: int) -> list[str]:
+        start, end = self.chunk_range(chunk)
+        return self.files[start:end]
+
+    def shard_path(self, chunk: int) -> Path:
+        return self.out / shard_name(chunk)
+
+    # -- start / resume ---------------------------------------------------------------------------
+    def _describe_mismatch(self, old: dict[str, Any]) -> str:
+        new = self.identity
+        parts = []
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key), new.get(key)
+            if a == b or key == "num_files":
+                continue
+            if key == "files_sha256":
+                parts.append(f"the image list changed ({old.get('num_files')} files then, {new.get('num_files')} now)")
+            elif key == "vae":
+                a_fp = (a or {}).get("fingerprint") if isinstance(a, dict) else a
+                b_fp = (b or {}).get("fingerprint") if isinstance(b, dict) else b
+                parts.append(f"another VAE (fingerprint {a_fp} then, {b_fp} now)")
+            else:
+                parts.append(f"{key} {a!r} then, {b!r} now")
+        return "; ".join(parts) or "its identity differs"
+
+    def check_compatible(self) -> None:
+        """Refuse to mix runs: raise LatentPriorError when `out` holds a cache started with another
+        VAE, resolution, dtype, flip setting, shard size or image list. Reads only; safe on every rank."""
+        if self.out.exists() and not self.out.is_dir():
+            raise LatentPriorError(f"--out {self.out}: exists and is not a folder; choose another --out.")
+        plan_path = self.out / PLAN
+        if plan_path.exists():
+            plan = _read_json(plan_path, "cache plan")
+            old = plan.get("identity", {})
+            if plan.get("identity_hash") != self.identity_hash or old != self.identity:
+                raise LatentPriorError(
+                    f"--out {self.out} holds a cache started with different settings ({self._describe_mismatch(old)}); "
+                    "rerun with the same settings to resume it, or choose a new --out (or delete that folder) to start over."
+                )
+        elif self.out.is_dir() and any(self.out.glob("shard-*.safetensors")):
+            raise LatentPriorError(
+                f"--out {self.out} holds shards but no {PLAN}, so they cannot be checked; "
+                "choose a new --out or delete that folder."
+            )
+
+    def prepare(self) -> list[int]:
+        """Main process only, before any shard is written: create `out`, drop temporary files left by a
+        killed run, record plan.json, and drop a manifest that no longer describes complete shards.
+        Returns the chunks still to encode (all ranks together)."""
+        self.check_compatible()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for leftover in self.out.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        plan_path = self.out / PLAN
+        if not plan_path.exists():
+            atomic_write_json(
+                plan_path,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "identity_hash": self.identity_hash,
+                    "identity": self.identity,
+                    "num_chunks": self.num_chunks,
+                    "created": _utc_now(),
+                },
+            )
+        pending = self.pending_chunks()
+        if pending and (self.out / MANIFEST).exists():
+            (self.out / MANIFEST).unlink()
+        return pending
+
+    def shard_problem(self, chunk: int) -> str | None:
+        """None when shard `chunk` exists and matches the plan, else why it must be (re)written."""
+        path = self.shard_path(chunk)
+        if not path.exists():
+            return "missing"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        except Exception as exc:  # noqa: BLE001 - any unreadable shard is simply re-encoded
+            return f"unreadable ({type(exc).__name__}: {exc})"
+        if meta.get("identity") != self.identity_hash or meta.get("chunk") != str(chunk):
+            return "written by another plan"
+        try:
+            files = json.loads(meta.get("files", "null"))
+            skipped = [s["path"] for s in json.loads(meta.get("skipped", "[]"))]
+        except (ValueError, TypeError, KeyError):
+            return "bad metadata"
+        if not isinstance(files, list) or sorted(files + skipped) != sorted(self.chunk_files(chunk)):
+            return "file list does not match the plan"
+        expected = {"mean"} | ({"logvar"} if not self.deterministic else set())
+        if self.flip:
+            expected |= {k + "_flip" for k in expected}
+        if keys != expected:
+            return f"tensors {sorted(keys)} instead of {sorted(expected)}"
+        if any(shape != (len(files), *self.latent_shape) for shape in shapes.values()):
+            return "tensor shapes do not match the plan"
+        return None
+
+    def pending_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Chunks k with k % world_size == rank whose shard is missing or invalid."""
+        return [k for k in range(rank, self.num_chunks, world_size) if self.shard_problem(k) is not None]
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write_shard(
+        self,
+        chunk: int,
+        *,
+        files: Sequence[str],
+        mean: torch.Tensor,
+        logvar: torch.Tensor | None = None,
+        mean_flip: torch.Tensor | None = None,
+        logvar_flip: torch.Tensor | None = None,
+        skipped: Sequence[dict[str, str]] = (),
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Path:
+        """Atomically write shard `chunk`: rows follow `files` (its decodable images, in plan order).
+
+        mean, logvar, mean_flip, logvar_flip: (len(files), *latent_shape) float32 raw-space moments.
+        skipped: [{"path": ..., "reason": ...}] for the chunk's files that could not be decoded.
+        """
+        shape = (len(files), *self.latent_shape)
+        tensors = {"mean": mean}
+        if not self.deterministic:
+            tensors["logvar"] = logvar
+        if self.flip:
+            tensors["mean_flip"] = mean_flip
+            if not self.deterministic:
+                tensors["logvar_flip"] = logvar_flip
+        for key, value in tensors.items():
+            if value is None or tuple(value.shape) != shape:
+                got = None if value is None else tuple(value.shape)
+                raise ValueError(f"write_shard({chunk}): `{key}` has shape {got}, expected {shape}")
+        tensors = {k: v.to(torch.float32) for k, v in tensors.items()}
+        metadata = {
+            "format_version": str(FORMAT_VERSION),
+            "identity": self.identity_hash,
+            "chunk": str(chunk),
+            "files": json.dumps(list(files)),
+            "skipped": json.dumps([{"path": s["path"], "reason": s["reason"]} for s in skipped]),
+            "rank": str(rank),
+            "world_size": str(world_size),
+        }
+        path = self.shard_path(chunk)
+        atomic_save_safetensors(tensors, path, metadata)
+        return path
+
+    def finalize(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Main process, after every rank finished: check all shards and write manifest.json.
+
+        `info` adds the fields only the encoder knows (vae provenance, normalization, resolution, dtype,
+        data folder, ...). Returns the manifest.
+        """
+        problems = {k: p for k in range(self.num_chunks) if (p := self.shard_problem(k)) is not None}
+        if problems:
+            first = next(iter(problems))
+            raise LatentPriorError(
+                f"cache {self.out} is incomplete ({len(problems)} of {self.num_chunks} shards not done, e.g. "
+                f"{shard_name(first)}: {problems[first]}); rerun `latent-prior encode` with the same arguments to resume."
+            )
+        shards, skipped = [], []
+        for k in range(self.num_chunks):
+            with safe_open(str(self.shard_path(k)), framework="pt") as f:
+                meta = f.metadata()
+            count = len(json.loads(meta["files"]))
+            skipped.extend(json.loads(meta["skipped"]))
+            shards.append({"file": shard_name(k), "count": count, "rank": int(meta["rank"]),
+                           "world_size": int(meta["world_size"])})
+        plan = _read_json(self.out / PLAN, "cache plan")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **info,
+            "latent_shape": list(self.latent_shape),
+            "deterministic": self.deterministic,
+            "flip": self.flip,
+            "count": sum(s["count"] for s in shards),
+            "num_files": len(self.files),
+            "shard_size": self.shard_size,
+            "files_sha256": self.identity["files_sha256"],
+            "identity_hash": self.identity_hash,
+            "shards": shards,
+            "skipped": skipped,
+            "created": plan.get("created", _utc_now()),
+            "finished": _utc_now(),
+        }
+        atomic_write_json(self.out / MANIFEST, manifest)
+        return manifest
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of consecutive items stored as rows of one tensor pair in one file."""
+
+    path: Path
+    mean_key: str
+    logvar_key: str | None
+    start: int  # global index of row 0
+    rows: int
+
+
+class LatentSource:
+    """Posterior moments on disk, read lazily. Build it with `open_latents`.
+
+    Items are numbered 0..len-1 in cache order (sorted source paths, skipped files left out). With
+    `include_flips=True` on a cache that stores flips, items len/2..len-1 are the horizontal-flip
+    copies: item N + i is the flip of item i (N = number of images).
+
+    Attributes:
+        latent_shape: shape of one latent, e.g. (4, 32, 32).
+        normalization: `LatentNormalization` of the VAE (identity for a bare file without metadata).
+        provenance: the VAE's provenance dict, or None for a bare file.
+        deterministic: True when there is no `logvar` (moments are exact latents).
+        manifest: the cache's manifest dict, or None for a bare file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        segments: list[_Segment],
+        latent_shape: tuple[int, ...],
+        normalization: LatentNormalization,
+        provenance: dict[str, Any] | None,
+        deterministic: bool,
+        manifest: dict[str, Any] | None = None,
+        has_flips: bool = False,
+        include_flips: bool = False,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    ):
+        self.path = path
+        self._segments = segments
+        self._starts = np.array([s.start for s in segments], dtype=np.int64)
+        self._length = sum(s.rows for s in segments)
+        self.latent_shape = latent_shape
+        self.normalization = normalization
+        self.provenance = provenance
+        self.deterministic = deterministic
+        self.manifest = manifest
+        self.has_flips = has_flips
+        self.include_flips = include_flips
+        self.buffer_bytes = int(buffer_bytes)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return (f"LatentSource({str(self.path)!r}, items={len(self)}, latent_shape={self.latent_shape}, "
+                f"deterministic={self.deterministic}, include_flips={self.include_flips})")
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes of one item's float32 moments (mean, plus logvar when present)."""
+        return math.prod(self.latent_shape) * 4 * (1 if self.deterministic else 2)
+
+    def _rows_per_read(self) -> int:
+        return max(1, self.buffer_bytes // self.item_bytes)
+
+    # -- random access ----------------------------------------------------------------------------
+    def _read_rows(self, segment: _Segment, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows (sorted, unique, segment-local) of one segment -> float32 (len(rows), *shape) tensors.
+
+        Nearby rows are read as one contiguous slice of the memory-mapped file (gaps up to 16 rows are
+        read and dropped) so sequential access costs one read per run, not one per row.
+        """
+        breaks = np.nonzero(np.diff(rows) > 16)[0] + 1
+        means, logvars = [], []
+        with safe_open(str(segment.path), framework="pt") as f:
+            mean_slice = f.get_slice(segment.mean_key)
+            logvar_slice = f.get_slice(segment.logvar_key) if segment.logvar_key else None
+            for run in np.split(rows, breaks):
+                a, b = int(run[0]), int(run[-1]) + 1
+                keep = torch.from_numpy(run - a)
+                means.append(mean_slice[a:b].to(torch.float32)[keep])
+                if logvar_slice is not None:
+                    logvars.append(logvar_slice[a:b].to(torch.float32)[keep])
+        mean = torch.cat(means) if means else torch.empty(0, *self.latent_shape)
+        logvar = (torch.cat(logvars) if logvars else torch.empty(0, *self.latent_shape)) if segment.logvar_key else None
+        return mean, logvar
+
+    def _check_indices(self, indices: Any) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = int(idx[(idx < 0) | (idx >= len(self))][0])
+            raise LatentPriorError(f"index {bad} is out of range for {self.path} ({len(self)} items); use 0..{len(self) - 1}.")
+        return idx
+
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Moments of the given items, in the given order: (mean, logvar | None), each (n, *latent_shape)
+        float32 in raw latent space. Reads only the rows asked for."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        idx = self._check_indices(indices)
+        mean = torch.empty(len(idx), *self.latent_shape)
+        logvar = None if self.deterministic else torch.empty(len(idx), *self.latent_shape)
+        seg_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(seg_of):
+            where = np.nonzero(seg_of == s)[0]
+            segment = self._segments[s]
+            rows = idx[where] - segment.start
+            unique_rows = np.unique(rows)
+            m, lv = self._read_rows(segment, unique_rows)
+            pick = torch.from_numpy(np.searchsorted(unique_rows, rows))
+            target = torch.from_numpy(where)
+            mean[target] = m[pick]
+            if logvar is not None:
+                logvar[target] = lv[pick]
+        return mean, logvar
+
+    def sources(self, indices: Sequence[int] | None = None) -> list[str] | None:
+        """Relative source path of each item (a flip copy reports its original's path), or None when the
+        file does not record them (bare files without a `files` metadata entry)."""
+        per_file: dict[Path, list[str] | None] = {}
+        all_sources: list[str] = []
+        for segment in self._segments:
+            if segment.path not in per_file:
+                with safe_open(str(segment.path), framework="pt") as f:
+                    raw = (f.metadata() or {}).get("files")
+                per_file[segment.path] = json.loads(raw) if raw else None
+            names = per_file[segment.path]
+            if names is None or len(names) != segment.rows:
+                return None
+            all_sources.extend(names)
+        if indices is None:
+            return all_sources
+        return [all_sources[int(i)] for i in self._check_indices(indices)]
+
+    # -- streaming --------------------------------------------------------------------------------
+    def iter_moments(
+        self,
+        batch_size: int,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        with_indices: bool = False,
+    ) -> Iterator[tuple]:
+        """Stream one epoch as (mean, logvar | None) batches, float32 raw space, (b, *latent_shape).
+
+        Memory stays near `buffer_bytes` (default 256 MiB) whatever the cache size: items are read one
+        window at a time (a window is as many whole or partial shards as fit the budget, read as
+        contiguous slices). With `shuffle`, the window order and the order inside each window are
+        permuted by a generator seeded from (seed, epoch), so every rank computes the same global order;
+        a small cache fits one window and is fully shuffled.
+
+        Ranks: the global order is cut into global batches of batch_size * world_size items and rank r
+        takes items [r*batch_size, (r+1)*batch_size) of each, so ranks see disjoint items and together
+        see every item exactly once per epoch. The last, partial global batch is dropped with
+        `drop_last`, otherwise split as evenly as possible across ranks (a rank may then get one batch
+        fewer than another when fewer than world_size items remain; use drop_last=True for
+        distributed training, where every rank must take the same number of steps).
+
+        indices: restrict the epoch to these items (duplicates are ignored; unshuffled order is
+            increasing index). with_indices: yield (indices, mean, logvar) with an int64 tensor of the
+            items' indices first.
+        """
+        if int(batch_size) < 1:
+            raise LatentPriorError(f"batch_size {batch_size}: must be at least 1.")
+        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+            raise LatentPriorError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size.")
+        items = np.arange(len(self), dtype=np.int64) if indices is None else np.unique(self._check_indices(indices))
+        global_batch = batch_size * world_size
+        window_rows = max(global_batch, self._rows_per_read())
+        rng = np.random.default_rng([int(seed), int(epoch)])
+
+        # Blocks: pieces of one segment, at most window_rows rows, holding at least one wanted item.
+        blocks = []  # (segment index, wanted global items)
+        for s, segment in enumerate(self._segments):
+            for a in range(0, segment.rows, window_rows):
+                lo, hi = np.searchsorted(items, [segment.start + a, segment.start + min(a + window_rows, segment.rows)])
+                if hi > lo:
+                    blocks.append((s, items[lo:hi]))
+        if shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        windows, current, filled = [], [], 0
+        for block in blocks:
+            if current and filled + len(block[1]) > window_rows:
+                windows.append(current)
+                current, filled = [], 0
+            current.append(block)
+            filled += len(block[1])
+        if current:
+            windows.append(current)
+
+        def emit(ids: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor | None):
+            out = (mean, logvar)
+            return (ids, *out) if with_indices else out
+
+        carry_ids = torch.empty(0, dtype=torch.int64)
+        carry_mean = torch.empty(0, *self.latent_shape)
+        carry_logvar = None if self.deterministic else torch.empty(0, *self.latent_shape)
+        for window in windows:
+            ids = [torch.from_numpy(b[1]) for b in window]
+            parts = [self._read_rows(self._segments[s], wanted - self._segments[s].start) for s, wanted in window]
+            w_ids = torch.cat([carry_ids, *ids])
+            w_mean = torch.cat([carry_mean, *[p[0] for p in parts]])
+            w_logvar = None if self.deterministic else torch.cat([carry_logvar, *[p[1] for p in parts]])
+            if shuffle:
+                # Only the new rows are permuted: the carried rows already have their place in the order.
+                n_carry = len(carry_ids)
+                perm = torch.cat([torch.arange(n_carry), n_carry + torch.from_numpy(rng.permutation(len(w_ids) - n_carry))])
+                w_ids, w_mean = w_ids[perm], w_mean[perm]
+                w_logvar = None if w_logvar is None else w_logvar[perm]
+            full = len(w_ids) // global_batch * global_batch
+            for g in range(0, full, global_batch):
+                sl = slice(g + rank * batch_size, g + (rank + 1) * batch_size)
+                yield emit(w_ids[sl], w_mean[sl], None if w_logvar is None else w_logvar[sl])
+            carry_ids, carry_mean = w_ids[full:], w_mean[full:]
+            carry_logvar = None if w_logvar is None else w_logvar[full:]
+        if len(carry_ids) and not drop_last:
+            share = np.array_split(np.arange(len(carry_ids)), world_size)[rank]
+            if len(share):
+                sl = slice(int(share[0]), int(share[-1]) + 1)
+                yield emit(carry_ids[sl], carry_mean[sl], None if carry_logvar is None else carry_logvar[sl])
+
+    # -- validation -------------------------------------------------------------------------------
+    def check_finite(self) -> None:
+        """Scan every stored value, a bounded number of rows at a time; raise LatentPriorError with the
+        count of NaN/inf values and the first item holding one."""
+        step = self._rows_per_read()
+        for segment in self._segments:
+            with safe_open(str(segment.path), framework="pt") as f:
+                for key in filter(None, (segment.mean_key, segment.logvar_key)):
+                    tensor_slice = f.get_slice(key)
+                    count, first = 0, None
+                    for a in range(0, segment.rows, step):
+                        block = tensor_slice[a:min(a + step, segment.rows)]
+                        bad = ~torch.isfinite(block.reshape(len(block), -1))
+                        n_bad = int(bad.sum())
+                        if n_bad:
+                            count += n_bad
+                            if first is None:
+                                first = segment.start + a + int(torch.nonzero(bad.any(dim=1))[0, 0])
+                    if count:
+                        raise LatentPriorError(
+                            f"{segment.path}: {count} non-finite values (NaN or inf) in `{key}`, first at item "
+                            f"{first}; re-encode those images (in fp32 or bf16 if they came from an fp16 encode) or remove them."
+                        )
+
+
+def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> LatentSource:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - a broken file becomes one clear sentence
+        raise LatentPriorError(f"{path}: not a readable .safetensors file ({exc}); check the path or re-create the file.") from None
+    if "mean" not in keys:
+        raise LatentPriorError(
+            f"{path}: no `mean` tensor (it holds {', '.join(sorted(keys)) or 'no tensors'}); save the latents as "
+            "`mean` (N, C, H, W) float32, with an optional `logvar` of the same shape."
+        )
+    for key in keys:
+        if key in ("mean", "logvar", "mean_flip", "logvar_flip") and dtypes[key] not in _DTYPES:
+            raise LatentPriorError(f"{path}: `{key}` has dtype {dtypes[key]}; store latents as float32.")
+    shape = shapes["mean"]
+    if len(shape) < 2 or shape[0] < 1:
+        raise LatentPriorError(f"{path}: `mean` has shape {shape}; expected (N, *latent_shape) with N >= 1.")
+    for key in ("logvar", "mean_flip", "logvar_flip"):
+        if key in shapes and shapes[key] != shape:
+            raise LatentPriorError(f"{path}: `{key}` has shape {shapes[key]} but `mean` has {shape}; they must match.")
+    deterministic = "logvar" not in keys
+    has_flips = "mean_flip" in keys and (deterministic or "logvar_flip" in keys)
+    if include_flips and not has_flips:
+        raise LatentPriorError(f"{path}: include_flips=True but the file has no `mean_flip`; encode with --flip or drop include_flips.")
+
+    def meta_json(key: str) -> Any:
+        try:
+            return json.loads(meta[key]) if key in meta else None
+        except ValueError:
+            raise LatentPriorError(f"{path}: metadata `{key}` is not valid JSON; fix or remove it.") from None
+
+    norm = meta_json("normalization")
+    segments = [_Segment(path, "mean", None if deterministic else "logvar", 0, shape[0])]
+    if include_flips:
+        segments.append(_Segment(path, "mean_flip", None if deterministic else "logvar_flip", shape[0], shape[0]))
+    return LatentSource(
+        path, segments, tuple(shape[1:]),
+        LatentNormalization.from_dict(norm) if norm else LatentNormalization(),
+        meta_json("provenance"), deterministic, None, has_flips, include_flips, buffer_bytes,
+    )
+
+
+def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int) -> LatentSource:
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        if (path / PLAN).exists():
+            raise LatentPriorError(
+                f"cache {path} is incomplete (no {MANIFEST} yet: the encode was interrupted or is still running); "
+                "rerun `latent-prior encode` with the same arguments to resume it."
+            )
+        raise LatentPriorError(f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior encode` or a .safetensors file.")
+    manifest = _read_json(manifest_path, "cache manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LatentPriorError(f"{manifest_path}: missing or unknown format_version {version!r}; it was not written by `latent-prior encode`.")
+    if version > FORMAT_VERSION:
+        raise LatentPriorError(
+            f"{manifest_path}: cache format {version} is newer than this latent-prior reads ({FORMAT_VERSION}); "
+            "upgrade latent-prior (pip install -U latent-prior)."
+        )
+    try:
+        latent_shape = tuple(int(s) for s in manifest["latent_shape"])
+        deterministic = bool(manifest["deterministic"])
+        has_flips = bool(manifest.get("flip", False))
+        shard_list = [(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LatentPriorError(f"{manifest_path}: malformed manifest ({exc!r}); delete the cache folder and encode again.") from None
+    if include_flips and not has_flips:
+        raise LatentPriorError(f"cache {path} has no flip copies; encode with --flip or drop include_flips.")
+    keys = [("mean", None if deterministic else "logvar")]
+    if include_flips:
+        keys.append(("mean_flip", None if deterministic else "logvar_flip"))
+    segments, start = [], 0
+    for mean_key, logvar_key in keys:
+        for name, count in shard_list:
+            shard = path / name
+            if not shard.is_file():
+                raise LatentPriorError(
+                    f"cache {path} is missing {name}, listed in its manifest; rerun `latent-prior encode` with the same arguments to re-create it."
+                )
+            with safe_open(str(shard), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            for key in filter(None, (mean_key, logvar_key)):
+                if key not in shapes:
+                    raise LatentPriorError(f"{shard}: no `{key}` tensor (it holds {', '.join(sorted(shapes))}); re-encode this cache.")
+                if shapes[key] != (count, *latent_shape):
+                    raise LatentPriorError(
+                        f"{shard}: `{key}` has shape {shapes[key]}, the manifest says {(count, *latent_shape)}; re-encode this cache."
+                    )
+            if count:
+                segments.append(_Segment(shard, mean_key, logvar_key, start, count))
+                start += count
+    if start == 0:
+        raise LatentPriorError(f"cache {path} holds no latents (every image was skipped); check the skipped list in {manifest_path}.")
+    return LatentSource(
+        path, segments, latent_shape,
+        LatentNormalization.from_dict(manifest.get("normalization") or {}),
+        manifest.get("vae"), deterministic, manifest, has_flips, include_flips, buffer_bytes,
+    )
+
+
+def open_latents(
+    path: str | os.PathLike,
+    *,
+    include_flips: bool = False,
+    check_finite: bool = True,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> LatentSource:
+    """Open a cache directory (from `latent-prior encode`) or one `.safetensors` file holding `mean`
+    (N, *latent_shape) and optional `logvar` / `mean_flip` / `logvar_flip` of the same shape.
+
+    include_flips: expose the stored horizontal-flip copies as extra items N..2N-1.
+    check_finite: scan all values once for NaN/inf (bounded memory); turn off for huge caches you trust.
+    buffer_bytes: memory budget for streaming windows and scans.
+    Raises LatentPriorError for a missing path, an incomplete cache, a newer format, missing `mean`,
+    mismatched shapes or non-finite values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LatentPriorError(f"{path}: no such cache folder or .safetensors file; check the path or run `latent-prior encode` first.")
+    if path.is_dir():
+        source = _open_cache_dir(path, include_flips, buffer_bytes)
+    else:
+        source = _open_bare_file(path, include_flips, buffer_bytes)
+    if check_finite:
+        source.check_finite()
+    return source
