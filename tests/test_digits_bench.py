@@ -3,15 +3,10 @@
 Real data throughout (scikit-learn's 8×8 digits); the fast tests train for a couple of epochs only.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench/` lives at the repo root, not in the package
-
-from bench.digits import (  # noqa: E402
+from bench.digits import (
     NUM_TRAIN,
     classifier_confidence,
     encode_moments,
