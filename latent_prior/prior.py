@@ -1,0 +1,506 @@
+"""The exported prior: a drop-in replacement for a VAE's N(0, I) prior.
+
+`LatentPrior` bundles what `latent-prior fit` learned, in the VAE's *normalized* latent space:
+
+    p_θ(z) = N(z; 0, I) · exp(−E_θ(z)) / Z_θ
+
+* `energy_net`: the energy E_θ (nats), `latent_prior.energy`;
+* `flow`: the sampler q_φ (the EMA weights), a normalizing flow from `latent_prior.flows`;
+* `log_z`: the importance-sampling estimate log Ẑ (with its effective sample size);
+* `normalization`: the `LatentNormalization` the prior was trained in, so `sample` returns *raw*
+  latents for `vae.decode` and `log_prob` / `energy` take raw latents.
+
+On disk a prior is a folder with `model.safetensors` (every tensor) and `config.json` (how to rebuild
+the networks, log Ẑ, the normalization, the source VAE's provenance, the training config, versions).
+Nothing is ever unpickled.
+
+`latent-prior sample --prior DIR -n N --out FILE.safetensors` (`SampleConfig`, `run_sample`) writes
+N raw latents from a saved prior.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from latent_prior.errors import LatentPriorError
+from latent_prior.vae import LatentNormalization, VAEAdapter, parse_dtype
+
+__all__ = ["LatentPrior", "SampleConfig", "run_sample", "FORMAT_VERSION", "MODEL_FILE", "CONFIG_FILE"]
+
+#: Version of the on-disk layout. Bump it when a field's meaning changes; `from_pretrained` refuses
+#: folders written by a newer layout instead of silently misreading them.
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SAMPLE_METHODS = ("sampler", "sir", "langevin")
+
+
+def _build_flow(latent_shape: Sequence[int], config: dict[str, Any]) -> nn.Module:
+    from latent_prior.flows import build_flow
+
+    config = dict(config)
+    shape = tuple(config.pop("latent_shape", latent_shape))
+    return build_flow(shape, **config)
+
+
+def _build_energy(latent_shape: Sequence[int], config: dict[str, Any]) -> nn.Module:
+    from latent_prior.energy import build_energy
+
+    config = dict(config)
+    shape = tuple(config.pop("latent_shape", latent_shape))
+    return build_energy(shape, **config)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class LatentPrior(nn.Module):
+    """An energy-based latent prior p_θ(z) = N(z; 0, I)·exp(−E_θ(z))/Z_θ for one VAE.
+
+    Every public method takes and returns latents in the VAE's **raw** latent space (what its
+    encoder emits and `decode` accepts); the normalization it was trained in is applied inside.
+    Computations follow the module: move it with `.to(device)` / `.to(dtype)`.
+
+    Args:
+        energy_net: E_θ, (N, *latent_shape) normalized latents -> (N,) nats.
+        flow: the sampler q_φ (a `latent_prior.flows` flow), in normalized space.
+        latent_shape: shape of one latent, e.g. (8,) or (4, 32, 32).
+        normalization: the VAE's `LatentNormalization` (identity when None).
+        log_z: log Ẑ in nats (normalized space), estimated by importance sampling with the flow.
+        log_z_info: diagnostics of that estimate (ess, ess_fraction, num_samples, curve).
+        provenance: the source VAE's `VAEProvenance.to_dict()`, or None when unknown.
+        training: the training config and run facts (JSON-able), recorded for reproducibility.
+    """
+
+    def __init__(
+        self,
+        energy_net: nn.Module,
+        flow: nn.Module,
+        *,
+        latent_shape: Sequence[int],
+        normalization: LatentNormalization | None = None,
+        log_z: float = 0.0,
+        log_z_info: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.energy_net = energy_net
+        self.flow = flow
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.normalization = normalization or LatentNormalization()
+        # A python float, not a buffer: `.to(torch.bfloat16)` must not round log Ẑ.
+        self.log_z = float(log_z)
+        self.log_z_info = dict(log_z_info or {})
+        self.provenance = provenance
+        # (not `self.training`: nn.Module uses that name for its train/eval flag)
+        self.training_info = dict(training or {})
+
+    # ------------------------------------------------------------------------------------------
+    # device / dtype
+
+    @property
+    def device(self) -> torch.device:
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    @property
+    def num_latent_dims(self) -> int:
+        """D = prod(latent_shape), the number of latent scalars."""
+        return math.prod(self.latent_shape)
+
+    def _to_module(self, raw_z: torch.Tensor) -> torch.Tensor:
+        if not isinstance(raw_z, torch.Tensor):
+            raise LatentPriorError(f"expected a tensor of latents (N, {', '.join(map(str, self.latent_shape))}), got {type(raw_z).__name__}.")
+        if tuple(raw_z.shape[1:]) != self.latent_shape or raw_z.dim() != len(self.latent_shape) + 1:
+            raise LatentPriorError(
+                f"latents of shape {tuple(raw_z.shape)} do not match this prior's latent shape "
+                f"(N, {', '.join(map(str, self.latent_shape))}); encode with the VAE the prior was fitted on."
+            )
+        return raw_z.to(device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # densities
+
+    def log_abs_det_normalize(self) -> float:
+        """log |det ∂normalize(raw)/∂raw| in nats: Σ over latent elements of log|scaling / std_c|.
+
+        The normalization is affine and elementwise, so this is a constant; it is 0 for the identity.
+        """
+        ones = torch.ones((1, *self.latent_shape), dtype=torch.float64)
+        scale = self.normalization.normalize(ones) - self.normalization.normalize(torch.zeros_like(ones))
+        return float(scale.abs().log().sum())
+
+    def energy(self, raw_z: torch.Tensor) -> torch.Tensor:
+        """E_θ of raw latents (N, *latent_shape) -> (N,) nats (evaluated in normalized space)."""
+        z = self.normalization.normalize(self._to_module(raw_z))
+        return self.energy_net(z)
+
+    def log_prob(self, raw_z: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        """log p_θ of latents (N, *latent_shape) -> (N,) nats, using the estimate log Ẑ.
+
+        By default `raw_z` is in raw space and the result is a density **in raw space**: it includes
+        the constant log-Jacobian of the normalization (`log_abs_det_normalize`), so it is comparable
+        with other raw-space densities. With `normalized=True`, `raw_z` is taken as already normalized
+        and the result is the density in normalized space, log N(z; 0, I) − E_θ(z) − log Ẑ.
+        Since log Ẑ is an estimate (biased low), so is this log-density (biased high).
+        """
+        z = self._to_module(raw_z)
+        if not normalized:
+            z = self.normalization.normalize(z)
+        from latent_prior.sampling import log_standard_normal
+
+        out = log_standard_normal(z) - self.energy_net(z) - self.log_z
+        if not normalized:
+            out = out + self.log_abs_det_normalize()
+        return out
+
+    def forward(self, raw_z: torch.Tensor) -> torch.Tensor:
+        """Same as `log_prob(raw_z)`."""
+        return self.log_prob(raw_z)
+
+    # ------------------------------------------------------------------------------------------
+    # sampling
+
+    def sample(
+        self,
+        n: int,
+        method: str = "sampler",
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Draw n latents from the prior, returned in the VAE's RAW latent space: (n, *latent_shape),
+        ready for `vae.decode(...)` (the normalization is undone here).
+
+        method:
+            "sampler"  — one pass of the flow q_φ (fast; temperature scales its base noise);
+            "sir"      — sampling-importance-resampling from q_φ towards p_θ (`proposals=100`);
+            "langevin" — short-run Langevin on p_θ (`steps=60`, `step_size=0.4`, `init="normal"|"flow"`).
+        For "sir" and "langevin" temperature tempers the target (see `latent_prior.sampling`).
+        generator: a torch.Generator on the prior's device, for reproducible draws.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise LatentPriorError(f"n={n!r}: the number of samples must be a positive integer.")
+        if method not in SAMPLE_METHODS:
+            raise LatentPriorError(f"method={method!r}: choose one of {', '.join(SAMPLE_METHODS)}.")
+        if generator is not None and generator.device.type != self.device.type:
+            raise LatentPriorError(
+                f"the generator is on {generator.device} but the prior is on {self.device}; create it with "
+                f"torch.Generator(device='{self.device}')."
+            )
+        from latent_prior.sampling import sample
+
+        was_training = self._enter_eval()
+        try:
+            z = sample(method, self.energy_net, self.flow, n, generator=generator, temperature=temperature,
+                       batch_size=batch_size, **options)
+        except TypeError as exc:  # an option the method does not take
+            raise LatentPriorError(f"method={method!r} does not accept these options ({exc}).") from None
+        finally:
+            self.train(was_training)
+        return self.normalization.denormalize(z.detach())
+
+    def _enter_eval(self) -> bool:
+        """Switch to eval mode (no spectral-norm power iterations while sampling); return the previous mode."""
+        was = self.training
+        self.eval()
+        return was
+
+    # ------------------------------------------------------------------------------------------
+    # compatibility with a VAE
+
+    def check_compatible(
+        self,
+        adapter_or_latent_shape: VAEAdapter | Sequence[int],
+        normalization: LatentNormalization | None = None,
+        *,
+        resolution: int | None = None,
+    ) -> None:
+        """Raise LatentPriorError unless latents of this VAE / shape can be used with this prior.
+
+        Pass a `VAEAdapter` (its normalization and provenance are compared; its latent shape at
+        `resolution` when given, otherwise its channel count), or a latent shape plus, optionally,
+        the normalization those latents use. The error says what differs, expected vs got.
+        """
+        expected = self.latent_shape
+        if isinstance(adapter_or_latent_shape, VAEAdapter):
+            adapter = adapter_or_latent_shape
+            normalization = adapter.normalization if normalization is None else normalization
+            if resolution is not None:
+                got = tuple(adapter.latent_shape(resolution))
+                if got != expected:
+                    raise LatentPriorError(
+                        f"latent shape differs: the prior expects {expected} but the VAE gives {got} at "
+                        f"{resolution} px; use images of the resolution the prior was fitted at, or fit a new prior."
+                    )
+            else:
+                try:
+                    probe = tuple(adapter.latent_shape(64))
+                except LatentPriorError:  # a VAE that cannot tile 64 px: nothing to compare without a resolution
+                    probe = expected
+                if len(probe) != len(expected) or probe[0] != expected[0]:
+                    raise LatentPriorError(
+                        f"latent shape differs: the prior expects {expected} but this VAE's latents look like "
+                        f"{probe} (at 64 px); fit a prior on this VAE's latents."
+                    )
+            self._check_provenance(adapter)
+        else:
+            try:
+                got = tuple(int(s) for s in adapter_or_latent_shape)
+            except TypeError:
+                raise LatentPriorError(
+                    f"check_compatible expects a VAEAdapter or a latent shape, got {type(adapter_or_latent_shape).__name__}."
+                ) from None
+            if got != expected:
+                raise LatentPriorError(f"latent shape differs: the prior expects {expected}, got {got}.")
+        if normalization is not None and not self.normalization.matches(normalization):
+            raise LatentPriorError(
+                f"latent normalization differs: the prior was fitted with {self.normalization.to_dict()} but got "
+                f"{normalization.to_dict()}; use the VAE (and scaling/shift) the prior was fitted on."
+            )
+
+    def _check_provenance(self, adapter: VAEAdapter) -> None:
+        if not self.provenance:
+            return
+        try:
+            got = adapter.provenance.to_dict()
+        except Exception:  # noqa: BLE001 - a VAE without provenance cannot be checked further
+            return
+        if got.get("config_hash") and self.provenance.get("config_hash") and got["config_hash"] != self.provenance["config_hash"]:
+            raise LatentPriorError(
+                f"VAE config differs: the prior was fitted on {self.provenance.get('source')!r} "
+                f"(config {self.provenance['config_hash']}) but got {got.get('source')!r} (config {got['config_hash']}); "
+                "use the VAE the prior was fitted on."
+            )
+        if got.get("fingerprint") and self.provenance.get("fingerprint") and got["fingerprint"] != self.provenance["fingerprint"]:
+            # Same architecture, different weights fingerprint: can be a fine-tune, or only dtype
+            # rounding of the fingerprint, so warn rather than refuse.
+            warnings.warn(
+                f"the VAE's weights fingerprint {got['fingerprint']} differs from the one the prior was fitted on "
+                f"({self.provenance['fingerprint']}); its latents may be distributed differently.",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # save / load
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything but the tensors, as saved in config.json."""
+        from latent_prior import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "latent_prior_version": __version__,
+            "latent_shape": list(self.latent_shape),
+            "normalization": self.normalization.to_dict(),
+            "energy": dict(getattr(self.energy_net, "config", {})),
+            "flow": dict(getattr(self.flow, "config", {})),
+            "log_z": self.log_z,
+            "log_z_info": self.log_z_info,
+            "provenance": self.provenance,
+            "training": self.training_info,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `model.safetensors` and `config.json` to `directory` (created if needed); returns it."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # clone(): safetensors refuses tensors that share storage.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        tmp = directory / f".{MODEL_FILE}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+        os.replace(tmp, directory / MODEL_FILE)
+        _atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config, indent=2, default=_json_default) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "LatentPrior":
+        """Load a prior saved by `save_pretrained` (or by `latent-prior fit --out DIR`).
+
+        device: where to put it (default CPU); dtype: e.g. torch.float32 / "bf16" (default float32).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise LatentPriorError(f"prior folder {directory} does not exist; pass the --out folder of `latent-prior fit`.")
+        missing = [name for name in (CONFIG_FILE, MODEL_FILE) if not (directory / name).is_file()]
+        if missing:
+            raise LatentPriorError(
+                f"prior folder {directory} lacks {', '.join(missing)}; it is not a complete exported prior "
+                "(re-run `latent-prior fit` with --resume to re-export it)."
+            )
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise LatentPriorError(f"{directory / CONFIG_FILE} is not valid JSON ({exc}); re-export the prior.") from None
+        version = config.get("format_version")
+        if not isinstance(version, int):
+            raise LatentPriorError(f"{directory / CONFIG_FILE} has no integer format_version; it was not written by latent-prior.")
+        if version > FORMAT_VERSION:
+            raise LatentPriorError(
+                f"{directory / CONFIG_FILE} has format_version {version}, newer than this latent-prior understands "
+                f"({FORMAT_VERSION}); upgrade latent-prior (pip install -U latent-prior)."
+            )
+        for key in ("latent_shape", "energy", "flow", "log_z"):
+            if key not in config:
+                raise LatentPriorError(f"{directory / CONFIG_FILE} lacks the key {key!r}; re-export the prior.")
+        shape = tuple(config["latent_shape"])
+        energy_net = _build_energy(shape, config["energy"])
+        flow = _build_flow(shape, config["flow"])
+        prior = cls(
+            energy_net,
+            flow,
+            latent_shape=shape,
+            normalization=LatentNormalization.from_dict(config.get("normalization") or {}),
+            log_z=config["log_z"],
+            log_z_info=config.get("log_z_info"),
+            provenance=config.get("provenance"),
+            training=config.get("training"),
+        )
+        try:
+            state = load_file(str(directory / MODEL_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise LatentPriorError(f"{directory / MODEL_FILE} could not be read ({exc}); re-export the prior.") from None
+        try:
+            result = prior.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches
+            detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise LatentPriorError(f"{directory / MODEL_FILE} does not match {CONFIG_FILE} ({detail}); re-export the prior.") from None
+        if result.missing_keys or result.unexpected_keys:
+            raise LatentPriorError(
+                f"{directory / MODEL_FILE} does not match {CONFIG_FILE} (missing: {result.missing_keys[:5]}, "
+                f"unexpected: {result.unexpected_keys[:5]}); re-export the prior."
+            )
+        prior.eval()
+        return prior.to(device=device or "cpu", dtype=parse_dtype(dtype) if dtype is not None else torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"latent_shape={self.latent_shape}, log_z={self.log_z:.4f}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# `latent-prior sample`
+
+
+@dataclass
+class SampleConfig:
+    """`latent-prior sample`: draw raw latents from an exported prior into one .safetensors file."""
+
+    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit`)", "required": True})
+    n: int | None = field(default=None, metadata={"help": "number of latents to draw", "flags": ("-n",), "required": True})
+    out: str | None = field(default=None, metadata={"help": "output .safetensors file; holds tensor `latents` (N, *latent_shape) in raw latent space", "required": True})
+    method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    batch_size: int | None = field(default=None, metadata={"help": "latents per chunk (automatic when left out)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampler: scale of the flow's base noise; sir/langevin: temperature of the target"})
+    proposals: int | None = field(default=None, metadata={"help": "sir: proposals per sample (100 when left out)"})
+    langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
+    step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LatentPriorError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LatentPriorError(f"--device {name}: CUDA is not available here; use --device cpu.")
+    return device
+
+
+def run_sample(config: SampleConfig) -> int:
+    """Load the prior, draw `config.n` latents, write them (raw space) to `config.out`."""
+    from safetensors.torch import save_file
+
+    if config.prior is None:
+        raise LatentPriorError("--prior is required: the folder written by `latent-prior fit --out`.")
+    if config.out is None:
+        raise LatentPriorError("--out is required: the .safetensors file to write.")
+    if config.n is None or config.n <= 0:
+        raise LatentPriorError(f"-n {config.n}: the number of samples must be a positive integer.")
+    out = Path(config.out)
+    if out.suffix != ".safetensors":
+        raise LatentPriorError(f"--out {out}: the output must be a .safetensors file, e.g. {out.with_suffix('.safetensors').name}.")
+    if not out.parent.exists():
+        raise LatentPriorError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    device = _resolve_device(config.device)
+    prior = LatentPrior.from_pretrained(config.prior, device=device)
+    options: dict[str, Any] = {}
+    if config.method == "sir" and config.proposals is not None:
+        options["proposals"] = config.proposals
+    if config.method == "langevin":
+        if config.langevin_steps is not None:
+            options["steps"] = config.langevin_steps
+        if config.step_size is not None:
+            options["step_size"] = config.step_size
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    start = time.perf_counter()
+    latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,
+                           batch_size=config.batch_size, **options)
+    seconds = time.perf_counter() - start
+    metadata = {
+        "method": config.method,
+        "seed": str(config.seed),
+        "temperature": repr(float(config.temperature)),
+        "prior": str(Path(config.prior).resolve()),
+        "space": "raw",
+        "latent_shape": json.dumps(list(prior.latent_shape)),
+        "normalization": json.dumps(prior.normalization.to_dict()),
+        "options": json.dumps(options),
+    }
+    if prior.provenance:
+        metadata["provenance"] = json.dumps(prior.provenance)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    print(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
+          f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s", file=sys.stderr)
+    return 0
