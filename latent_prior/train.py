@@ -1013,6 +1013,11 @@ class _Trainer:
             data_dims = int(manifest["image_channels"]) * int(manifest["resolution"]) ** 2
             summary["data_dims"] = data_dims
             summary["heldout_gain_bits_per_data_dim"] = summary["heldout_gain_nats"] / (data_dims * math.log(2))
+        if self.is_main and result["ess_fraction"] < self.config.min_ess_fraction:
+            print(f"latent-prior fit: warning: the final log Z estimate has ESS {result['ess']:.0f} of {result['num_samples']} "
+                  f"({100 * result['ess_fraction']:.2f}%), so log Z, log_prob and the gains are unreliable; the sampler does not "
+                  "cover the energy model yet: train longer, raise --flow-blocks / --flow-hidden / --flow-channels, or "
+                  "--energy-magnitude-penalty.", file=sys.stderr)
         if s.best_step is None and len(self.val_idx) and self.is_main:
             print(f"latent-prior fit: warning: no checkpoint reached --min-ess-fraction {self.config.min_ess_fraction:g}, so the "
                   "last one is exported and its log Z estimate is unreliable; train longer or give the sampler more capacity.",
