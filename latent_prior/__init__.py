@@ -2,6 +2,10 @@
 
 Data flows one way: images -> adapter (`latent_prior.adapters`) -> cache (`latent_prior.cache`)
 -> trainer (`latent_prior.train`) -> prior (`latent_prior.prior`) -> samples.
+
+    from latent_prior import fit, LatentPrior
+    prior = fit("cache/", out="prior/")                 # or LatentPrior.from_pretrained("prior/")
+    latents = prior.sample(16)                          # raw latents, ready for vae.decode
 """
 
 __version__ = "0.1.0"
@@ -9,4 +13,18 @@ __version__ = "0.1.0"
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, Posterior, VAEAdapter, VAEProvenance
 
-__all__ = ["LatentPriorError", "LatentNormalization", "Posterior", "VAEAdapter", "VAEProvenance", "__version__"]
+# The trainer and the prior pull in accelerate and the networks: import them on first use only.
+_LAZY = {"fit": "latent_prior.train", "FitConfig": "latent_prior.train", "LatentPrior": "latent_prior.prior",
+         "open_latents": "latent_prior.cache"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'latent_prior' has no attribute {name!r}")
+
+
+__all__ = ["LatentPriorError", "LatentNormalization", "Posterior", "VAEAdapter", "VAEProvenance", "__version__",
+           *_LAZY]

@@ -1098,6 +1098,22 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     return ckpts[-1][1]
 
 
+def _release_single_process_precision(mixed_precision: str) -> None:
+    """Let a single-process run pick its own precision after another Accelerator in this process.
+
+    Accelerate keeps its state per process, so an earlier `encode` or fit with another precision would
+    make `Accelerator(mixed_precision=...)` fail. With one process nothing is shared with other ranks,
+    so starting the accelerator state over is safe; under `accelerate launch` we leave it alone.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and PartialState._shared_state and PartialState().num_processes == 1:
+        current = str(state.get("_mixed_precision", mixed_precision))
+        if current != mixed_precision:
+            AcceleratorState._reset_state()
+
+
 def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool, bool]:
     from accelerate import Accelerator
     from accelerate.state import PartialState
@@ -1112,6 +1128,7 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool, bool]:
         else:
             log_with = config.log_with
     fresh = not PartialState._shared_state  # did we create the process state (so we may reset it after)?
+    _release_single_process_precision(config.mixed_precision)
     try:
         acc = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out))
     except ValueError as exc:
