@@ -31,16 +31,6 @@ from latent_prior.errors import LatentPriorError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tiny VAE's convolutions are overhead-bound: with 2 OpenMP threads on 2 shared, busy cores they
-    # run ~10x slower than with one (spin-waiting). Restored afterwards for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")

@@ -12,15 +12,6 @@ from latent_prior.energy import ConvEnergy, MLPEnergy, build_energy
 from latent_prior.errors import LatentPriorError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small ops on 2 shared, busy cores run far faster on one intra-op thread (measured).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CASES = [
     pytest.param((8,), {}, MLPEnergy, id="mlp-8"),
     pytest.param((4, 8, 8), {}, ConvEnergy, id="conv-4x8x8"),

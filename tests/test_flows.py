@@ -14,16 +14,6 @@ from latent_prior.errors import LatentPriorError
 from latent_prior.flows import ActNorm, MultiScaleFlow, RealNVP, build_flow
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These are many tiny ops: on 2 shared, busy cores a second intra-op thread makes them
-    # tens of times slower (measured), so run this module single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize(flow: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
     """Perturb every parameter, so couplings are no longer the identity (they start at zero)."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
@@ -46,15 +45,6 @@ def write_latents(path: Path, n: int = 400, seed: int = 0, logvar: float | None 
         tensors["logvar"] = torch.full_like(mean, logvar)
     save_file(tensors, str(path))
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; two threads on a busy 2-core machine can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +103,11 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
 def test_python_api_accepts_a_tensor_and_returns_the_prior(tmp_path):
     means = mixture(200, seed=1)
     torch.set_num_threads(2)
-    prior = fit(means, FitConfig(steps=6, checkpoint_every=3, **TINY_KW))  # no `out`: a temporary folder
-    assert torch.get_num_threads() == 2  # fit trains on one CPU thread by default, then restores the caller's setting
+    try:
+        prior = fit(means, FitConfig(steps=6, checkpoint_every=3, **TINY_KW))  # no `out`: a temporary folder
+        assert torch.get_num_threads() == 2  # fit trains on one CPU thread by default, then restores the caller's setting
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest.py)
     assert isinstance(prior, LatentPrior) and prior.latent_shape == (2,)
     assert prior.sample(5, generator=torch.Generator().manual_seed(0)).shape == (5, 2)
     prior2 = fit(means, out=str(tmp_path / "p"), steps=6, checkpoint_every=3, seed=0, **TINY_KW)
