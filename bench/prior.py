@@ -92,7 +92,7 @@ class BenchConfig:
     sets: str = field(default=DEFAULT_SETS, metadata={"help": f"comma-separated latent sets, from {', '.join(ALL_SETS)}"})
     methods: str = field(default=DEFAULT_METHODS, metadata={"help": f"comma-separated methods, from {', '.join(METHODS)}"})
     variants: tuple[str, ...] = field(default=(), metadata={"help": "extra EVaLP fits, each LABEL:key=value,key=value of FitConfig fields (a row 'evalp[LABEL]', sampler)"})
-    variant_sampling: str = field(default="sampler", metadata={"help": "how each variant is sampled: comma-separated from sampler, sir, langevin (one row each)"})
+    variant_sampling: str = field(default="sampler", metadata={"help": "how each variant is sampled, one row each: comma-separated from sampler, sir, langevin, each optionally @T for a temperature (e.g. sampler@0.9)"})
     fit: tuple[str, ...] = field(default=(), metadata={"help": "FitConfig overrides key=value applied to every EVaLP fit (evalp, evalp-code and variants)"})
     steps: int | None = field(default=None, metadata={"help": "training steps of every EVaLP fit (FitConfig default when left out; 120 with --quick)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic sets, the fits, the draws and the samples"})
@@ -189,6 +189,18 @@ def _prior_drawer(prior: Any, method: str, **options: Any) -> Callable[[int, tor
 SAMPLING_OPTIONS: dict[str, dict[str, Any]] = {"sampler": {}, "sir": {"proposals": 100}, "langevin": {"steps": 60, "step_size": 0.4}}
 
 
+def _parse_sampling(spec: str) -> tuple[str, float]:
+    """"sir" -> ("sir", 1.0); "sampler@0.9" -> ("sampler", 0.9)."""
+    how, _, temp = spec.strip().partition("@")
+    try:
+        temperature = float(temp) if temp else 1.0
+    except ValueError:
+        temperature = float("nan")
+    if how not in SAMPLING_OPTIONS or not (math.isfinite(temperature) and temperature > 0):
+        raise LatentPriorError(f"--variant-sampling {spec!r}: use one of {', '.join(SAMPLING_OPTIONS)}, optionally @T with T > 0 (e.g. sampler@0.9).")
+    return how, temperature
+
+
 def build_candidates(lset: LatentSet, methods: list[str], variants: dict[str, dict[str, Any]], fit_overrides: dict[str, Any],
                      workdir: Path, seed: int, log: Callable[[str], None],
                      variant_sampling: tuple[str, ...] = ("sampler",)) -> list[Candidate]:
@@ -233,10 +245,13 @@ def build_candidates(lset: LatentSet, methods: list[str], variants: dict[str, di
         out.append(Candidate(METHODS["evalp-code"], _prior_drawer(prior, "sampler"), seconds, "evalp-code", {"fit": summary}))
     for label, overrides in variants.items():
         prior, seconds, summary = get_fit(f"variant-{label}", {**fit_overrides, **overrides})
-        for how in variant_sampling:
+        for spec in variant_sampling:
+            how, temperature = _parse_sampling(spec)
             suffix = {"sampler": "", "sir": " + SIR", "langevin": " + Langevin"}[how]
-            out.append(Candidate(f"evalp[{label}]{suffix}", _prior_drawer(prior, how, **SAMPLING_OPTIONS[how]), seconds,
-                                 f"variant-{label}", {"fit": summary, "overrides": overrides}))
+            suffix += f" @T={temperature:g}" if temperature != 1.0 else ""
+            out.append(Candidate(f"evalp[{label}]{suffix}",
+                                 _prior_drawer(prior, how, temperature=temperature, **SAMPLING_OPTIONS[how]), seconds,
+                                 f"variant-{label}", {"fit": summary, "overrides": overrides, "temperature": temperature}))
     return out
 
 
@@ -342,7 +357,7 @@ def run_set(lset: LatentSet, cfg: BenchConfig, methods: list[str], variants: dic
 
     with tempfile.TemporaryDirectory(prefix=f"bench-prior-{lset.name}-") as tmp:
         candidates = build_candidates(lset, methods, variants, fit_overrides, Path(tmp), cfg.seed, log,
-                                      tuple(_split_list(cfg.variant_sampling, SAMPLING_OPTIONS, "--variant-sampling")))
+                                      tuple(p for p in cfg.variant_sampling.split(",") if p.strip()))
         for i, cand in enumerate(candidates):
             row = {"method": cand.name, "fit_seconds": cand.fit_seconds, "fit_key": cand.fit_key}
             t0 = time.perf_counter()
@@ -580,7 +595,8 @@ def run(cfg: BenchConfig, argv: list[str]) -> int:
     sets = _split_list(cfg.sets, ALL_SETS, "--sets")
     methods = _split_list(cfg.methods, METHODS, "--methods")
     variants = _parse_variants(cfg.variants)
-    _split_list(cfg.variant_sampling, SAMPLING_OPTIONS, "--variant-sampling")  # fail before any work
+    for spec in [p for p in cfg.variant_sampling.split(",") if p.strip()] or [""]:  # fail before any work
+        _parse_sampling(spec)
     fit_overrides = _parse_overrides(list(cfg.fit), "--fit")
     if cfg.quick:
         fit_overrides = {**QUICK_FIT, **fit_overrides}
