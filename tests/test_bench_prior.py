@@ -126,6 +126,7 @@ def test_goal_logic_on_handmade_results():
     (["--methods", "gaussian,magic"], "--methods"),
     (["--sets", "mixture", "--variants", "no-colon"], "--variants"),
     (["--sets", "mixture", "--fit", "not_a_field=1"], "--fit"),
+    (["--sets", "mixture", "--variant-sampling", "sampler@0"], "--variant-sampling"),
 ])
 def test_bad_arguments_give_one_clear_error(argv, words, capsys, tmp_path):
     rc = bench_prior.main([*argv, "--out", str(tmp_path / "x.md")])
@@ -140,3 +141,11 @@ def test_script_and_module_entry_points_both_work():
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "--sets" in done.stdout and "--quick" in done.stdout
+
+
+def test_override_and_sampling_parsing():
+    assert bench_prior._parse_overrides(["forward_kl_weight=5", "flow_kind=spline", "spectral_norm=true", "betas=0.9/0.99"], "--fit") == {
+        "forward_kl_weight": 5, "flow_kind": "spline", "spectral_norm": True, "betas": (0.9, 0.99)}
+    assert bench_prior._parse_variants(("a:steps=10,seed=2",)) == {"a": {"steps": 10, "seed": 2}}
+    assert bench_prior._parse_sampling("sir") == ("sir", 1.0)
+    assert bench_prior._parse_sampling("sampler@0.8") == ("sampler", 0.8)
