@@ -24,17 +24,56 @@ class Command(NamedTuple):
     help: str
 
 
+def load_adapter(config, *, required: bool = True):
+    """The VAE named by `config.vae` (a hub id, a folder, a .safetensors file, or "default"/None for the
+    embedded one), loaded with the config's `dtype`, `subfolder` and `revision` when it has them.
+    With required=False, a config whose `vae` is None gives None instead of the embedded default."""
+    from latent_prior.adapters import load_vae
+
+    spec = getattr(config, "vae", None)
+    if spec is None and not required:
+        return None
+    return load_vae(spec, dtype=getattr(config, "dtype", "fp32"), subfolder=getattr(config, "subfolder", None),
+                    revision=getattr(config, "revision", None))
+
+
 def run_encode(config):
     """`latent-prior encode`: resolve --vae to an adapter, then hand over to the core."""
-    from latent_prior.adapters import load_vae
     from latent_prior.encode import encode_images
 
-    adapter = load_vae(config.vae, dtype=config.dtype, subfolder=config.subfolder, revision=config.revision)
-    encode_images(adapter, config)
+    encode_images(load_adapter(config), config)
     return 0
 
 
-# name -> where its config dataclass and run function live.
+def run_fit(config):
+    """`latent-prior fit`: with --latents, fit on a cache and export the prior to --out (issue 3's form);
+    otherwise the whole pipeline (encode -> fit -> export -> sample -> decode -> report) into the run
+    folder --out, on --vae/--data or the embedded default."""
+    if getattr(config, "latents", None) is not None:
+        from latent_prior.train import run_fit as fit_on_latents
+
+        return fit_on_latents(config)
+    from latent_prior.pipeline import run_pipeline
+
+    return run_pipeline(config, load_adapter(config))
+
+
+def run_sample(config):
+    """`latent-prior sample`: latents to a .safetensors file, or decoded images when --vae is given."""
+    from latent_prior.prior import run_sample as sample
+
+    return sample(config, load_adapter(config, required=False))
+
+
+def run_eval(config):
+    """`latent-prior eval`: metrics of a prior against a cache (image metrics too when --vae is given)."""
+    from latent_prior.evaluate import run_eval as evaluate
+
+    return evaluate(config, load_adapter(config, required=False))
+
+
+# name -> where its config dataclass and run function live. A command whose module is not importable
+# yet is left out of the parser.
 COMMANDS: dict[str, Command] = {
     "encode": Command(
         "latent_prior.encode:EncodeConfig",
@@ -42,14 +81,25 @@ COMMANDS: dict[str, Command] = {
         "Encode an image folder with a VAE and cache its posterior moments (mean, logvar) as safetensors shards.",
     ),
     "fit": Command(
-        "latent_prior.train:FitConfig",
-        "latent_prior.train:run_fit",
-        "Fit an EVaLP prior on cached latents and export it as a drop-in prior module.",
+        "latent_prior.train:FitConfig",  # -> latent_prior.pipeline:RunConfig once it exists
+        "latent_prior.cli:run_fit",
+        "Fit an EVaLP prior: from images (--vae/--data, or the embedded default) to a run folder with the "
+        "prior, sample grids and a report; or from cached latents (--latents) to an exported prior.",
     ),
     "sample": Command(
         "latent_prior.prior:SampleConfig",
-        "latent_prior.prior:run_sample",
-        "Draw latents from an exported prior and write them to a .safetensors file.",
+        "latent_prior.cli:run_sample",
+        "Draw latents from an exported prior into a .safetensors file, or decode them to PNGs with --vae.",
+    ),
+    "eval": Command(
+        "latent_prior.evaluate:EvalConfig",
+        "latent_prior.cli:run_eval",
+        "Measure a prior against held-out latents (and images), beside the Gaussian and GMM baselines.",
+    ),
+    "info": Command(
+        "latent_prior.info:InfoConfig",
+        "latent_prior.info:run_info",
+        "Describe a latent cache or an exported prior folder.",
     ),
 }
 

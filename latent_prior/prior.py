@@ -456,7 +456,7 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def run_sample(config: SampleConfig) -> int:
+def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     """Load the prior, draw `config.n` latents, write them (raw space) to `config.out`."""
     from safetensors.torch import save_file
 
