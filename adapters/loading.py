@@ -22,14 +22,13 @@ The model class comes from the config's `_class_name` (`AutoencoderKL` or `Autoe
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, read_json_object
 from latent_prior.vae import VAEAdapter, parse_dtype
 
 from .diffusers_kl import DiffusersKLAdapter
@@ -160,13 +159,7 @@ def _adapter(vae: torch.nn.Module, kind: str, options: dict[str, Any], **provena
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LatentPriorError(f"VAE config {path} is not readable JSON ({exc}); re-save it with save_pretrained.") from exc
-    if not isinstance(config, dict):
-        raise LatentPriorError(f"VAE config {path} is not a JSON object; re-save it with save_pretrained.")
-    return config
+    return read_json_object(path, "VAE config", "re-save it with save_pretrained")
 
 
 def _first_line(exc: BaseException) -> str:

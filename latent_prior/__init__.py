@@ -4,8 +4,12 @@ Data flows one way: images -> adapter (`latent_prior.adapters`) -> cache (`laten
 -> trainer (`latent_prior.train`) -> prior (`latent_prior.prior`) -> samples.
 
     from latent_prior import fit, LatentPrior
-    prior = fit("cache/", out="prior/")                 # or LatentPrior.from_pretrained("prior/")
-    latents = prior.sample(16)                          # raw latents, ready for vae.decode
+    from latent_prior.adapters import load_vae, wrap
+
+    vae = load_vae("default")                           # or wrap(my_vae, encode=..., decode=...)
+    prior = fit(vae, images, steps=500)                 # images (N, C, H, W) in [-1, 1], a DataLoader or a folder
+    x = vae.decode(prior.sample(16))                    # (16, C, H, W) in [-1, 1]
+    prior = fit("cache/", out="prior/")                 # or on cached latents; LatentPrior.from_pretrained("prior/")
 """
 
 __version__ = "0.1.0"
@@ -14,8 +18,8 @@ from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, Posterior, VAEAdapter, VAEProvenance
 
 # The trainer and the prior pull in accelerate and the networks: import them on first use only.
-_LAZY = {"fit": "latent_prior.train", "FitConfig": "latent_prior.train", "LatentPrior": "latent_prior.prior",
-         "open_latents": "latent_prior.cache"}
+_LAZY = {"fit": "latent_prior.api", "encode_latents": "latent_prior.api", "EncodedLatents": "latent_prior.api",
+         "FitConfig": "latent_prior.train", "LatentPrior": "latent_prior.prior", "open_latents": "latent_prior.cache"}
 
 
 def __getattr__(name: str):

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, read_json_object
 from latent_prior.vae import LatentNormalization
 
 #: Bumped whenever a reader of the previous version could misread a new cache.
@@ -97,13 +97,7 @@ def _hash_identity(identity: dict[str, Any]) -> str:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LatentPriorError(f"{path}: cannot read the {what} ({exc}); delete the cache folder and encode again.") from None
-    if not isinstance(data, dict):
-        raise LatentPriorError(f"{path}: the {what} is not a JSON object; delete the cache folder and encode again.")
-    return data
+    return read_json_object(path, what, "delete the cache folder and encode again")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,6 +629,14 @@ def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
             meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - a broken file becomes one clear sentence
         raise LatentPriorError(f"{path}: not a readable .safetensors file ({exc}); check the path or re-create the file.") from None
+    if "mean" not in keys and "latents" in keys and meta.get("space") == "raw" and "latent_shape" in meta:
+        # A file written by `latent-prior sample` (its metadata says so): exact raw-space latents, read
+        # like deterministic means. A bare `latents` tensor without that metadata is still refused.
+        keys = ["mean"]
+        shapes, dtypes = {"mean": shapes["latents"]}, {"mean": dtypes["latents"]}
+        mean_key = "latents"
+    else:
+        mean_key = "mean"
     if "mean" not in keys:
         raise LatentPriorError(
             f"{path}: no `mean` tensor (it holds {', '.join(sorted(keys)) or 'no tensors'}); save the latents as "
@@ -661,7 +663,7 @@ def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
             raise LatentPriorError(f"{path}: metadata `{key}` is not valid JSON; fix or remove it.") from None
 
     norm = meta_json("normalization")
-    segments = [_Segment(path, "mean", None if deterministic else "logvar", 0, shape[0])]
+    segments = [_Segment(path, mean_key, None if deterministic else "logvar", 0, shape[0])]
     if include_flips:
         segments.append(_Segment(path, "mean_flip", None if deterministic else "logvar_flip", shape[0], shape[0]))
     return LatentSource(
@@ -738,7 +740,9 @@ def open_latents(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> LatentSource:
     """Open a cache directory (from `latent-prior encode`) or one `.safetensors` file holding `mean`
-    (N, *latent_shape) and optional `logvar` / `mean_flip` / `logvar_flip` of the same shape.
+    (N, *latent_shape) and optional `logvar` / `mean_flip` / `logvar_flip` of the same shape, or a file
+    written by `latent-prior sample` (tensor `latents`, read as exact latents: `deterministic`, with the
+    normalization and provenance recorded in its metadata).
 
     include_flips: expose the stored horizontal-flip copies as extra items N..2N-1.
     check_finite: scan all values once for NaN/inf (bounded memory); turn off for huge caches you trust.

@@ -28,11 +28,11 @@ def load_adapter(config, *, required: bool = True):
     """The VAE named by `config.vae` (a hub id, a folder, a .safetensors file, or "default"/None for the
     embedded one), loaded with the config's `dtype`, `subfolder` and `revision` when it has them.
     With required=False, a config whose `vae` is None gives None instead of the embedded default."""
-    from latent_prior.adapters import load_vae
-
     spec = getattr(config, "vae", None)
     if spec is None and not required:
-        return None
+        return None  # before the import: it pulls in diffusers
+    from latent_prior.adapters import load_vae
+
     return load_vae(spec, dtype=getattr(config, "dtype", "fp32"), subfolder=getattr(config, "subfolder", None),
                     revision=getattr(config, "revision", None))
 
@@ -52,7 +52,11 @@ def run_fit(config):
     if getattr(config, "latents", None) is not None:
         from latent_prior.train import run_fit as fit_on_latents
 
-        return fit_on_latents(config)
+        given = [f"--{name}" for name in ("vae", "data") if getattr(config, name, None) is not None]
+        if given:
+            raise LatentPriorError(f"--latents fits an existing cache, while {' and '.join(given)} encode images: "
+                                   "give --latents alone, or leave it out to encode and fit in one run.")
+        return fit_on_latents(config.fit_config() if hasattr(config, "fit_config") else config)
     from latent_prior.pipeline import run_pipeline
 
     return run_pipeline(config, load_adapter(config))
@@ -81,7 +85,7 @@ COMMANDS: dict[str, Command] = {
         "Encode an image folder with a VAE and cache its posterior moments (mean, logvar) as safetensors shards.",
     ),
     "fit": Command(
-        "latent_prior.train:FitConfig",  # -> latent_prior.pipeline:RunConfig once it exists
+        "latent_prior.pipeline:RunConfig",
         "latent_prior.cli:run_fit",
         "Fit an EVaLP prior: from images (--vae/--data, or the embedded default) to a run folder with the "
         "prior, sample grids and a report; or from cached latents (--latents) to an exported prior.",

@@ -1,9 +1,10 @@
 """Dataclass configs shared by the CLI, the Python API and the saved JSON.
 
 A command's config is one flat dataclass. Each field carries its help text in
-`field(metadata={"help": ...})` (and optionally `"flags": ("-n",)` for extra short flags, or
-`"choices": (...)`). `add_arguments` turns the fields into argparse flags with the same names
-(`batch_size` <-> `--batch-size`), and `resolve` merges defaults < `--config FILE` < flags.
+`field(metadata={"help": ...})` (and optionally `"flags": ("-n",)` for extra short flags,
+`"choices": (...)`, or `"positional": True` to also accept the value as a positional argument).
+`add_arguments` turns the fields into argparse flags with the same names (`batch_size` <->
+`--batch-size`), and `resolve` merges defaults < `--config FILE` < flags.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.update(type=tp if tp in (int, float, str) else str, metavar=f.metadata.get("metavar", f.name.upper()))
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("positional"):
+            # Also accepted as an optional positional argument (`latent-prior info DIR` = `--path DIR`).
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=kwargs.get("metavar", f.name.upper()),
+                                help=f"same as {flags[-1]}")
         parser.add_argument(*flags, **kwargs)
     parser.add_argument(
         "--config",

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from latent_prior.errors import LatentPriorError
 
-__all__ = ["MLPEnergy", "ConvEnergy", "build_energy", "ENERGY_KINDS"]
+__all__ = ["MLPEnergy", "ConvEnergy", "FlowBasedEnergy", "build_energy", "ENERGY_KINDS"]
 
 ENERGY_KINDS = ("auto", "mlp", "conv")
 
@@ -166,10 +166,43 @@ class ConvEnergy(nn.Module):
         return self.head(h.mean(dim=(2, 3))).squeeze(-1)
 
 
+class FlowBasedEnergy(nn.Module):
+    """E(z) = log p0(z) − log q_base(z) + E_res(z), so that p ∝ p0·exp(−E) = q_base·exp(−E_res).
+
+    q_base is a normalizing flow fitted by maximum likelihood to the latents and then frozen: it
+    carries the bulk of the density (where the aggregate posterior is far from N(0, I), e.g. a weak-KL
+    VAE, an energy on top of N(0, I) alone must learn hundreds of nats), and the trainable residual
+    energy E_res only corrects what the flow gets wrong. With E_res ≈ 0 at initialization, p starts
+    equal to q_base and log Z starts at 0. The trainer's energy loss and penalties act on `residual`.
+    (N, *latent_shape) -> (N,) nats.
+    """
+
+    def __init__(self, residual: nn.Module, base: nn.Module) -> None:
+        super().__init__()
+        self.residual, self.base = residual, base
+        self.base.requires_grad_(False)
+        self.latent_shape = tuple(residual.latent_shape)
+        self.config = {"kind": "flow_based", "latent_shape": list(self.latent_shape),
+                       "residual": dict(residual.config), "base": dict(base.config)}
+
+    def base_energy(self, z: torch.Tensor) -> torch.Tensor:
+        """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats."""
+        log_p0 = -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * z[0].numel() * math.log(2 * math.pi)
+        return log_p0 - self.base.log_prob(z)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # The base term is a difference of two large log-densities: keep it out of bf16 autocast.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            base = self.base_energy(z.float())
+        return base + self.residual(z).float()
+
+
 def build_energy(
     latent_shape: Sequence[int],
     *,
     kind: str = "auto",
+    residual: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
     hidden: int = 256,
     depth: int = 3,
     channels: int = 64,
@@ -177,10 +210,19 @@ def build_energy(
 ) -> nn.Module:
     """Build an energy network for latents of `latent_shape`; `build_energy(**net.config)` rebuilds `net`.
 
-    kind: "auto" (MLP for flat (D,) latents, conv for (C, H, W)), "mlp" (any shape, flattened) or "conv".
-    `hidden` applies to the MLP, `channels` to the CNN, `depth` to both.
+    kind: "auto" (MLP for flat (D,) latents, conv for (C, H, W)), "mlp" (any shape, flattened), "conv",
+    or "flow_based" (a `FlowBasedEnergy`; `residual` and `base` are the configs of its residual energy
+    and of its base flow). `hidden` applies to the MLP, `channels` to the CNN, `depth` to both.
     """
     shape = _check_shape(latent_shape)
+    if kind == "flow_based":
+        from latent_prior.flows import build_flow
+
+        if residual is None or base is None:
+            raise LatentPriorError("energy kind='flow_based' needs the `residual` and `base` configs.")
+        residual_net = build_energy(**{"latent_shape": shape, **residual})
+        base_flow = build_flow(**{"latent_shape": shape, **base})
+        return FlowBasedEnergy(residual_net, base_flow)
     if kind not in ENERGY_KINDS:
         raise LatentPriorError(f"energy kind={kind!r} is unknown; choose one of {', '.join(ENERGY_KINDS)}.")
     if kind == "auto":

@@ -7,3 +7,19 @@ Its message must name the file or argument at fault and say what to do about it.
 
 class LatentPriorError(Exception):
     """Bad input, stated in one sentence that names the culprit and the remedy."""
+
+
+def read_json_object(path, what: str, remedy: str) -> dict:
+    """The JSON object in `path`; a LatentPriorError naming the file, `what` it should be, and the `remedy`
+    when it is unreadable, not JSON, or not an object. (Our folders keep their metadata as JSON objects.)"""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LatentPriorError(f"{path}: cannot read the {what} ({exc}); {remedy}.") from None
+    if not isinstance(data, dict):
+        raise LatentPriorError(f"{path}: the {what} is not a JSON object; {remedy}.")
+    return data

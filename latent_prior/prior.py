@@ -15,7 +15,8 @@ the networks, log Ẑ, the normalization, the source VAE's provenance, the train
 Nothing is ever unpickled.
 
 `latent-prior sample --prior DIR -n N --out FILE.safetensors` (`SampleConfig`, `run_sample`) writes
-N raw latents from a saved prior.
+N raw latents from a saved prior; with `--vae VAE --out grid.png` or `--out FOLDER/` it decodes them into
+one grid or one PNG per sample.
 """
 
 from __future__ import annotations
@@ -429,11 +430,21 @@ def _json_default(obj: Any) -> Any:
 
 @dataclass
 class SampleConfig:
-    """`latent-prior sample`: draw raw latents from an exported prior into one .safetensors file."""
+    """`latent-prior sample`: draw raw latents from an exported prior into a .safetensors file, or decode
+    them with --vae into one grid (.png) or one PNG per sample (a folder)."""
 
-    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit`)", "required": True})
+    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
     n: int | None = field(default=None, metadata={"help": "number of latents to draw", "flags": ("-n",), "required": True})
-    out: str | None = field(default=None, metadata={"help": "output .safetensors file; holds tensor `latents` (N, *latent_shape) in raw latent space", "required": True})
+    out: str | None = field(default=None, metadata={"help": "FILE.safetensors: tensor `latents` (N, *latent_shape) in raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded sample, sample_000000.png, ... (needs --vae)", "required": True})
+    vae: str | None = field(default=None, metadata={"help": "VAE to decode with (hub id, folder, .safetensors, or 'default' for the embedded one): the one the prior was fitted on"})
+    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE decoder", "choices": ("fp32", "fp16", "bf16")})
+    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
+    decode_batch_size: int = field(default=32, metadata={"help": "latents per decoder call"})
+    grid_columns: int | None = field(default=None, metadata={"help": "--out .png: images per grid row (about sqrt(N) when left out)"})
+    scale: int | None = field(default=None, metadata={"help": "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"})
+    overwrite: bool = field(default=False, metadata={"help": "--out FOLDER: replace the sample_*.png files a previous run left there (otherwise refused)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     batch_size: int | None = field(default=None, metadata={"help": "latents per chunk (automatic when left out)"})
@@ -442,6 +453,19 @@ class SampleConfig:
     langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
     step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
+
+
+def load_prior_for(prior_dir: str | os.PathLike, device: torch.device, adapter: VAEAdapter | None = None,
+                   vae_flag: str | None = None) -> LatentPrior:
+    """Load the prior in `prior_dir` onto `device`; with an adapter, first check that the prior was fitted
+    for that VAE (an error naming --vae `vae_flag` and the prior when not)."""
+    prior = LatentPrior.from_pretrained(prior_dir, device=device)
+    if adapter is not None:
+        try:
+            prior.check_compatible(adapter)
+        except LatentPriorError as exc:
+            raise LatentPriorError(f"--vae {vae_flag} does not match the prior {prior_dir}: {str(exc).rstrip('.')}.") from None
+    return prior
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -456,23 +480,60 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _output_kind(out: Path) -> str:
+    """"latents" (.safetensors), "grid" (.png) or "folder" (no suffix, or an existing folder)."""
+    if out.suffix == ".safetensors":
+        return "latents"
+    if out.suffix.lower() == ".png":
+        return "grid"
+    if out.is_dir() or (out.suffix == "" and not out.exists()):
+        return "folder"
+    raise LatentPriorError(
+        f"--out {out}: write raw latents to a .safetensors file (e.g. {out.with_suffix('.safetensors').name}), a grid of "
+        "decoded samples to a .png file, or one PNG per sample to a folder."
+    )
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    old = sorted(out.glob("sample_*.png")) if out.is_dir() else []
+    if old and not overwrite:
+        raise LatentPriorError(
+            f"--out {out} already holds {len(old)} sample_*.png files from an earlier run; pass --overwrite to replace "
+            "them, or choose another folder."
+        )
+    for path in old:
+        path.unlink()
+    out.mkdir(exist_ok=True)
+
+
 def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
-    """Load the prior, draw `config.n` latents, write them (raw space) to `config.out`."""
+    """Load the prior and draw `config.n` latents: write them (raw space) to `config.out` (.safetensors), or,
+    with a VAE adapter, decode them to one grid (`--out x.png`) or one PNG per sample (`--out FOLDER`)."""
     from safetensors.torch import save_file
 
     if config.prior is None:
         raise LatentPriorError("--prior is required: the folder written by `latent-prior fit --out`.")
     if config.out is None:
-        raise LatentPriorError("--out is required: the .safetensors file to write.")
+        raise LatentPriorError("--out is required: a .safetensors file, a .png grid or a folder of PNGs.")
     if config.n is None or config.n <= 0:
         raise LatentPriorError(f"-n {config.n}: the number of samples must be a positive integer.")
     out = Path(config.out)
-    if out.suffix != ".safetensors":
-        raise LatentPriorError(f"--out {out}: the output must be a .safetensors file, e.g. {out.with_suffix('.safetensors').name}.")
+    kind = _output_kind(out)
+    if kind != "latents" and adapter is None:
+        raise LatentPriorError(
+            f"--out {out}: decoding samples to PNGs needs --vae, the VAE the prior was fitted on ('default' for the "
+            "embedded one); or write raw latents to a .safetensors file."
+        )
     if not out.parent.exists():
         raise LatentPriorError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    for name in ("decode_batch_size", "grid_columns", "scale"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise LatentPriorError(f"--{name.replace('_', '-')} {value}: pass a positive integer.")
     device = _resolve_device(config.device)
-    prior = LatentPrior.from_pretrained(config.prior, device=device)
+    prior = load_prior_for(config.prior, device, adapter, config.vae)
+    if kind == "folder":
+        _prepare_folder(out, config.overwrite)
     options: dict[str, Any] = {}
     if config.method == "sir" and config.proposals is not None:
         options["proposals"] = config.proposals
@@ -486,6 +547,12 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,
                            batch_size=config.batch_size, **options)
     seconds = time.perf_counter() - start
+    what = f"(method={config.method}, seed={config.seed}, temperature={config.temperature})"
+    if kind != "latents":
+        _decode_to_pngs(latents, adapter, out, kind, config, device)
+        print(f"latent-prior sample: drew {config.n} latents {tuple(latents.shape[1:])} {what} in {seconds:.1f} s and decoded "
+              f"them with {config.vae or 'the VAE'} to {out}{'' if kind == 'grid' else ' (sample_000000.png, ...)'}", file=sys.stderr)
+        return 0
     metadata = {
         "method": config.method,
         "seed": str(config.seed),
@@ -504,3 +571,29 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     print(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
           f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def _decode_to_pngs(latents: torch.Tensor, adapter: VAEAdapter, out: Path, kind: str, config: SampleConfig,
+                    device: torch.device) -> None:
+    """Decode raw latents in batches (with a progress bar) into one grid or one PNG per sample."""
+    from tqdm.auto import tqdm
+
+    from latent_prior.images import make_grid, save_pngs
+
+    if adapter.device != device:
+        adapter.to(device)
+    decoded = []
+    with tqdm(total=len(latents), desc="decode", unit="img", disable=config.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
+        for i in range(0, len(latents), config.decode_batch_size):
+            images = adapter.decode(latents[i:i + config.decode_batch_size]).float().cpu()
+            if kind == "folder":
+                save_pngs(images, out, prefix="sample", start=i)  # as we go: memory stays at one batch
+            else:
+                decoded.append(images)
+            bar.update(len(images))
+    if kind == "grid":
+        images = torch.cat(decoded)
+        scale = config.scale or max(1, math.ceil(64 / images.shape[-1]))
+        tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
+        make_grid(images, ncol=config.grid_columns, scale=scale).save(tmp)
+        os.replace(tmp, out)

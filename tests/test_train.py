@@ -170,15 +170,18 @@ def test_out_dir_with_another_run_is_refused_without_resume(latents, tmp_path, c
 
 
 def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
-    common = ["--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "5"]
+    # An explicit warm-up and constant learning rates: the default warm-up (capped at half of --steps) and
+    # the cosine decay depend on --steps, which differs between the runs.
+    fixed = ["--warmup-steps", "3", "--lr-final-fraction", "1"]
+    common = ["--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "5", *fixed]
     assert fit_cli(latents, tmp_path / "a", *common) == 0
     # the "interrupted" run stops at step 8 (its config says 8 steps), then resumes to 12
-    assert fit_cli(latents, tmp_path / "b", "--steps", "8", "--checkpoint-every", "4", "--keep-checkpoints", "5") == 0
+    assert fit_cli(latents, tmp_path / "b", "--steps", "8", "--checkpoint-every", "4", "--keep-checkpoints", "5", *fixed) == 0
     assert fit_cli(latents, tmp_path / "b", *common, "--resume") == 0
     assert_same_tensors(checkpoint_tensors(tmp_path / "a", 12), checkpoint_tensors(tmp_path / "b", 12))
     # metrics.csv of the resumed run has each step once
     steps = [r.split(",")[0] for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == ["4", "5", "8", "10", "12"]
+    assert steps == ["3", "4", "5", "8", "10", "12"]  # 3: the end of the warm-up is evaluated too
     a_rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
     b_rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in a_rows] == [r.split(",")[3:] for r in b_rows]  # same values (seconds differ)
@@ -250,7 +253,7 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_pat
 def test_divergence_before_any_checkpoint_says_so(latents, tmp_path):
     with pytest.raises(LatentPriorError, match=r"diverged at step \d+ .*no checkpoint was written yet"):
         fit(latents, out=str(tmp_path / "x"), steps=50, checkpoint_every=100, lr_energy=1e4, energy_magnitude_penalty=0.0,
-            grad_penalty=0.0, divergence_threshold=1e3, **TINY_KW)
+            grad_penalty=0.0, divergence_threshold=1e3, warmup_steps=0, **TINY_KW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,10 +284,13 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
     path = tmp_path / "spatial.safetensors"
     save_file({"mean": raw, "logvar": torch.full_like(raw, -6.0)}, str(path), metadata={
         "normalization": json.dumps({"scaling_factor": 0.5, "shift_factor": 10.0}), "provenance": json.dumps(provenance)})
+    # explicit kinds: "auto" flattens latents this small (see SMALL_LATENT_DIMS)
     prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, batch_size=32, energy_channels=8, energy_depth=1,
-                flow_channels=8, flow_blocks=1, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
+                energy_kind="conv", flow_kind="multiscale", flow_channels=8, flow_blocks=1, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
-    assert config["energy"]["kind"] == "conv" and config["flow"]["kind"] == "multiscale"
+    energy = config["energy"]
+    assert energy["kind"] == "flow_based" and energy["residual"]["kind"] == "conv" and energy["base"]["kind"] == "multiscale"
+    assert config["flow"]["kind"] == "multiscale"
     assert prior.normalization.scaling_factor == 0.5 and prior.normalization.shift_factor == 10.0
     assert prior.provenance == provenance
     samples = prior.sample(256, generator=torch.Generator().manual_seed(1))
@@ -346,3 +352,21 @@ def test_fitted_prior_beats_the_gaussian_on_a_separated_mixture(tmp_path):
     assert prior.log_prob(heldout).median() > prior.log_prob(between).max() + 1.0
     summary = json.loads((tmp_path / "p" / "fit_summary.json").read_text())
     assert 1.0 < summary["heldout_gain_nats"] < 4.0  # the exact gain, KL(mixture || N(0, I)), is ≈ 2.4 nats
+
+
+def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_path):
+    from latent_prior.energy import FlowBasedEnergy
+    from latent_prior.prior import LatentPrior
+
+    out = tmp_path / "based"
+    prior = fit(latents, out=str(out), steps=40, warmup_steps=20, checkpoint_every=10, keep_checkpoints=10, **TINY_KW)
+    at_snapshot = next(h for h in prior.training_info["history"] if h["step"] == 20)
+    # right after the warm-up the sampler IS the base and E_res ≈ 0, so p = q: log Z ≈ 0 and the IS weights are flat
+    assert abs(at_snapshot["log_z_is"]) < 0.02 and at_snapshot["ess_fraction"] > 0.98
+    assert isinstance(prior.energy_net, FlowBasedEnergy)
+    snapshot = load_file(str(out / "checkpoints" / "step-0000020" / "flow_ema.safetensors"))
+    for name, value in prior.energy_net.base.state_dict().items():  # frozen through the alternating phase
+        torch.testing.assert_close(value, snapshot[name], msg=name)
+    z = prior.sample(64, generator=torch.Generator().manual_seed(0))
+    reloaded = LatentPrior.from_pretrained(out)
+    torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))

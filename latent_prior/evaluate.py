@@ -1,0 +1,664 @@
+"""How good is a prior? Latent-space metrics beside the N(0, I) and GMM baselines, and `latent-prior eval`.
+
+    latent-prior eval --prior RUN/prior --latents cache/                   # the prior's validation split
+    latent-prior eval --prior RUN/prior --latents other.safetensors --out eval.md
+    latent-prior eval --prior RUN/prior --vae default --data my_digits/    # encode images, evaluate on them
+
+Everything is measured in the prior's NORMALIZED latent space against reparameterised posterior draws
+z = μ + σ·ε of the held-out items (never seen by any fit):
+
+* excess FD = FD(samples, held-out draws) − FD(training-posterior draws, held-out draws). The second term,
+  the floor, is what a perfect copy of the training aggregate posterior would reach (finite samples and
+  the train / held-out gap); 0 means "as close as the training latents themselves".
+* MMD²: unbiased RBF MMD² with one bandwidth for every row (median heuristic on training vs held-out draws).
+* precision / recall: k-NN (k = 3) manifold precision and recall, one draw per held-out item against as
+  many samples, averaged over the draws.
+* samples/s: the timed draw of the measured samples (after a small warm-up draw); fit s: the baseline's fit
+  time, or the EVaLP fit's recorded training time.
+* the ELBO gain E_q[−E(z)] − log Ẑ (nats per item, and bits per latent / data dimension): how much the
+  ELBO of the held-out items improves when N(0, I) is replaced by the prior (encoder and decoder frozen).
+  log Ẑ is an importance-sampling estimate, biased low, so the gain is optimistic.
+
+`latent_report` and `latent_table_markdown` are also used by `latent-prior fit`'s report. The reference
+implementation with repeated sample sets and noise estimates is `bench/prior.py`; this module takes one
+sample set per method, which is what a user's command can afford.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from latent_prior.errors import LatentPriorError
+from latent_prior.vae import LatentNormalization, VAEAdapter
+
+__all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS"]
+
+#: method -> row label. "sampler" is accepted as another name for "evalp".
+METHODS: dict[str, str] = {
+    "gaussian": "N(0, I)",
+    "gmm": "GMM ({k} components, {cov} cov, on posterior draws)",
+    "evalp": "EVaLP sampler",
+    "sir": "EVaLP + SIR (M=100)",
+    "langevin": "Langevin (60 steps, s=0.4) on the EVaLP energy",
+}
+ALIASES = {"sampler": "evalp"}
+DEFAULT_METHODS = ("gaussian", "gmm", "evalp")
+#: How each EVaLP row samples the prior (the settings of bench/prior.py).
+_SAMPLING: dict[str, tuple[str, dict[str, Any]]] = {
+    "evalp": ("sampler", {}),
+    "sir": ("sir", {"proposals": 100}),
+    "langevin": ("langevin", {"steps": 60, "step_size": 0.4}),
+}
+GMM_COMPONENTS = 10
+#: At most this many training draws go into the GMM's EM (its cost is linear in them), and at most
+#: GMM_MAX_VALUES latent values in all (the EM holds them in float64: 160 MB).
+GMM_MAX_DRAWS = 20_000
+GMM_MAX_VALUES = 20_000_000
+#: Full covariances up to this many latent dims (10 × D² float64 values), diagonal ones above.
+GMM_FULL_COV_MAX_DIMS = 512
+PR_NEIGHBOURS = 3
+_READ_BATCH = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# posterior draws
+
+
+def _as_indices(indices: Any, name: str, length: int) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(idx) < 2:
+        raise LatentPriorError(f"{name}: {len(idx)} item(s), but the metrics need at least 2 latents; evaluate on more latents.")
+    if idx.min() < 0 or idx.max() >= length:
+        raise LatentPriorError(f"{name}: indices must lie in 0..{length - 1}.")
+    return idx
+
+
+def _cycle(items: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` entries of `items` in random order, each used ⌊count/N⌋ or ⌈count/N⌉ times."""
+    reps = -(-count // len(items))
+    return np.concatenate([rng.permutation(items) for _ in range(reps)])[:count]
+
+
+def posterior_draws(source: Any, indices: np.ndarray, normalization: LatentNormalization,
+                    generator: torch.Generator) -> torch.Tensor:
+    """One reparameterised draw z = μ + σ·ε per entry of `indices` (repeats allowed), in normalized
+    space: (len(indices), *latent_shape) float32 on the CPU (the means for a deterministic source)."""
+    out = []
+    for start in range(0, len(indices), _READ_BATCH):
+        mean, logvar = source.read(indices[start:start + _READ_BATCH])
+        z = normalization.normalize(mean.float())
+        if logvar is not None:
+            std = torch.exp(0.5 * normalization.normalize_logvar(logvar.float()))
+            z = z + std * torch.randn(z.shape, generator=generator, dtype=z.dtype)
+        out.append(z)
+    return torch.cat(out)
+
+
+def _data_dims(source: Any) -> int | None:
+    """Pixels × channels of the encoded images when the cache records them (for bits per data dim)."""
+    manifest = getattr(source, "manifest", None) or {}
+    if manifest.get("resolution") and manifest.get("image_channels"):
+        return int(manifest["image_channels"]) * int(manifest["resolution"]) ** 2
+    return getattr(source, "data_dims", None)
+
+
+def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, batch_size: int = 1024) -> dict[str, Any]:
+    """ELBO gain E_{q(z|x)}[−E(z)] − log Ẑ of the items `indices` of `source`, one posterior draw each,
+    streamed `batch_size` items at a time (`latent_prior.sampling.elbo_gain` per batch, combined).
+
+    Returns elbo_gain's dict: gain_nats (mean per item), std_err_nats, gain_bits_per_latent_dim,
+    gain_bits_per_data_dim (None unless the cache records the image size), num_items, log_z, ...
+    """
+    from latent_prior.sampling import elbo_gain
+
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    norm = prior.normalization
+    generator = torch.Generator(device=prior.device).manual_seed(int(seed) + 7)
+    count, total, total_sq, part = 0, 0.0, 0.0, None
+    was_training = prior.training
+    prior.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(idx), batch_size):
+                mean, logvar = source.read(idx[start:start + batch_size])
+                mean = norm.normalize(mean.float()).to(prior.device, prior.dtype)
+                if logvar is not None:
+                    logvar = norm.normalize_logvar(logvar.float()).to(prior.device, prior.dtype)
+                part = elbo_gain(prior.energy_net, mean, logvar, prior.log_z, generator=generator, batch_size=batch_size,
+                                 data_dims=_data_dims(source))
+                n, m = part["num_items"], part["gain_nats"]
+                sd = part["std_err_nats"] * math.sqrt(n) if n > 1 else 0.0
+                count, total, total_sq = count + n, total + n * m, total_sq + (n - 1) * sd**2 + n * m**2
+    finally:
+        prior.train(was_training)
+    if part is None:
+        raise LatentPriorError("the ELBO gain needs at least one latent.")
+    mean_gain = total / count
+    variance = (total_sq - count * mean_gain**2) / (count - 1) if count > 1 else float("nan")
+    dims, data_dims = part["latent_dims"], _data_dims(source)
+    return {
+        **part,
+        "gain_nats": mean_gain,
+        "std_err_nats": math.sqrt(max(variance, 0.0) / count) if count > 1 else float("nan"),
+        "gain_bits_per_latent_dim": mean_gain / (dims * math.log(2)),
+        "gain_bits_per_data_dim": None if data_dims is None else mean_gain / (data_dims * math.log(2)),
+        "mean_neg_energy_nats": mean_gain + prior.log_z,
+        "num_items": count,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def _method_seed(seed: int, method: str) -> int:
+    # Seeded from the method's name: a method's samples do not depend on which other methods run.
+    return (int(seed) * 1_000_003 + zlib.crc32(method.encode())) % 2**63
+
+
+def _normalize_methods(methods: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for m in ([methods] if isinstance(methods, str) else methods):
+        key = ALIASES.get(m, m)
+        if key not in METHODS:
+            raise LatentPriorError(f"--methods {m!r}: choose from {', '.join([*METHODS, *ALIASES])}.")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise LatentPriorError(f"--methods: name at least one of {', '.join(METHODS)}.")
+    return out
+
+
+def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
+             generator: torch.Generator, rng: np.random.Generator) -> tuple[Any, float, dict[str, Any]]:
+    """A GMM on posterior DRAWS of the training items (REFERENCE §5), several per item when the items are
+    few for the dimension, so no component is singular."""
+    from latent_prior.baselines import GMMPrior
+
+    per_item = 1 if getattr(train_source, "deterministic", False) else min(16, max(1, math.ceil(2 * GMM_COMPONENTS * dims / len(train))))
+    count = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // dims, per_item * len(train)))
+    components = min(GMM_COMPONENTS, count)
+    covariance = "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
+    draws = posterior_draws(train_source, _cycle(train, count, rng), normalization, generator)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed).fit(draws)
+    seconds = time.perf_counter() - start
+    info = {"components": components, "covariance": covariance, "fit_draws": count, "em_iterations": gmm.n_iter_,
+            "converged": gmm.converged_, "warnings": [str(w.message) for w in caught]}
+    return gmm, seconds, info
+
+
+def latent_report(
+    prior: Any,
+    source: Any,
+    heldout: np.ndarray,
+    train: np.ndarray,
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    train_source: Any = None,
+    gain: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Latent-space metrics of `prior` beside N(0, I) and a GMM, against held-out posterior draws.
+
+    prior: a `LatentPrior`. source: a `LatentSource` (or anything with `read(indices)`, `latent_shape`,
+    `normalization`). heldout, train: item indices into `source` (train into `train_source` when given, e.g.
+    the prior's own training cache while `source` holds other latents). samples: draws per method; the
+    held-out draws number about as many (one or more per held-out item; a seeded subset of `samples` items
+    when there are more). methods: from "gaussian", "gmm", "evalp" (= "sampler"), "sir", "langevin".
+    gain: also compute the held-out ELBO gain (`heldout_elbo_gain`) under the key "elbo_gain".
+
+    Returns {"rows": [{"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall",
+    "samples_per_second", "fit_seconds", ...}], "fd_floor", "n_heldout", "n_train", "n_samples", "seed",
+    "heldout_draws", "mmd_bandwidth", "latent_shape", "elbo_gain"}; FDs and MMD² in squared normalized
+    latent units, precision/recall in [0, 1], fit_seconds None when unknown.
+    """
+    from tqdm.auto import tqdm
+
+    from latent_prior.baselines import GaussianPrior
+    from latent_prior.metrics import frechet_distance, median_bandwidth, mmd_rbf, precision_recall_knn
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise LatentPriorError(f"--samples {samples!r}: pass an integer of at least 2 (2000 is a good default).")
+    methods = _normalize_methods(methods)
+    train_source = source if train_source is None else train_source
+    heldout = _as_indices(heldout, "held-out latents", len(source))
+    train = _as_indices(train, "training latents", len(train_source))
+    for what, src in (("latents", source), ("training latents", train_source)):
+        if tuple(src.latent_shape) != tuple(prior.latent_shape) or not prior.normalization.matches(src.normalization):
+            prior.check_compatible(tuple(src.latent_shape), src.normalization)  # raises, saying what differs
+    norm, shape = prior.normalization, tuple(prior.latent_shape)
+    dims = math.prod(shape)
+    rng = np.random.default_rng([int(seed), 0xE7A1])
+    generator = torch.Generator().manual_seed(int(seed) + 101)
+
+    # Held-out draws, grouped by draw: rows [r·m, (r+1)·m) are draw r of the m evaluated items.
+    items = heldout if len(heldout) <= samples else np.sort(rng.choice(heldout, size=samples, replace=False))
+    m = len(items)
+    repeats = max(1, round(samples / m))
+    reference_draws = posterior_draws(train_source, _cycle(train, samples, rng), norm, generator)
+    heldout_draws = torch.cat([posterior_draws(source, items, norm, generator) for _ in range(repeats)])
+    fd_floor = frechet_distance(reference_draws, heldout_draws)
+    bandwidth = median_bandwidth(reference_draws, heldout_draws, seed=seed)
+
+    prior_device = prior.device
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(methods, desc="eval", unit="method", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for method in bar:
+        bar.set_postfix_str(method)
+        info: dict[str, Any] = {}
+        gen_device = "cpu"
+        if method == "gaussian":
+            gauss = GaussianPrior().fit(reference_draws[:2])
+            draw: Callable[[int, torch.Generator], torch.Tensor] = lambda n, g: gauss.sample(n, generator=g)
+            fit_seconds: float | None = 0.0
+            label = METHODS[method]
+        elif method == "gmm":
+            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, generator, rng)
+            draw = lambda n, g: gmm.sample(n, generator=g)
+            label = METHODS[method].format(k=info["components"], cov=info["covariance"])
+        else:
+            how, options = _SAMPLING[method]
+            gen_device = prior_device
+
+            def draw(n: int, g: torch.Generator, how: str = how, options: dict = options) -> torch.Tensor:
+                return norm.normalize(prior.sample(n, method=how, generator=g, **options).float()).cpu()
+
+            fit_seconds = (prior.training_info.get("summary") or {}).get("seconds")
+            label = METHODS[method]
+        draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
+        start = time.perf_counter()
+        z = draw(samples, torch.Generator(device=gen_device).manual_seed(_method_seed(seed, method)))
+        seconds = time.perf_counter() - start
+        fd = frechet_distance(z, heldout_draws)
+        row: dict[str, Any] = {
+            "method": method,
+            "label": label,
+            "excess_fd": fd - fd_floor,
+            "fd": fd,
+            "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
+            "precision": None,
+            "recall": None,
+            "samples_per_second": samples / seconds if seconds > 0 else float("inf"),
+            "fit_seconds": fit_seconds,
+        }
+        if m > PR_NEIGHBOURS:
+            pr = [precision_recall_knn(heldout_draws[r * m:(r + 1) * m], z[r * m:(r + 1) * m], k=PR_NEIGHBOURS)
+                  for r in range(max(1, min(repeats, samples // m)))]
+            row["precision"] = sum(p.precision for p in pr) / len(pr)
+            row["recall"] = sum(p.recall for p in pr) / len(pr)
+        if info:
+            row["info"] = info
+        rows.append(row)
+    bar.close()
+    result: dict[str, Any] = {
+        "rows": rows,
+        "fd_floor": fd_floor,
+        "n_heldout": int(len(heldout)),
+        "n_train": int(len(train)),
+        "n_samples": int(samples),
+        "seed": int(seed),
+        "heldout_items_measured": int(m),
+        "heldout_draws": int(len(heldout_draws)),
+        "mmd_bandwidth": bandwidth,
+        "latent_shape": list(shape),
+        "space": "normalized",
+    }
+    if gain:
+        result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=seed)
+    return result
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def latent_table_markdown(result: dict[str, Any]) -> str:
+    """A markdown table of `latent_report`'s rows, with a line saying what they were measured against."""
+    lines = [
+        f"Latent metrics in the prior's normalized latent space: {result['n_samples']} samples per method vs "
+        f"{result.get('heldout_draws', '?')} posterior draws of {result.get('heldout_items_measured', result['n_heldout'])} "
+        f"held-out latents; FD floor (training-posterior draws vs the held-out draws, {result['n_train']} training "
+        f"latents) {result['fd_floor']:.4f}; seed {result['seed']}.",
+        "",
+        "| method | excess FD ↓ | FD ↓ | MMD² ↓ | precision ↑ | recall ↑ | samples/s | fit s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['label']} | {_fmt(r['excess_fd'], '+.4f')} | {_fmt(r['fd'], '.4f')} | {_fmt(r['mmd2'], '.2e')} | "
+            f"{_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} | {_fmt(r['samples_per_second'], ',.0f')} | "
+            f"{_fmt(r['fit_seconds'], '.1f')} |"
+        )
+    gain = result.get("elbo_gain")
+    if gain:
+        lines += ["", _gain_sentence(gain)]
+    return "\n".join(lines)
+
+
+def _gain_sentence(gain: dict[str, Any]) -> str:
+    bits = f"{gain['gain_bits_per_latent_dim']:+.5f} bits/latent-dim"
+    if gain.get("gain_bits_per_data_dim") is not None:
+        bits += f", {gain['gain_bits_per_data_dim']:+.6f} bits/data-dim"
+    return (f"ELBO gain over N(0, I) on these {gain['num_items']} latents: E_q[−E] − log Ẑ ≈ {gain['gain_nats']:+.4f} "
+            f"± {gain['std_err_nats']:.4f} nats per item ({bits}; log Ẑ = {gain['log_z']:.4f} is an importance-sampling "
+            "estimate, biased low, so this is optimistic).")
+
+
+# ----------------------------------------------------------------------------------------------
+# `latent-prior eval`
+
+
+@dataclass
+class EvalConfig:
+    """`latent-prior eval`: field names are the CLI flags (`batch_size` <-> `--batch-size`)."""
+
+    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
+    latents: str | None = field(default=None, metadata={"help": "latent cache folder or .safetensors file (also one written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the prior was fitted on, otherwise all of it"})
+    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): checked against the prior, and used to encode --data. Image metrics (FID etc.) are not computed yet: a later release adds them"})
+    data: str | None = field(default=None, metadata={"help": "folder of images to encode with --vae and evaluate on (their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"})
+    resolution: int | None = field(default=None, metadata={"help": "--data: image size in pixels; when left out, the resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"})
+    batch_size: int = field(default=32, metadata={"help": "--data: images per encoder call"})
+    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE", "choices": ("fp32", "fp16", "bf16")})
+    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
+    samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
+    seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
+    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the config, versions) or a .md file"})
+    device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+
+class _MemorySource:
+    """Encoded --data latents held in memory, with the `LatentSource` attributes `latent_report` uses."""
+
+    def __init__(self, path: str, mean: torch.Tensor, logvar: torch.Tensor | None, normalization: LatentNormalization,
+                 provenance: dict[str, Any] | None, data_dims: int) -> None:
+        self.path, self.mean, self.logvar = path, mean, logvar
+        self.latent_shape = tuple(mean.shape[1:])
+        self.normalization, self.provenance = normalization, provenance
+        self.deterministic = logvar is None
+        self.manifest = None
+        self.data_dims = data_dims
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def read(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return self.mean[idx], None if self.logvar is None else self.logvar[idx]
+
+
+def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_latents(prior: Any, source: Any, flag: str, prior_dir: str) -> None:
+    """Refuse latents the prior cannot be measured on: another shape, normalization or VAE."""
+    try:
+        prior.check_compatible(tuple(source.latent_shape), source.normalization)
+    except LatentPriorError as exc:
+        raise LatentPriorError(f"{flag} {source.path} does not match the prior {prior_dir}: {str(exc).rstrip('.')}.") from None
+    mine, theirs = prior.provenance or {}, source.provenance or {}
+    if mine.get("config_hash") and theirs.get("config_hash") and mine["config_hash"] != theirs["config_hash"]:
+        raise LatentPriorError(
+            f"{flag} {source.path} was encoded with another VAE ({theirs.get('source')!r}, config {theirs['config_hash']}) than the "
+            f"prior {prior_dir} was fitted on ({mine.get('source')!r}, config {mine['config_hash']}); evaluate on latents of that VAE."
+        )
+    if mine.get("fingerprint") and theirs.get("fingerprint") and mine["fingerprint"] != theirs["fingerprint"]:
+        warnings.warn(f"{flag} {source.path}: its VAE's weights fingerprint {theirs['fingerprint']} differs from the prior's "
+                      f"({mine['fingerprint']}); its latents may be distributed differently.", stacklevel=3)
+
+
+class _Training:
+    """What the prior recorded about its training latents: the cache, and the split `fit` made of it."""
+
+    def __init__(self, prior: Any, prior_dir: Path) -> None:
+        info = prior.training_info or {}
+        config = info.get("config") or {}
+        self.path = config.get("latents") or info.get("latents")
+        self.seed = int(config.get("seed", 0))
+        self.validation_fraction = float(config.get("validation_fraction", 0.0))
+        summary = info.get("summary") or {}
+        self.count = (summary["num_train"] + summary["num_validation"]) if "num_train" in summary and "num_validation" in summary else None
+        if self.path and not Path(self.path).exists():
+            # A run folder moved as a whole: RUN/prior was fitted on RUN/cache.
+            sibling = prior_dir.resolve().parent / "cache"
+            if sibling.is_dir() and (sibling / "manifest.json").is_file() and Path(self.path).name == "cache":
+                self.path = str(sibling)
+
+    def is_source(self, path: str | os.PathLike, source: Any) -> bool:
+        return _same_file(path, self.path) and (self.count is None or self.count == len(source))
+
+    def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train, validation) indices exactly as `latent_prior.train.fit` drew them."""
+        from latent_prior.train import validation_split
+
+        return validation_split(n, self.validation_fraction, self.seed)
+
+    def open(self, prior: Any, prior_dir: str) -> tuple[Any, np.ndarray] | None:
+        """The training cache and its training indices, or None when it is not on disk any more."""
+        from latent_prior.cache import open_latents
+
+        if not self.path or not Path(self.path).exists():
+            return None
+        source = open_latents(self.path, check_finite=False)
+        if self.count is not None and self.count != len(source):
+            return None  # the file was replaced since the fit
+        _check_latents(prior, source, "the prior's training latents", prior_dir)
+        return source, self.split(len(source))[0]
+
+
+def _resolve_device(name: str) -> torch.device:
+    from latent_prior.prior import _resolve_device as resolve
+
+    return resolve(name)
+
+
+def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, training: _Training) -> int:
+    if config.resolution is not None:
+        if config.resolution < 1:
+            raise LatentPriorError(f"--resolution {config.resolution}: pass a positive number of pixels.")
+        return int(config.resolution)
+    if training.path and Path(training.path, "manifest.json").is_file():
+        try:
+            recorded = json.loads(Path(training.path, "manifest.json").read_text()).get("resolution")
+        except ValueError:
+            recorded = None
+        if recorded:
+            return int(recorded)
+    if len(prior.latent_shape) == 3:
+        side = prior.latent_shape[-1]
+        for factor in (1, 2, 4, 8, 16, 32, 64):
+            try:
+                if tuple(adapter.latent_shape(side * factor)) == tuple(prior.latent_shape):
+                    return side * factor
+            except LatentPriorError:
+                continue
+    raise LatentPriorError(f"--data {config.data}: cannot tell the image size the prior was fitted at; pass --resolution.")
+
+
+def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32,
+                  quiet: bool = False) -> _MemorySource:
+    """Encode every image under `data` at `resolution` px into posterior moments held in memory (raw space)."""
+    from tqdm.auto import tqdm
+
+    from latent_prior.data import ImageFolder, image_loader
+
+    dataset = ImageFolder(data, resolution, channels=adapter.image_channels)
+    batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
+    means, logvars, skipped = [], [], []
+    with tqdm(total=len(dataset), desc="encode --data", unit="img", disable=quiet, dynamic_ncols=True, file=sys.stderr) as bar:
+        for batch in image_loader(dataset, batches, num_workers=0):
+            skipped.extend(batch.skipped)
+            if batch.indices:
+                posterior = adapter.encode(batch.images)
+                means.append(posterior.mean.float().cpu())
+                if posterior.logvar is not None:
+                    logvars.append(posterior.logvar.float().cpu())
+            bar.update(len(batch.indices) + len(batch.skipped))
+    if skipped and not quiet:
+        print(f"latent-prior eval: skipped {len(skipped)} unreadable file(s) in {data}, e.g. {skipped[0][1]} ({skipped[0][2]})",
+              file=sys.stderr)
+    if not means:
+        raise LatentPriorError(f"--data {data}: none of its images could be read; check the files.")
+    mean = torch.cat(means)
+    if not torch.isfinite(mean).all() or (logvars and not torch.isfinite(torch.cat(logvars)).all()):
+        raise LatentPriorError(f"--data {data}: the VAE gave NaN/inf latents; try --dtype fp32.")
+    return _MemorySource(str(data), mean, torch.cat(logvars) if logvars else None, adapter.normalization,
+                         adapter.provenance.to_dict(), adapter.image_channels * resolution**2)
+
+
+def _check_out(out: str | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix not in (".json", ".md"):
+        raise LatentPriorError(f"--out {path}: write the report to a .json or .md file.")
+    if not path.parent.exists():
+        raise LatentPriorError(f"--out {path}: the folder {path.parent} does not exist; create it first.")
+    return path
+
+
+def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str, Any]:
+    """Run `latent-prior eval` and return its report (`latent_report`'s dict plus "evaluated", "config",
+    "prior", versions); prints nothing. See EvalConfig for what is evaluated against what."""
+    from latent_prior import __version__
+    from latent_prior.cache import open_latents
+    from latent_prior.config import to_dict
+    from latent_prior.prior import load_prior_for
+
+    if config.prior is None:
+        raise LatentPriorError("--prior is required: the folder of an exported prior (the --out of `latent-prior fit`).")
+    if config.latents is None and config.data is None:
+        raise LatentPriorError("pass --latents CACHE (a latent cache or .safetensors file) or --vae VAE --data IMAGES to evaluate on.")
+    if config.data is not None and adapter is None:
+        raise LatentPriorError(f"--data {config.data} needs --vae, the VAE to encode the images with ('default' for the embedded one).")
+    if config.batch_size < 1:
+        raise LatentPriorError(f"--batch-size {config.batch_size}: pass a positive number of images.")
+    methods = _normalize_methods(config.methods)
+    device = _resolve_device(config.device)
+    prior_dir = str(config.prior)
+    prior = load_prior_for(config.prior, device, adapter, config.vae)
+    if adapter is not None:
+        adapter.to(device)
+    training = _Training(prior, Path(config.prior))
+
+    latents = None
+    if config.latents is not None:
+        latents = open_latents(config.latents)
+        _check_latents(prior, latents, "--latents", prior_dir)
+
+    train_source, train_idx = None, None
+    if config.data is not None:
+        source = encode_folder(adapter, config.data, _resolution_for(config, prior, adapter, training),
+                               batch_size=config.batch_size, quiet=config.quiet)
+        _check_latents(prior, source, "--data", prior_dir)
+        heldout = np.arange(len(source))
+        evaluated = f"all {len(source)} images of --data {config.data}, encoded with --vae {config.vae}"
+        if latents is not None:
+            train_source = latents
+            train_idx = training.split(len(latents))[0] if training.is_source(config.latents, latents) else np.arange(len(latents))
+            reference = f"--latents {config.latents} ({len(train_idx)} latents)"
+    else:
+        source = latents
+        if training.is_source(config.latents, latents) and training.validation_fraction > 0:
+            train_idx, heldout = training.split(len(latents))
+            evaluated = (f"the prior's validation split of --latents {config.latents}: {len(heldout)} of {len(latents)} latents "
+                         f"(held out by fit with seed {training.seed}, validation fraction {training.validation_fraction:g})")
+            train_source, reference = latents, f"its training split ({len(train_idx)} latents)"
+        elif training.is_source(config.latents, latents):
+            heldout = train_idx = np.arange(len(latents))
+            evaluated = (f"all {len(latents)} latents of --latents {config.latents}, which the prior was fitted on without a "
+                         "validation split: these figures are in-sample, not held-out")
+            train_source, reference = latents, "the same latents"
+        else:
+            heldout = np.arange(len(latents))
+            evaluated = f"all {len(latents)} latents of --latents {config.latents} (not the cache the prior was fitted on)"
+    if train_source is None:
+        opened = training.open(prior, prior_dir)
+        if opened is not None:
+            train_source, train_idx = opened
+            reference = f"the prior's training latents {training.path} (training split, {len(train_idx)} latents)"
+        else:
+            # No training latents on disk: hold half of the evaluated latents out of the evaluation, for the
+            # floor and the GMM (fitting the GMM on the evaluated latents would flatter it).
+            if len(heldout) < 8:
+                raise LatentPriorError(
+                    f"the prior's training latents ({training.path}) are not available and only {len(heldout)} latents are to "
+                    "be evaluated; pass --latents with the cache the prior was fitted on."
+                )
+            half_train, half_eval = (heldout[i] for i in _half_split(len(heldout), config.seed))
+            train_source, train_idx, heldout = source, half_train, half_eval
+            evaluated += (f"; the prior's training latents ({training.path or 'not recorded'}) are not available, so a seeded "
+                          f"half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} are evaluated")
+            reference = "the other half"
+    result = latent_report(prior, source, heldout, train_idx, samples=config.samples, seed=config.seed, methods=methods,
+                           train_source=train_source, progress=not config.quiet)
+    result.update({
+        "evaluated": evaluated,
+        "training_reference": reference,
+        "prior": str(Path(config.prior).resolve()),
+        "config": to_dict(config),
+        "vae": adapter.describe() if adapter is not None else None,
+        "versions": {"latent_prior": __version__, "torch": torch.__version__},
+        "image_metrics": "not computed: image-space metrics (FID etc.) come in a later release",
+    })
+    return result
+
+
+def _half_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng([int(seed), 0x4A1F]).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def eval_markdown(result: dict[str, Any]) -> str:
+    """The whole `latent-prior eval` report as markdown (what --out .md holds)."""
+    return "\n".join([
+        f"# latent-prior eval: {result['prior']}",
+        "",
+        f"Evaluated on {result['evaluated']}; training reference: {result['training_reference']}.",
+        "",
+        latent_table_markdown(result),
+        "",
+        f"Image metrics: {result['image_metrics']}.",
+        "",
+    ])
+
+
+def run_eval(config: EvalConfig, adapter: VAEAdapter | None = None) -> int:
+    """`latent-prior eval`: print the table and the ELBO gain; write --out when given. Returns 0."""
+    out = _check_out(config.out)  # before any work
+    start = time.perf_counter()
+    result = evaluate(config, adapter)
+    result["seconds"] = time.perf_counter() - start
+    text = eval_markdown(result)
+    print(text)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n" if out.suffix == ".json" else text)
+        print(f"latent-prior eval: wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,487 @@
+"""`latent-prior fit` from images: one command from an image folder to a run folder with a better prior.
+
+    latent-prior fit                                                   # embedded VAE + bundled digits -> runs/default
+    latent-prior fit --vae stabilityai/sd-vae-ft-mse --data photos/ --out runs/sd
+    accelerate launch --num_processes 4 -m latent_prior fit --vae ... --data ... --out runs/sd   # same, on 4 GPUs
+
+Stages (each prints one line; long ones show a progress bar unless --quiet):
+
+1. encode   images -> RUN_DIR/cache (`latent_prior.encode`; a complete matching cache is reused, a
+            cache made with another VAE / resolution / dtype / flip setting is refused);
+2. fit      cache -> RUN_DIR/prior (`latent_prior.train.fit`; an exported prior of the same settings is
+            reused, an interrupted fit continues from its last checkpoint);
+3. samples  as many N(0, I) latents as EVaLP latents, decoded side by side -> RUN_DIR/samples.png;
+4. report   RUN_DIR/training.png, report.md and report.json (held-out metrics of the Gaussian, GMM and
+            EVaLP priors, config, versions, seeds, timings, VAE provenance), `latent_prior.report`.
+
+RUN_DIR also holds config.json (the effective `RunConfig`, written first) and log.txt (what was
+printed, appended by every invocation). A RUN_DIR that holds a different run is refused unless
+--overwrite (start over) or --resume (continue it with the new settings) is given.
+
+Every process of an `accelerate launch` runs this function; they encode and fit together, and only
+the main process writes config.json, the pictures, the report and the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import platform
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from latent_prior.config import to_dict
+from latent_prior.errors import LatentPriorError
+from latent_prior.train import FitConfig
+from latent_prior.vae import VAEAdapter
+
+__all__ = ["RunConfig", "run_pipeline", "DEFAULT_RUN_DIR", "RUN_FILES"]
+
+#: Where `latent-prior fit` writes when --out is left out (embedded default only).
+DEFAULT_RUN_DIR = "runs/default"
+#: What a run folder holds; --overwrite deletes exactly these and nothing else.
+RUN_FILES = ("config.json", "cache", "prior", "samples.png", "training.png", "report.md", "report.json", "log.txt")
+
+#: Fields that change neither the cache nor the prior. A rerun differing only in these is the same run:
+#: the pictures and the report are redrawn anyway.
+_SAME_RUN_FIELDS = frozenset({
+    "resume", "overwrite", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out",
+    "encode_workers", "encode_batch_size", "grid_samples", "report_samples", "sample_method",
+})
+#: FitConfig fields that do not change the fitted prior (latents/out: the cache and prior live in the run folder).
+_SAME_FIT_FIELDS = frozenset({"resume", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out", "latents"})
+
+_SAMPLE_METHODS = ("sampler", "sir", "langevin")
+
+
+@dataclass
+class RunConfig(FitConfig):
+    """`latent-prior fit`: every FitConfig field (the trainer) plus how to get latents and what to report.
+
+    Field names = CLI flags = keys of RUN_DIR/config.json. With --latents the command is issue 3's
+    form (fit on a cache, export the prior to --out) and the encode/report fields are ignored.
+    """
+
+    latents: str | None = field(default=None, metadata={"help": "skip encoding and reporting: fit on this cache folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run the whole pipeline from images"})
+    out: str | None = field(default=None, metadata={"help": f"run folder (cache/, prior/, samples.png, training.png, report.md, report.json, config.json, log.txt); with --latents, the folder of the exported prior. Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, --data or --latents"})
+    # -- encoding (as `latent-prior encode`)
+    vae: str | None = field(default=None, metadata={"help": "VAE: a hub id, a local save_pretrained or pipeline folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE"})
+    data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"})
+    resolution: int | None = field(default=None, metadata={"help": "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"})
+    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE (encoder and decoder)", "choices": ("fp32", "fp16", "bf16")})
+    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
+    flip: bool = field(default=False, metadata={"help": "also encode horizontally flipped images and fit on both (doubles the latents)"})
+    encode_batch_size: int = field(default=8, metadata={"help": "images per encoder (and decoder) call; --batch-size is latents per training step"})
+    encode_workers: int = field(default=2, metadata={"help": "background processes decoding image files while encoding (0 = in the main process)"})
+    shard_size: int = field(default=1024, metadata={"help": "images per cache shard: the unit of streaming writes and of resuming an interrupted encode"})
+    # -- samples and report
+    grid_samples: int = field(default=64, metadata={"help": "images in each half of samples.png (N(0, I) prior | EVaLP prior)"})
+    sample_method: str = field(default="sampler", metadata={"help": "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", "choices": _SAMPLE_METHODS})
+    report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, cache/, prior/, the pictures, reports and log; nothing else) and start over"})
+
+    def fit_config(self) -> FitConfig:
+        """The trainer's part of this config, as a plain FitConfig (what fit_config.json should hold)."""
+        return FitConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitConfig)})
+
+
+# ----------------------------------------------------------------------------------------------
+# the log: everything printed during the run, also appended to RUN_DIR/log.txt
+
+
+class _LogFile:
+    """Collects text line by line; a progress bar (lines redrawn with '\\r') is kept as its final state."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = path.open("a", encoding="utf-8")
+        self.pending = ""
+
+    def feed(self, text: str) -> None:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            segments = [s for s in line.split("\r") if s.strip()]
+            if segments:
+                self.handle.write(segments[-1].rstrip() + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.feed("\n" if self.pending.strip() else "")
+        self.handle.close()
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to `stream` and to the log."""
+
+    def __init__(self, stream: Any, log: _LogFile) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log.feed(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextmanager
+def _tee_output(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    log = _LogFile(path)
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
+    try:
+        yield
+    except LatentPriorError as exc:  # the CLI prints it after we are gone; keep it in the log too
+        log.feed(f"latent-prior fit: error: {exc}\n")
+        raise
+    except KeyboardInterrupt:
+        log.feed("latent-prior fit: interrupted; run the same command again (or with --resume) to continue.\n")
+        raise
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+        log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder
+
+
+def _uses_embedded_vae(config: RunConfig) -> bool:
+    return config.vae is None or str(config.vae) == "default"
+
+
+def _identity(values: dict[str, Any], ignore: frozenset[str]) -> dict[str, Any]:
+    """The fields of a saved config that decide its results, with paths made comparable."""
+    out = {k: v for k, v in values.items() if k not in ignore}
+    for key in ("vae", "data"):
+        if key in out:
+            v = out[key]
+            if key == "vae" and v in (None, "default"):
+                out[key] = "default"
+            elif v is not None and Path(str(v)).exists():
+                out[key] = str(Path(str(v)).resolve())
+    return out
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig) -> str:
+    """Refuse a run folder that holds another run; returns "new", "same" or "changed" (resumed with new settings)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LatentPriorError(f"--out {run_dir} exists and is not a folder; choose a folder for the run.")
+    if config.overwrite or not run_dir.is_dir():
+        return "new"
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        ours = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if not ours:
+            return "new"  # an empty folder, or one holding only unrelated files we never touch
+        if config.resume:
+            return "changed"
+        raise LatentPriorError(
+            f"--out {run_dir} already holds {', '.join(ours)} but no config.json of a run; pass --overwrite to replace "
+            "them, --resume to reuse them, or choose another --out."
+        )
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        raise LatentPriorError(f"{saved_path} is not valid JSON; pass --overwrite to start the run over, or choose another --out.") from None
+    old, new = _identity(saved, _SAME_RUN_FIELDS), _identity(to_dict(config), _SAME_RUN_FIELDS)
+    if old == new:
+        return "same"
+    if config.resume:
+        return "changed"
+    diff = [f"{k} {saved.get(k)!r} -> {getattr(config, k, None)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+    raise LatentPriorError(
+        f"--out {run_dir} holds a different run ({shown}); pass --overwrite to replace it, --resume to continue it with "
+        "these settings, or choose another --out."
+    )
+
+
+def _clear_run_dir(run_dir: Path) -> list[str]:
+    removed = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(name)
+        elif path.exists():
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def _check_config(config: RunConfig) -> None:
+    def need(ok: bool, flag: str, value: Any, what: str) -> None:
+        if not ok:
+            raise LatentPriorError(f"--{flag.replace('_', '-')} {value!r}: {what}.")
+
+    need(config.grid_samples >= 1, "grid_samples", config.grid_samples, "pass at least 1 image per half of samples.png")
+    need(config.report_samples >= 2, "report_samples", config.report_samples, "pass at least 2 samples per prior for the metrics")
+    need(config.encode_batch_size >= 1, "encode_batch_size", config.encode_batch_size, "pass at least 1 image per encoder call")
+    need(config.encode_workers >= 0, "encode_workers", config.encode_workers, "pass 0 or more")
+    need(config.sample_method in _SAMPLE_METHODS, "sample_method", config.sample_method, f"choose one of {', '.join(_SAMPLE_METHODS)}")
+    if config.overwrite and config.resume:
+        raise LatentPriorError("--overwrite and --resume contradict each other; pass --overwrite to start over or --resume to continue.")
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def _say(is_main: bool, text: str) -> None:
+    if is_main:
+        print(f"latent-prior fit: {text}", file=sys.stderr, flush=True)
+
+
+def _encode(config: RunConfig, adapter: VAEAdapter, cache_dir: Path) -> dict[str, Any]:
+    from latent_prior.encode import EncodeConfig, encode_images
+
+    encode_config = EncodeConfig(
+        vae=config.vae, data=config.data, out=str(cache_dir), resolution=config.resolution,
+        batch_size=config.encode_batch_size, dtype=config.dtype, subfolder=config.subfolder, revision=config.revision,
+        flip=config.flip, num_workers=config.encode_workers, shard_size=config.shard_size, quiet=config.quiet,
+    )
+    try:
+        return encode_images(adapter, encode_config)
+    except LatentPriorError as exc:
+        # The cache names what differs but calls the cache folder "--out"; restate it for the run folder.
+        found = re.search(r"holds a cache started with different settings \((.*)\); rerun", str(exc))
+        if found is None:
+            raise
+        raise LatentPriorError(
+            f"{cache_dir} was encoded with different settings ({found.group(1)}); rerun with the run's original settings "
+            f"(see {cache_dir.parent / 'config.json'}), pass --overwrite to start the run over, or choose another --out."
+        ) from None
+
+
+def _fit_config(config: RunConfig, cache_dir: Path, prior_dir: Path) -> FitConfig:
+    return dataclasses.replace(config.fit_config(), latents=str(cache_dir.resolve()), out=str(prior_dir))
+
+
+def _finished_prior(prior_dir: Path, fit_config: FitConfig) -> bool:
+    """True when prior_dir holds an exported prior fitted with these settings (so the fit can be skipped)."""
+    from latent_prior.train import resolve_objective
+
+    summary, saved = prior_dir / "fit_summary.json", prior_dir / "fit_config.json"
+    if not (summary.is_file() and saved.is_file() and (prior_dir / "model.safetensors").is_file()):
+        return False
+    try:
+        old = json.loads(saved.read_text())
+    except ValueError:
+        return False
+    new = to_dict(resolve_objective(fit_config))
+    return _identity(old, _SAME_FIT_FIELDS) == _identity(new, _SAME_FIT_FIELDS)
+
+
+def _decode(adapter: VAEAdapter, raw: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([adapter.decode(raw[i: i + batch_size]).float().cpu() for i in range(0, len(raw), batch_size)])
+
+
+def _draw_samples(config: RunConfig, prior: Any, adapter: VAEAdapter, normalization: Any, seed: int) -> tuple[Any, dict[str, Any]]:
+    """samples.png: N(0, I) latents and EVaLP latents (both in normalized space, then raw), decoded."""
+    from latent_prior.images import labelled_panels
+
+    n = config.grid_samples
+    generator = torch.Generator(device=prior.device).manual_seed(seed)
+    z_gauss = torch.randn((n, *prior.latent_shape), generator=generator, device=prior.device)
+    raw_gauss = normalization.denormalize(z_gauss)
+    raw_evalp = prior.sample(n, method=config.sample_method, generator=generator)
+    x_gauss = _decode(adapter, raw_gauss, config.encode_batch_size)
+    x_evalp = _decode(adapter, raw_evalp, config.encode_batch_size)
+    ncol = math.ceil(math.sqrt(n))
+    scale = max(1, round(64 / x_gauss.shape[-1]))  # small decodes (the digits are 32 px) are enlarged to ~64 px
+    image = labelled_panels([("N(0, I) prior (the VAE's own)", x_gauss), ("EVaLP prior", x_evalp)], ncol=ncol, scale=scale)
+    stats = {
+        "n_per_half": n, "method": config.sample_method, "seed": seed, "image_size": list(image.size),
+        "decoded_shape": list(x_gauss.shape[1:]),
+        "pixel_mean": {"gaussian": float(x_gauss.mean()), "evalp": float(x_evalp.mean())},
+        "pixel_std": {"gaussian": float(x_gauss.std()), "evalp": float(x_evalp.std())},
+    }
+    return image, stats
+
+
+def _versions() -> dict[str, str]:
+    from latent_prior import __version__
+
+    versions = {"latent-prior": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__}
+    for name in ("diffusers", "accelerate"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
+    """Encode -> fit -> export -> sample -> decode -> report into the run folder `config.out`; returns 0.
+
+    `adapter` is the VAE named by config.vae/dtype/subfolder/revision (`latent_prior.cli.load_adapter`).
+    Raises LatentPriorError for bad input: an occupied run folder, a mismatched cache or prior, bad flags.
+    """
+    from accelerate.state import PartialState
+
+    if config.out is None:
+        if not (_uses_embedded_vae(config) and config.data is None):
+            raise LatentPriorError("--out is required with --vae or --data: name the run folder to write, e.g. --out runs/my-vae.")
+        config = dataclasses.replace(config, out=DEFAULT_RUN_DIR)
+    _check_config(config)
+    run_dir = Path(config.out)
+    from accelerate.utils import parse_flag_from_env
+
+    fresh_state = not PartialState._shared_state
+    # As `Accelerator()` does: ACCELERATE_USE_CPU=1 (CPU ranks under `accelerate launch`) must reach the state.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    is_main = state.is_main_process
+    status = _check_run_dir(run_dir, config)  # every rank reads, so every rank raises the same error
+    state.wait_for_everyone()
+    if is_main:
+        removed = _clear_run_dir(run_dir) if config.overwrite else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".config.json.tmp").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        (run_dir / ".config.json.tmp").replace(run_dir / "config.json")
+    state.wait_for_everyone()
+    try:
+        with _tee_output(run_dir / "log.txt" if is_main else None):
+            if is_main:
+                print(f"==== latent-prior fit, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {state.num_processes} process(es) ====",
+                      file=sys.stderr)
+                if config.overwrite:
+                    _say(True, f"--overwrite: removed {', '.join(removed) or 'nothing'} from {run_dir}")
+                elif status == "same":
+                    _say(True, f"{run_dir} holds this run already: finished stages are reused")
+                elif status == "changed":
+                    _say(True, f"--resume: continuing the run in {run_dir} with changed settings")
+            _run_stages(config, adapter, run_dir, state)
+    finally:
+        if fresh_state and state.num_processes == 1:
+            # Leave no Accelerate state behind for a later run in this process (it is a singleton).
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+    return 0
+
+
+def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: Any) -> None:
+    from latent_prior.cache import open_latents
+    from latent_prior.prior import LatentPrior
+    from latent_prior.train import fit
+
+    is_main = state.is_main_process
+    cache_dir, prior_dir = run_dir / "cache", run_dir / "prior"
+    timings: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+
+    # 1. encode --------------------------------------------------------------------------------
+    _say(is_main, f"[1/4] encode: {config.data or 'the bundled digits'} with {config.vae or 'the embedded default VAE'} -> {cache_dir}")
+    t0 = time.perf_counter()
+    encoded = _encode(config, adapter, cache_dir)
+    source = open_latents(cache_dir, include_flips=config.flip)
+    reused_cache = is_main and encoded.get("encoded", 1) == 0
+    timings["encode"] = {"seconds": time.perf_counter() - t0, "reused": bool(reused_cache)}
+
+    # 2. fit + export --------------------------------------------------------------------------
+    fit_config = _fit_config(config, cache_dir, prior_dir)
+    t0 = time.perf_counter()
+    if _finished_prior(prior_dir, fit_config):
+        _say(is_main, f"[2/4] fit: {prior_dir} already holds the prior fitted with these settings; reusing it")
+        prior = LatentPrior.from_pretrained(prior_dir)
+        reused_prior = True
+    else:
+        _say(is_main, f"[2/4] fit: {config.steps} steps on {len(source)} latents {tuple(source.latent_shape)} -> {prior_dir}")
+        prior = fit(source, fit_config)
+        reused_prior = False
+    timings["fit"] = {"seconds": time.perf_counter() - t0, "reused": reused_prior}
+    state.wait_for_everyone()
+    if not is_main:
+        return  # the pictures and the report are written by the main process only
+
+    from latent_prior import report
+
+    summary = json.loads((prior_dir / "fit_summary.json").read_text())
+    prior = prior.to(adapter.device)
+    prior.check_compatible(adapter, source.normalization, resolution=int((source.manifest or {}).get("resolution") or 0) or None)
+
+    # 3. samples -------------------------------------------------------------------------------
+    sample_seed = config.seed + 1000
+    _say(True, f"[3/4] samples: {config.grid_samples} N(0, I) and {config.grid_samples} EVaLP latents ({config.sample_method}), decoded -> {run_dir / 'samples.png'}")
+    t0 = time.perf_counter()
+    image, sample_stats = _draw_samples(config, prior, adapter, source.normalization, sample_seed)
+    image.save(run_dir / "samples.png")
+    timings["samples"] = {"seconds": time.perf_counter() - t0, "reused": False}
+
+    # 4. report --------------------------------------------------------------------------------
+    _say(True, f"[4/4] report: training curves and held-out metrics of the Gaussian, GMM and EVaLP priors -> {run_dir / 'report.md'}")
+    t0 = time.perf_counter()
+    report.plot_training(prior_dir / "metrics.csv", run_dir / "training.png", selected_step=summary.get("selected_step"))
+    timings["training_plot"] = {"seconds": time.perf_counter() - t0, "reused": False}
+    t0 = time.perf_counter()
+    train_idx, heldout_idx = report.split_indices(len(source), config.validation_fraction, config.seed)
+    on_training = len(heldout_idx) < 2
+    if on_training:
+        print("latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "
+              "on TRAINING latents (optimistic); use --validation-fraction 0.1 for an honest comparison.", file=sys.stderr)
+        heldout_idx = train_idx
+    elif summary.get("num_validation") not in (None, len(heldout_idx)):
+        print(f"latent-prior fit: warning: the fit held out {summary['num_validation']} latents but the report's split has "
+              f"{len(heldout_idx)}; the metrics may include training latents.", file=sys.stderr)
+    metrics, metrics_table = report.heldout_metrics(prior, source, heldout_idx, train_idx, samples=config.report_samples,
+                                                    seed=config.seed, progress=not config.quiet)
+    timings["metrics"] = {"seconds": time.perf_counter() - t0, "reused": False}
+    timings["total"] = {"seconds": time.perf_counter() - started, "reused": False}
+
+    facts = {
+        "run_dir": str(run_dir),
+        "config": to_dict(config),
+        "versions": _versions(),
+        "seeds": {"training": config.seed, "validation_split": config.seed, "samples_png": sample_seed, "metrics": config.seed},
+        "timings": timings,
+        "world_size": state.num_processes,
+        "device": str(state.device),
+        "vae": {"provenance": source.provenance, "normalization": source.normalization.to_dict(),
+                "deterministic": bool(source.deterministic)},
+        "cache": {k: (source.manifest or {}).get(k) for k in ("count", "resolution", "dtype", "compute_dtype", "image_channels",
+                                                             "data", "flip", "latent_shape", "created")},
+        "latents": {"total": len(source), "train": int(len(train_idx)), "heldout": int(len(heldout_idx)),
+                    "metrics_on_training_latents": on_training, "include_flips": bool(config.flip)},
+        "fit_summary": summary,
+        "samples": sample_stats,
+        "metrics": metrics,
+        "metrics_table": metrics_table,
+        "files": {"samples": "samples.png", "training": "training.png", "prior": "prior/", "cache": "cache/",
+                  "log": "log.txt", "config": "config.json"},
+    }
+    report.write_report(run_dir, facts)
+    print(f"latent-prior fit: done in {timings['total']['seconds']:.0f} s; see {run_dir / 'samples.png'} "
+          f"(N(0, I) prior | EVaLP prior) and {run_dir / 'report.md'}")

@@ -1,0 +1,179 @@
+"""`latent_prior.evaluate`: the latent-metrics report (shared with `latent-prior fit`'s report) and
+`latent-prior eval`, on real fitted priors (tiny networks), real latent files and the embedded default VAE.
+
+The figures checked are ones that must hold whatever the noise: on a two-mode set a GMM is much closer to
+the held-out latents than N(0, I), and so is a prior trained for a few hundred steps.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latent_prior.cache import open_latents
+from latent_prior.cli import main
+from latent_prior.evaluate import heldout_elbo_gain, latent_report, latent_table_markdown
+from latent_prior.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY_KW, mixture  # noqa: E402
+
+ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "samples_per_second", "fit_seconds"}
+
+
+def write_moments(path: Path, mean: torch.Tensor, logvar: float = -4.0, metadata: dict | None = None) -> Path:
+    save_file({"mean": mean.contiguous(), "logvar": torch.full_like(mean, logvar)}, str(path), metadata=metadata)
+    return path
+
+
+def two_modes(n: int, dims: int = 8, seed: int = 0) -> torch.Tensor:
+    """Two well-separated Gaussian modes (±2.5 on every axis, std 0.4): far from N(0, I)."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, (n, 1), generator=g).float() * 2 - 1
+    return 2.5 * sign + 0.4 * torch.randn(n, dims, generator=g)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """A 2-D three-mode latent file and a prior fitted on it for 150 steps (about 1 s)."""
+    root = tmp_path_factory.mktemp("eval")
+    path = write_moments(root / "mix.safetensors", mixture(600, seed=0))
+    prior = fit(str(path), out=str(root / "prior"), steps=150, checkpoint_every=75, seed=0, **TINY_KW)
+    return path, root / "prior", prior
+
+
+def test_latent_report_on_two_modes_ranks_the_gmm_above_the_gaussian(tmp_path):
+    path = write_moments(tmp_path / "two.safetensors", two_modes(500))
+    prior = fit(str(path), out=str(tmp_path / "p"), steps=10, checkpoint_every=5, **TINY_KW)
+    source = open_latents(path)
+    heldout, train = np.arange(400, 500), np.arange(400)
+    result = latent_report(prior, source, heldout, train, samples=400, seed=3, methods=("gaussian", "gmm", "sampler"))
+    assert [r["method"] for r in result["rows"]] == ["gaussian", "gmm", "evalp"]
+    assert all(ROW_KEYS <= set(r) for r in result["rows"])
+    assert (result["n_heldout"], result["n_train"], result["n_samples"], result["seed"]) == (100, 400, 400, 3)
+    gauss, gmm, _ = result["rows"]
+    # The floor is a real FD between two finite draw sets of one distribution: positive, and small next to
+    # the Gaussian's distance to a two-mode set (modes at ±2.5·1 in 8-D: a squared mean gap of ~50).
+    # (Over seeds 0-3 of the data: floor 0.25-1.2, Gaussian excess FD 38-39, GMM -0.4-0.5.)
+    assert 0 < result["fd_floor"] < 2.0
+    assert gauss["excess_fd"] > 20 and gmm["excess_fd"] < 1.5
+    assert gmm["mmd2"] < gauss["mmd2"]
+    assert gmm["precision"] > 0.7 and gauss["precision"] < 0.1
+    assert gauss["fit_seconds"] == 0.0 and gmm["fit_seconds"] > 0
+    assert gmm["info"]["covariance"] == "full" and gmm["info"]["components"] == 10
+    assert all(r["samples_per_second"] > 0 for r in result["rows"])
+    # excess FD is FD minus the floor, row by row
+    for r in result["rows"]:
+        assert r["excess_fd"] == pytest.approx(r["fd"] - result["fd_floor"])
+    table = latent_table_markdown(result)
+    assert "| N(0, I) |" in table and "GMM (10 components" in table and "EVaLP sampler" in table
+    assert f"{gauss['excess_fd']:+.4f}" in table and "ELBO gain" in table
+
+
+def test_latent_report_is_reproducible_and_a_trained_prior_beats_the_gaussian(mix):
+    path, _, prior = mix
+    source = open_latents(path)
+    heldout, train = np.arange(500, 600), np.arange(500)
+    a = latent_report(prior, source, heldout, train, samples=300, seed=1, methods=("gaussian", "evalp", "sir"), gain=False)
+    b = latent_report(prior, source, heldout, train, samples=300, seed=1, methods=("evalp",), gain=False)
+    assert "elbo_gain" not in a
+    by = {r["method"]: r for r in a["rows"]}
+    # A method's samples depend on the seed and its name only, not on which other methods run.
+    assert b["rows"][0]["fd"] == by["evalp"]["fd"] and b["fd_floor"] == a["fd_floor"]
+    assert by["evalp"]["excess_fd"] < by["gaussian"]["excess_fd"] / 3
+    assert by["sir"]["excess_fd"] < by["gaussian"]["excess_fd"] / 3
+    assert by["evalp"]["fit_seconds"] == pytest.approx(prior.training_info["summary"]["seconds"])
+
+
+def test_heldout_elbo_gain_agrees_with_the_fit_summary(mix):
+    path, _, prior = mix
+    summary = prior.training_info["summary"]
+    from latent_prior.train import validation_split as _split
+
+    _, val = _split(600, 0.1, 0)
+    gain = heldout_elbo_gain(prior, open_latents(path), val, seed=0, batch_size=16)  # several batches, combined
+    assert gain["num_items"] == 60 and gain["log_z"] == pytest.approx(prior.log_z)
+    # Same items, same log Ẑ, other posterior draws (σ = e^-2): the same figure within its noise.
+    assert abs(gain["gain_nats"] - summary["heldout_gain_nats"]) < 4 * gain["std_err_nats"] + 0.02
+    assert gain["gain_bits_per_latent_dim"] == pytest.approx(gain["gain_nats"] / (2 * math.log(2)))
+    # The combined standard error equals the one of all items at once.
+    whole = heldout_elbo_gain(prior, open_latents(path), val, seed=0, batch_size=1000)
+    assert whole["std_err_nats"] == pytest.approx(gain["std_err_nats"], rel=0.3)
+
+
+def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path, capsys):
+    path, prior_dir, _ = mix
+    out = tmp_path / "report.json"
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--samples", "300", "--quiet",
+                 "--methods", "gaussian", "gmm", "evalp", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "validation split" in printed and "60 of 600 latents" in printed and "ELBO gain" in printed
+    assert "FID" in printed  # says image metrics are not computed yet
+    report = json.loads(out.read_text())
+    assert report["n_heldout"] == 60 and report["n_train"] == 540
+    assert [r["method"] for r in report["rows"]] == ["gaussian", "gmm", "evalp"]
+    assert report["config"]["samples"] == 300 and report["versions"]["latent_prior"]
+
+    md = tmp_path / "report.md"
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--samples", "200", "--quiet",
+                 "--methods", "gaussian", "--out", str(md)]) == 0
+    assert md.read_text().startswith("# latent-prior eval") and "| N(0, I) |" in md.read_text()
+
+
+def test_eval_on_other_latents_takes_the_training_reference_from_the_prior(mix, tmp_path, capsys):
+    path, prior_dir, _ = mix
+    other = write_moments(tmp_path / "other.safetensors", mixture(80, seed=9))
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--samples", "200", "--quiet",
+                 "--methods", "gaussian", "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_heldout"] == 80 and report["n_train"] == 540
+    assert "not the cache the prior was fitted on" in report["evaluated"] and str(path) in report["training_reference"]
+
+
+def test_eval_refuses_a_mismatched_cache_with_one_sentence(mix, tmp_path, capsys):
+    _, prior_dir, _ = mix
+    wrong_shape = write_moments(tmp_path / "w.safetensors", torch.randn(50, 3))
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(wrong_shape), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not match the prior" in err and "(2,)" in err and "(3,)" in err
+    scaled = write_moments(tmp_path / "s.safetensors", mixture(50), metadata={"normalization": json.dumps({"scaling_factor": 0.18215})})
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(scaled), "--quiet"]) == 2
+    assert "normalization differs" in capsys.readouterr().err
+    assert main(["eval", "--prior", str(prior_dir), "--quiet"]) == 2
+    assert "--latents" in capsys.readouterr().err
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(scaled), "--out", str(tmp_path / "r.txt")]) == 2
+    assert ".json or .md" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# with the embedded default VAE
+
+
+def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
+    latents, prior_dir, data = default_vae_prior
+    out = tmp_path / "r.json"
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
+                 "--samples", "100", "--methods", "gaussian", "evalp", "--quiet", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_heldout"] == 9 and report["n_train"] == 81  # all 9 images; the training split of the 90
+    assert "--data" in report["evaluated"] and report["vae"]["provenance"]["class_name"] == "AutoencoderKL"
+    assert report["elbo_gain"]["num_items"] == 9 and report["elbo_gain"]["gain_bits_per_data_dim"] is not None
+    gauss = report["rows"][0]
+    assert gauss["fd"] > report["fd_floor"]  # N(0, I) is not the digits' aggregate posterior
+
+
+def test_eval_refuses_a_vae_the_prior_was_not_fitted_on(default_vae_prior, tmp_path, capsys):
+    from _encode_helpers import make_tiny_vae
+
+    latents, prior_dir, data = default_vae_prior
+    other = make_tiny_vae(tmp_path / "vae")
+    assert main(["eval", "--prior", str(prior_dir), "--vae", str(other), "--data", str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--vae" in err and "does not match the prior" in err
+    assert main(["eval", "--prior", str(prior_dir), "--data", str(data), "--quiet"]) == 2
+    assert "needs --vae" in capsys.readouterr().err
