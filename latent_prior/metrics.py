@@ -12,10 +12,19 @@ space, so they are cheap and need no decoder or Inception network.
 * `mmd_rbf`: unbiased RBF-kernel MMD², median-heuristic bandwidth, chunked.
 * `precision_recall_knn`: k-NN manifold precision (fidelity) and recall (coverage), Kynkäänniemi
   et al. 2019.
+
+Prior holes, measured directly:
+
+* `hole_share`: the share of prior samples whose aggregate-posterior density (a `GMMPrior` or a
+  `GaussianKDE` fitted on training posterior draws) is below the 1st percentile of the held-out
+  posterior draws' own density.
+* `c2st_auc`: a classifier two-sample test, the cross-validated ROC AUC of a small torch classifier
+  telling prior samples from held-out latents (0.5 = indistinguishable); `auc_by_ranks` is its AUC.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,14 +38,14 @@ CHUNK = 1024
 MEDIAN_SUBSAMPLE = 1000
 
 
-def _rows(x: Any, name: str) -> torch.Tensor:
-    """(N, *shape) tensor or array -> (N, D) float64 CPU tensor, refusing NaN/inf and N < 2."""
+def _rows(x: Any, name: str, min_rows: int = 2) -> torch.Tensor:
+    """(N, *shape) tensor or array -> (N, D) float64 CPU tensor, refusing NaN/inf and N < min_rows."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() < 2:
         raise LatentPriorError(f"{name} has shape {tuple(t.shape)}: pass samples as (N, *latent_shape).")
     t = t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64)
-    if t.shape[0] < 2:
-        raise LatentPriorError(f"{name} has {t.shape[0]} sample(s); these metrics need at least 2.")
+    if t.shape[0] < min_rows:
+        raise LatentPriorError(f"{name} has {t.shape[0]} sample(s); this needs at least {min_rows}.")
     if not torch.isfinite(t).all():
         raise LatentPriorError(f"{name} holds NaN or inf values; drop or fix those samples first.")
     return t
@@ -125,7 +134,9 @@ def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float) -> float:
 
 
 def mmd_rbf(x: Any, y: Any, bandwidth: float | None = None) -> float:
-    """Unbiased MMD² with k(a, b) = exp(−‖a − b‖² / (2σ²)), σ = bandwidth (median heuristic if None).
+    """Unbiased MMD² with k(a, b) = exp(−‖a − b‖² / (2σ²)), σ = bandwidth (median heuristic if None:
+    the median pairwise Euclidean distance of the pooled sample, `median_bandwidth`): the RBF-MMD²
+    the seed paper reports, as the unbiased MMD²_u of Gretton et al. 2012.
 
     MMD²_u = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_ij k(x_i, y_j) / (mn).
     Its expectation is 0 when x and y share a distribution, so small negative values happen.
@@ -186,3 +197,359 @@ def precision_recall_knn(real: Any, fake: Any, k: int = 3) -> PrecisionRecall:
     precision = _inside_fraction(f, r, _knn_radii(r, k))
     recall = _inside_fraction(r, f, _knn_radii(f, k))
     return PrecisionRecall(precision, recall)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior holes: aggregate-posterior density of the prior's samples
+
+
+#: Bandwidth factors tried by cross-validation, as multiples of Scott's factor (log-spaced).
+CV_FACTORS = tuple(float(f) for f in np.geomspace(1 / 64, 2.0, 29))
+#: Reference points held out (one at a time) to score each bandwidth under cross-validation.
+CV_QUERIES = 1000
+#: Above this many dims `hole_share(density="kde")` warns that a KDE is the wrong estimator.
+KDE_MAX_DIMS = 32
+
+
+class GaussianKDE:
+    """Gaussian kernel density estimate with a full bandwidth matrix H = h² Σ (Σ = the reference
+    covariance, as scipy.stats.gaussian_kde), log-densities in float64 via logsumexp, CHUNK query
+    rows at a time (memory O(CHUNK · N_reference)).
+
+    bandwidth: "scott" (h = n^(−1/(D+4)), scipy's default: right for one Gaussian blob, but it
+    over-smooths multimodal data, filling the very gaps between modes a hole measure looks for);
+    "cv" (the default: h maximizes the leave-one-out log-likelihood of up to CV_QUERIES reference
+    points against all others, over CV_FACTORS × Scott's h); or a positive float h.
+    Leave-one-out assumes independent reference points: several posterior draws of one image sit
+    close together and make it pick too small an h, so pass one draw per image when the encoder is
+    nearly deterministic.
+
+    In high dimension (say D ≥ 30, and certainly the 256 dims of a 4×8×8 latent) a KDE says little:
+    pairwise distances concentrate, the estimate is dominated by the nearest reference point and
+    its level sets follow the sample rather than the distribution. Use `GMMPrior` there.
+
+    After `fit`: `factor_` (h), `bandwidth_method_`, `cv_log_likelihood_` (mean nats per held-out
+    point, per factor tried, "cv" only), `n_`, `dims_`.
+    """
+
+    def __init__(self, bandwidth: str | float = "cv", *, seed: int = 0) -> None:
+        if isinstance(bandwidth, str):
+            if bandwidth not in ("cv", "scott"):
+                raise LatentPriorError(f"bandwidth={bandwidth!r}: choose 'cv', 'scott' or a positive number.")
+        elif isinstance(bandwidth, bool) or not (isinstance(bandwidth, (int, float)) and np.isfinite(bandwidth) and bandwidth > 0):
+            raise LatentPriorError(f"bandwidth={bandwidth!r}: choose 'cv', 'scott' or a positive number.")
+        self.bandwidth, self.seed = bandwidth, int(seed)
+        self.factor_: float | None = None
+        self.bandwidth_method_: str | None = None
+        self.cv_log_likelihood_: list[float] = []
+
+    def fit(self, reference: Any) -> "GaussianKDE":
+        """reference: (N, *shape) latents, N > D (the covariance must be invertible). Returns self."""
+        x = _rows(reference, "reference")
+        n, d = x.shape
+        if n <= d:
+            raise LatentPriorError(f"reference has {n} latents of {d} dims; a KDE needs more latents than dims (or use density='gmm').")
+        cov = torch.atleast_2d(torch.cov(x.T))
+        # Collapsed dims would make Σ singular; a ridge of 1e-10 × the mean variance keeps the
+        # density finite there (and samples off that subspace land in holes, as they should).
+        ridge = 1e-10 * float(cov.diagonal().mean().clamp_min(1e-300))
+        chol, info = torch.linalg.cholesky_ex(cov + ridge * torch.eye(d, dtype=cov.dtype))
+        if info.item() != 0:
+            raise LatentPriorError(f"reference: its covariance over {d} dims is singular even after a ridge; pass more (or less degenerate) latents than dims.")
+        self._chol, self._mean = chol, x.mean(0)
+        self._white = self._whiten(x)  # kernel centres in whitened coordinates
+        self.n_, self.dims_ = n, d
+        scott = n ** (-1.0 / (d + 4))
+        if isinstance(self.bandwidth, str) and self.bandwidth == "cv":
+            self.factor_ = self._cross_validate(scott)
+            self.bandwidth_method_ = "cv"
+        elif self.bandwidth == "scott":
+            self.factor_, self.bandwidth_method_ = scott, "scott"
+        else:
+            self.factor_, self.bandwidth_method_ = float(self.bandwidth), "fixed"
+        return self
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self._chol, (x - self._mean).T, upper=False).T
+
+    def _log_norm(self, h: float, n_centres: int) -> float:
+        """log of the normalizer 1 / (n · (2π)^(D/2) · h^D · |Σ|^½)."""
+        half_log_det = float(torch.log(self._chol.diagonal()).sum())
+        return -np.log(n_centres) - 0.5 * self.dims_ * np.log(2 * np.pi) - self.dims_ * np.log(h) - half_log_det
+
+    def _cross_validate(self, scott: float) -> float:
+        n = self.n_
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: min(CV_QUERIES, n)]
+        factors = [scott * f for f in CV_FACTORS]
+        totals = torch.zeros(len(factors), dtype=torch.float64)
+        for rows in pick.split(CHUNK):
+            d2 = _sq_dists(self._white[rows], self._white)
+            d2[torch.arange(len(rows)), rows] = float("inf")  # leave each query's own point out
+            for i, h in enumerate(factors):
+                totals[i] += (torch.logsumexp(-0.5 * d2 / h**2, dim=1) + self._log_norm(h, n - 1)).sum()
+        self.cv_log_likelihood_ = (totals / len(pick)).tolist()
+        best = int(totals.argmax())
+        if best in (0, len(factors) - 1):
+            warnings.warn(
+                f"GaussianKDE: the cross-validated bandwidth sits at the edge of the grid ({CV_FACTORS[best]:g} × Scott's); "
+                "the reference may hold duplicate points (several draws per image) or too few points for its dims.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return factors[best]
+
+    def log_prob(self, z: Any) -> torch.Tensor:
+        """(N, *shape) -> (N,) float64 log-density in nats."""
+        if self.factor_ is None:
+            raise LatentPriorError("GaussianKDE is not fitted yet; call .fit(reference) first.")
+        q = _rows(z, "z", min_rows=1)
+        if q.shape[1] != self.dims_:
+            raise LatentPriorError(f"z has {q.shape[1]} dims per sample but the KDE was fitted on {self.dims_}; pass latents of one shape.")
+        white, h = self._whiten(q), self.factor_
+        out = [torch.logsumexp(-0.5 * _sq_dists(block, self._white) / h**2, dim=1) for block in white.split(CHUNK)]
+        return torch.cat(out) + self._log_norm(h, self.n_)
+
+
+def hole_share(
+    samples: Any,
+    heldout: Any,
+    reference: Any = None,
+    *,
+    density: Any = "gmm",
+    percentile: float = 1.0,
+    bandwidth: str | float = "cv",
+    n_components: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Share of prior samples that fall in a hole of the aggregate posterior.
+
+    samples: (Ns, *shape) the prior's draws; heldout: (Nh, *shape) posterior draws of held-out
+    images; reference: (Nr, *shape) posterior draws of *training* images, on which the density is
+    estimated (never on `heldout`, which it is judged against). All in the normalized latent space.
+
+    The threshold t is the `percentile`-th percentile (default 1) of log q̂(heldout), so by
+    construction about percentile/100 of held-out latents lie below it; the share is the fraction
+    of samples with log q̂(sample) < t. A prior that matches the aggregate posterior gives ≈ 0.01;
+    one that puts mass between or outside the posterior's modes gives more, up to 1.
+
+    density: "gmm" (default; `GMMPrior(n_components, seed=seed)` fitted by EM on the reference,
+    the estimator to use for latents of more than a few dozen dims, e.g. 256), "kde" (a
+    `GaussianKDE(bandwidth)`, best in low dimension; see its docstring for why not in 256-D), or
+    any object with `log_prob(z (N, D)) -> (N,) nats` already fitted on the reference (reference
+    may then be None).
+
+    Returns a dict: share, share_se (binomial standard error of the share), heldout_share (the
+    held-out fraction below t, ≈ percentile/100), threshold_nats, percentile, n_samples,
+    n_heldout, n_reference, density ("gmm", "kde" or the object's class name), and for a KDE
+    bandwidth_method and bandwidth_factor, for a GMM n_components.
+    """
+    s, h = _pair(samples, heldout, ("samples", "heldout"))
+    if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0 < percentile < 100):
+        raise LatentPriorError(f"percentile={percentile!r}: pass a number between 0 and 100 (1 means the 1st percentile).")
+    info: dict[str, Any] = {}
+    if isinstance(density, str):
+        if density not in ("gmm", "kde"):
+            raise LatentPriorError(f"density={density!r}: choose 'gmm', 'kde', or pass a fitted object with log_prob.")
+        if reference is None:
+            raise LatentPriorError(f"reference is None: pass training posterior draws to fit the {density} density on.")
+        r, _ = _pair(reference, h, ("reference", "heldout"))
+        if density == "kde":
+            if r.shape[1] > KDE_MAX_DIMS:
+                warnings.warn(
+                    f"hole_share: a kernel density estimate in {r.shape[1]} dims follows the sample, not the distribution; "
+                    "use density='gmm' for latents of more than a few dozen dims.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            estimator: Any = GaussianKDE(bandwidth, seed=seed).fit(r)
+            info.update(bandwidth_method=estimator.bandwidth_method_, bandwidth_factor=estimator.factor_)
+        else:
+            from latent_prior.baselines import GMMPrior  # metrics stay importable without it
+
+            estimator = GMMPrior(n_components=n_components, seed=seed).fit(r)
+            info.update(n_components=n_components)
+        name, n_reference = density, len(r)
+    elif callable(getattr(density, "log_prob", None)):
+        estimator, name = density, type(density).__name__
+        n_reference = None if reference is None else len(_rows(reference, "reference"))
+    else:
+        raise LatentPriorError(f"density={density!r}: choose 'gmm', 'kde', or pass a fitted object with log_prob.")
+    if isinstance(density, str):
+        log_s, log_h = estimator.log_prob(s), estimator.log_prob(h)
+    else:  # a user's prior expects its own latent shape and (float32) dtype
+        shape = tuple(torch.as_tensor(np.asarray(samples) if not isinstance(samples, torch.Tensor) else samples).shape[1:])
+        with torch.no_grad():
+            log_s = estimator.log_prob(s.float().reshape(len(s), *shape))
+            log_h = estimator.log_prob(h.float().reshape(len(h), *shape))
+    log_s, log_h = torch.as_tensor(log_s).detach().cpu().double(), torch.as_tensor(log_h).detach().cpu().double()
+    # Densities that underflow to −inf are deep holes, not errors; NaN would be a broken estimator.
+    if torch.isnan(log_s).any() or torch.isnan(log_h).any():
+        raise LatentPriorError(f"density {name}: log_prob returned NaN; check the estimator and the latents.")
+    threshold = float(torch.quantile(log_h, percentile / 100.0))
+    share = float((log_s < threshold).double().mean())
+    return {
+        "share": share,
+        "share_se": float(np.sqrt(share * (1 - share) / len(s))),
+        "heldout_share": float((log_h < threshold).double().mean()),
+        "threshold_nats": threshold,
+        "percentile": float(percentile),
+        "n_samples": len(s),
+        "n_heldout": len(h),
+        "n_reference": n_reference,
+        "density": name,
+        **info,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier two-sample test
+
+
+def auc_by_ranks(positive: Any, negative: Any) -> float:
+    """ROC AUC = P(score⁺ > score⁻) + ½ P(tie), by the Mann–Whitney rank formula:
+    (R⁺ − n⁺(n⁺ + 1)/2) / (n⁺ n⁻), R⁺ the sum of the positives' ranks in the pooled scores, tied
+    scores sharing their average rank. positive (n⁺,), negative (n⁻,) scores; O(n log n)."""
+    pos = torch.as_tensor(np.asarray(positive) if not isinstance(positive, torch.Tensor) else positive).double().reshape(-1)
+    neg = torch.as_tensor(np.asarray(negative) if not isinstance(negative, torch.Tensor) else negative).double().reshape(-1)
+    if len(pos) == 0 or len(neg) == 0:
+        raise LatentPriorError(f"auc_by_ranks got {len(pos)} positive and {len(neg)} negative scores; pass at least one of each.")
+    pooled = torch.cat([pos, neg])
+    if not torch.isfinite(pooled).all():
+        raise LatentPriorError("auc_by_ranks: the scores hold NaN or inf; check the classifier.")
+    values, inverse, counts = torch.unique(pooled, sorted=True, return_inverse=True, return_counts=True)
+    first_rank = torch.cumsum(counts, 0) - counts + 1  # 1-based rank of each distinct value's first copy
+    average_rank = first_rank.double() + (counts.double() - 1) / 2
+    rank_sum = float(average_rank[inverse[: len(pos)]].sum())
+    n_pos, n_neg = len(pos), len(neg)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+#: Full-batch AdamW steps of the C2ST's MLP (enough for smooth 2-class boundaries in ≤ 256 dims).
+C2ST_MLP_STEPS = 200
+C2ST_MLP_LR = 1e-2
+#: Hidden units of the MLP's one hidden layer.
+C2ST_MLP_WIDTH = 32
+
+
+def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Trains one classifier per fold, all folds at once, and returns every point's logit under each.
+
+    x (F, N, D'): all points' features, standardized with fold f's training statistics; y (N,) labels in
+    {0, 1}; train (F, N) bool, the points fold f trains on. The folds share no parameters and the
+    loss is a sum over folds, so this is F independent fits done as batched matmuls (one optimizer
+    step for all folds, which is what keeps the MLP fast on a CPU). Returns (F, N) logits.
+
+    logistic: w, b fitted by LBFGS (float64) on BCE + 1e-4‖w‖² (finite weights on separable data).
+    mlp: D' → C2ST_MLP_WIDTH → 1 with SiLU, nn.Linear-style uniform init, full-batch AdamW
+    (lr C2ST_MLP_LR, weight decay 1e-3) for C2ST_MLP_STEPS steps, float32.
+    """
+    folds, _, d = x.shape
+    weight = train.to(x.dtype) / train.sum(1, keepdim=True).to(x.dtype)  # per-fold mean over its training points
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        labels, weights = y.to(logits.dtype).expand_as(logits), weight.to(logits.dtype)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return (bce * weights).sum()
+
+    if kind == "logistic":
+        w = torch.zeros(folds, d, 1, dtype=x.dtype, requires_grad=True)
+        b = torch.zeros(folds, 1, 1, dtype=x.dtype, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_of(torch.baddbmm(b, x, w).squeeze(2)) + 1e-4 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            return torch.baddbmm(b, x, w).squeeze(2)
+
+    def layer(fan_in: int, fan_out: int) -> list[torch.Tensor]:
+        bound = 1.0 / fan_in**0.5
+        return [
+            ((torch.rand(folds, fan_in, fan_out, generator=generator) * 2 - 1) * bound).requires_grad_(),
+            ((torch.rand(folds, 1, fan_out, generator=generator) * 2 - 1) * bound).requires_grad_(),
+        ]
+
+    width = C2ST_MLP_WIDTH
+    params = layer(d, width) + layer(width, 1)
+    xf = x.float()
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        hidden = torch.nn.functional.silu(torch.baddbmm(b1, inputs, w1))
+        return torch.baddbmm(b2, hidden, w2).squeeze(2)
+
+    opt = torch.optim.AdamW(params, lr=C2ST_MLP_LR, weight_decay=1e-3)
+    for _ in range(C2ST_MLP_STEPS):
+        opt.zero_grad()
+        loss_of(forward(xf)).backward()
+        opt.step()
+    with torch.no_grad():
+        return forward(xf)
+
+
+def c2st_auc(samples: Any, heldout: Any, *, classifier: str = "mlp", folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Classifier two-sample test: how well a classifier tells prior samples from held-out latents.
+
+    samples: (Ns, *shape) the prior's draws; heldout: (Nh, *shape) held-out posterior draws. The
+    larger set is subsampled (seeded) to the smaller one's size n, so the classes are balanced;
+    both are split into `folds` stratified folds; per fold a classifier is trained on the rest and
+    scored by ROC AUC (`auc_by_ranks`) on the fold. 0.5 means indistinguishable, 1 fully separable
+    (AUC < 0.5 happens only by chance). Inputs are standardized with the training part's mean and
+    std, and the classifier sees each standardized coordinate u and its square u² − 1.
+
+    classifier: "mlp" (default: one hidden layer of C2ST_MLP_WIDTH SiLU units, full-batch AdamW,
+    C2ST_MLP_STEPS steps; also sees shape, e.g. two modes where the other set has one with the
+    same mean and variance) or "logistic" (LBFGS, float64: a diagonal quadratic discriminant that
+    sees differences in mean and per-dim spread; faster). Torch only, on the CPU, all folds trained
+    together as batched matmuls; deterministic for a given seed. Threads: the tiny matmuls gain
+    nothing from intra-op threads, and on a busy machine they lose a lot (torch.set_num_threads(1)).
+    Cost grows as folds × n × D: ≈ 1 s for 2000 × 8-D and a few seconds for 3000 × 256-D on one core.
+
+    Returns a dict: auc (mean over folds), auc_std (std over folds), fold_aucs, n_per_class,
+    classifier, folds. Noise: when both sets share a distribution, the mean AUC for n = 1000 per
+    class (8-D) varied over 12 seeds with sd 0.025 (logistic) and 0.015 (mlp), 1–2× the
+    Mann–Whitney null sd √((2n + 1) / (12 n²)) = 0.013, as the folds' classifiers share their
+    training points; it shrinks as 1/√n.
+    """
+    s, h = _pair(samples, heldout, ("samples", "heldout"))
+    if classifier not in ("mlp", "logistic"):
+        raise LatentPriorError(f"classifier={classifier!r}: choose 'mlp' or 'logistic'.")
+    n = min(len(s), len(h))
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2 or folds > n // 2:
+        raise LatentPriorError(f"folds={folds!r}: pass an integer from 2 to {n // 2} (each fold needs ≥ 2 points per class).")
+    generator = torch.Generator().manual_seed(seed)
+    s = s[torch.randperm(len(s), generator=generator)[:n]]
+    h = h[torch.randperm(len(h), generator=generator)[:n]]
+    fold_of = torch.arange(n) % folds  # after the shuffles, fold k is every folds-th point of each class
+    x = torch.cat([s, h])  # (2n, D)
+    y = torch.cat([torch.ones(n), torch.zeros(n)]).double()
+    fold_of = torch.cat([fold_of, fold_of])
+    train = fold_of[None, :] != torch.arange(folds)[:, None]  # (F, 2n)
+    # Standardize with each fold's own training statistics, so the test fold leaks nothing.
+    mask = train[:, :, None].double()
+    count = mask.sum(1, keepdim=True)
+    mean = (mask * x).sum(1, keepdim=True) / count
+    std = ((mask * (x - mean) ** 2).sum(1, keepdim=True) / (count - 1)).sqrt().clamp_min(1e-12)  # constant dims stay 0
+    standardized = (x - mean) / std
+    # Squares beside the inputs: a linear logit on [x, x² − 1] is a diagonal quadratic discriminant,
+    # which sees a prior that is too wide or too narrow (in 256 dims a 1.1× scale gives AUC ≈ 0.91
+    # this way and ≈ 0.5 from x alone, even for the MLP, which cannot learn it from a few thousand points).
+    features = torch.cat([standardized, standardized**2 - 1], dim=2)
+    logits = _fold_logits(features, y, train, classifier, seed)
+    aucs = []
+    for k in range(folds):
+        test = fold_of == k
+        aucs.append(auc_by_ranks(logits[k][test & (y == 1)], logits[k][test & (y == 0)]))
+    return {
+        "auc": float(np.mean(aucs)),
+        "auc_std": float(np.std(aucs, ddof=1)),
+        "fold_aucs": aucs,
+        "n_per_class": n,
+        "classifier": classifier,
+        "folds": folds,
+    }
