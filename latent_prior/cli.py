@@ -103,7 +103,7 @@ COMMANDS: dict[str, Command] = {
     "info": Command(
         "latent_prior.info:InfoConfig",
         "latent_prior.info:run_info",
-        "Describe a latent cache or an exported prior folder.",
+        "Describe a latent cache, a latents .safetensors file, an exported prior, or a run folder of `fit`.",
     ),
 }
 

@@ -191,10 +191,12 @@ class FlowBasedEnergy(nn.Module):
         return log_p0 - self.base.log_prob(z)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # The base term is a difference of two large log-densities: keep it out of bf16 autocast.
+        # The base term is a difference of two large log-densities: keep it out of bf16 autocast, and run it
+        # in the base's own dtype (float32 unless the whole prior was cast, e.g. from_pretrained(dtype=bf16)).
+        dtype = next(self.base.parameters()).dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
-            base = self.base_energy(z.float())
-        return base + self.residual(z).float()
+            base = self.base_energy(z.to(dtype))
+        return base.float() + self.residual(z).float()
 
 
 def build_energy(

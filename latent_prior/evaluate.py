@@ -33,9 +33,10 @@ import sys
 import time
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,11 @@ GMM_MAX_VALUES = 20_000_000
 #: Full covariances up to this many latent dims (10 × D² float64 values), diagonal ones above.
 GMM_FULL_COV_MAX_DIMS = 512
 PR_NEIGHBOURS = 3
+#: The C2ST uses at most this many samples and held-out draws per class: its MLP costs ~6 s at 1000 × 256-D
+#: on one core (~8 s at 2000), and the AUC's noise at 1000 per class is already ~0.015 (metrics.c2st_auc).
+C2ST_MAX_PER_CLASS = 1000
+#: Every method draws its samples in chunks of this many latents, so ms per 1,000 compare at one batch size.
+TIMING_BATCH = 1000
 _READ_BATCH = 4096
 
 
@@ -182,9 +188,9 @@ def _normalize_methods(methods: Sequence[str]) -> list[str]:
 
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
-             generator: torch.Generator, rng: np.random.Generator) -> tuple[Any, float, dict[str, Any]]:
+             generator: torch.Generator, rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
     """A GMM on posterior DRAWS of the training items (REFERENCE §5), several per item when the items are
-    few for the dimension, so no component is singular."""
+    few for the dimension (N/K ≥ 2·D), so no component is singular."""
     from latent_prior.baselines import GMMPrior
 
     per_item = 1 if getattr(train_source, "deterministic", False) else min(16, max(1, math.ceil(2 * GMM_COMPONENTS * dims / len(train))))
@@ -195,7 +201,7 @@ def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormaliz
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed).fit(draws)
+        gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed, n_init=n_init).fit(draws)
     seconds = time.perf_counter() - start
     info = {"components": components, "covariance": covariance, "fit_draws": count, "em_iterations": gmm.n_iter_,
             "converged": gmm.converged_, "warnings": [str(w.message) for w in caught]}
@@ -214,6 +220,8 @@ def latent_report(
     train_source: Any = None,
     gain: bool = True,
     progress: bool = False,
+    c2st_per_class: int = C2ST_MAX_PER_CLASS,
+    on_samples: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Latent-space metrics of `prior` beside N(0, I) and a GMM, against held-out posterior draws.
 
@@ -223,19 +231,27 @@ def latent_report(
     held-out draws number about as many (one or more per held-out item; a seeded subset of `samples` items
     when there are more). methods: from "gaussian", "gmm", "evalp" (= "sampler"), "sir", "langevin".
     gain: also compute the held-out ELBO gain (`heldout_elbo_gain`) under the key "elbo_gain".
+    c2st_per_class: the classifier two-sample test uses at most this many samples and held-out draws each.
+    on_samples: called as on_samples(method, z) with each method's (samples, *latent_shape) NORMALIZED draws
+    (e.g. to decode them for image metrics).
 
-    Returns {"rows": [{"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall",
-    "samples_per_second", "fit_seconds", ...}], "fd_floor", "n_heldout", "n_train", "n_samples", "seed",
-    "heldout_draws", "mmd_bandwidth", "latent_shape", "elbo_gain"}; FDs and MMD² in squared normalized
-    latent units, precision/recall in [0, 1], fit_seconds None when unknown.
+    Returns {"rows": [{"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share",
+    "hole_share_se", "c2st_auc", "c2st_auc_std", "samples_per_second", "ms_per_1000", "cost_vs_sampler",
+    "sampling_device", "fit_seconds", ...}], "fd_floor", "n_heldout", "n_train", "n_samples", "seed",
+    "heldout_draws", "mmd_bandwidth", "latent_shape", "holes", "c2st", "timing", "elbo_gain"}; FDs and MMD²
+    in squared normalized latent units, precision/recall/hole share in [0, 1], the C2ST AUC in [0, 1]
+    (0.5 = indistinguishable from held-out latents), fit_seconds None when unknown, cost_vs_sampler None
+    without an "evalp" row.
     """
     from tqdm.auto import tqdm
 
     from latent_prior.baselines import GaussianPrior
-    from latent_prior.metrics import frechet_distance, median_bandwidth, mmd_rbf, precision_recall_knn
+    from latent_prior.metrics import c2st_auc, frechet_distance, hole_share, median_bandwidth, mmd_rbf, precision_recall_knn
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise LatentPriorError(f"--samples {samples!r}: pass an integer of at least 2 (2000 is a good default).")
+    if isinstance(c2st_per_class, bool) or not isinstance(c2st_per_class, int) or c2st_per_class < 10:
+        raise LatentPriorError(f"c2st_per_class={c2st_per_class!r}: pass an integer of at least 10 (1000 is a good default).")
     methods = _normalize_methods(methods)
     train_source = source if train_source is None else train_source
     heldout = _as_indices(heldout, "held-out latents", len(source))
@@ -256,6 +272,11 @@ def latent_report(
     heldout_draws = torch.cat([posterior_draws(source, items, norm, generator) for _ in range(repeats)])
     fd_floor = frechet_distance(reference_draws, heldout_draws)
     bandwidth = median_bandwidth(reference_draws, heldout_draws, seed=seed)
+    # The hole-share density: a GMM of its own on other training draws (another seed), not the "gmm" row's
+    # model, which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
+    hole_rng = np.random.default_rng([int(seed), 0x401E])
+    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, int(seed) + 7919,
+                                                         torch.Generator().manual_seed(int(seed) + 202), hole_rng, n_init=1)
 
     prior_device = prior.device
     rows: list[dict[str, Any]] = []
@@ -263,30 +284,42 @@ def latent_report(
     for method in bar:
         bar.set_postfix_str(method)
         info: dict[str, Any] = {}
-        gen_device = "cpu"
+        gen_device = torch.device("cpu")
         if method == "gaussian":
             gauss = GaussianPrior().fit(reference_draws[:2])
-            draw: Callable[[int, torch.Generator], torch.Tensor] = lambda n, g: gauss.sample(n, generator=g)
+            draw_chunk: Callable[[int, torch.Generator], torch.Tensor] = lambda n, g: gauss.sample(n, generator=g)
             fit_seconds: float | None = 0.0
             label = METHODS[method]
         elif method == "gmm":
             gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, generator, rng)
-            draw = lambda n, g: gmm.sample(n, generator=g)
+            draw_chunk = lambda n, g: gmm.sample(n, generator=g)
             label = METHODS[method].format(k=info["components"], cov=info["covariance"])
         else:
             how, options = _SAMPLING[method]
             gen_device = prior_device
 
-            def draw(n: int, g: torch.Generator, how: str = how, options: dict = options) -> torch.Tensor:
-                return norm.normalize(prior.sample(n, method=how, generator=g, **options).float()).cpu()
+            def draw_chunk(n: int, g: torch.Generator, how: str = how, options: dict = options) -> torch.Tensor:
+                return norm.normalize(prior.sample(n, method=how, generator=g, batch_size=n, **options).float()).cpu()
 
             fit_seconds = (prior.training_info.get("summary") or {}).get("seconds")
             label = METHODS[method]
+
+        def draw(n: int, g: torch.Generator) -> torch.Tensor:
+            # Chunks of TIMING_BATCH for every method, so the timings compare at one batch size.
+            return torch.cat([draw_chunk(min(TIMING_BATCH, n - i), g) for i in range(0, n, TIMING_BATCH)])
+
         draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
+        _synchronize(gen_device)
         start = time.perf_counter()
         z = draw(samples, torch.Generator(device=gen_device).manual_seed(_method_seed(seed, method)))
+        _synchronize(gen_device)
         seconds = time.perf_counter() - start
         fd = frechet_distance(z, heldout_draws)
+        holes = hole_share(z, heldout_draws, density=hole_density, seed=seed)
+        c2st = {"auc": None, "auc_std": None}
+        if min(samples, len(heldout_draws)) >= 10:  # 5 folds of at least 2 per class
+            with _one_thread():  # the C2ST's small matmuls run ~10x faster on one thread of a busy CPU
+                c2st = c2st_auc(z[:c2st_per_class], heldout_draws[:c2st_per_class], seed=seed)
         row: dict[str, Any] = {
             "method": method,
             "label": label,
@@ -295,7 +328,14 @@ def latent_report(
             "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
             "precision": None,
             "recall": None,
+            "hole_share": holes["share"],
+            "hole_share_se": holes["share_se"],
+            "c2st_auc": c2st["auc"],
+            "c2st_auc_std": c2st["auc_std"],
             "samples_per_second": samples / seconds if seconds > 0 else float("inf"),
+            "ms_per_1000": 1e6 * seconds / samples,
+            "cost_vs_sampler": None,
+            "sampling_device": str(gen_device),
             "fit_seconds": fit_seconds,
         }
         if m > PR_NEIGHBOURS:
@@ -306,7 +346,14 @@ def latent_report(
         if info:
             row["info"] = info
         rows.append(row)
+        if on_samples is not None:
+            on_samples(method, z)
     bar.close()
+    sampler = next((r for r in rows if r["method"] == "evalp"), None)
+    for r in rows:
+        if sampler is not None and sampler["ms_per_1000"] > 0:
+            r["cost_vs_sampler"] = r["ms_per_1000"] / sampler["ms_per_1000"]
+    c2st_n = min(c2st_per_class, samples, len(heldout_draws))
     result: dict[str, Any] = {
         "rows": rows,
         "fd_floor": fd_floor,
@@ -319,10 +366,33 @@ def latent_report(
         "mmd_bandwidth": bandwidth,
         "latent_shape": list(shape),
         "space": "normalized",
+        "holes": {"density": "gmm", "percentile": 1.0, "fit_seconds": hole_fit_seconds, **hole_info,
+                  "note": "share of samples below the 1st percentile of the held-out draws' log-density under a GMM "
+                          "fitted on other training-posterior draws than the 'gmm' row's (≈ 0.01 for a perfect prior)"},
+        "c2st": {"classifier": "mlp", "folds": 5, "n_per_class": c2st_n,
+                 "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the "
+                         "spread over folds"},
+        "timing": {"batch_size": min(TIMING_BATCH, samples), "samples": int(samples), "prior_device": str(prior_device),
+                   "note": "the timed draw of the measured samples after a warm-up; N(0, I) and the GMM sample on the CPU"},
     }
     if gain:
         result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=seed)
     return result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -370,3 +370,17 @@ def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_p
     z = prior.sample(64, generator=torch.Generator().manual_seed(0))
     reloaded = LatentPrior.from_pretrained(out)
     torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
+
+
+def test_a_flow_based_prior_cast_to_bfloat16_samples_and_scores(latents, tmp_path):
+    """from_pretrained(dtype=bf16) casts the energy's frozen base flow too (found on a GPU: a float32 input
+    met bfloat16 weights)."""
+    from latent_prior.prior import LatentPrior
+
+    fit(latents, out=str(tmp_path / "p"), steps=8, checkpoint_every=4, **TINY_KW)
+    prior = LatentPrior.from_pretrained(tmp_path / "p", dtype=torch.bfloat16)
+    z = prior.sample(32, generator=torch.Generator().manual_seed(0))
+    log_p = prior.log_prob(z)
+    assert z.dtype == torch.bfloat16 and log_p.shape == (32,) and torch.isfinite(log_p.float()).all()
+    full = LatentPrior.from_pretrained(tmp_path / "p")
+    assert (log_p.float() - full.log_prob(z.float())).abs().median() < 1.0  # bf16 keeps ~3 significant digits
