@@ -23,10 +23,15 @@ Real sets (built by `load_set`, each cached under `cache_dir` where that saves t
 * `default-vae`: the embedded diffusers AutoencoderKL (4×8×8 latents at 32 px) on the bundled digits,
   encoded with `latent_prior.encode` into a temporary cache; the held-out items are the same 297
   digits as above (matched by file name), so all digits sets share one split.
+* `photos`: a small diffusers AutoencoderKL (4×8×8 latents at 32 px) trained by
+  `scripts/train_photo_vae.py` on `bench.photos` crops of the ten scikit-image / scikit-learn photos
+  (3000 train / 500 held-out crops, held out by image region; --quick: 600 / 200 crops, 2 epochs);
+  trained once into `cache_dir`, then reloaded. No decoder hook (the classifier judges digits only).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -41,7 +46,7 @@ from latent_prior.vae import LatentNormalization
 
 SYNTHETIC_SETS = ("mixture", "ring", "spatial")
 DIGITS_SETS = {"digits-b1": 1.0, "digits-b0.1": 0.1}
-REAL_SETS = (*DIGITS_SETS, "default-vae")
+REAL_SETS = (*DIGITS_SETS, "default-vae", "photos")
 ALL_SETS = (*SYNTHETIC_SETS, *REAL_SETS)
 
 
@@ -348,9 +353,76 @@ def load_default_vae_set(verbose: bool = True) -> LatentSet:
     )
 
 
+#: scripts/train_photo_vae.py settings of the "photos" set (the rest are the script's defaults); seed 0
+#: always, like the digits VAEs, so every benchmark seed sees the same VAE and crops.
+PHOTOS_SETTINGS = {False: dict(epochs=8, num_train=3000, num_heldout=500), True: dict(epochs=2, num_train=600, num_heldout=200)}
+
+
+def photo_vae_dir(cache_dir: str | Path, quick: bool = False) -> Path:
+    s = PHOTOS_SETTINGS[quick]
+    return Path(cache_dir) / f"photo_vae_n{s['num_train']}_h{s['num_heldout']}_e{s['epochs']}"
+
+
+def _cached_photo_vae(directory: Path, wanted: dict[str, Any], architecture: dict[str, Any]) -> dict[str, Any] | None:
+    """The training summary of a complete folder trained with the `wanted` config, else None."""
+    try:
+        summary = json.loads((directory / "training_summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(summary.get("train_config", {}).get(k) == v for k, v in wanted.items() if k not in ("output_dir", "quiet", "threads"))
+    return summary if same and summary.get("architecture") == json.loads(json.dumps(architecture)) else None
+
+
+def load_photos_set(cache_dir: str | Path, quick: bool = False, verbose: bool = True) -> LatentSet:
+    """The photo-patch AutoencoderKL and the posterior moments of its train / held-out crops.
+
+    The VAE is trained on demand by `scripts/train_photo_vae.py` (`train_photo_vae`) into
+    `photo_vae_dir(cache_dir, quick)` and reused while its recorded config matches; the crops are
+    rebuilt (deterministically) and encoded by `latent_prior.adapters.load_vae(folder)`, so the set
+    carries the adapter's normalization (the fitted `scaling_factor`). Moments are raw, float32,
+    (N, 4, 8, 8).
+    """
+    from bench.photos import import_repo_script, make_patches
+    from latent_prior.adapters import load_vae
+    from latent_prior.config import to_dict
+
+    script = import_repo_script("train_photo_vae")
+    directory = photo_vae_dir(cache_dir, quick)
+    cfg = script.TrainPhotoVAEConfig(output_dir=str(directory), quiet=not verbose, **PHOTOS_SETTINGS[quick])
+    summary = _cached_photo_vae(directory, to_dict(cfg), script.photo_vae_architecture(cfg.crop_size))
+    if summary is None:
+        if verbose:
+            print(f"[photos] training the photo AutoencoderKL ({cfg.epochs} epochs on {cfg.num_train} crops) into {directory} ...",
+                  flush=True)
+        summary = script.train_photo_vae(cfg)
+    adapter = load_vae(str(directory))
+    patches = make_patches(**summary["patches"])
+    with torch.no_grad():
+        moments = {}
+        for split, images in (("train", patches.train), ("heldout", patches.heldout)):
+            parts = [adapter.encode(chunk) for chunk in images.split(250)]
+            moments[split] = (torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts]))
+    normalization = adapter.normalization
+    n_train, n_held = len(patches.train), len(patches.heldout)
+    return LatentSet(
+        name="photos",
+        description=(f"small AutoencoderKL (scripts/train_photo_vae.py, {summary['epochs']} epochs, held-out recon MSE "
+                     f"{summary['heldout_recon_mse']:.4f} vs {summary['heldout_mean_image_mse']:.4f} for the mean crop), "
+                     f"latents {tuple(moments['train'][0].shape[1:])} at {cfg.crop_size} px; crops of {len(patches.photos)} "
+                     f"scikit-image / scikit-learn photos, {n_train} train / {n_held} held-out (by image region)"),
+        train_mean=moments["train"][0], train_logvar=moments["train"][1],
+        heldout_mean=moments["heldout"][0], heldout_logvar=moments["heldout"][1],
+        normalization=normalization,
+        info={"vae_dir": str(directory), "normalization": normalization.to_dict(), "patches": summary["patches"],
+              "vae_train_seconds": summary["train_seconds"], "vae_epochs": summary["epochs"],
+              "heldout_recon_mse": summary["heldout_recon_mse"], "heldout_mean_image_mse": summary["heldout_mean_image_mse"]},
+    )
+
+
 def load_set(name: str, *, cache_dir: str | Path, quick: bool = False, seed: int = 0, vae_epochs: int | None = None,
              verbose: bool = True) -> LatentSet:
-    """Build the latent set `name` (one of ALL_SETS). quick: smaller synthetic sets and VAE training."""
+    """Build the latent set `name` (one of ALL_SETS). quick: smaller synthetic sets and VAE training.
+    `vae_epochs` applies to the flat digits VAEs only (the photo VAE's epochs are PHOTOS_SETTINGS)."""
     if name in SYNTHETIC_SETS:
         n_train, n_heldout = (800, 300) if quick else (3000, 1000)
         return make_synthetic(name, n_train, n_heldout, seed)
@@ -358,4 +430,6 @@ def load_set(name: str, *, cache_dir: str | Path, quick: bool = False, seed: int
         return load_digits_set(name, cache_dir, epochs=vae_epochs or (40 if quick else 300), verbose=verbose)
     if name == "default-vae":
         return load_default_vae_set(verbose=verbose)
+    if name == "photos":
+        return load_photos_set(cache_dir, quick=quick, verbose=verbose)
     raise LatentPriorError(f"--sets: unknown latent set {name!r}; choose from {', '.join(ALL_SETS)}.")

