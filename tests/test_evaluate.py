@@ -250,3 +250,15 @@ def test_eval_refuses_a_vae_the_prior_was_not_fitted_on(default_vae_prior, tmp_p
     assert "--vae" in err and "does not match the prior" in err
     assert main(["eval", "--prior", str(prior_dir), "--data", str(data), "--quiet"]) == 2
     assert "needs --vae" in capsys.readouterr().err
+
+
+def test_elbo_gain_of_a_deterministic_encoder_is_only_the_prior_term(mix, tmp_path):
+    _, _, prior = mix
+    path = tmp_path / "means.safetensors"
+    save_file({"mean": mixture(40, seed=5).contiguous()}, str(path))  # no logvar: a deterministic encoder
+    gain = heldout_elbo_gain(prior, open_latents(path), np.arange(40), seed=0)
+    assert gain["deterministic"] is True and gain["num_items"] == 40
+    assert gain["log_z_ess"] == pytest.approx(prior.log_z_info["ess"]) and gain["log_z_samples"] > 0
+    text = latent_table_markdown({"rows": [], "n_samples": 2, "n_heldout": 40, "n_train": 40, "fd_floor": 0.0, "seed": 0,
+                                  "elbo_gain": gain})
+    assert "prior term only" in text and "no ELBO" in text and "ESS" in text
