@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latent_prior.errors import LatentPriorError
-from latent_prior.metrics import frechet_distance, precision_recall_knn
+from latent_prior.metrics import _rows, frechet_distance, precision_recall_knn
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -270,13 +270,10 @@ def features_of(extractor: InceptionFeatures, images: torch.Tensor | np.ndarray 
 
 
 def _features(x: Any, name: str) -> np.ndarray:
-    """(N, D) features as a float64 array; refuses other shapes, N < 2 and NaN/inf."""
-    a = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64, copy=False)
-    if a.ndim != 2 or len(a) < 2:
-        raise LatentPriorError(f"{name} has shape {a.shape}: pass features as (N, D) with N >= 2 (see features_of).")
-    if not np.isfinite(a).all():
-        raise LatentPriorError(f"{name} holds NaN or inf values; recompute the features.")
-    return a
+    """(N, D) features as a float64 array; refuses other shapes, N < 2 and NaN/inf (`metrics._rows`)."""
+    if getattr(x, "ndim", 2) != 2:
+        raise LatentPriorError(f"{name} has shape {tuple(x.shape)}: pass features as (N, D) with N >= 2 (see features_of).")
+    return _rows(x, name).numpy()
 
 
 def _feature_pair(a: Any, b: Any, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
