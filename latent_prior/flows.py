@@ -423,16 +423,26 @@ class Flow(nn.Module):
     """Base class: a bijection between latents (N, *latent_shape) and base noise ε (N, D).
 
     Subclasses implement `to_base(z) -> (ε, log|det ∂ε/∂z|)` and `from_base(ε) -> (z, log|det ∂z/∂ε|)`.
-    Sampling draws ε ~ N(0, T²·I); `temperature` T scales the base noise (not the energy).
-    Device and dtype follow the module's parameters.
+    The base distribution is N(0, I) (`base_components=1`) or a learned mixture of K diagonal Gaussians
+    (`base_components=K`), initialized by k-means on the standardized codes of the `initialize` batch.
+    A mixture base lets the flow keep separate modes apart: from one Gaussian, a continuous bijection
+    must join them by thin bridges whose samples decode to blends of two digits.
+    Sampling draws ε from the base with its noise scaled by `temperature` T (component means stay put;
+    with K = 1 that is ε ~ N(0, T²·I)). Device and dtype follow the module's parameters.
     """
 
     config: dict[str, Any]
 
-    def __init__(self, latent_shape: Sequence[int]) -> None:
+    def __init__(self, latent_shape: Sequence[int], base_components: int = 1) -> None:
         super().__init__()
         self.latent_shape = _latent_shape(latent_shape)
         self.dim = math.prod(self.latent_shape)
+        self.base_components = _positive_int("base_components", base_components)
+        if self.base_components > 1:
+            k = self.base_components
+            self.base_means = nn.Parameter(torch.zeros(k, self.dim))
+            self.base_log_scales = nn.Parameter(torch.zeros(k, self.dim))
+            self.base_logits = nn.Parameter(torch.zeros(k))
         # uint8, not bool: gloo (Accelerate on CPU) can broadcast it, and .to(dtype) leaves it alone.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
 
@@ -471,9 +481,26 @@ class Flow(nn.Module):
         return t
 
     def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """log N(ε; 0, T²·I) in nats, ε (N, D) -> (N,)."""
+        """log-density of the base at ε (N, D) -> (N,) nats: N(ε; 0, T²·I), or the mixture
+        Σ_k π_k N(ε; μ_k, T²·diag σ_k²)."""
         t = float(temperature)
-        return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
+        if self.base_components == 1:
+            return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
+        log_scales = self.base_log_scales + math.log(t)  # (K, D)
+        d = (eps[:, None, :] - self.base_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D)
+        per_component = -0.5 * d.pow(2).sum(2) - log_scales.sum(1)[None] - 0.5 * self.dim * _LOG_2PI
+        return torch.logsumexp(torch.log_softmax(self.base_logits, 0)[None] + per_component, dim=1)
+
+    def sample_base(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n draws ε (n, D) of the base distribution, its noise scaled by `temperature` (see the class)."""
+        noise = self._base_noise(n, generator) * float(temperature)
+        if self.base_components == 1 or n == 0:
+            return noise
+        # The component is drawn on the generator's device, like the noise, then moved.
+        where = generator.device if generator is not None else noise.device
+        probs = torch.softmax(self.base_logits.detach().float(), 0).to(where)
+        k = torch.multinomial(probs, n, replacement=True, generator=generator).to(noise.device)
+        return self.base_means[k] + noise * torch.exp(self.base_log_scales[k])
 
     def log_prob(self, z: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """Exact log q(z) in nats, (N, *latent_shape) -> (N,); `temperature` T gives the density of
@@ -502,7 +529,7 @@ class Flow(nn.Module):
         """
         n = _positive_int("n", n, minimum=0)
         t = self._check_temperature(temperature)
-        eps = self._base_noise(n, generator) * t
+        eps = self.sample_base(n, generator=generator, temperature=t)
         z, log_det = self.from_base(eps)
         return z, self.base_log_prob(eps, t) - log_det
 
@@ -530,12 +557,40 @@ class Flow(nn.Module):
         for m in actnorms:
             m.pending_init = True
         try:
-            self.to_base(z.to(device=device, dtype=dtype))
+            eps, _ = self.to_base(z.to(device=device, dtype=dtype))
         finally:
             for m in actnorms:
                 m.pending_init = False
+        if self.base_components > 1:
+            self._initialize_mixture(eps.float())
         self.initialized.fill_(1)
         return True
+
+    @torch.no_grad()
+    def _initialize_mixture(self, eps: torch.Tensor, iterations: int = 30) -> None:
+        """Mixture base from k-means (k-means++ seeding, a fixed seed) on the standardized base codes ε (N, D):
+        means = centroids, scales = per-cluster standard deviations, weights = cluster fractions."""
+        k = min(self.base_components, len(eps))
+        gen = torch.Generator(device=eps.device).manual_seed(0)
+        centers = eps[torch.randint(len(eps), (1,), generator=gen, device=eps.device)]
+        while len(centers) < k:
+            d2 = torch.cdist(eps, centers).pow(2).min(1).values
+            centers = torch.cat([centers, eps[torch.multinomial(d2 + 1e-12, 1, generator=gen)]])
+        for _ in range(iterations):
+            assign = torch.cdist(eps, centers).argmin(1)
+            centers = torch.stack([eps[assign == j].mean(0) if (assign == j).any() else centers[j] for j in range(k)])
+        assign = torch.cdist(eps, centers).argmin(1)
+        means = torch.zeros_like(self.base_means)
+        log_scales, counts = torch.zeros_like(self.base_log_scales), torch.zeros(self.base_components, device=eps.device)
+        means[:k] = centers.to(means.dtype)
+        for j in range(k):
+            members = eps[assign == j]
+            counts[j] = len(members)
+            if len(members) > 1:
+                log_scales[j] = members.std(0).clamp_min(1e-2).log().to(log_scales.dtype)
+        self.base_means.copy_(means)
+        self.base_log_scales.copy_(log_scales)
+        self.base_logits.copy_(torch.log((counts + 1.0) / (counts.sum() + self.base_components)).to(self.base_logits.dtype))
 
     def extra_repr(self) -> str:
         return f"latent_shape={self.latent_shape}, initialized={self.is_initialized}"
@@ -565,8 +620,9 @@ class RealNVP(Flow):
         coupling: str = "affine",
         num_bins: int = 8,
         tail_bound: float = 3.0,
+        base_components: int = 1,
     ) -> None:
-        super().__init__(latent_shape)
+        super().__init__(latent_shape, base_components)
         num_blocks = _positive_int("num_blocks", num_blocks)
         hidden = _positive_int("hidden", hidden)
         num_layers = _positive_int("num_layers", num_layers)
@@ -586,6 +642,7 @@ class RealNVP(Flow):
             "coupling": coupling,
             "num_bins": num_bins,
             "tail_bound": float(tail_bound),
+            "base_components": self.base_components,
         }
         transform = AffineTransform() if coupling == "affine" else RationalQuadraticSplineTransform(num_bins, tail_bound)
 
@@ -646,8 +703,9 @@ class MultiScaleFlow(Flow):
         blocks_per_scale: int = 4,
         checkerboard_blocks: int = 2,
         hidden_channels: int = 64,
+        base_components: int = 1,
     ) -> None:
-        super().__init__(latent_shape)
+        super().__init__(latent_shape, base_components)
         if len(self.latent_shape) != 3:
             raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use kind='realnvp' for flat latents.")
         c, h, w = self.latent_shape
@@ -669,6 +727,7 @@ class MultiScaleFlow(Flow):
             "blocks_per_scale": blocks_per_scale,
             "checkerboard_blocks": checkerboard_blocks,
             "hidden_channels": hidden_channels,
+            "base_components": self.base_components,
         }
 
         def make_net(n_in: int, n_out: int) -> nn.Module:

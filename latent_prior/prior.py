@@ -200,8 +200,13 @@ class LatentPrior(nn.Module):
         method:
             "sampler"  — one pass of the flow q_φ (fast; temperature scales its base noise);
             "sir"      — sampling-importance-resampling from q_φ towards p_θ (`proposals=100`);
-            "langevin" — short-run Langevin on p_θ (`steps=60`, `step_size=0.4`, `init="normal"|"flow"`).
-        For "sir" and "langevin" temperature tempers the target (see `latent_prior.sampling`).
+            "langevin" — short-run Langevin on p_θ (`steps=60`, `step_size=0.4`, `init="normal"|"flow"`,
+                         `space="auto"|"latent"|"base"`). "auto" (the default) runs the chain in the
+                         coordinates of the energy's frozen base flow when it has one (a flow-based
+                         energy): the same target, but a z-space chain diverges on sharp latents
+                         (see `latent_prior.sampling.sample_langevin`); "latent" runs it in z.
+        For "sir" and "langevin" temperature tempers the target (see `latent_prior.sampling`; in base
+        space Langevin tempers the density of the base coordinates).
         generator: a torch.Generator on the prior's device, for reproducible draws.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -452,6 +457,7 @@ class SampleConfig:
     proposals: int | None = field(default=None, metadata={"help": "sir: proposals per sample (100 when left out)"})
     langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
     step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
+    langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, else latent", "choices": ("auto", "latent", "base")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
 
 
@@ -542,6 +548,7 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
             options["steps"] = config.langevin_steps
         if config.step_size is not None:
             options["step_size"] = config.step_size
+        options["space"] = config.langevin_space
     generator = torch.Generator(device=device).manual_seed(config.seed)
     start = time.perf_counter()
     latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,

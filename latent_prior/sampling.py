@@ -21,7 +21,10 @@ Temperature means different things per method, and `TEMPERATURE_MEANING` records
 * "sir", "langevin": the target is tempered, p_T(z) ∝ (p0(z)·exp(−E(z)))^(1/T), so both the energy
   and the Gaussian base are divided by T. For E = 0 this is N(0, T·I); T < 1 sharpens, T > 1 widens.
   The proposals (SIR) and the flow initialisation (Langevin) are drawn from q_φ at temperature 1,
-  whose log-density is exact, so the importance weights stay exact at any T.
+  whose log-density is exact, so the importance weights stay exact at any T. Langevin in the base
+  flow's coordinates (`space="base"`, the default for a flow-based energy) tempers the density of
+  those coordinates u instead, p_T(u) ∝ (m(u)·exp(−E_res(f(u))))^(1/T), m the base flow's base density
+  (N(0, I) or its mixture); at T = 1 both are p_θ.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ MAX_ELEMENTS_PER_CHUNK = 2**22
 TEMPERATURE_MEANING = {
     "sampler": "scales the flow's base noise ε (standard deviation)",
     "sir": "tempers the target: p_T ∝ (p0·exp(−E))^(1/T); proposals from the flow at temperature 1",
-    "langevin": "tempers the target: p_T ∝ (p0·exp(−E))^(1/T); drift divided by T, noise unchanged",
+    "langevin": "tempers the chain's target, drift divided by T, noise unchanged: in space='latent' p_T(z) ∝ "
+    "(p0·exp(−E))^(1/T); in space='base' the u-density, p_T(u) ∝ (m(u)·exp(−E_res(f(u))))^(1/T), m the base flow's base",
 }
 
 
@@ -199,6 +203,65 @@ def sample_sir(
     return torch.cat(parts)
 
 
+#: Where `sample_langevin` runs its chain; "auto" picks "base" for a flow-based energy, else "latent".
+LANGEVIN_SPACES = ("auto", "latent", "base")
+# Attributes under which wrappers keep the module they wrap: DDP / Accelerate (`module`), torch.compile (`_orig_mod`).
+_WRAPPED_ATTRS = ("module", "_orig_mod")
+
+
+def flow_based_energy(energy: Any) -> Any:
+    """The `FlowBasedEnergy` inside `energy` (looking through DDP and torch.compile wrappers), else None."""
+    from latent_prior.energy import FlowBasedEnergy
+
+    for _ in range(8):  # a wrapper chain is a few levels deep at most; the bound guards against cycles
+        if isinstance(energy, FlowBasedEnergy):
+            return energy
+        energy = next((getattr(energy, a) for a in _WRAPPED_ATTRS if isinstance(getattr(energy, a, None), torch.nn.Module)), None)
+        if energy is None:
+            return None
+    return None
+
+
+def _resolve_space(space: Any, energy: Any) -> tuple[str, Any]:
+    """(space, flow-based energy or None): "auto" becomes "base" exactly when the energy has a flow base."""
+    if space not in LANGEVIN_SPACES:
+        raise LatentPriorError(
+            f"space={space!r}: Langevin runs in 'latent' (z itself), 'base' (the base flow's coordinates) or 'auto'."
+        )
+    flow_based = flow_based_energy(energy)
+    if space == "base" and flow_based is None:
+        raise LatentPriorError(
+            f"space='base' needs a FlowBasedEnergy (E = log p0 − log q_base + E_res), but the energy is "
+            f"{type(energy).__name__}; pass space='latent' or 'auto'."
+        )
+    if space == "auto":
+        space = "base" if flow_based is not None else "latent"
+    return space, flow_based
+
+
+def _from_base(base: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """z = f(u) through the frozen base flow, in the flow's own dtype with autocast off (as
+    `FlowBasedEnergy.forward` runs it); (N, D) -> (N, *latent_shape) in u's dtype, differentiable in u."""
+    dtype = next(base.parameters()).dtype
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        z, _ = base.from_base(u.to(dtype))
+    return z.to(u.dtype)
+
+
+def _to_base(base: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """u = f⁻¹(z), the inverse of `_from_base`: (N, *latent_shape) -> (N, D) float32."""
+    dtype = next(base.parameters()).dtype
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        u, _ = base.to_base(z.to(dtype))
+    return u.float()
+
+
+def _grad_wrt(energies: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """∇_x Σ energies, zeros when x does not reach the energy (e.g. a freshly zero-initialised head)."""
+    (grad,) = torch.autograd.grad(energies.sum(), x, allow_unused=True) if energies.requires_grad else (None,)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def sample_langevin(
     energy: Energy,
     flow: Sampler,
@@ -210,16 +273,45 @@ def sample_langevin(
     steps: int = 60,
     step_size: float = 0.4,
     init: str = "normal",
+    space: str = "auto",
 ) -> torch.Tensor:
     """Short-run Langevin dynamics on p_θ (the LEBM sampler, Pang et al. 2020).
+
+    space="latent": the chain runs in the latent z itself,
 
         z ← z − ½ s² (∇E(z) + z) / T + s ξ,    ξ ~ N(0, I),    s = step_size
 
     started from N(0, I) (`init="normal"`, LEBM's choice) or from the flow's samples (`init="flow"`,
-    temperature 1). It is the unadjusted chain: with 60 steps of 0.4 it is a short-run sampler, not
-    an exact one. Gradients are taken with autograd w.r.t. z only, so the energy's parameters never
-    accumulate `.grad`; it works when called under `torch.no_grad()` or `torch.inference_mode()`.
-    Returns (n, *latent_shape), detached.
+    temperature 1).
+
+    space="base" (neural transport, Hoffman et al. 2019) needs a `FlowBasedEnergy`, E = log p0 −
+    log q_base + E_res, so that p_θ = q_base·exp(−E_res)/Z. With z = f(u), f the frozen base flow's
+    `from_base`, the Jacobian of f cancels q_base and u has the density N(u; 0, I)·exp(−E_res(f(u)))/Z.
+    With a mixture base (`Flow.base_components` > 1), whose components can be far narrower than the step,
+    each chain runs in the standardized coordinates ξ of one component, u = μ_k + σ_k·ξ, with k drawn from
+    the mixture weights and kept: exact within each component, but the residual's reweighting between
+    components is not sampled (see `_langevin_chain_in_base`).
+    The same update runs on u, and z = f(u) is returned:
+
+        u ← u − ½ s² (∇_u E_res(f(u)) + u) / T + s ξ,    u (N, D),    D = prod(latent_shape)
+
+    i.e. LEBM's sampler with f as a fixed generator. This is the same target p_θ, but well conditioned:
+    in z, −log q_base has curvature ~ 1/variance of the latents, and on sharp latent sets the z-chain
+    overflows at s = 0.4 (it did at every s tried, down to 0.05); in u only the small residual E_res
+    shapes the target. `init="normal"` starts from u ~ N(0, I) (z then starts at q_base's samples),
+    `init="flow"` from u = f⁻¹(the sampler's samples). T tempers the u-density,
+    p_T(u) ∝ (N(u; 0, I)·exp(−E_res(f(u))))^(1/T), not p_θ(z): for E_res = 0 it is the base flow at
+    flow temperature √T. T = 1 targets p_θ exactly, like the latent chain.
+
+    space="auto" (the default) is "base" when the energy has a flow base (also inside a DDP or
+    torch.compile wrapper), else "latent": the base-space chain is the one that does not diverge on
+    sharp latents, and without a flow base there is only the latent chain.
+
+    Both are unadjusted chains: with 60 steps of 0.4 they are short-run samplers, not exact ones (for
+    a standard normal target the ULA variance tends to 1/(1 − s²/4), 1.042 at s = 0.4). Gradients
+    are taken with autograd w.r.t. the chain's state only, so no parameter accumulates `.grad`; it
+    works when called under `torch.no_grad()` or `torch.inference_mode()`. The base flow runs in its
+    own dtype with autocast off, as in `FlowBasedEnergy.forward`. Returns (n, *latent_shape), detached.
     """
     n, batch_size = _check_common(n, temperature, batch_size)
     steps = _as_count(steps, "steps", minimum=0)
@@ -227,31 +319,101 @@ def sample_langevin(
         raise LatentPriorError(f"step_size={step_size!r}: pass a finite number > 0 (LEBM uses 0.4).")
     if init not in ("normal", "flow"):
         raise LatentPriorError(f"init={init!r}: Langevin starts from 'normal' (N(0, I)) or 'flow' (the sampler's samples).")
+    space, flow_based = _resolve_space(space, energy)
     batch_size = batch_size or _default_batch(flow)
     device = _device_of(flow, generator)
     parts = []
-    # inference_mode(False) so a caller's inference mode cannot turn z into an inference tensor.
+    # inference_mode(False) so a caller's inference mode cannot turn the chain into an inference tensor.
     with torch.inference_mode(False), torch.enable_grad():
         for m in _chunks(n, batch_size):
-            if init == "flow":
-                z = flow.sample(m, generator=generator, temperature=1.0).detach().clone()
+            if space == "base":
+                z = _langevin_chain_in_base(flow_based, flow, m, generator, device, temperature, steps, step_size, init)
             else:
-                z = torch.randn((m, *flow.latent_shape), generator=generator, device=device)
-            for _ in range(steps):
-                z.requires_grad_(True)
-                energies = energy(z)
-                # A constant energy (e.g. a freshly zero-initialised head) leaves z out of the graph.
-                (grad,) = torch.autograd.grad(energies.sum(), z, allow_unused=True) if energies.requires_grad else (None,)
-                grad = torch.zeros_like(z) if grad is None else grad
-                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-                z = (z - 0.5 * step_size**2 * (grad + z) / temperature + step_size * noise).detach()
+                z = _langevin_chain_in_latent(energy, flow, m, generator, device, temperature, steps, step_size, init)
             if not torch.isfinite(z).all():
+                hint = ("lower step_size or use method='sir'" if space == "base" else
+                        "pass space='base' (Langevin in the base flow's coordinates, for a flow-based energy), "
+                        "lower step_size or use method='sir'")
                 raise LatentPriorError(
-                    f"sample_langevin: the chain diverged (non-finite latents) with step_size={step_size}; "
-                    "lower step_size or use method='sir'."
+                    f"sample_langevin: the chain diverged (non-finite latents) with step_size={step_size} in "
+                    f"space={space!r}; {hint}."
                 )
             parts.append(z.detach())
     return torch.cat(parts)
+
+
+def _langevin_step(x: torch.Tensor, grad: torch.Tensor, generator: torch.Generator | None, temperature: float,
+                   step_size: float) -> torch.Tensor:
+    """One LEBM update x − ½ s² (grad + x) / T + s ξ, detached."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x - 0.5 * step_size**2 * (grad + x) / temperature + step_size * noise).detach()
+
+
+def _langevin_chain_in_latent(energy: Energy, flow: Sampler, m: int, generator: torch.Generator | None,
+                              device: torch.device, temperature: float, steps: int, step_size: float,
+                              init: str) -> torch.Tensor:
+    """m chains in z: (m, *latent_shape)."""
+    if init == "flow":
+        z = flow.sample(m, generator=generator, temperature=1.0).detach().clone()
+    else:
+        z = torch.randn((m, *flow.latent_shape), generator=generator, device=device)
+    for _ in range(steps):
+        z.requires_grad_(True)
+        z = _langevin_step(z, _grad_wrt(energy(z), z), generator, temperature, step_size)
+    return z
+
+
+def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: torch.Generator | None,
+                            device: torch.device, temperature: float, steps: int, step_size: float,
+                            init: str) -> torch.Tensor:
+    """m chains in the base flow's coordinates; returns z = f(u), (m, *latent_shape).
+
+    Each chain runs in the standardized coordinates ξ of one component of the base, u = μ_k + σ_k·ξ
+    (μ = 0, σ = 1 for an N(0, I) base), where its target is N(ξ; 0, I)·exp(−E_res(f(u))): LEBM's update
+    on ξ, well conditioned even when the components are much narrower than the step. The component is
+    drawn from the mixture weights (or, for init="flow", is the one that explains the start best) and
+    kept, so with a mixture base the chains are exact within each component, while the residual's
+    reweighting between components is not sampled (it is when E_res = 0, and SIR does it in general)."""
+    base, residual = flow_based.base, flow_based.residual
+    # The residual sees z in its own dtype, so a prior cast to bfloat16 runs (ξ itself stays float32).
+    residual_dtype = next((p.dtype for p in residual.parameters() if p.is_floating_point()), torch.float32)
+    means, scales = _component_coordinates(base, m, generator, device, init, flow)
+    if init == "flow":
+        u = _to_base(base, flow.sample(m, generator=generator, temperature=1.0).detach())
+        means, scales = _responsible_component(base, u)
+        xi = (u - means) / scales
+    else:
+        xi = torch.randn((m, base.dim), generator=generator, device=device)
+    for _ in range(steps):
+        xi.requires_grad_(True)
+        energies = residual(_from_base(base, means + scales * xi).to(residual_dtype)).float()
+        xi = _langevin_step(xi, _grad_wrt(energies, xi), generator, temperature, step_size)
+    with torch.no_grad():
+        return _from_base(base, means + scales * xi)
+
+
+def _component_coordinates(base: Any, m: int, generator: torch.Generator | None, device: torch.device, init: str,
+                           flow: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ), each (m, D) float32: one base component per chain, drawn from the mixture weights; (0, 1) for
+    an N(0, I) base (or any base when init="flow", whose components are chosen from the start instead)."""
+    if getattr(base, "base_components", 1) == 1 or init == "flow":
+        return torch.zeros(1, base.dim, device=device), torch.ones(1, base.dim, device=device)
+    where = generator.device if generator is not None else device
+    probs = torch.softmax(base.base_logits.detach().float(), 0).to(where)
+    k = torch.multinomial(probs, m, replacement=True, generator=generator).to(device)
+    return base.base_means.detach().float()[k], base.base_log_scales.detach().float().exp()[k]
+
+
+def _responsible_component(base: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ) of the base component with the highest posterior responsibility for each u (m, D)."""
+    if getattr(base, "base_components", 1) == 1:
+        return torch.zeros_like(u[:1]), torch.ones_like(u[:1])
+    with torch.no_grad():
+        means, log_scales = base.base_means.detach().float(), base.base_log_scales.detach().float()
+        d = (u[:, None, :] - means[None]) * torch.exp(-log_scales)[None]
+        scores = torch.log_softmax(base.base_logits.detach().float(), 0)[None] - 0.5 * d.pow(2).sum(2) - log_scales.sum(1)[None]
+        k = scores.argmax(1)
+    return means[k], log_scales.exp()[k]
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {

@@ -38,6 +38,7 @@ def tiny_multiscale(shape=(4, 8, 8), **kw):
 FLAT = [
     pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32), id="affine"),
     pytest.param(dict(kind="spline", num_blocks=4, hidden=32), id="spline"),
+    pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32, base_components=3), id="affine-mixture-base"),
 ]
 
 
@@ -94,13 +95,19 @@ def test_default_spatial_flow_runs_on_4x32x32():
 
 
 def _jacobian_log_prob(flow, z: torch.Tensor) -> torch.Tensor:
-    """log N(f(z); 0, I) + log|det ∂f/∂z| by brute force: autograd Jacobian and slogdet."""
+    """log m(f(z)) + log|det ∂f/∂z| by brute force: autograd Jacobian and slogdet, and the base density m
+    (N(0, I) or the mixture) from torch.distributions rather than the flow's own code."""
+    if flow.base_components == 1:
+        base_dist = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(flow.dim, dtype=z.dtype), 1.0), 1)
+    else:
+        components = torch.distributions.Independent(torch.distributions.Normal(flow.base_means, flow.base_log_scales.exp()), 1)
+        base_dist = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=flow.base_logits), components)
     out = []
     for zi in z:
         jac = torch.autograd.functional.jacobian(lambda v: flow.to_base(v.unsqueeze(0))[0][0], zi)
         jac = jac.reshape(flow.dim, flow.dim)
         eps = flow.to_base(zi.unsqueeze(0))[0][0]
-        base = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum()
+        base = base_dist.log_prob(eps)
         out.append(base + torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
 
@@ -152,7 +159,10 @@ def test_density_integrates_to_one(kw):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("make", [lambda: build_flow((6,), num_blocks=3, hidden=32), lambda: tiny_multiscale()], ids=["flat", "spatial"])
+@pytest.mark.parametrize("make", [lambda: build_flow((6,), num_blocks=3, hidden=32), lambda: tiny_multiscale(),
+                                  lambda: build_flow((6,), num_blocks=3, hidden=32, base_components=4),
+                                  lambda: tiny_multiscale(base_components=3)],
+                         ids=["flat", "spatial", "flat-mixture-base", "spatial-mixture-base"])
 def test_sample_and_log_prob_agree(make, temperature):
     torch.manual_seed(4)
     flow = randomize(initialized(make()), std=0.02)
@@ -161,7 +171,7 @@ def test_sample_and_log_prob_agree(make, temperature):
         assert z.shape == (32, *flow.latent_shape) and log_q.shape == (32,)
         torch.testing.assert_close(log_q, flow.log_prob(z, temperature=temperature), atol=2e-3, rtol=1e-5)
         if temperature != 1.0:  # the tempered density is a different one
-            assert (log_q - flow.log_prob(z)).abs().min() > 1e-2
+            assert (log_q - flow.log_prob(z)).abs().median() > 0.1
 
 
 def test_temperature_scales_base_noise():
@@ -234,7 +244,8 @@ def test_log_prob_does_not_depend_on_the_batch(make):
 # --- rebuild from JSON + safetensors -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda: build_flow((6,), kind="spline", num_blocks=2, hidden=16), lambda: tiny_multiscale()], ids=["spline", "spatial"])
+@pytest.mark.parametrize("make", [lambda: build_flow((6,), kind="spline", num_blocks=2, hidden=16), lambda: tiny_multiscale(),
+                                  lambda: tiny_multiscale(base_components=3)], ids=["spline", "spatial", "spatial-mixture-base"])
 def test_rebuild_from_config_and_state(make, tmp_path):
     torch.manual_seed(8)
     flow = randomize(initialized(make()), std=0.02)
@@ -337,6 +348,51 @@ def test_affine_realnvp_fits_a_gaussian_mixture():
     # The trained, strongly non-Gaussian density is still normalized.
     integral, mass_outside = _grid_integral(flow, half=6.0, n=401)
     assert integral + mass_outside == pytest.approx(1.0, abs=5e-3)
+
+
+def test_mixture_base_initializes_on_the_clusters_and_keeps_modes_apart():
+    """A flow from one Gaussian must join separate modes by bridges; a mixture base need not. Measured (torch
+    seeds 0-3, 300 steps, lr 1e-2): the share of samples where the true density is below the 1st percentile of
+    its held-out values was 0.17-0.42 from N(0, I) and 0.008 from a 4-component base; held-out log-likelihood
+    -2.19 to -2.74 vs -1.83 nats (truth -1.83). We require < 0.025 against > 0.025, and +0.2 nats."""
+    torch.manual_seed(0)
+    train, test = _mixture(2000, 0), _mixture(2000, 1)
+    mixture = build_flow((2,), num_blocks=6, hidden=64, base_components=4)
+    mixture.initialize(train)
+    with torch.no_grad():  # k-means on the standardized codes found the four clusters, a quarter each
+        weights = torch.softmax(mixture.base_logits, 0)
+        assert weights.min() > 0.2 and weights.max() < 0.3
+        assert mixture.base_log_scales.exp().max() < 0.4  # each component as narrow as one cluster
+    _fit(mixture, train, steps=300, lr=1e-2, seed=0)
+    single = build_flow((2,), num_blocks=6, hidden=64)
+    _fit(single, train, steps=300, lr=1e-2, seed=0)
+    threshold = torch.quantile(_mixture_log_prob(test), 0.01)
+    with torch.no_grad():
+        bridge_share = {name: (_mixture_log_prob(f.sample(20000, generator=torch.Generator().manual_seed(2))) < threshold)
+                        .float().mean().item() for name, f in (("mixture", mixture), ("single", single))}
+        ll = {name: f.log_prob(test).mean().item() for name, f in (("mixture", mixture), ("single", single))}
+    assert bridge_share["mixture"] < 0.025 < bridge_share["single"], bridge_share
+    assert ll["mixture"] > ll["single"] + 0.2, ll
+    integral, mass_outside = _grid_integral(mixture, half=6.0, n=401)
+    assert integral + mass_outside == pytest.approx(1.0, abs=5e-3)
+
+
+def test_mixture_base_temperature_scales_each_component():
+    # Couplings start at zero, so the initialized flow is linear (ActNorm and invertible linear maps): scaling
+    # the base noise by T scales each component's spread by T and leaves its mean where it was.
+    flow = build_flow((3,), num_blocks=2, hidden=8, base_components=2)
+    flow.initialize(torch.cat([torch.randn(2000, 3) * 0.3 - 3, torch.randn(2000, 3) * 0.3 + 3]))
+    flow.requires_grad_(False)
+    upper = {}
+    for t in (0.5, 1.0):
+        z = flow.sample(40000, generator=torch.Generator().manual_seed(0), temperature=t)
+        upper[t] = z[z[:, 0] > 0]
+        assert len(upper[t]) / len(z) == pytest.approx(0.5, abs=0.02)
+    assert upper[1.0].mean(0).numpy() == pytest.approx([3.0] * 3, abs=0.05)
+    assert upper[0.5].mean(0).numpy() == pytest.approx(upper[1.0].mean(0).numpy(), abs=0.02)
+    assert (upper[0.5].std(0) / upper[1.0].std(0)).numpy() == pytest.approx([0.5] * 3, rel=0.05)
+    # One cluster's spread (0.3, up to the diagonal fit in the rotated base coordinates), not the gap of 6.
+    assert upper[1.0].std(0).max() < 0.7
 
 
 def test_spline_realnvp_fits_two_moons():

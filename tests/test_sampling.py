@@ -269,3 +269,183 @@ def test_elbo_gain_sign_and_units():
 def test_elbo_gain_bad_shapes():
     with pytest.raises(LatentPriorError, match="posterior_logvar"):
         elbo_gain(QuadraticEnergy(A), torch.zeros(3, 2), torch.zeros(3, 4), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Langevin in the base flow's coordinates (space="base"), on real `latent_prior` flows and energies
+
+
+def _flow_based(latent_scale, *, nonlinear, residual=None, seed=0):
+    """A FlowBasedEnergy whose base RealNVP is ActNorm-initialized on correlated 2-D latents of about
+    `latent_scale` standard deviation (its couplings are the identity unless `nonlinear`), and whose
+    residual is `residual` or an MLP with a zeroed head (E_res ≡ 0)."""
+    from latent_prior.energy import FlowBasedEnergy, build_energy
+    from latent_prior.flows import build_flow
+
+    torch.manual_seed(seed)
+    base = build_flow((2,), num_blocks=2, hidden=16)
+    mix = torch.tensor([[1.0, 0.0], [0.8, 0.5]])
+    base.initialize(latent_scale * torch.randn(2048, 2) @ mix.T + torch.tensor([1.0, -0.5]))
+    if nonlinear:  # random conditioner outputs make the couplings, and so q_base, non-Gaussian
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if ".net." in name:
+                    p.add_(0.3 * torch.randn_like(p))
+    if residual is None:
+        residual = build_energy((2,), hidden=16, depth=2)
+        with torch.no_grad():
+            residual.head.weight.zero_()
+    return FlowBasedEnergy(residual, base)
+
+
+def ula_variance(steps, step_size):
+    """Variance after `steps` ULA steps from N(0, 1) on a standard normal target: v ← (1 − s²/2)² v + s².
+    It tends to 1/(1 − s²/4), 1.042 at s = 0.4 (60 steps are there to within 1e-4)."""
+    v = 1.0
+    for _ in range(steps):
+        v = (1 - step_size**2 / 2) ** 2 * v + step_size**2
+    return v
+
+
+def test_base_space_langevin_follows_q_base_where_the_latent_chain_diverges():
+    # The base scales the latents by 0.05: −log q_base has curvature ~1/0.05² = 400 in z, so the
+    # z-chain's drift multiplies z by about 1 − ½·0.4²·400 = −31 per step and overflows.
+    energy = _flow_based(0.05, nonlinear=True)
+    base = energy.base
+    with pytest.raises(LatentPriorError, match="space='base'"):
+        sample_langevin(energy, base, 200, generator=gen(0), space="latent")
+    z = sample_langevin(energy, base, 4000, generator=gen(0), space="base")  # 60 steps of 0.4
+    assert z.shape == (4000, 2) and torch.isfinite(z).all()
+    # E_res = 0: the chain in u is ULA on N(0, I), exactly; its variance is 1/(1 − s²/4) ≈ 1.042.
+    u = base.to_base(z)[0].detach()
+    assert u.mean(0).abs().max() < 0.06
+    assert (torch.cov(u.T) - ula_variance(60, 0.4) * torch.eye(2)).abs().max() < 0.07
+    # In z, the samples follow q_base (up to that 4% excess variance in u): compare with q_base's draws.
+    ref = base.sample(4000, generator=gen(1)).detach()
+    scale = torch.cov(ref.T).abs().max()
+    assert ((z.mean(0) - ref.mean(0)).abs() / scale.sqrt()).max() < 0.07
+    assert (torch.cov(z.T) - torch.cov(ref.T)).abs().max() < 0.15 * scale
+    assert energy.residual.body[0].weight.grad is None and not z.requires_grad
+
+
+class LinearResidual(torch.nn.Module):
+    """E_res(z) = a·z_0 in nats, a a trainable parameter (to check that no .grad leaks)."""
+
+    latent_shape = (2,)
+    config = {"kind": "linear-test"}
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(float(a)))
+
+    def forward(self, z):
+        return self.a * z[:, 0]
+
+
+def test_a_linear_residual_shifts_the_mean_by_minus_a_times_the_variance():
+    # The base is affine here (identity couplings), z = L u + b, so E_res(f(u)) = a·(L u + b)_0 is
+    # linear in u: its gradient is c = a·L[0]ᵀ, the u-chain's mean is exactly −c·(1 − (1 − s²/2)^k)
+    # after k steps from 0, and E[z] = b − a·(1 − (1 − s²/2)^k)·Σ[:, 0] with Σ = L Lᵀ the base's
+    # covariance: the mean of z_0 moves by −a·Var_q(z_0), less the 0.7% not reached in 60 steps.
+    a = 2.0
+    energy = _flow_based(0.6, nonlinear=False, residual=LinearResidual(a))
+    base = energy.base
+    f = lambda u: base.from_base(u)[0]  # noqa: E731
+    b = f(torch.zeros(1, 2)).detach()[0]
+    jac = torch.autograd.functional.jacobian(f, torch.zeros(1, 2))[0, :, 0, :]
+    sigma = jac @ jac.T
+    expected = b - a * (1 - (1 - 0.4**2 / 2) ** 60) * sigma[:, 0]
+    assert sigma[0, 0] < 0.5 and (expected - b).abs().max() > 0.4  # a visible shift, and unlike −a in u
+    with torch.no_grad():
+        z = sample_langevin(energy, base, 4000, generator=gen(2), space="base")
+    assert (z.mean(0) - expected).abs().max() < 0.05
+    assert energy.residual.a.grad is None
+
+
+def test_space_base_needs_a_flow_based_energy_and_auto_picks_latent_otherwise():
+    with pytest.raises(LatentPriorError, match="FlowBasedEnergy"):
+        sample_langevin(QuadraticEnergy(A), PROPOSAL, 4, generator=gen(0), space="base")
+    with pytest.raises(LatentPriorError, match="space='z'"):
+        sample_langevin(QuadraticEnergy(A), PROPOSAL, 4, generator=gen(0), space="z")
+    auto = sample_langevin(QuadraticEnergy(A), PROPOSAL, 50, generator=gen(3), steps=5)
+    latent = sample_langevin(QuadraticEnergy(A), PROPOSAL, 50, generator=gen(3), steps=5, space="latent")
+    torch.testing.assert_close(auto, latent)
+
+
+class Wrapper(torch.nn.Module):
+    """Keeps the wrapped energy as `.module`, the attribute DDP and Accelerate use."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, z):
+        return self.module(z)
+
+
+def test_auto_picks_base_space_for_a_flow_based_energy_also_when_wrapped():
+    energy = _flow_based(0.05, nonlinear=True, residual=LinearResidual(0.3))
+    base_run = sample_langevin(energy, energy.base, 30, generator=gen(4), steps=5, space="base")
+    for wrapped in (energy, Wrapper(energy)):
+        torch.testing.assert_close(sample_langevin(wrapped, energy.base, 30, generator=gen(4), steps=5), base_run)
+
+
+def test_base_space_flow_init_starts_from_the_samplers_draws():
+    energy = _flow_based(0.05, nonlinear=True)
+    sampler = GaussianFlow([1.0, -0.5], 0.003 * torch.eye(2))  # another density than the base
+    z = sample_langevin(energy, sampler, 9, generator=gen(6), steps=0, init="flow", space="base", batch_size=4)
+    g = gen(6)
+    torch.testing.assert_close(z, torch.cat([sampler.sample(m, generator=g) for m in (4, 4, 1)]), atol=1e-4, rtol=1e-4)
+
+
+def test_prior_langevin_default_does_not_diverge_on_sharp_latents(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from latent_prior.cli import main
+    from latent_prior.energy import build_energy
+    from latent_prior.prior import LatentPrior
+
+    energy = _flow_based(0.05, nonlinear=True, residual=build_energy((2,), hidden=16, depth=2))
+    prior = LatentPrior(energy, energy.base, latent_shape=(2,))
+    z = prior.sample(500, method="langevin", generator=gen(0))  # space="auto" -> "base"
+    assert torch.isfinite(z).all()
+    ref = energy.base.sample(2000, generator=gen(1)).detach()  # the residual is ~0 at init: p ≈ q_base
+    assert (z.mean(0) - ref.mean(0)).abs().max() < 0.03 and z.std(0).max() < 2 * ref.std(0).max()
+    with pytest.raises(LatentPriorError, match="space='base'"):
+        prior.sample(50, method="langevin", generator=gen(0), space="latent")
+    # The CLI flag reaches the sampler.
+    prior.save_pretrained(tmp_path / "p")
+    out = tmp_path / "z.safetensors"
+    args = ["sample", "--prior", str(tmp_path / "p"), "-n", "40", "--out", str(out), "--method", "langevin", "--device", "cpu"]
+    assert main(args + ["--langevin-space", "latent"]) == 2
+    assert "space='base'" in capsys.readouterr().err
+    assert main(args) == 0
+    assert torch.isfinite(load_file(str(out))["latents"]).all()
+
+
+def test_base_space_langevin_with_a_mixture_base_keeps_both_modes():
+    """With a mixture base each chain runs in the standardized coordinates of one component, so with
+    E_res = 0 the chains keep q_base's two narrow modes (0.09-0.56 wide in the base coordinates, down to 4
+    times narrower than the step of 0.4) and their weights. A chain in u itself, with −∇log m(u) as its drift, overshoots
+    such a mode at every step: on these modes it overflowed (non-finite latents after 60 steps)."""
+    from latent_prior.energy import FlowBasedEnergy, build_energy
+    from latent_prior.flows import build_flow
+
+    torch.manual_seed(0)
+    base = build_flow((2,), num_blocks=2, hidden=16, base_components=2)
+    data = torch.cat([0.1 * torch.randn(3000, 2) + 2.0, 0.1 * torch.randn(1000, 2) - 2.0])
+    base.initialize(data)
+    residual = build_energy((2,), hidden=16, depth=2)
+    with torch.no_grad():
+        residual.head.weight.zero_()
+    energy = FlowBasedEnergy(residual, base)
+    z = sample_langevin(energy, base, 4000, generator=gen(0))  # auto: base space
+    right = z[:, 0] > 0
+    assert right.float().mean().item() == pytest.approx(0.75, abs=0.03)  # the modes' weights
+    between = (z[:, 0].abs() < 1.0).float().mean().item()
+    assert between < 0.01, between  # nothing on a bridge between the modes
+    assert z[right].mean(0).numpy() == pytest.approx([2.0, 2.0], abs=0.05)
+    # Each mode as wide as q_base's own (up to the ULA's 2 % in standard deviation), not as wide as the gap.
+    ref = base.sample(4000, generator=gen(1)).detach()
+    ratio = z[right].std(0) / ref[ref[:, 0] > 0].std(0)
+    assert ((ratio - 1).abs() < 0.1).all(), ratio
