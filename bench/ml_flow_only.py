@@ -5,7 +5,7 @@
 
 Prints one JSON line: excess FD (mean and sd over 3 sample sets of 3000), MMD², precision/recall, and the
 digit classifier's confidence on digits sets. This experiment is why the trainer starts with a
-maximum-likelihood warm-up of the sampler (docs/benchmarks.md, bench/results/prior_sweep4_flowbase.md).
+maximum-likelihood warm-up of the sampler (docs/prior-development.md, bench/results/prior_sweep4_flowbase.md).
 Keys of the JSON argument: kind, steps, lr, batch, wd (weight decay), ema, seed, and any option of
 `latent_prior.flows.build_flow`.
 """

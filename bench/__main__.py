@@ -1,0 +1,7 @@
+"""`python -m bench`: the benchmark suite of issue 5 (bench/run.py), which writes docs/benchmarks.md."""
+
+import sys
+
+from bench.run import main
+
+sys.exit(main())

