@@ -1,8 +1,9 @@
 """The benchmark suite of issue 5: one command measures every prior on every offline dataset × VAE and
 writes docs/benchmarks.md (and bench/results/suite.json with every figure).
 
-    python -m bench                                    # all four cells, seeds 0,1,2 (spatial cells: seed 0); 1.5-2 hours on 2 cores
-    python -m bench --image-samples 0                  # the same without FID/KID (Inception-v3 takes ~25-45 min of it)
+    python -m bench --jobs 2 --image-samples 200       # what docs/benchmarks.md holds: 43 min on 2 cores
+    python -m bench                                    # all four cells, seeds 0,1,2 (spatial cells: seed 0), one at a time
+    python -m bench --image-samples 0                  # without FID/KID (Inception-v3 runs at ~3.5-7 images/s here)
     python -m bench --sets digits-flat --seeds 0       # one cell, one seed
     python -m bench --quick --out /tmp/smoke.md        # smoke run: tiny fits, few samples (a couple of minutes)
     python -m bench --rerender bench/results/suite.json  # rebuild the markdown from a saved run, measuring nothing
@@ -557,11 +558,16 @@ def _noise(tol: float) -> str:
     return f"noise ±{tol:.4f}" if tol > 0 else "one seed: no noise estimate, compared strictly"
 
 
+def _in_order(cells: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The cells in the order of CELLS (workers of --jobs finish in any order)."""
+    return sorted(cells.items(), key=lambda item: list(CELLS).index(item[0]) if item[0] in CELLS else len(CELLS))
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict {cell, target, status (pass / noise / miss / n/a), detail} per target and cell."""
     out: list[dict[str, Any]] = []
     quick = bool(result["config"].get("quick"))
-    for name, cell in result["cells"].items():
+    for name, cell in _in_order(result["cells"]):
         if "error" in cell:
             out.append({"cell": name, "target": "every target", "status": "n/a", "detail": f"the cell failed: {cell['error'][:200]}"})
             continue
@@ -627,8 +633,13 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{ec:.4f} vs {gc:.4f} ({_noise(tol)})")
             fit_s = _med(cell, "evalp", "fit_seconds")
             if fit_s is not None:
-                status = "n/a" if quick else "pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"
-                note = " (--quick: not the default fit, so this does not judge the goal)" if quick else ""
+                jobs = result["config"].get("jobs", 1)
+                parallel = jobs > 1 and len(result["cells"]) > 1
+                status = "n/a" if quick or parallel else "pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"
+                note = (" (--quick: not the default fit, so this does not judge the goal)" if quick else
+                        f" beside another cell's work (--jobs {jobs}), so this does not judge the goal, which is stated for a "
+                        "machine doing nothing else; `python -m bench --sets digits-flat,digits-flat-b1` measures it" if parallel
+                        else "")
                 add(f"issue 3: default fit ≤ {FIT_TIME_LIMIT_S:g} s", status,
                     f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s){note}")
     return out
@@ -641,6 +652,8 @@ STATUS = {"pass": "PASS", "noise": "PASS within noise (fails strictly)", "miss":
 
 
 def _num(v: float, kind: str) -> str:
+    if kind == "fd" and abs(v) >= 1e5:  # a chain that ran away: digits would be noise
+        return f"{v:+.3g}"
     if kind in ("fd", "mmd", "frac", "rate", "sec"):
         return _fmt(v, kind)  # bench/prior.py's formats, so both reports print a figure alike
     if kind == "gain":
@@ -801,7 +814,7 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
              + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
              f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
              ""]
-    for name, cell in result["cells"].items():
+    for name, cell in _in_order(result["cells"]):
         grid = cell.get("grid")
         link = None
         if grid:
