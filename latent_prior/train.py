@@ -532,12 +532,23 @@ class _EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ema_t, t in zip(self.module.state_dict().values(), module.state_dict().values()):
-            if ema_t.is_floating_point():
-                ema_t.lerp_(t.detach(), 1.0 - d)
-            else:
-                ema_t.copy_(t)
+        floats, others = self._pairs(module)
+        if floats[0]:
+            torch._foreach_lerp_(floats[0], floats[1], 1.0 - d)  # one call for all tensors, the arithmetic of lerp_ on each
+        for ema_t, t in zip(*others):
+            ema_t.copy_(t)
         self.updates += 1
+
+    def _pairs(self, module: nn.Module) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """((EMA floats, source floats), (EMA others, source others)), built once per source module: state_dict
+        tensors keep their identity (load_state_dict copies into them), and rebuilding these lists at every step
+        cost more than the averaging itself on small flows."""
+        if getattr(self, "_source", None) is not module:
+            pairs = list(zip(self.module.state_dict().values(), (t.detach() for t in module.state_dict().values())))
+            self._floats = ([e for e, _ in pairs if e.is_floating_point()], [t for e, t in pairs if e.is_floating_point()])
+            self._others = ([e for e, _ in pairs if not e.is_floating_point()], [t for e, t in pairs if not e.is_floating_point()])
+            self._source = module
+        return self._floats, self._others
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,8 +762,10 @@ class _Trainer:
             self.energy = residual.to(self.device)
         # The network that the energy loss trains (a flow base is frozen and takes no part in it).
         self.trainable_energy = getattr(self.energy, "residual", self.energy)
-        self.opt_energy = torch.optim.Adam(self.trainable_energy.parameters(), lr=c.lr_energy, betas=tuple(c.betas))
-        self.opt_sampler = torch.optim.Adam(self.flow.parameters(), lr=c.lr_sampler, betas=tuple(c.betas))
+        # foreach: one kernel per step for all tensors instead of a Python loop over them (the loop was 10 % of a
+        # CPU fit on the digits latents); the arithmetic is Adam's either way.
+        self.opt_energy = torch.optim.Adam(self.trainable_energy.parameters(), lr=c.lr_energy, betas=tuple(c.betas), foreach=True)
+        self.opt_sampler = torch.optim.Adam(self.flow.parameters(), lr=c.lr_sampler, betas=tuple(c.betas), foreach=True)
         # One generator per rank drives every random draw of training (posterior noise, flow noise,
         # interpolates), so its state in the checkpoint is all a resume needs.
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + 1) * 1_000_003 + self.rank)
