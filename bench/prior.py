@@ -609,7 +609,7 @@ def code_version() -> str:
     return f"git {head or 'unknown'}, sources sha256 {digest.hexdigest()[:12]}"
 
 
-def machine_info(cfg: BenchConfig) -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "code": code_version(),
@@ -710,7 +710,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> int:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
 
-    machine = machine_info(cfg)
+    machine = machine_info()
     command = " ".join(["python bench/prior.py", *(shlex.quote(a) for a in argv)])
     header = [
         f"command: `{command}`",

@@ -40,7 +40,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -57,7 +56,8 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
-from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, _compare, _fit_evalp, _fmt, choose_threads, code_version
+from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, _compare, _fit_evalp, _fmt, choose_threads
+from bench.prior import machine_info as prior_machine_info
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
 
@@ -186,28 +186,17 @@ def check_gpu_profile(cfg: SuiteConfig) -> None:
 
 
 def machine_info(device: str, threads: int, why: str) -> dict[str, Any]:
+    """bench/prior.py's machine record (code, versions, CPUs, load) plus diffusers, the device and the threads."""
     try:
         import diffusers
 
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return {
-        "code": code_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "diffusers": diffusers_version,
-        "device": device,
-        "gpu": gpu,
-        "torch_threads": threads,
-        "threads_reason": why,
-        "load_average_start": [round(x, 2) for x in load] if load else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {**prior_machine_info(), "diffusers": diffusers_version, "device": device, "gpu": gpu, "torch_threads": threads,
+            "threads_reason": why,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -486,20 +486,29 @@ class Flow(nn.Module):
         t = float(temperature)
         if self.base_components == 1:
             return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
-        log_scales = self.base_log_scales + math.log(t)  # (K, D)
+        return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
+
+    def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log π_k + log N(ε; μ_k, T²·diag σ_k²) for each component of a mixture base: ε (N, D) -> (N, K) nats."""
+        log_scales = self.base_log_scales + math.log(float(temperature))  # (K, D)
         d = (eps[:, None, :] - self.base_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D)
         per_component = -0.5 * d.pow(2).sum(2) - log_scales.sum(1)[None] - 0.5 * self.dim * _LOG_2PI
-        return torch.logsumexp(torch.log_softmax(self.base_logits, 0)[None] + per_component, dim=1)
+        return torch.log_softmax(self.base_logits, 0)[None] + per_component
+
+    def sample_components(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n component indices (n,) of a mixture base, drawn from its weights on the generator's device (like
+        the base noise, so a seed gives the same draws wherever the flow lives), then moved to the flow's."""
+        device, _ = self._device_dtype()
+        where = generator.device if generator is not None else device
+        probs = torch.softmax(self.base_logits.detach().float(), 0).to(where)
+        return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
 
     def sample_base(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n draws ε (n, D) of the base distribution, its noise scaled by `temperature` (see the class)."""
         noise = self._base_noise(n, generator) * float(temperature)
         if self.base_components == 1 or n == 0:
             return noise
-        # The component is drawn on the generator's device, like the noise, then moved.
-        where = generator.device if generator is not None else noise.device
-        probs = torch.softmax(self.base_logits.detach().float(), 0).to(where)
-        k = torch.multinomial(probs, n, replacement=True, generator=generator).to(noise.device)
+        k = self.sample_components(n, generator)
         return self.base_means[k] + noise * torch.exp(self.base_log_scales[k])
 
     def log_prob(self, z: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

@@ -377,12 +377,15 @@ def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: t
     base, residual = flow_based.base, flow_based.residual
     # The residual sees z in its own dtype, so a prior cast to bfloat16 runs (ξ itself stays float32).
     residual_dtype = next((p.dtype for p in residual.parameters() if p.is_floating_point()), torch.float32)
-    means, scales = _component_coordinates(base, m, generator, device, init, flow)
+    mixture = getattr(base, "base_components", 1) > 1
     if init == "flow":
         u = _to_base(base, flow.sample(m, generator=generator, temperature=1.0).detach())
-        means, scales = _responsible_component(base, u)
+        # the component that explains each start best
+        k = base.component_log_probs(u.to(next(base.parameters()).dtype)).argmax(1) if mixture else None
+        means, scales = _component_coordinates(base, k, u.device)
         xi = (u - means) / scales
     else:
+        means, scales = _component_coordinates(base, base.sample_components(m, generator) if mixture else None, device)
         xi = torch.randn((m, base.dim), generator=generator, device=device)
     for _ in range(steps):
         xi.requires_grad_(True)
@@ -392,28 +395,12 @@ def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: t
         return _from_base(base, means + scales * xi)
 
 
-def _component_coordinates(base: Any, m: int, generator: torch.Generator | None, device: torch.device, init: str,
-                           flow: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, σ), each (m, D) float32: one base component per chain, drawn from the mixture weights; (0, 1) for
-    an N(0, I) base (or any base when init="flow", whose components are chosen from the start instead)."""
-    if getattr(base, "base_components", 1) == 1 or init == "flow":
+@torch.no_grad()
+def _component_coordinates(base: Any, k: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ) float32 of the base components k (m,), each (m, D); (0, 1) of shape (1, D) for an N(0, I) base (k None)."""
+    if k is None:
         return torch.zeros(1, base.dim, device=device), torch.ones(1, base.dim, device=device)
-    where = generator.device if generator is not None else device
-    probs = torch.softmax(base.base_logits.detach().float(), 0).to(where)
-    k = torch.multinomial(probs, m, replacement=True, generator=generator).to(device)
-    return base.base_means.detach().float()[k], base.base_log_scales.detach().float().exp()[k]
-
-
-def _responsible_component(base: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, σ) of the base component with the highest posterior responsibility for each u (m, D)."""
-    if getattr(base, "base_components", 1) == 1:
-        return torch.zeros_like(u[:1]), torch.ones_like(u[:1])
-    with torch.no_grad():
-        means, log_scales = base.base_means.detach().float(), base.base_log_scales.detach().float()
-        d = (u[:, None, :] - means[None]) * torch.exp(-log_scales)[None]
-        scores = torch.log_softmax(base.base_logits.detach().float(), 0)[None] - 0.5 * d.pow(2).sum(2) - log_scales.sum(1)[None]
-        k = scores.argmax(1)
-    return means[k], log_scales.exp()[k]
+    return base.base_means.float()[k], base.base_log_scales.float().exp()[k]
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {

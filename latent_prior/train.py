@@ -528,6 +528,7 @@ class _EMA:
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
         self.decay = decay
         self.updates = 0
+        self._source: nn.Module | None = None  # the module whose tensors `_pairs` lists
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -543,7 +544,7 @@ class _EMA:
         """((EMA floats, source floats), (EMA others, source others)), built once per source module: state_dict
         tensors keep their identity (load_state_dict copies into them), and rebuilding these lists at every step
         cost more than the averaging itself on small flows."""
-        if getattr(self, "_source", None) is not module:
+        if self._source is not module:
             pairs = list(zip(self.module.state_dict().values(), (t.detach() for t in module.state_dict().values())))
             self._floats = ([e for e, _ in pairs if e.is_floating_point()], [t for e, t in pairs if e.is_floating_point()])
             self._others = ([e for e, _ in pairs if not e.is_floating_point()], [t for e, t in pairs if not e.is_floating_point()])
