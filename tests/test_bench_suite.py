@@ -159,3 +159,11 @@ def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
     md = out.read_text()
     for cell in result["cells"]:
         assert f"## {cell}" in md and (tmp_path / "jobs" / f"{cell}.png").is_file()
+
+
+def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
+    for flag, value in (("--jobs", "0"), ("--image-samples", "-1")):
+        assert suite.main([flag, value, "--out", str(tmp_path / "x.md"), "--json", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value}" in err and err.count("error:") == 1
+    assert not (tmp_path / "x.md").exists() and not (tmp_path / "x.json").exists()
