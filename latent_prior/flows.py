@@ -601,6 +601,31 @@ class Flow(nn.Module):
         self.base_log_scales.copy_(log_scales)
         self.base_logits.copy_(torch.log((counts + 1.0) / (counts.sum() + self.base_components)).to(self.base_logits.dtype))
 
+    @torch.no_grad()
+    def refit_mixture_weights(self, z: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+        """Set a mixture base's weights to the mean responsibilities of latents z (N, *latent_shape): the EM
+        update of the weights alone, their maximum-likelihood value for the current flow and components.
+
+        Why: gradient steps move the weights slowly. On the photo latents a warmed-up flow had mapped every
+        latent into one component while the nine others kept 39 % of the weight, and their samples, where
+        no latent maps, had norms up to 10× the latents' (bench/results/prior_sweep7_length.md). A weight
+        is floored at 1e-8 to keep its logit finite. Returns the new weights (K,); an N(0, I) base is left
+        alone (returns a one-element tensor).
+        """
+        if self.base_components == 1:
+            return torch.ones(1)
+        self._check_latents(z, "Flow.refit_mixture_weights")
+        if len(z) == 0 or not torch.isfinite(z).all():
+            raise LatentPriorError("Flow.refit_mixture_weights needs a non-empty batch of finite latents.")
+        device, dtype = self._device_dtype()
+        total = torch.zeros(self.base_components, device=device, dtype=torch.float64)
+        for part in z.split(chunk):  # (chunk, K, D) at a time: 4×64×64 latents would need GBs at once
+            eps, _ = self.to_base(part.to(device=device, dtype=dtype))
+            total += torch.softmax(self.component_log_probs(eps).double(), dim=1).sum(0)
+        weights = (total / len(z)).clamp_min(1e-8)
+        self.base_logits.copy_(weights.log().to(self.base_logits.dtype))
+        return weights.float()
+
     def extra_repr(self) -> str:
         return f"latent_shape={self.latent_shape}, initialized={self.is_initialized}"
 

@@ -778,12 +778,17 @@ class _Trainer:
         self.ema: _EMA | None = None
         self.autocast = self.acc.autocast if c.mixed_precision != "no" else None
 
-    def _initialize_flow(self) -> None:
-        """ActNorm data init on posterior draws of up to 2048 training latents (bounded memory)."""
+    def _initialization_draws(self, seed: int) -> torch.Tensor:
+        """Posterior draws of up to 2048 training latents (bounded memory), the same on every rank and on a
+        resume: the subset and the noise come from the seed, not from the training generator."""
         limit = max(2, min(2048, (64 * 2**20) // max(1, 8 * math.prod(self.shape))))
         mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + 3))
-        init_gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 17)
-        self.flow.initialize(_posterior_draws(mean, logvar, self.norm, init_gen, self.device))
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return _posterior_draws(mean, logvar, self.norm, gen, self.device)
+
+    def _initialize_flow(self) -> None:
+        """ActNorm data init (and the mixture base's k-means) on posterior draws of training latents."""
+        self.flow.initialize(self._initialization_draws(self.config.seed + 17))
         _broadcast_module(self.flow, self.acc)
         _broadcast_module(self.energy, self.acc)
 
@@ -933,7 +938,12 @@ class _Trainer:
 
     def _end_warmup(self) -> None:
         """Freeze the warmed-up (EMA) sampler as the energy's base and restart the sampler from it, so
-        that at the first alternating step q = q_base = p (E_res ≈ 0) and the game starts at equilibrium."""
+        that at the first alternating step q = q_base = p (E_res ≈ 0) and the game starts at equilibrium.
+        A mixture base first gets its maximum-likelihood weights (`Flow.refit_mixture_weights`), so that no
+        component that the latents have left keeps drawing samples."""
+        if self.state.warmup_steps > 0 and self.ema.module.base_components > 1:
+            self.ema.module.refit_mixture_weights(self._initialization_draws(self.config.seed + 19))
+            _broadcast_module(self.ema.module, self.acc)
         if hasattr(self.energy, "base"):
             self.energy.base.load_state_dict(self.ema.module.state_dict())
         self.flow.load_state_dict(self.ema.module.state_dict())

@@ -395,6 +395,44 @@ def test_mixture_base_temperature_scales_each_component():
     assert upper[1.0].std(0).max() < 0.7
 
 
+def test_refit_mixture_weights_takes_the_weight_from_components_no_latent_maps_to():
+    # Two clusters, one component each (k-means at initialize). Refitted on latents of the first cluster only,
+    # the second component is such an orphan: its weight must drop to ~0 (it would otherwise keep drawing half
+    # the samples), and, as an EM step, the refit cannot lower the log-likelihood of those latents.
+    torch.manual_seed(0)
+    near, far = torch.randn(1000, 3) * 0.3 - 3, torch.randn(1000, 3) * 0.3 + 3
+    flow = build_flow((3,), num_blocks=2, hidden=8, base_components=2)
+    flow.initialize(torch.cat([near, far]))
+    with torch.no_grad():
+        before = flow.log_prob(near).mean().item()
+        assert torch.softmax(flow.base_logits, 0).min() > 0.45
+    weights = flow.refit_mixture_weights(near, chunk=128)
+    with torch.no_grad():
+        assert torch.softmax(flow.base_logits, 0).numpy() == pytest.approx(weights.numpy(), abs=1e-6)
+        assert sorted(weights.tolist())[0] < 1e-6 and weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert flow.log_prob(near).mean().item() > before + 0.5  # log 2 ≈ 0.69 nats: the half that went to the orphan
+        z = flow.sample(4000, generator=torch.Generator().manual_seed(1))
+    assert (z[:, 0] > 0).float().mean().item() < 1e-3
+    # On latents of both clusters the weights come back to the clusters' shares.
+    near_component = int(weights.argmax())
+    shares = flow.refit_mixture_weights(torch.cat([near, far[:500]]))
+    assert shares[near_component].item() == pytest.approx(2 / 3, abs=0.01)
+    assert shares[1 - near_component].item() == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_refit_mixture_weights_leaves_a_gaussian_base_alone_and_refuses_bad_latents():
+    flow = build_flow((3,), num_blocks=2, hidden=8, base_components=2)
+    flow.initialize(torch.randn(100, 3))
+    with pytest.raises(LatentPriorError, match="finite"):
+        flow.refit_mixture_weights(torch.full((4, 3), float("nan")))
+    with pytest.raises(LatentPriorError, match="shape"):
+        flow.refit_mixture_weights(torch.zeros(4, 5))
+    single = build_flow((3,), num_blocks=2, hidden=8)
+    state = {k: v.clone() for k, v in single.state_dict().items()}
+    assert single.refit_mixture_weights(torch.randn(10, 3)).tolist() == [1.0]
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in state.items())
+
+
 def test_spline_realnvp_fits_two_moons():
     # Measured (torch seeds 0-3, 300 steps, lr 3e-3): held-out gain over a fitted Gaussian 1.43-1.45
     # nats (affine couplings managed 0.3-1.3 in a similar budget). We require 1.2.
