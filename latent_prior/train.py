@@ -146,9 +146,11 @@ class FitConfig:
     latents it raised confidence from 0.771 to 0.868 in an 800-step fit. A learning-rate cosine per phase
     and a slower EMA did not help (0.915-0.921). The energy overfits 1,500 latents, which the held-out
     checkpoint selection handles (the warmed-up flow is a candidate too). The default length, 1000
-    warm-up + 1000 alternating steps, keeps a β = 0.1 fit under two minutes on one core (104-108 s, against
-    ~132 s for 1250 + 1250) at confidence 0.945 / 0.940 / 0.938 for seeds 0-2 (1250 + 1250: 0.949 / 0.943 /
-    0.942; the GMM: 0.936 / 0.939 / 0.945); bench/results/prior_sweep7_length.md has the figures.
+    warm-up + 1000 alternating steps, with the energy's negatives taken from the sampler's own step, keeps
+    a fit on the 1,500 digits latents under two minutes: 99 s (β = 0.1) and 96 s (β = 1) alone on one core,
+    against 132 s for 1250 + 1250 with fresh negatives, at β = 0.1 confidence 0.943 / 0.938 / 0.938 for
+    seeds 0-2 (1250 + 1250: 0.949 / 0.943 / 0.942; the GMM: 0.936 / 0.939 / 0.945). The figures, and why a
+    mixture base's weights are refitted after the warm-up, are in bench/results/prior_sweep7_length.md.
     """
 
     latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})

@@ -358,12 +358,20 @@ def test_fitted_prior_beats_the_gaussian_on_a_separated_mixture(tmp_path):
     assert 1.0 < summary["heldout_gain_nats"] < 4.0  # the exact gain, KL(mixture || N(0, I)), is ≈ 2.4 nats
 
 
-def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_path):
+def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_path, monkeypatch):
     from latent_prior.energy import FlowBasedEnergy
+    from latent_prior.flows import Flow
     from latent_prior.prior import LatentPrior
 
+    # A spy around the real method (not a mock): the mixture base's weights are refitted once, at the end of
+    # the warm-up, and those weights are the frozen base's.
+    refits = []
+    real_refit = Flow.refit_mixture_weights
+    monkeypatch.setattr(Flow, "refit_mixture_weights", lambda self, z, **kw: refits.append(real_refit(self, z, **kw)) or refits[-1])
     out = tmp_path / "based"
     prior = fit(latents, out=str(out), steps=40, warmup_steps=20, checkpoint_every=10, keep_checkpoints=10, **TINY_KW)
+    assert len(refits) == 1 and len(refits[0]) == prior.energy_net.base.base_components == 10
+    torch.testing.assert_close(torch.softmax(prior.energy_net.base.base_logits, 0), refits[0], rtol=0, atol=1e-6)
     at_snapshot = next(h for h in prior.training_info["history"] if h["step"] == 20)
     # right after the warm-up the sampler IS the base and E_res ≈ 0, so p = q: log Z ≈ 0 and the IS weights are flat
     assert abs(at_snapshot["log_z_is"]) < 0.02 and at_snapshot["ess_fraction"] > 0.98
