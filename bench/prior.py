@@ -170,7 +170,7 @@ def _parse_variants(variants: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _fit_evalp(lset: LatentSet, workdir: Path, key: str, overrides: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
+def fit_evalp(lset: LatentSet, workdir: Path, key: str, overrides: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
     """Fit an EVaLP prior on the training moments (fresh posterior draws each step); (prior, seconds, summary)."""
     from latent_prior.train import fit
 
@@ -235,7 +235,7 @@ def build_candidates(lset: LatentSet, methods: list[str], variants: dict[str, di
     def get_fit(key: str, overrides: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
         if key not in fits:
             log(f"  fitting {key} ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}) ...")
-            fits[key] = _fit_evalp(lset, workdir, key, {"seed": seed, **overrides})
+            fits[key] = fit_evalp(lset, workdir, key, {"seed": seed, **overrides})
             prior, seconds, summary = fits[key]
             log(f"  {key}: {seconds:.1f} s, {summary.get('steps')} steps, selected step {summary.get('selected_step')}, "
                 f"log Ẑ {summary.get('log_z', float('nan')):.3f} (ESS {100 * summary.get('log_z_ess_fraction', float('nan')):.1f}%), "
@@ -442,7 +442,8 @@ def run_set(lset: LatentSet, cfg: BenchConfig, methods: list[str], variants: dic
 # reporting
 
 
-def _fmt(value: Any, kind: str) -> str:
+def fmt(value: Any, kind: str) -> str:
+    """One figure as every bench table prints it; kind: fd, mmd, frac, logp, rate or sec ("—" for None/NaN)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     if kind == "fd":
@@ -490,7 +491,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = []
         for _, key, kind in cols:
             v = r.get(key)
-            cell = f"*{v}*" if kind == "text" and r.get("reference") else _fmt(v, kind)
+            cell = f"*{v}*" if kind == "text" and r.get("reference") else fmt(v, kind)
             if key == "excess_fd" and r.get("repeats", 1) > 1:
                 cell += f" ± {r['excess_fd_sd']:.4f}"
             elif key == "excess_fd" and r.get("repeats") == 1:
@@ -507,7 +508,7 @@ def _row(result: dict[str, Any], method_key: str) -> dict[str, Any] | None:
     return None
 
 
-def _compare(a: float, b: float, tol: float, smaller_is_better: bool = True) -> str:
+def compare(a: float, b: float, tol: float, smaller_is_better: bool = True) -> str:
     """'pass' when a is at least as good as b, 'noise' when only within tol, else 'miss'."""
     diff = (a - b) if smaller_is_better else (b - a)
     return "pass" if diff <= 0 else "noise" if diff <= tol else "miss"
@@ -545,11 +546,11 @@ def evaluate_goals(results: list[dict[str, Any]], cfg: BenchConfig, default_sett
         third = "pass" if ev["excess_fd"] <= ga["excess_fd"] / 3 else "miss"
         add(f"{name}: EVaLP excess FD ≤ 1/3 of Gaussian's", third,
             f"{ev['excess_fd']:+.4f} vs {ga['excess_fd']:+.4f}/3 = {ga['excess_fd'] / 3:+.4f}")
-        add(f"{name}: EVaLP excess FD ≤ GMM's", _compare(ev["excess_fd"], gm["excess_fd"], tol),
+        add(f"{name}: EVaLP excess FD ≤ GMM's", compare(ev["excess_fd"], gm["excess_fd"], tol),
             f"{ev['excess_fd']:+.4f} vs {gm['excess_fd']:+.4f} (2 s.e. of the difference ±{tol:.4f})")
         if "confidence" in ev and "confidence" in gm:
             ctol = 2 * math.hypot(ev.get("confidence_se", 0.0), gm.get("confidence_se", 0.0))
-            add(f"{name}: classifier confidence EVaLP ≥ GMM", _compare(ev["confidence"], gm["confidence"], ctol, smaller_is_better=False),
+            add(f"{name}: classifier confidence EVaLP ≥ GMM", compare(ev["confidence"], gm["confidence"], ctol, smaller_is_better=False),
                 f"{ev['confidence']:.4f} vs {gm['confidence']:.4f} (2 s.e. ±{ctol:.4f})")
     for res in results:
         ev, la = _row(res, "evalp"), _row(res, "langevin")
@@ -557,7 +558,7 @@ def evaluate_goals(results: list[dict[str, Any]], cfg: BenchConfig, default_sett
             continue
         speed = ev["samples_per_second"] / la["samples_per_second"]
         tol = _fd_tolerance(res, ev, la)
-        fd = _compare(ev["excess_fd"], la["excess_fd"], tol)
+        fd = compare(ev["excess_fd"], la["excess_fd"], tol)
         status = "miss" if speed < SPEEDUP_GOAL or fd == "miss" else fd
         add(f"{res['name']}: sampler ≥ {SPEEDUP_GOAL:g}× faster than Langevin(60) at equal or better FD", status,
             f"{speed:.0f}× ({ev['samples_per_second']:,.0f} vs {la['samples_per_second']:,.0f} samples/s); excess FD "

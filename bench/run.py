@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
-from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, _compare, _fit_evalp, _fmt, choose_threads
+from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, compare, fit_evalp, fmt, choose_threads
 from bench.prior import machine_info as prior_machine_info
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
@@ -268,12 +268,12 @@ def heldout_images(lset: LatentSet) -> torch.Tensor:
 
 def _memory_source(lset: LatentSet) -> tuple[Any, np.ndarray, np.ndarray]:
     """The set's train + held-out moments as one in-memory source, with (train, held-out) indices."""
-    from latent_prior.evaluate import _MemorySource
+    from latent_prior.evaluate import MemorySource
 
     mean = torch.cat([lset.train_mean, lset.heldout_mean]).float()
     logvar = torch.cat([lset.train_logvar, lset.heldout_logvar]).float()
     data_dims = 3 * 32 * 32 if _is_spatial(lset) else 64  # the pixels the VAE encoded (bits per data dim)
-    source = _MemorySource(f"<{lset.name}>", mean, logvar, lset.normalization, None, data_dims)
+    source = MemorySource(f"<{lset.name}>", mean, logvar, lset.normalization, None, data_dims)
     n_train = len(lset.train_mean)
     return source, np.arange(n_train), np.arange(n_train, len(mean))
 
@@ -354,7 +354,7 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
     for key, extra in (("evalp", {}), ("evalp-code", {"objective": "evalp-code"})):
         log(f"  seed {seed}: fitting {key} ({', '.join(f'{k}={v}' for k, v in {**overrides, **extra}.items()) or 'FitConfig defaults'}) ...")
         try:
-            prior, seconds, summary = _fit_evalp(lset, workdir, f"{key}-seed{seed}", {"seed": seed, **overrides, **extra})
+            prior, seconds, summary = fit_evalp(lset, workdir, f"{key}-seed{seed}", {"seed": seed, **overrides, **extra})
         except (LatentPriorError, RuntimeError, ValueError) as exc:
             fits[key] = {"error": _short_error(exc)}
             log(f"  seed {seed}: {key} fit {fits[key]['error']}")
@@ -613,12 +613,12 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 add("issue 3: EVaLP excess FD ≤ ⅓ Gaussian's", "pass" if ev <= ga / 3 else "miss",
                     f"{ev:+.4f} vs {ga:+.4f} / 3 = {ga / 3:+.4f}")
                 tol = max(_halfspread(cell, "evalp", "excess_fd"), _halfspread(cell, "gmm", "excess_fd"))
-                add("issue 3: EVaLP excess FD ≤ GMM's", _compare(ev, gm, tol), f"{ev:+.4f} vs {gm:+.4f} ({_noise(tol)})")
+                add("issue 3: EVaLP excess FD ≤ GMM's", compare(ev, gm, tol), f"{ev:+.4f} vs {gm:+.4f} ({_noise(tol)})")
             ec, gc = _med(cell, "evalp", "conf"), _med(cell, "gmm", "conf")
             if ec is not None and gc is not None:
                 se = math.hypot(_med(cell, "evalp", "conf_se") or 0.0, _med(cell, "gmm", "conf_se") or 0.0)
                 tol = max(2 * se, _halfspread(cell, "evalp", "conf"), _halfspread(cell, "gmm", "conf"))
-                add("issue 3: classifier confidence EVaLP ≥ GMM's", _compare(ec, gc, tol, smaller_is_better=False),
+                add("issue 3: classifier confidence EVaLP ≥ GMM's", compare(ec, gc, tol, smaller_is_better=False),
                     f"{ec:.4f} vs {gc:.4f} ({_noise(tol)})")
             fit_s = _med(cell, "evalp", "fit_seconds")
             if fit_s is not None:
@@ -644,7 +644,7 @@ def _num(v: float, kind: str) -> str:
     if kind == "fd" and abs(v) >= 1e5:  # a chain that ran away: digits would be noise
         return f"{v:+.3g}"
     if kind in ("fd", "mmd", "frac", "rate", "sec"):
-        return _fmt(v, kind)  # bench/prior.py's formats, so both reports print a figure alike
+        return fmt(v, kind)  # bench/prior.py's formats, so both reports print a figure alike
     if kind == "gain":
         return f"{v:+.4f}"
     return f"{v:.4g}"

@@ -59,7 +59,7 @@ import torch
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, VAEAdapter
 
-__all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS"]
+__all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS", "MemorySource"]
 
 #: method -> row label. "sampler" is accepted as another name for "evalp".
 METHODS: dict[str, str] = {
@@ -527,7 +527,7 @@ class EvalConfig:
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
-class _MemorySource:
+class MemorySource:
     """Encoded --data latents held in memory, with the `LatentSource` attributes `latent_report` uses."""
 
     def __init__(self, path: str, mean: torch.Tensor, logvar: torch.Tensor | None, normalization: LatentNormalization,
@@ -642,7 +642,7 @@ def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, trainin
 
 
 def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32,
-                  quiet: bool = False) -> _MemorySource:
+                  quiet: bool = False) -> MemorySource:
     """Encode every image under `data` at `resolution` px into posterior moments held in memory (raw space)."""
     from tqdm.auto import tqdm
 
@@ -668,7 +668,7 @@ def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int,
     mean = torch.cat(means)
     if not torch.isfinite(mean).all() or (logvars and not torch.isfinite(torch.cat(logvars)).all()):
         raise LatentPriorError(f"--data {data}: the VAE gave NaN/inf latents; try --dtype fp32.")
-    return _MemorySource(str(data), mean, torch.cat(logvars) if logvars else None, adapter.normalization,
+    return MemorySource(str(data), mean, torch.cat(logvars) if logvars else None, adapter.normalization,
                          adapter.provenance.to_dict(), adapter.image_channels * resolution**2)
 
 
