@@ -139,7 +139,7 @@ class FitConfig:
     that, the alternating game alone left the β = 0.1 sampler behind a 10-component GMM and barely moved
     a 4×8×8 sampler away from N(0, I). A longer warm-up sharpened decoded digits (β = 0.1 classifier
     confidence 0.917, 0.928 and 0.931 after 1000, 2000 and 3000 warm-up steps followed by 500 alternating
-    ones; 0.925 for the default 1250 + 1250) at ~17 ms per warm-up step. What closed the rest of the gap
+    ones; 0.925 for 1250 + 1250, the default then) at ~17 ms per warm-up step. What closed the rest of the gap
     to the GMM (0.936) was the flow's base: a 10-component mixture (`flow_base_components`) instead of
     N(0, I) gave 0.949 / 0.943 / 0.942 for seeds 0-2 (0.921 / 0.922 / 0.922 with N(0, I)), because a flow
     from one Gaussian joins the digit classes by bridges whose samples decode to blends; on the 4×8×8
