@@ -32,6 +32,32 @@ from latent_prior.errors import LatentPriorError
 CONFIG_NAME = "baseline.json"
 WEIGHTS_NAME = "baseline.safetensors"
 
+#: The GMM that the EVaLP prior must beat, and which its flow's base starts from: K components, fitted by EM
+#: on posterior draws of the training items.
+GMM_COMPONENTS = 10
+#: At most this many training draws go into the GMM's EM (its cost is linear in them), and at most
+#: GMM_MAX_VALUES latent values in all (the EM holds them in float64: 160 MB).
+GMM_MAX_DRAWS = 20_000
+GMM_MAX_VALUES = 20_000_000
+#: Full covariances up to this many latent dims (10 × D² float64 values), diagonal ones above.
+GMM_FULL_COV_MAX_DIMS = 512
+
+
+def gmm_covariance(dims: int) -> str:
+    """"full" up to GMM_FULL_COV_MAX_DIMS latent dims, "diag" above (K·D² values would not fit)."""
+    return "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
+
+
+def gmm_fit_draws(num_items: int, dims: int, deterministic: bool, components: int = GMM_COMPONENTS) -> tuple[int, int]:
+    """(draws per item, draws in all) for a GMM fitted on posterior draws of `num_items` items of `dims` dims.
+
+    Several draws per item when the items are few for the dimension (N/K ≥ 2·D per component), so that no
+    component is singular; one for a deterministic cache, whose draws would all be the same mean.
+    """
+    per_item = 1 if deterministic else min(16, max(1, math.ceil(2 * components * dims / max(1, num_items))))
+    count = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, dims), per_item * num_items))
+    return per_item, count
+
 
 def _as_rows(z: torch.Tensor, name: str = "z") -> torch.Tensor:
     """(N, *shape) -> (N, D) float64 on the CPU, refusing non-finite values."""
@@ -389,3 +415,7 @@ class GMMPrior(BaselinePrior):
 
 
 BASELINES: dict[str, type[BaselinePrior]] = {"GaussianPrior": GaussianPrior, "GMMPrior": GMMPrior}
+
+# The flow-matching baseline subclasses BaselinePrior, so its module imports this one and registers itself in
+# BASELINES; importing it here, after BASELINES exists, is what lets load_baseline rebuild it.
+import latent_prior.flow_matching  # noqa: E402,F401

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,8 +43,15 @@ from latent_prior.errors import LatentPriorError
 __all__ = ["Flow", "RealNVP", "MultiScaleFlow", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
 
 FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale")
+#: Covariances of a mixture base's components, and how the mixture is initialized from the `initialize`
+#: batch: "kmeans" (centroids, per-cluster std, diagonal only) or "em" (the GMM that EM fits, as
+#: `latent_prior.baselines.GMMPrior` does for the baseline that the prior must beat).
+BASE_COVARIANCES = ("diag", "full")
+BASE_INITS = ("kmeans", "em")
 
 _LOG_2PI = math.log(2 * math.pi)
+# K·D² values of a full-covariance base (40 MB of float32): beyond that, diagonal components.
+_MAX_FULL_BASE_VALUES = 10 * 1024**2
 # Affine couplings bound their log-scale softly to (−2, 2) per layer: enough range when stacked,
 # and no exp() overflow when a badly trained conditioner outputs huge values.
 _AFFINE_LOG_SCALE_BOUND = 2.0
@@ -423,26 +431,47 @@ class Flow(nn.Module):
     """Base class: a bijection between latents (N, *latent_shape) and base noise ε (N, D).
 
     Subclasses implement `to_base(z) -> (ε, log|det ∂ε/∂z|)` and `from_base(ε) -> (z, log|det ∂z/∂ε|)`.
-    The base distribution is N(0, I) (`base_components=1`) or a learned mixture of K diagonal Gaussians
-    (`base_components=K`), initialized by k-means on the standardized codes of the `initialize` batch.
+    The base distribution is N(0, I) (`base_components=1`) or a learned mixture of K Gaussians
+    (`base_components=K`) with diagonal or full covariances (`base_covariance`), initialized on the codes
+    of the `initialize` batch by k-means or by EM (`base_init`).
     A mixture base lets the flow keep separate modes apart: from one Gaussian, a continuous bijection
-    must join them by thin bridges whose samples decode to blends of two digits.
+    must join them by thin bridges whose samples decode to blends of two digits. With full covariances and
+    EM, a fresh flow (affine: ActNorms, rotations and identity couplings) IS the GMM fitted to that batch,
+    so training starts from the baseline the prior must beat.
+    Each component is an affine map of standard noise, u = μ_k + L_k·ξ (L_k = diag σ_k, or lower
+    triangular with a positive diagonal): `from_standard` / `to_standard`.
     Sampling draws ε from the base with its noise scaled by `temperature` T (component means stay put;
     with K = 1 that is ε ~ N(0, T²·I)). Device and dtype follow the module's parameters.
     """
 
     config: dict[str, Any]
 
-    def __init__(self, latent_shape: Sequence[int], base_components: int = 1) -> None:
+    def __init__(self, latent_shape: Sequence[int], base_components: int = 1, base_covariance: str = "diag",
+                 base_init: str = "kmeans") -> None:
         super().__init__()
         self.latent_shape = _latent_shape(latent_shape)
         self.dim = math.prod(self.latent_shape)
         self.base_components = _positive_int("base_components", base_components)
+        if base_covariance not in BASE_COVARIANCES:
+            raise LatentPriorError(f"base_covariance={base_covariance!r} is unknown; choose one of {', '.join(BASE_COVARIANCES)}.")
+        if base_init not in BASE_INITS:
+            raise LatentPriorError(f"base_init={base_init!r} is unknown; choose one of {', '.join(BASE_INITS)}.")
+        if base_covariance == "full" and base_init == "kmeans":
+            raise LatentPriorError("base_covariance='full' needs base_init='em' (k-means gives no covariances).")
+        if base_covariance == "full" and self.base_components > 1 and self.base_components * self.dim**2 > _MAX_FULL_BASE_VALUES:
+            raise LatentPriorError(
+                f"a full-covariance base of {self.base_components} components in {self.dim} dims needs "
+                f"{self.base_components * self.dim**2:,} parameters; use base_covariance='diag' or fewer components."
+            )
+        self.base_covariance, self.base_init = base_covariance, base_init
         if self.base_components > 1:
             k = self.base_components
             self.base_means = nn.Parameter(torch.zeros(k, self.dim))
-            self.base_log_scales = nn.Parameter(torch.zeros(k, self.dim))
+            self.base_log_scales = nn.Parameter(torch.zeros(k, self.dim))  # log of L_k's diagonal
             self.base_logits = nn.Parameter(torch.zeros(k))
+            if base_covariance == "full":
+                self.base_tril = nn.Parameter(torch.zeros(k, self.dim, self.dim))  # L_k below its diagonal
+                self.register_buffer("base_tril_mask", torch.tril(torch.ones(self.dim, self.dim), -1), persistent=False)
         # uint8, not bool: gloo (Accelerate on CPU) can broadcast it, and .to(dtype) leaves it alone.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
 
@@ -482,18 +511,60 @@ class Flow(nn.Module):
 
     def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log-density of the base at ε (N, D) -> (N,) nats: N(ε; 0, T²·I), or the mixture
-        Σ_k π_k N(ε; μ_k, T²·diag σ_k²)."""
+        Σ_k π_k N(ε; μ_k, T²·L_k L_kᵀ)."""
         t = float(temperature)
         if self.base_components == 1:
             return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
         return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
 
+    def base_scale_tril(self) -> torch.Tensor:
+        """The full-covariance base's factors L_k (K, D, D), lower triangular with diagonal exp(base_log_scales)."""
+        return self.base_tril * self.base_tril_mask + torch.diag_embed(torch.exp(self.base_log_scales))
+
     def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """log π_k + log N(ε; μ_k, T²·diag σ_k²) for each component of a mixture base: ε (N, D) -> (N, K) nats."""
-        log_scales = self.base_log_scales + math.log(float(temperature))  # (K, D)
-        d = (eps[:, None, :] - self.base_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D)
-        per_component = -0.5 * d.pow(2).sum(2) - log_scales.sum(1)[None] - 0.5 * self.dim * _LOG_2PI
+        """log π_k + log N(ε; μ_k, T²·L_k L_kᵀ) for each component of a mixture base: ε (N, D) -> (N, K) nats."""
+        t = float(temperature)
+        log_scales = self.base_log_scales + math.log(t)  # (K, D)
+        if self.base_covariance == "full":
+            dtype = torch.promote_types(eps.dtype, torch.float32)  # triangular solves do not run in half
+            diff = (eps.to(dtype)[None] - self.base_means.to(dtype)[:, None]).transpose(1, 2)  # (K, D, N)
+            white = torch.linalg.solve_triangular(self.base_scale_tril().to(dtype), diff, upper=False)
+            maha = white.pow(2).sum(1).T.to(eps.dtype) / t**2  # (N, K)
+        else:
+            d = (eps[:, None, :] - self.base_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D)
+            maha = d.pow(2).sum(2)
+        per_component = -0.5 * maha - log_scales.sum(1)[None] - 0.5 * self.dim * _LOG_2PI
         return torch.log_softmax(self.base_logits, 0)[None] + per_component
+
+    def from_standard(self, xi: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        """u = μ_k + L_k·ξ per row: standard noise ξ (N, D) of components k (N,) -> base codes (N, D), in ξ's
+        dtype and differentiable in ξ; ξ itself for an N(0, I) base or k None."""
+        if self.base_components == 1 or k is None:
+            return xi
+        means = self.base_means.to(xi.dtype)[k]
+        if self.base_covariance == "diag":
+            return means + xi * torch.exp(self.base_log_scales.to(xi.dtype))[k]
+        tril = self.base_scale_tril().to(xi.dtype)
+        out = torch.zeros_like(xi)
+        # Per component, not per row: gathering a D×D factor for every row would cost N·D² memory.
+        for j in k.unique().tolist():
+            rows = (k == j).nonzero().squeeze(1)
+            out = out.index_put((rows,), xi[rows] @ tril[j].T)
+        return means + out
+
+    def to_standard(self, u: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        """ξ = L_k⁻¹·(u − μ_k) per row, the inverse of `from_standard`."""
+        if self.base_components == 1 or k is None:
+            return u
+        centered = u - self.base_means.to(u.dtype)[k]
+        if self.base_covariance == "diag":
+            return centered * torch.exp(-self.base_log_scales.to(u.dtype))[k]
+        tril = self.base_scale_tril().to(u.dtype)
+        out = torch.zeros_like(u)
+        for j in k.unique().tolist():
+            rows = (k == j).nonzero().squeeze(1)
+            out = out.index_put((rows,), torch.linalg.solve_triangular(tril[j], centered[rows].T, upper=False).T)
+        return out
 
     def sample_components(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n component indices (n,) of a mixture base, drawn from its weights on the generator's device (like
@@ -508,8 +579,7 @@ class Flow(nn.Module):
         noise = self._base_noise(n, generator) * float(temperature)
         if self.base_components == 1 or n == 0:
             return noise
-        k = self.sample_components(n, generator)
-        return self.base_means[k] + noise * torch.exp(self.base_log_scales[k])
+        return self.from_standard(noise, self.sample_components(n, generator))
 
     def log_prob(self, z: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """Exact log q(z) in nats, (N, *latent_shape) -> (N,); `temperature` T gives the density of
@@ -548,7 +618,8 @@ class Flow(nn.Module):
 
     @torch.no_grad()
     def initialize(self, z: torch.Tensor, *, force: bool = False) -> bool:
-        """Data-dependent ActNorm init from a batch of normalized posterior samples (N, *latent_shape).
+        """Data-dependent ActNorm init from a batch of normalized posterior samples (N, *latent_shape), then
+        a mixture base's k-means or EM on the batch's base codes (`base_init`).
 
         Runs once: the `initialized` buffer is saved with the weights, so a reloaded flow is left
         alone (returns False). `force=True` re-initializes. Returns True when it initialized.
@@ -571,7 +642,7 @@ class Flow(nn.Module):
             for m in actnorms:
                 m.pending_init = False
         if self.base_components > 1:
-            self._initialize_mixture(eps.float())
+            (self._initialize_mixture_em if self.base_init == "em" else self._initialize_mixture)(eps.float())
         self.initialized.fill_(1)
         return True
 
@@ -602,6 +673,32 @@ class Flow(nn.Module):
         self.base_logits.copy_(torch.log((counts + 1.0) / (counts.sum() + self.base_components)).to(self.base_logits.dtype))
 
     @torch.no_grad()
+    def _initialize_mixture_em(self, eps: torch.Tensor) -> None:
+        """Mixture base = the GMM that EM fits to the base codes ε (N, D), with `GMMPrior`'s settings (float64,
+        the best of 5 k-means starts, covariance regularization 1e-6): the baseline's own estimator, so an
+        affine flow on this base is that GMM. Components beyond N keep weight ~0."""
+        from latent_prior.baselines import GMMPrior
+
+        k = min(self.base_components, len(eps))
+        with warnings.catch_warnings():
+            # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
+            # here training and the trainer's held-out selection judge the result.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gmm = GMMPrior(n_components=k, covariance=self.base_covariance, seed=0, n_init=5).fit(eps.double())
+        chol = gmm._chol  # (k, D, D) lower triangular, float64
+        diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+        weights = torch.full((self.base_components,), 1e-8, dtype=torch.float64)
+        weights[:k] = gmm.weights.clamp_min(1e-8)
+        self.base_means.zero_()
+        self.base_means[:k] = gmm.means.to(self.base_means.dtype)
+        self.base_log_scales.zero_()
+        self.base_log_scales[:k] = diag.log().to(self.base_log_scales.dtype)
+        self.base_logits.copy_(weights.log().to(self.base_logits.dtype))
+        if self.base_covariance == "full":
+            self.base_tril.zero_()
+            self.base_tril[:k] = torch.tril(chol, -1).to(self.base_tril.dtype)
+
+    @torch.no_grad()
     def refit_mixture_weights(self, z: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
         """Set a mixture base's weights to the mean responsibilities of latents z (N, *latent_shape): the EM
         update of the weights alone, their maximum-likelihood value for the current flow and components.
@@ -625,6 +722,9 @@ class Flow(nn.Module):
         weights = (total / len(z)).clamp_min(1e-8)
         self.base_logits.copy_(weights.log().to(self.base_logits.dtype))
         return weights.float()
+
+    def _base_config(self) -> dict[str, Any]:
+        return {"base_components": self.base_components, "base_covariance": self.base_covariance, "base_init": self.base_init}
 
     def extra_repr(self) -> str:
         return f"latent_shape={self.latent_shape}, initialized={self.is_initialized}"
@@ -655,8 +755,10 @@ class RealNVP(Flow):
         num_bins: int = 8,
         tail_bound: float = 3.0,
         base_components: int = 1,
+        base_covariance: str = "diag",
+        base_init: str = "kmeans",
     ) -> None:
-        super().__init__(latent_shape, base_components)
+        super().__init__(latent_shape, base_components, base_covariance, base_init)
         num_blocks = _positive_int("num_blocks", num_blocks)
         hidden = _positive_int("hidden", hidden)
         num_layers = _positive_int("num_layers", num_layers)
@@ -676,7 +778,7 @@ class RealNVP(Flow):
             "coupling": coupling,
             "num_bins": num_bins,
             "tail_bound": float(tail_bound),
-            "base_components": self.base_components,
+            **self._base_config(),
         }
         transform = AffineTransform() if coupling == "affine" else RationalQuadraticSplineTransform(num_bins, tail_bound)
 
@@ -738,8 +840,10 @@ class MultiScaleFlow(Flow):
         checkerboard_blocks: int = 2,
         hidden_channels: int = 64,
         base_components: int = 1,
+        base_covariance: str = "diag",
+        base_init: str = "kmeans",
     ) -> None:
-        super().__init__(latent_shape, base_components)
+        super().__init__(latent_shape, base_components, base_covariance, base_init)
         if len(self.latent_shape) != 3:
             raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use kind='realnvp' for flat latents.")
         c, h, w = self.latent_shape
@@ -761,7 +865,7 @@ class MultiScaleFlow(Flow):
             "blocks_per_scale": blocks_per_scale,
             "checkerboard_blocks": checkerboard_blocks,
             "hidden_channels": hidden_channels,
-            "base_components": self.base_components,
+            **self._base_config(),
         }
 
         def make_net(n_in: int, n_out: int) -> nn.Module:

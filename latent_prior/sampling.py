@@ -368,8 +368,8 @@ def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: t
                             init: str) -> torch.Tensor:
     """m chains in the base flow's coordinates; returns z = f(u), (m, *latent_shape).
 
-    Each chain runs in the standardized coordinates ξ of one component of the base, u = μ_k + σ_k·ξ
-    (μ = 0, σ = 1 for an N(0, I) base), where its target is N(ξ; 0, I)·exp(−E_res(f(u))): LEBM's update
+    Each chain runs in the standardized coordinates ξ of one component of the base, u = μ_k + L_k·ξ
+    (`Flow.from_standard`; u = ξ for an N(0, I) base), where its target is N(ξ; 0, I)·exp(−E_res(f(u))): LEBM's update
     on ξ, well conditioned even when the components are much narrower than the step. The component is
     drawn from the mixture weights (or, for init="flow", is the one that explains the start best) and
     kept, so with a mixture base the chains are exact within each component, while the residual's
@@ -382,25 +382,17 @@ def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: t
         u = _to_base(base, flow.sample(m, generator=generator, temperature=1.0).detach())
         # the component that explains each start best
         k = base.component_log_probs(u.to(next(base.parameters()).dtype)).argmax(1) if mixture else None
-        means, scales = _component_coordinates(base, k, u.device)
-        xi = (u - means) / scales
+        with torch.no_grad():
+            xi = base.to_standard(u, k)
     else:
-        means, scales = _component_coordinates(base, base.sample_components(m, generator) if mixture else None, device)
+        k = base.sample_components(m, generator) if mixture else None
         xi = torch.randn((m, base.dim), generator=generator, device=device)
     for _ in range(steps):
         xi.requires_grad_(True)
-        energies = residual(_from_base(base, means + scales * xi).to(residual_dtype)).float()
+        energies = residual(_from_base(base, base.from_standard(xi, k)).to(residual_dtype)).float()
         xi = _langevin_step(xi, _grad_wrt(energies, xi), generator, temperature, step_size)
     with torch.no_grad():
-        return _from_base(base, means + scales * xi)
-
-
-@torch.no_grad()
-def _component_coordinates(base: Any, k: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, σ) float32 of the base components k (m,), each (m, D); (0, 1) of shape (1, D) for an N(0, I) base (k None)."""
-    if k is None:
-        return torch.zeros(1, base.dim, device=device), torch.ones(1, base.dim, device=device)
-    return base.base_means.float()[k], base.base_log_scales.float().exp()[k]
+        return _from_base(base, base.from_standard(xi, k))
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {

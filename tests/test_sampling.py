@@ -423,7 +423,8 @@ def test_prior_langevin_default_does_not_diverge_on_sharp_latents(tmp_path, caps
     assert torch.isfinite(load_file(str(out))["latents"]).all()
 
 
-def test_base_space_langevin_with_a_mixture_base_keeps_both_modes():
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_base_space_langevin_with_a_mixture_base_keeps_both_modes(covariance):
     """With a mixture base each chain runs in the standardized coordinates of one component, so with
     E_res = 0 the chains keep q_base's two narrow modes (0.09-0.56 wide in the base coordinates, down to 4
     times narrower than the step of 0.4) and their weights. A chain in u itself, with −∇log m(u) as its drift, overshoots
@@ -432,7 +433,8 @@ def test_base_space_langevin_with_a_mixture_base_keeps_both_modes():
     from latent_prior.flows import build_flow
 
     torch.manual_seed(0)
-    base = build_flow((2,), num_blocks=2, hidden=16, base_components=2)
+    base = build_flow((2,), num_blocks=2, hidden=16, base_components=2, base_covariance=covariance,
+                      base_init="em" if covariance == "full" else "kmeans")
     data = torch.cat([0.1 * torch.randn(3000, 2) + 2.0, 0.1 * torch.randn(1000, 2) - 2.0])
     base.initialize(data)
     residual = build_energy((2,), hidden=16, depth=2)

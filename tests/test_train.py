@@ -81,12 +81,15 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
     assert "20 steps" in summary_line and "log Ẑ" in summary_line and "ESS" in summary_line and "bits/latent-dim" in summary_line
     for name in ("model.safetensors", "config.json", "fit_config.json", "metrics.csv", "fit_summary.json"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    selected = json.loads((out / "fit_summary.json").read_text())["selected_step"]
+    # the last two checkpoints, and the selected one (step 0, the GMM start, is a candidate too)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({f"step-{selected:07d}", "step-0000010", "step-0000020"})
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for column in ("e_pos", "e_neg", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm", "val_gain_nats"):
+    for column in ("e_pos", "e_neg", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm",
+                   "val_gain_nats", "val_fd"):
         assert column in header
-    assert [r.split(",")[0] for r in rows[1:]] == ["5", "10", "15", "20"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10", "15", "20"]
 
     prior = LatentPrior.from_pretrained(out)
     config = json.loads((out / "config.json").read_text())
@@ -185,7 +188,7 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     assert_same_tensors(checkpoint_tensors(tmp_path / "a", 12), checkpoint_tensors(tmp_path / "b", 12))
     # metrics.csv of the resumed run has each step once
     steps = [r.split(",")[0] for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == ["3", "4", "5", "8", "10", "12"]  # 3: the end of the warm-up is evaluated too
+    assert steps == ["0", "3", "4", "5", "8", "10", "12"]  # 0: the initialized model; 3: the end of the warm-up
     a_rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
     b_rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in a_rows] == [r.split(",")[3:] for r in b_rows]  # same values (seconds differ)
@@ -218,19 +221,27 @@ def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, t
 
 def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents, tmp_path, capsys):
     out = tmp_path / "early"
-    # An unreachable ESS requirement: no evaluation can become "best", so patience 2 stops at the 2nd one.
+    # An unreachable ESS requirement: no evaluation can become "best", so patience 2 stops at the 2nd one
+    # (steps 0 and 2).
     assert fit_cli(latents, out, "--steps", "40", "--checkpoint-every", "2", "--early-stop-patience", "2",
                    "--min-ess-fraction", "1.0") == 0
     summary = json.loads((out / "fit_summary.json").read_text())
-    assert summary["stopped_early"] and summary["steps"] == 4 and summary["selected_step"] == 4
+    assert summary["stopped_early"] and summary["steps"] == 2 and summary["selected_step"] == 2
     assert "no checkpoint reached --min-ess-fraction" in capsys.readouterr().err
 
-    out = tmp_path / "selected"
-    assert fit_cli(latents, out, "--steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "1") == 0
-    summary = json.loads((out / "fit_summary.json").read_text())
-    history = json.loads((out / "config.json").read_text())["training"]["history"]
-    eligible = [h for h in history if h["ess_fraction"] >= 0.01]
-    assert summary["selected_step"] == max(eligible, key=lambda h: h["val_gain_nats"])["step"]
+    for select_by in ("gain", "gain_and_fd"):
+        out = tmp_path / f"selected-{select_by}"
+        assert fit_cli(latents, out, "--steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "1", "--select-by", select_by) == 0
+        summary = json.loads((out / "fit_summary.json").read_text())
+        history = json.loads((out / "config.json").read_text())["training"]["history"]
+        eligible = [h for h in history if h["ess_fraction"] >= 0.01]
+        if select_by == "gain":
+            assert summary["selected_step"] == max(eligible, key=lambda h: h["val_gain_nats"])["step"]
+        else:  # the lowest FD among the candidates at least as good as the first one on both counts
+            first = history[0]
+            assert first["step"] == 0 and summary["reference"] == {k: first[k] for k in ("step", "val_gain_nats", "val_fd")}
+            admissible = [h for h in eligible if h["val_gain_nats"] >= first["val_gain_nats"] and h["val_fd"] <= first["val_fd"]]
+            assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == sorted({f"step-{summary['selected_step']:07d}", "step-0000012"})  # best + the last one
     exported = load_file(str(out / "model.safetensors"))
@@ -254,8 +265,9 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_pat
     assert json.loads((Path(named) / "state.json").read_text())["step"] < step
 
 
-def test_divergence_before_any_checkpoint_says_so(latents, tmp_path):
-    with pytest.raises(LatentPriorError, match=r"diverged at step \d+ .*no checkpoint was written yet"):
+def test_divergence_before_the_first_periodic_checkpoint_names_the_initial_one(latents, tmp_path):
+    # The initialized model is evaluated and checkpointed before the first step, so there is always one to resume from.
+    with pytest.raises(LatentPriorError, match=r"diverged at step \d+ .*the last good checkpoint is .*step-0000000"):
         fit(latents, out=str(tmp_path / "x"), steps=50, checkpoint_every=100, lr_energy=1e4, energy_magnitude_penalty=0.0,
             grad_penalty=0.0, divergence_threshold=1e3, warmup_steps=0, **TINY_KW)
 
@@ -370,15 +382,16 @@ def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_p
     monkeypatch.setattr(Flow, "refit_mixture_weights", lambda self, z, **kw: refits.append(real_refit(self, z, **kw)) or refits[-1])
     out = tmp_path / "based"
     prior = fit(latents, out=str(out), steps=40, warmup_steps=20, checkpoint_every=10, keep_checkpoints=10, **TINY_KW)
+    assert isinstance(prior.energy_net, FlowBasedEnergy)
     assert len(refits) == 1 and len(refits[0]) == prior.energy_net.base.base_components == 10
-    torch.testing.assert_close(torch.softmax(prior.energy_net.base.base_logits, 0), refits[0], rtol=0, atol=1e-6)
     at_snapshot = next(h for h in prior.training_info["history"] if h["step"] == 20)
     # right after the warm-up the sampler IS the base and E_res ≈ 0, so p = q: log Z ≈ 0 and the IS weights are flat
     assert abs(at_snapshot["log_z_is"]) < 0.02 and at_snapshot["ess_fraction"] > 0.98
-    assert isinstance(prior.energy_net, FlowBasedEnergy)
     snapshot = load_file(str(out / "checkpoints" / "step-0000020" / "flow_ema.safetensors"))
-    for name, value in prior.energy_net.base.state_dict().items():  # frozen through the alternating phase
-        torch.testing.assert_close(value, snapshot[name], msg=name)
+    last = load_file(str(out / "checkpoints" / "step-0000040" / "energy.safetensors"))
+    torch.testing.assert_close(torch.softmax(last["base.base_logits"], 0), refits[0], rtol=0, atol=1e-6)
+    for name, value in snapshot.items():  # frozen through the alternating phase
+        torch.testing.assert_close(last[f"base.{name}"], value, msg=name)
     z = prior.sample(64, generator=torch.Generator().manual_seed(0))
     reloaded = LatentPrior.from_pretrained(out)
     torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
