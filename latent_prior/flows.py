@@ -467,10 +467,16 @@ class Flow(nn.Module):
         if self.base_components > 1:
             k = self.base_components
             self.base_means = nn.Parameter(torch.zeros(k, self.dim))
-            self.base_log_scales = nn.Parameter(torch.zeros(k, self.dim))  # log of L_k's diagonal
+            self.base_log_scales = nn.Parameter(torch.zeros(k, self.dim))  # diag: log σ_k; full: s_k (below)
             self.base_logits = nn.Parameter(torch.zeros(k))
             if base_covariance == "full":
-                self.base_tril = nn.Parameter(torch.zeros(k, self.dim, self.dim))  # L_k below its diagonal
+                # L_k = G_k·(I + A_k)·diag(exp(s_k)): G_k, the EM fit's Cholesky factor, is fixed, and training moves
+                # the unit-lower-triangular A_k and s_k in G_k's whitened coordinates. Adam steps each entry by
+                # about the learning rate whatever its gradient, so steps taken on L_k itself overwhelm its
+                # smallest singular values (1e-3 along nearly deterministic directions) and L_k⁻¹ overflows
+                # within a few steps; in whitened coordinates a step is a relative change.
+                self.base_tril = nn.Parameter(torch.zeros(k, self.dim, self.dim))  # A_k below its diagonal
+                self.register_buffer("base_tril_fit", torch.eye(self.dim).repeat(k, 1, 1))  # G_k
                 self.register_buffer("base_tril_mask", torch.tril(torch.ones(self.dim, self.dim), -1), persistent=False)
         # uint8, not bool: gloo (Accelerate on CPU) can broadcast it, and .to(dtype) leaves it alone.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
@@ -518,8 +524,9 @@ class Flow(nn.Module):
         return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
 
     def base_scale_tril(self) -> torch.Tensor:
-        """The full-covariance base's factors L_k (K, D, D), lower triangular with diagonal exp(base_log_scales)."""
-        return self.base_tril * self.base_tril_mask + torch.diag_embed(torch.exp(self.base_log_scales))
+        """The full-covariance base's factors L_k = G_k·(I + A_k)·diag(exp(s_k)) (K, D, D), lower triangular."""
+        relative = self.base_tril * self.base_tril_mask + torch.diag_embed(torch.exp(self.base_log_scales))
+        return self.base_tril_fit.to(relative.dtype) @ relative
 
     def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log π_k + log N(ε; μ_k, T²·L_k L_kᵀ) for each component of a mixture base: ε (N, D) -> (N, K) nats."""
@@ -530,10 +537,12 @@ class Flow(nn.Module):
             diff = (eps.to(dtype)[None] - self.base_means.to(dtype)[:, None]).transpose(1, 2)  # (K, D, N)
             white = torch.linalg.solve_triangular(self.base_scale_tril().to(dtype), diff, upper=False)
             maha = white.pow(2).sum(1).T.to(eps.dtype) / t**2  # (N, K)
+            log_det = log_scales.sum(1) + torch.diagonal(self.base_tril_fit, dim1=-2, dim2=-1).log().sum(1).to(log_scales.dtype)
         else:
             d = (eps[:, None, :] - self.base_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D)
             maha = d.pow(2).sum(2)
-        per_component = -0.5 * maha - log_scales.sum(1)[None] - 0.5 * self.dim * _LOG_2PI
+            log_det = log_scales.sum(1)
+        per_component = -0.5 * maha - log_det[None] - 0.5 * self.dim * _LOG_2PI
         return torch.log_softmax(self.base_logits, 0)[None] + per_component
 
     def from_standard(self, xi: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
@@ -692,11 +701,13 @@ class Flow(nn.Module):
         self.base_means.zero_()
         self.base_means[:k] = gmm.means.to(self.base_means.dtype)
         self.base_log_scales.zero_()
-        self.base_log_scales[:k] = diag.log().to(self.base_log_scales.dtype)
         self.base_logits.copy_(weights.log().to(self.base_logits.dtype))
         if self.base_covariance == "full":
             self.base_tril.zero_()
-            self.base_tril[:k] = torch.tril(chol, -1).to(self.base_tril.dtype)
+            self.base_tril_fit.copy_(torch.eye(self.dim, dtype=self.base_tril_fit.dtype).repeat(self.base_components, 1, 1))
+            self.base_tril_fit[:k] = chol.to(self.base_tril_fit.dtype)
+        else:
+            self.base_log_scales[:k] = diag.log().to(self.base_log_scales.dtype)
 
     @torch.no_grad()
     def refit_mixture_weights(self, z: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:

@@ -58,7 +58,9 @@ def test_info_describes_a_prior_and_a_sample_file(default_vae_prior, tmp_path, c
     assert d["log_z"] == config["log_z"] and d["log_z_ess"] == config["log_z_info"]["ess"]
     assert d["heldout_gain_nats"] == config["training"]["summary"]["heldout_gain_nats"]
     assert d["training"]["steps"] == 10 and d["training"]["config"]["latents"] == str(latents.resolve())
-    assert d["energy"]["parameters"] > 0 and d["flow"]["parameters"] > 0 and d["checkpoints"] == 2
+    # keep_checkpoints=2 most recent (steps 5 and 10) and the selected one, when it is not among them
+    kept = {5, 10} | {config["training"]["summary"]["selected_step"]}
+    assert d["energy"]["parameters"] > 0 and d["flow"]["parameters"] > 0 and d["checkpoints"] == len(kept)
     assert d["files"]["model.safetensors"] == (prior_dir / "model.safetensors").stat().st_size
     assert d["provenance"]["class_name"] == "AutoencoderKL" and d["latent_prior_version"]
     assert main(["info", str(prior_dir)]) == 0
