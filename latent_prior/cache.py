@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,76 @@ def shard_name(chunk: int) -> str:
     return f"shard-{chunk:05d}.safetensors"
 
 
+#: The names `encode` itself writes into a cache folder (besides plan.json and manifest.json).
+_SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+#: Our temporary names (see `_tmp_path`): the only hidden files a cache's writer ever deletes.
+_OUR_LEFTOVER = re.compile(r"\.(shard-\d{5}\.safetensors|plan\.json|manifest\.json)\.tmp")
+
+
 def _tmp_path(path: Path) -> Path:
     # Hidden and chunk-specific: ranks own disjoint chunks, so two writers never share a tmp name.
     return path.with_name(f".{path.name}.tmp")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own `checksum` key: an edit by hand shows."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_normalization(data: Any, where: str, channels: int | None = None) -> LatentNormalization:
+    """A recorded normalization (manifest, prior config, file metadata) -> `LatentNormalization`, checked:
+    finite numbers, a non-zero scaling, positive per-channel stds, one entry per latent channel.
+    None or {} is the identity. Raises LatentPriorError naming `where`."""
+    if data is None:
+        return LatentNormalization()
+    if not isinstance(data, dict):
+        raise LatentPriorError(f"{where}: `normalization` is {data!r}, not an object of scaling_factor, shift_factor, "
+                               "latents_mean and latents_std; restore the file from the run that wrote it.")
+    known = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise LatentPriorError(f"{where}: `normalization` has unknown key(s) {', '.join(unknown)}; it may hold only "
+                               f"{', '.join(known)}.")
+
+    def bad(key: str, what: str) -> LatentPriorError:
+        return LatentPriorError(f"{where}: `normalization.{key}` is {data[key]!r}, but it must be {what}; restore the "
+                                "file from the run that wrote it.")
+
+    scaling = data.get("scaling_factor", 1.0)
+    if not _finite_number(scaling) or scaling == 0:
+        raise bad("scaling_factor", "a finite non-zero number")
+    shift = data.get("shift_factor", 0.0)
+    if shift is not None and not _finite_number(shift):
+        raise bad("shift_factor", "a finite number or null")
+    for key in ("latents_mean", "latents_std"):
+        values = data.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values or not all(_finite_number(v) for v in values):
+            raise bad(key, "null or a list of finite numbers, one per latent channel")
+        if key == "latents_std" and any(v <= 0 for v in values):
+            raise bad(key, "a list of positive numbers")
+        if channels is not None and len(values) != channels:
+            raise bad(key, f"a list of {channels} numbers (one per latent channel)")
+    return LatentNormalization.from_dict(data)
 
 
 def _fsync(path: Path) -> None:
@@ -88,8 +156,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 
 
 def files_digest(files: Sequence[str]) -> str:
-    """sha256 of the newline-joined relative paths: identifies the exact (ordered) file list."""
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+    """sha256 of the newline-joined relative paths: identifies the exact (ordered) file list.
+
+    A name that is not valid UTF-8 (Python holds its bytes as surrogates) hashes as its raw bytes, so such a
+    file is listed, and skipped with a reason, instead of stopping the encode of the whole folder."""
+    return hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _hash_identity(identity: dict[str, Any]) -> str:
@@ -212,6 +283,16 @@ class CacheWriter:
                 f"--out {self.out} holds shards but no {PLAN}, so they cannot be checked; "
                 "choose a new --out or delete that folder."
             )
+        elif self.out.is_dir():
+            # Not a cache of ours: a folder we would write manifest.json and shards into must be empty, so
+            # that nothing of the user's is replaced or deleted (our own tmp leftovers do not count).
+            foreign = sorted(p.name for p in self.out.iterdir() if not _OUR_LEFTOVER.fullmatch(p.name))
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise LatentPriorError(
+                    f"--out {self.out} already holds {shown} and is not a latent cache (no {PLAN}); choose a new or "
+                    "empty --out, so that nothing in that folder is overwritten."
+                )
 
     def prepare(self) -> list[int]:
         """Main process only, before any shard is written: create `out`, drop temporary files left by a
@@ -219,8 +300,10 @@ class CacheWriter:
         Returns the chunks still to encode (all ranks together)."""
         self.check_compatible()
         self.out.mkdir(parents=True, exist_ok=True)
-        for leftover in self.out.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        for leftover in self.out.iterdir():
+            if _OUR_LEFTOVER.fullmatch(leftover.name):
+                leftover.unlink(missing_ok=True)
+        self._drop_damaged_shards()
         plan_path = self.out / PLAN
         if not plan_path.exists():
             atomic_write_json(
@@ -238,11 +321,38 @@ class CacheWriter:
             (self.out / MANIFEST).unlink()
         return pending
 
+    def _discard(self) -> None:
+        """Delete what this writer wrote (plan.json, its shards), and the folder when nothing else is left."""
+        for path in [self.out / PLAN, *(self.shard_path(k) for k in range(self.num_chunks))]:
+            path.unlink(missing_ok=True)
+        if not any(self.out.iterdir()):
+            self.out.rmdir()
+
+    def _drop_damaged_shards(self) -> None:
+        """Delete the shards whose bytes no longer match the checksum the manifest recorded for them (a bit
+        flip passes every header check), so that this run encodes them again. A manifest that fails its own
+        checksum is not trusted for this: its shards are then judged by their headers alone."""
+        manifest_path = self.out / MANIFEST
+        if not manifest_path.is_file():
+            return
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            entries = manifest["shards"] if manifest.get("checksum") == manifest_checksum(manifest) else []
+            recorded = {str(e["file"]): str(e["sha256"]) for e in entries if isinstance(e, dict) and "sha256" in e}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return  # an unreadable manifest is rewritten by finalize anyway
+        for chunk in range(self.num_chunks):
+            path = self.shard_path(chunk)
+            if path.name in recorded and path.is_file() and file_sha256(path) != recorded[path.name]:
+                path.unlink()
+
     def shard_problem(self, chunk: int) -> str | None:
         """None when shard `chunk` exists and matches the plan, else why it must be (re)written."""
         path = self.shard_path(chunk)
         if not path.exists():
             return "missing"
+        if path.is_symlink():
+            return "a link, not a shard file"  # never followed: it could point outside the cache; replaced, not read
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -337,7 +447,18 @@ class CacheWriter:
             count = len(json.loads(meta["files"]))
             skipped.extend(json.loads(meta["skipped"]))
             shards.append({"file": shard_name(k), "count": count, "rank": int(meta["rank"]),
-                           "world_size": int(meta["world_size"])})
+                           "world_size": int(meta["world_size"]), "sha256": file_sha256(self.shard_path(k))})
+        if not sum(s["count"] for s in shards):
+            # An empty cache marked complete would only fail later, in `fit`, far from the cause; and kept
+            # incomplete, its shards (all "skipped") would be reused after the images are fixed. So it goes.
+            self._discard()
+            shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) + (
+                f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+            raise LatentPriorError(
+                f"{'--data ' + str(info['data']) if 'data' in info else 'the images'}: none of the {len(self.files)} image "
+                f"files could be read ({shown}), so no cache was written; fix or remove those files and run the same "
+                "command again."
+            )
         plan = _read_json(self.out / PLAN, "cache plan")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -355,6 +476,7 @@ class CacheWriter:
             "created": plan.get("created", _utc_now()),
             "finished": _utc_now(),
         }
+        manifest["checksum"] = manifest_checksum(manifest)
         atomic_write_json(self.out / MANIFEST, manifest)
         return manifest
 
@@ -662,18 +784,25 @@ def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
         except ValueError:
             raise LatentPriorError(f"{path}: metadata `{key}` is not valid JSON; fix or remove it.") from None
 
-    norm = meta_json("normalization")
+    norm = parse_normalization(meta_json("normalization") or None, f"{path} (metadata)", channels=shape[1])
+    provenance = meta_json("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise LatentPriorError(f"{path}: metadata `provenance` is {provenance!r}, not a JSON object; fix or remove it.")
     segments = [_Segment(path, mean_key, None if deterministic else "logvar", 0, shape[0])]
     if include_flips:
         segments.append(_Segment(path, "mean_flip", None if deterministic else "logvar_flip", shape[0], shape[0]))
     return LatentSource(
-        path, segments, tuple(shape[1:]),
-        LatentNormalization.from_dict(norm) if norm else LatentNormalization(),
-        meta_json("provenance"), deterministic, None, has_flips, include_flips, buffer_bytes,
+        path, segments, tuple(shape[1:]), norm, provenance, deterministic, None, has_flips, include_flips, buffer_bytes,
     )
 
 
-def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int) -> LatentSource:
+_REPAIR = "rerun the same `latent-prior encode` command to repair it (or delete the cache folder and encode again)"
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the complete cache in folder `path`, checked for what a reader relies on: its format
+    version, its own checksum (an edit by hand), the types of its fields, and a shard list that is exactly
+    shard-00000 … of the plan, each a plain file inside `path`. Raises LatentPriorError naming the file."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         if (path / PLAN).exists():
@@ -684,20 +813,113 @@ def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
         raise LatentPriorError(f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior encode` or a .safetensors file.")
     manifest = _read_json(manifest_path, "cache manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not _is_int(version) or version < 1:
         raise LatentPriorError(f"{manifest_path}: missing or unknown format_version {version!r}; it was not written by `latent-prior encode`.")
     if version > FORMAT_VERSION:
         raise LatentPriorError(
             f"{manifest_path}: cache format {version} is newer than this latent-prior reads ({FORMAT_VERSION}); "
             "upgrade latent-prior (pip install -U latent-prior)."
         )
+    # Caches written before the checksum existed have none; everything below is still checked for them.
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+        raise LatentPriorError(f"{manifest_path}: was edited after `latent-prior encode` wrote it (its checksum does not match); {_REPAIR}.")
+
+    def malformed(what: str) -> LatentPriorError:
+        return LatentPriorError(f"{manifest_path}: malformed manifest ({what}); {_REPAIR}.")
+
+    shape = manifest.get("latent_shape")
+    if not isinstance(shape, list) or not shape or not all(_is_int(s) and s >= 1 for s in shape):
+        raise malformed(f"latent_shape {shape!r} is not a list of positive integers")
+    for key in ("deterministic", "flip"):
+        if not isinstance(manifest.get(key, False), bool):
+            raise malformed(f"{key} {manifest.get(key)!r} is not true or false")
+    for key, least in (("count", 0), ("num_files", 1), ("shard_size", 1)):
+        if not _is_int(manifest.get(key)) or manifest[key] < least:
+            raise malformed(f"{key} {manifest.get(key)!r} is not an integer of at least {least}")
+    if manifest["count"] == 0:
+        raise LatentPriorError(f"cache {path} holds no latents (every image was skipped); check the skipped list in {manifest_path}.")
+    shards, skipped = manifest.get("shards"), manifest.get("skipped", [])
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                               and _is_int(e.get("count")) and e["count"] >= 0 for e in shards):
+        raise malformed("shards is not a list of {\"file\", \"count\"} entries")
+    if not isinstance(skipped, list):
+        raise malformed("skipped is not a list")
+    # The plan fixes the shard list: chunk k of the sorted files is shard-0000k, once each, in order. So a
+    # duplicated, dropped or renamed entry, or a path that leaves the folder, is a tampered manifest.
+    expected = [shard_name(k) for k in range(math.ceil(manifest["num_files"] / manifest["shard_size"]))]
+    listed = [e["file"] for e in shards]
+    if listed != expected:
+        odd = next((name for name in listed if name not in expected or listed.count(name) > 1), None)
+        what = (f"it lists {odd!r}, which is not one of this cache's own shard files" if odd is not None and odd not in expected
+                else f"it lists {odd} twice" if odd is not None else f"it lists {len(listed)} shards instead of {expected[0]} … {expected[-1]}")
+        raise malformed(what)
+    if sum(e["count"] for e in shards) != manifest["count"] or manifest["count"] + len(skipped) != manifest["num_files"]:
+        raise malformed(f"count {manifest['count']} does not add up with the shards' counts and the skipped files")
+    parse_normalization(manifest.get("normalization"), str(manifest_path), channels=shape[0])
+    return manifest
+
+
+def _shard_header(shard: Path) -> tuple[set[str], dict[str, tuple[int, ...]], dict[str, str]]:
     try:
-        latent_shape = tuple(int(s) for s in manifest["latent_shape"])
-        deterministic = bool(manifest["deterministic"])
-        has_flips = bool(manifest.get("flip", False))
-        shard_list = [(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LatentPriorError(f"{manifest_path}: malformed manifest ({exc!r}); delete the cache folder and encode again.") from None
+        with safe_open(str(shard), framework="pt") as f:
+            keys = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - a truncated or garbled shard becomes one clear sentence
+        raise LatentPriorError(f"{shard}: the shard is damaged ({type(exc).__name__}: {exc}); {_REPAIR}.") from None
+    return keys, shapes, meta
+
+
+def check_shards(path: Path, manifest: dict[str, Any], *, verify: bool = False) -> None:
+    """Cross-check each shard listed by a `read_manifest` manifest against the shard's own header: it is
+    a plain file inside `path` (no link out of the folder), readable, written by this cache's plan
+    (identity, chunk), with as many rows as the manifest says and exactly the tensors its
+    `deterministic` / `flip` flags imply, of the recorded shape. verify: also compare each shard's sha256
+    with the one recorded at encode time (reads every byte). Raises LatentPriorError naming the shard."""
+    root = path.resolve()
+    latent_shape = tuple(manifest["latent_shape"])
+    wanted = {"mean"} | (set() if manifest.get("deterministic") else {"logvar"})
+    if manifest.get("flip"):
+        wanted |= {k + "_flip" for k in wanted}
+    for chunk, entry in enumerate(manifest["shards"]):
+        shard = path / entry["file"]
+        if not shard.is_file():
+            raise LatentPriorError(
+                f"cache {path} is missing {entry['file']}, listed in its manifest; rerun `latent-prior encode` with the same arguments to re-create it."
+            )
+        if shard.is_symlink() or shard.resolve().parent != root:
+            # encode never writes links: one would let a cache read (and train on) a file outside its folder.
+            raise LatentPriorError(f"{shard}: is a link to {shard.resolve()}, but a cache reads only the shard files in its own "
+                                   f"folder; {_REPAIR}.")
+        keys, shapes, meta = _shard_header(shard)
+
+        def mismatch(what: str) -> LatentPriorError:
+            return LatentPriorError(f"{shard}: {what}, which does not match {path / MANIFEST}; {_REPAIR}.")
+
+        if meta.get("identity") != manifest.get("identity_hash") or meta.get("chunk") != str(chunk):
+            raise mismatch(f"the shard was written for chunk {meta.get('chunk')} of plan {meta.get('identity')}")
+        try:
+            rows = len(json.loads(meta.get("files", "null")))
+        except (ValueError, TypeError):
+            raise mismatch("its metadata lists no source files") from None
+        if rows != entry["count"]:
+            raise mismatch(f"it holds {rows} latents where the manifest says {entry['count']}")
+        if keys != wanted:
+            raise mismatch(f"it holds the tensors {', '.join(sorted(keys))} where the manifest implies {', '.join(sorted(wanted))}")
+        for key in sorted(keys):
+            if shapes[key] != (rows, *latent_shape):
+                raise mismatch(f"`{key}` has shape {shapes[key]} where the manifest implies {(rows, *latent_shape)}")
+        if verify and "sha256" in entry and file_sha256(shard) != entry["sha256"]:
+            raise LatentPriorError(f"{shard}: its bytes changed since `latent-prior encode` wrote it (sha256 does not match "
+                                   f"the manifest); {_REPAIR}.")
+
+
+def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int, verify: bool) -> LatentSource:
+    manifest = read_manifest(path)
+    check_shards(path, manifest, verify=verify)
+    latent_shape = tuple(manifest["latent_shape"])
+    deterministic = bool(manifest["deterministic"])
+    has_flips = bool(manifest.get("flip", False))
     if include_flips and not has_flips:
         raise LatentPriorError(f"cache {path} has no flip copies; encode with --flip or drop include_flips.")
     keys = [("mean", None if deterministic else "logvar")]
@@ -705,29 +927,13 @@ def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
         keys.append(("mean_flip", None if deterministic else "logvar_flip"))
     segments, start = [], 0
     for mean_key, logvar_key in keys:
-        for name, count in shard_list:
-            shard = path / name
-            if not shard.is_file():
-                raise LatentPriorError(
-                    f"cache {path} is missing {name}, listed in its manifest; rerun `latent-prior encode` with the same arguments to re-create it."
-                )
-            with safe_open(str(shard), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            for key in filter(None, (mean_key, logvar_key)):
-                if key not in shapes:
-                    raise LatentPriorError(f"{shard}: no `{key}` tensor (it holds {', '.join(sorted(shapes))}); re-encode this cache.")
-                if shapes[key] != (count, *latent_shape):
-                    raise LatentPriorError(
-                        f"{shard}: `{key}` has shape {shapes[key]}, the manifest says {(count, *latent_shape)}; re-encode this cache."
-                    )
-            if count:
-                segments.append(_Segment(shard, mean_key, logvar_key, start, count))
-                start += count
-    if start == 0:
-        raise LatentPriorError(f"cache {path} holds no latents (every image was skipped); check the skipped list in {manifest_path}.")
+        for entry in manifest["shards"]:
+            if entry["count"]:
+                segments.append(_Segment(path / entry["file"], mean_key, logvar_key, start, entry["count"]))
+                start += entry["count"]
     return LatentSource(
         path, segments, latent_shape,
-        LatentNormalization.from_dict(manifest.get("normalization") or {}),
+        parse_normalization(manifest.get("normalization"), str(path / MANIFEST), channels=latent_shape[0]),
         manifest.get("vae"), deterministic, manifest, has_flips, include_flips, buffer_bytes,
     )
 
@@ -737,6 +943,7 @@ def open_latents(
     *,
     include_flips: bool = False,
     check_finite: bool = True,
+    verify: bool | None = None,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> LatentSource:
     """Open a cache directory (from `latent-prior encode`) or one `.safetensors` file holding `mean`
@@ -746,15 +953,17 @@ def open_latents(
 
     include_flips: expose the stored horizontal-flip copies as extra items N..2N-1.
     check_finite: scan all values once for NaN/inf (bounded memory); turn off for huge caches you trust.
+    verify: compare each shard of a cache folder with the sha256 its manifest recorded (reads every byte
+        once, as the NaN scan does); by default on exactly when `check_finite` is.
     buffer_bytes: memory budget for streaming windows and scans.
-    Raises LatentPriorError for a missing path, an incomplete cache, a newer format, missing `mean`,
-    mismatched shapes or non-finite values.
+    Raises LatentPriorError for a missing path, an incomplete, damaged or edited cache, a newer format,
+    missing `mean`, mismatched shapes or non-finite values.
     """
     path = Path(path)
     if not path.exists():
         raise LatentPriorError(f"{path}: no such cache folder or .safetensors file; check the path or run `latent-prior encode` first.")
     if path.is_dir():
-        source = _open_cache_dir(path, include_flips, buffer_bytes)
+        source = _open_cache_dir(path, include_flips, buffer_bytes, check_finite if verify is None else verify)
     else:
         source = _open_bare_file(path, include_flips, buffer_bytes)
     if check_finite:

@@ -161,7 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"latent-prior {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the machine failed us (disk, memory): one sentence, exit code 1
+        failure = runtime_failure(exc)
+        if failure is None or os.environ.get("LATENT_PRIOR_DEBUG"):
+            raise  # a bug: keep its traceback (LATENT_PRIOR_DEBUG=1 keeps it for the failures above too)
+        print(f"latent-prior {args.command}: error: {failure}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+def runtime_failure(exc: BaseException) -> str | None:
+    """One sentence for a failure of the machine rather than of the input (a full disk, a permission, no
+    memory), or None for anything else."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return (f"{where}{exc.strerror or exc}; check that path, its permissions and the free disk space, then run "
+                "the same command again.")
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory; lower --batch-size (or --resolution, -n) and run the same command again."
+    return None
 
 
 if __name__ == "__main__":

@@ -80,7 +80,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LatentPriorError(f"--config {path}: no such file; check the path.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LatentPriorError(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as a UTF-8 "
+                               "YAML or JSON file.") from None
+    except OSError as exc:
+        raise LatentPriorError(f"--config {path}: cannot be read ({exc.strerror or exc}); check the file and its permissions.") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -89,12 +95,83 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear sentence
-        raise LatentPriorError(f"--config {path}: could not parse it ({exc}); it must be a YAML or JSON mapping.") from None
+        mark = getattr(exc, "problem_mark", None)  # YAML's errors span lines; say where, in one
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        reason = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise LatentPriorError(f"--config {path}: could not parse it ({where}{reason}); it must be a YAML or JSON mapping.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise LatentPriorError(f"--config {path}: expected a mapping of field names to values, got {type(data).__name__}.")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise LatentPriorError(f"--config {path}: the key {odd[0]!r} is not a field name; keys are names such as batch_size.")
     return data
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+            type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(True, value as `tp`) when `value` is of type `tp` (an int counts as a float; a bool is never a
+    number), else (False, None). Types this module does not generate flags for are accepted as they are."""
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    if tp is str:
+        return isinstance(value, str), value
+    if typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        items = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    return True, value
+
+
+def _expected(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        return f"a list of {_TYPE_NAMES.get(inner, 'values').removeprefix('an ').removeprefix('a ')}s"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_types(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with every value checked against its field's type and choices (and ints given for floats made
+    floats); a LatentPriorError naming the key, the value and the type expected otherwise. Flags are
+    typed by argparse already; this is for values from a --config file or a saved config."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for name, value in data.items():
+        tp, f = hints[name], fields[name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+        optional = type(None) in args
+        if value is None and (optional or _default_of(f) is None):
+            checked[name] = value
+            continue
+        base = _field_type(cls, f)
+        ok, converted = _coerce(value, base)
+        if not ok:
+            none = " or null" if optional else ""
+            raise LatentPriorError(f"{source}: `{name}` is {_describe(value)}, but it must be {_expected(base)}{none}; fix that key.")
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            for item in converted if isinstance(converted, tuple) else (converted,):
+                if item not in choices:
+                    raise LatentPriorError(f"{source}: `{name}` is {item!r}; choose one of {', '.join(map(str, choices))}.")
+        checked[name] = converted
+    return checked
 
 
 def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
@@ -105,6 +182,7 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
         raise LatentPriorError(
             f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(names))}."
         )
+    data = check_types(cls, data, source)
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
@@ -119,6 +197,8 @@ def resolve(cls: type[C], args: argparse.Namespace) -> C:
         values.update(load_config_file(config_file))
         values = {k.replace("-", "_"): v for k, v in values.items()}
     names = {f.name for f in dataclasses.fields(cls)}
+    # The file's own values are checked too, also those a flag overrides: a wrong one is a mistake in the file.
+    values.update(check_types(cls, {k: v for k, v in values.items() if k in names}, f"--config {config_file}"))
     values.update({k: v for k, v in vars(args).items() if k in names})
     for f in dataclasses.fields(cls):
         if typing.get_origin(_field_type(cls, f)) is tuple and isinstance(values.get(f.name), list):

@@ -13,6 +13,7 @@ encoder sees plain batches plus a list of what was skipped.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -115,6 +116,25 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> t
     return tensor / 127.5 - 1.0
 
 
+def not_an_image_file(root: str | os.PathLike, relative: str) -> str | None:
+    """Why file `relative` under `root` must be skipped before it is even opened, or None: its name is not
+    valid UTF-8 (it could not be recorded in a cache's JSON), or it is not a regular file (opening a named
+    pipe called x.png would wait forever, a device would be read without end)."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its file name is not valid UTF-8; rename it"
+    try:
+        mode = os.stat(Path(root) / relative).st_mode
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a file"
+        return f"not a regular file ({kind}); only image files are read"
+    return None
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A folder of images as a map-style dataset.
 
@@ -144,6 +164,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
+        reason = not_an_image_file(self.root, path)
+        if reason is not None:
+            return {"index": index, "path": path, "error": reason}
         try:
             image = load_image(self.root / path, self.resolution, self.channels)
         except Exception as exc:  # noqa: BLE001 - any decoding failure skips this file, never the run

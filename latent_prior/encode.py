@@ -13,6 +13,7 @@ After every rank is done, the main process writes manifest.json, which marks the
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,70 @@ def _raise_nonfinite(rows: torch.Tensor, paths: list[str], data_dir: Path, dtype
     )
 
 
+#: Width assumed for an encoder whose first convolution cannot be found: the SD VAEs' 128 channels.
+_DEFAULT_ENCODER_WIDTH = 128
+
+
+def _encoder_width(adapter: VAEAdapter) -> int:
+    """Channels of the encoder's first convolution: the widest feature maps it keeps at full resolution."""
+    module = getattr(adapter, "module", None)
+    if isinstance(module, torch.nn.Module):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                return int(layer.out_channels)
+    return _DEFAULT_ENCODER_WIDTH
+
+
+def encode_memory_bytes(adapter: VAEAdapter, resolution: int, batch_size: int) -> int:
+    """A lower estimate of the memory one encoder call takes: per image, the decoded file (uint8 and float32)
+    and, in the encoder's precision, its input and two feature maps of the first layer's width at full
+    resolution (a real encoder holds more, so a refusal on this estimate is never a false alarm)."""
+    pixels = int(resolution) ** 2
+    element = torch.finfo(adapter.dtype).bits // 8 if adapter.dtype.is_floating_point else 4
+    per_image = pixels * (3 + 3 * 4) + pixels * element * (adapter.image_channels + 2 * _encoder_width(adapter))
+    return int(batch_size) * per_image
+
+
+def machine_memory_bytes(device: torch.device) -> int | None:
+    """The memory of `device`: a GPU's own, else this machine's RAM (or the container's limit when lower);
+    None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
+
+
+def _human_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def _check_memory(adapter: VAEAdapter, resolution: int, batch_size: int, device: torch.device) -> None:
+    """Refuse, before anything is written, settings whose encoder calls cannot fit in memory: an
+    unbounded --resolution otherwise grows until the kernel kills the process minutes later."""
+    needed, available = encode_memory_bytes(adapter, resolution, batch_size), machine_memory_bytes(device)
+    if available is not None and needed > available:
+        where = f"on {device}" if device.type == "cuda" else "on this machine"
+        raise LatentPriorError(
+            f"--resolution {resolution} with --batch-size {batch_size}: one encoder call needs at least "
+            f"{_human_bytes(needed)} (estimated), more than the {_human_bytes(available)} of memory {where}; lower "
+            "--resolution or --batch-size."
+        )
+
+
 def _cache_size_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
@@ -139,6 +204,7 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
     accelerator = Accelerator()
     rank, world_size = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
+    _check_memory(adapter, resolution, config.batch_size, accelerator.device)
 
     files = list_images(data_dir)
     latent_shape = tuple(adapter.latent_shape(resolution))

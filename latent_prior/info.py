@@ -28,6 +28,7 @@ class InfoConfig:
 
     path: str | None = field(default=None, metadata={"help": "a latent cache folder, a .safetensors latents file, an exported prior folder, or a run folder of `latent-prior fit`", "required": True, "positional": True, "metavar": "PATH"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
+    verify: bool = field(default=False, metadata={"help": "also compare every shard of a cache with the sha256 its manifest recorded (reads all of the cache once; without it only headers are read)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,10 +92,11 @@ def _is_run(path: Path) -> bool:
                                  ((_is_prior, "prior"), (_is_fit_in_progress, "prior"), (_is_cache, "cache")))
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, *, verify: bool = False) -> dict[str, Any]:
     """A JSON-able description of a cache folder, a latents .safetensors file, a prior folder (or the --out of
     a fit that has not exported yet) or a run folder ({"kind": "cache" | "latents_file" | "prior" |
-    "fit_in_progress" | "run", "path", ...}). Raises LatentPriorError otherwise."""
+    "fit_in_progress" | "run", "path", ...}). Raises LatentPriorError otherwise, and for a complete cache
+    whose manifest and shards disagree or are damaged (verify: also their recorded checksums)."""
     path = Path(path)
     if not path.exists():
         raise LatentPriorError(f"{path}: no such file or folder; pass a cache, a prior folder or a run folder.")
@@ -103,26 +105,32 @@ def describe(path: str | Path) -> dict[str, Any]:
             raise LatentPriorError(f"{path}: not a .safetensors latents file; pass a cache, a prior folder or a run folder.")
         return describe_latents_file(path)
     if _is_run(path):
-        return describe_run(path)
+        return describe_run(path, verify=verify)
     if _is_prior(path):
         return describe_prior(path)
     if _is_fit_in_progress(path):
         return describe_fit_in_progress(path)
     if _is_cache(path):
-        return describe_cache(path)
+        return describe_cache(path, verify=verify)
     raise LatentPriorError(
         f"{path} is not a latent cache (manifest.json or plan.json), an exported prior (config.json and "
         "model.safetensors) or a run folder of `latent-prior fit` (prior/, cache/); pass one of those."
     )
 
 
-def describe_cache(path: Path) -> dict[str, Any]:
-    """A cache folder: complete (manifest.json) or partial (plan.json and some shards: resumable)."""
+def describe_cache(path: Path, *, verify: bool = False) -> dict[str, Any]:
+    """A cache folder: complete (manifest.json) or partial (plan.json and some shards: resumable). A complete
+    one is checked as `fit` would read it (manifest against shard headers; with verify, checksums too), so
+    "complete" is never said of a cache that would fail."""
+    from latent_prior.cache import check_shards, read_manifest
+
     out: dict[str, Any] = {"kind": "cache", "path": str(path.resolve()), "size_bytes": _size(path)}
     if (path / "manifest.json").is_file():
-        m = _read_json(path / "manifest.json")
+        m = read_manifest(path)
+        check_shards(path, m, verify=verify)
         out.update({
             "complete": True,
+            "verified": bool(verify),
             "format_version": m.get("format_version"),
             "count": m.get("count"),
             "num_files": m.get("num_files"),
@@ -205,9 +213,12 @@ def describe_latents_file(path: Path) -> dict[str, Any]:
 
 def describe_prior(path: Path) -> dict[str, Any]:
     """An exported prior folder: what `LatentPrior.from_pretrained` would load, without loading it."""
+    from latent_prior.prior import validate_prior_config
+
     config = _read_json(path / "config.json")
     if "latent_shape" not in config or "format_version" not in config:
         raise LatentPriorError(f"{path / 'config.json'} is not the config of an exported prior (no latent_shape / format_version).")
+    validate_prior_config(config, path / "config.json")
     shapes, _, _ = _header(path / "model.safetensors")
     params = {"energy": 0, "flow": 0}
     for name, shape in shapes.items():
@@ -277,12 +288,12 @@ def describe_fit_in_progress(path: Path) -> dict[str, Any]:
     }
 
 
-def describe_run(path: Path) -> dict[str, Any]:
+def describe_run(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """A run folder of `latent-prior fit` (prior/, cache/, samples.png, report.md, ...)."""
     out: dict[str, Any] = {"kind": "run", "path": str(path.resolve()), "size_bytes": _size(path)}
     out["prior"] = (describe_prior(path / "prior") if _is_prior(path / "prior") else
                     describe_fit_in_progress(path / "prior") if _is_fit_in_progress(path / "prior") else None)
-    out["cache"] = describe_cache(path / "cache") if _is_cache(path / "cache") else None
+    out["cache"] = describe_cache(path / "cache", verify=verify) if _is_cache(path / "cache") else None
     out["files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     return out
 
@@ -322,7 +333,9 @@ def _shape(shape: Any) -> str:
 
 def _cache_lines(d: dict[str, Any]) -> list[str]:
     if d["complete"]:
-        status = f"complete, {d['count']} latents from {d['num_files']} files ({d['skipped']} skipped)"
+        status = (f"complete, {d['count']} latents from {d['num_files']} files ({d['skipped']} skipped); "
+                  + ("every shard matches its recorded sha256" if d.get("verified") else
+                     "headers checked (--verify also compares each shard's sha256)"))
     else:
         status = (f"PARTIAL: {d['shards_done']} of {d['shards']} shards, {d['count_so_far']} of {d['num_files']} files "
                   "encoded; rerun the same `latent-prior encode` command to resume it")
@@ -422,7 +435,7 @@ def run_info(config: InfoConfig) -> int:
     """`latent-prior info`: print the description (text, or JSON with --json). Returns 0."""
     if config.path is None:
         raise LatentPriorError("pass the folder or file to describe: `latent-prior info PATH`.")
-    d = describe(config.path)
+    d = describe(config.path, verify=config.verify)
     if config.json:
         json.dump(d, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")

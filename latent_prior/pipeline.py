@@ -14,9 +14,12 @@ Stages (each prints one line; long ones show a progress bar unless --quiet):
 4. report   RUN_DIR/training.png, report.md and report.json (held-out metrics of the Gaussian, GMM and
             EVaLP priors, config, versions, seeds, timings, VAE provenance), `latent_prior.report`.
 
-RUN_DIR also holds config.json (the effective `RunConfig`, written first) and log.txt (what was
-printed, appended by every invocation). A RUN_DIR that holds a different run is refused unless
---overwrite (start over) or --resume (continue it with the new settings) is given.
+RUN_DIR also holds config.json (the effective `RunConfig`, written once the fit stage has accepted it, so
+a refused command leaves the settings of the run as they were), log.txt (what was printed, appended by
+every invocation) and the hidden marker .latent-prior-run, written first. A RUN_DIR that holds a
+different run is refused unless --overwrite (start over) or --resume (continue it with the new settings)
+is given; both act only on a folder that holds the marker (or a config.json of a run), so a folder of the
+user's that merely has a cache/ or a report.md is refused, never cleared.
 
 Every process of an `accelerate launch` runs this function; they encode and fit together, and only
 the main process writes config.json, the pictures, the report and the log.
@@ -52,6 +55,13 @@ __all__ = ["RunConfig", "run_pipeline", "DEFAULT_RUN_DIR", "RUN_FILES"]
 DEFAULT_RUN_DIR = "runs/default"
 #: What a run folder holds; --overwrite deletes exactly these and nothing else.
 RUN_FILES = ("config.json", "cache", "prior", "samples.png", "training.png", "report.md", "report.json", "log.txt")
+#: The entries of RUN_FILES that are folders (the others are files).
+_RUN_FOLDERS = ("cache", "prior")
+#: Written into a run folder before anything else: --overwrite and --resume touch only folders that hold it
+#: (names alone prove nothing: a user's own cache/ or report.md must never be deleted or replaced).
+RUN_MARKER = ".latent-prior-run"
+#: Keys every config.json of a run has had: such a file marks a run folder made before RUN_MARKER existed.
+_LEGACY_RUN_KEYS = frozenset({"vae", "data", "out", "steps", "seed", "grid_samples", "report_samples", "encode_batch_size"})
 
 #: Fields that change neither the cache nor the prior. A rerun differing only in these is the same run:
 #: the pictures and the report are redrawn anyway.
@@ -90,7 +100,7 @@ class RunConfig(FitConfig):
     grid_samples: int = field(default=64, metadata={"help": "images in each half of samples.png (N(0, I) prior | EVaLP prior)"})
     sample_method: str = field(default="sampler", metadata={"help": "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", "choices": _SAMPLE_METHODS})
     report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
-    overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, cache/, prior/, the pictures, reports and log; nothing else) and start over"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, cache/, prior/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) and start over"})
 
     def fit_config(self) -> FitConfig:
         """The trainer's part of this config, as a plain FitConfig (what fit_config.json should hold)."""
@@ -105,7 +115,8 @@ class _LogFile:
     """Collects text line by line; a progress bar (lines redrawn with '\\r') is kept as its final state."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = path.open("a", encoding="utf-8")
+        # backslashreplace: a file name that is not valid UTF-8 (in a "skipped" note) must not end the run.
+        self.handle = path.open("a", encoding="utf-8", errors="backslashreplace")
         self.pending = ""
 
     def feed(self, text: str) -> None:
@@ -189,27 +200,52 @@ def _identity(values: dict[str, Any], ignore: frozenset[str]) -> dict[str, Any]:
     return out
 
 
+def _is_run_dir(run_dir: Path) -> bool:
+    """Whether latent-prior made this folder: it holds RUN_MARKER, or (a run from before the marker) a
+    config.json with the keys of a run's config."""
+    if (run_dir / RUN_MARKER).is_file():
+        return True
+    try:
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and _LEGACY_RUN_KEYS <= set(saved)
+
+
+def _present(run_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+
+
 def _check_run_dir(run_dir: Path, config: RunConfig) -> str:
-    """Refuse a run folder that holds another run; returns "new", "same" or "changed" (resumed with new settings)."""
+    """Refuse a run folder that holds another run, or files latent-prior did not write; returns "new",
+    "same", "changed" (resumed with new settings) or "unfinished" (a run stopped before it recorded its
+    config.json: its cache and prior are checked against their own recorded settings). Reads only."""
     if run_dir.exists() and not run_dir.is_dir():
         raise LatentPriorError(f"--out {run_dir} exists and is not a folder; choose a folder for the run.")
-    if config.overwrite or not run_dir.is_dir():
+    if not run_dir.is_dir():
         return "new"
-    saved_path = run_dir / "config.json"
-    if not saved_path.is_file():
-        ours = [name for name in RUN_FILES if (run_dir / name).exists()]
+    ours = _present(run_dir)
+    if not _is_run_dir(run_dir):
         if not ours:
             return "new"  # an empty folder, or one holding only unrelated files we never touch
-        if config.resume:
-            return "changed"
         raise LatentPriorError(
-            f"--out {run_dir} already holds {', '.join(ours)} but no config.json of a run; pass --overwrite to replace "
-            "them, --resume to reuse them, or choose another --out."
+            f"--out {run_dir} already holds {', '.join(ours)} but no config.json or {RUN_MARKER} of a run, so latent-prior "
+            "did not write them; --overwrite and --resume touch only run folders latent-prior made, so choose another --out "
+            "(or move those files away)."
         )
+    if config.overwrite:
+        _check_clearable(run_dir)
+        return "new"
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return "unfinished"
     try:
-        saved = json.loads(saved_path.read_text())
-    except ValueError:
-        raise LatentPriorError(f"{saved_path} is not valid JSON; pass --overwrite to start the run over, or choose another --out.") from None
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise LatentPriorError(f"{saved_path} is not a JSON object of a run's settings; pass --overwrite to start the run over, "
+                               "or choose another --out.")
     old, new = _identity(saved, _SAME_RUN_FIELDS), _identity(to_dict(config), _SAME_RUN_FIELDS)
     if old == new:
         return "same"
@@ -223,17 +259,49 @@ def _check_run_dir(run_dir: Path, config: RunConfig) -> str:
     )
 
 
-def _clear_run_dir(run_dir: Path) -> list[str]:
-    removed = []
-    for name in RUN_FILES:
+def _check_clearable(run_dir: Path) -> None:
+    """Before --overwrite deletes anything: every entry it would delete is what the run wrote there (a real
+    folder for cache/ and prior/, a real file for the others), never a link, whose target is not ours."""
+    for name in _present(run_dir):
         path = run_dir / name
-        if path.is_dir():
+        want_folder = name in _RUN_FOLDERS
+        if path.is_symlink() or (path.is_dir() != want_folder):
+            what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+            raise LatentPriorError(
+                f"--overwrite: {path} is {what}, which latent-prior fit never writes there, so nothing was deleted; "
+                "remove or rename it yourself, or choose another --out."
+            )
+
+
+def _clear_run_dir(run_dir: Path) -> list[str]:
+    """Delete what a previous run wrote (RUN_FILES, checked by `_check_clearable` first); returns their names."""
+    _check_clearable(run_dir)
+    removed = []
+    for name in _present(run_dir):
+        path = run_dir / name
+        if name in _RUN_FOLDERS:
             shutil.rmtree(path)
-            removed.append(name)
-        elif path.exists():
+        else:
             path.unlink()
-            removed.append(name)
+        removed.append(name)
     return removed
+
+
+def _mark_run_dir(run_dir: Path) -> None:
+    if not (run_dir / RUN_MARKER).exists():
+        from latent_prior import __version__
+        from latent_prior.cache import atomic_write_json
+
+        atomic_write_json(run_dir / RUN_MARKER, {"written_by": "latent-prior fit", "latent_prior_version": __version__,
+                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _record_config(run_dir: Path, config: RunConfig) -> None:
+    """config.json: written once the stages that check the run folder's cache and prior have accepted this
+    config, so a refused command leaves the settings of the run it was refused by."""
+    from latent_prior.cache import atomic_write_json
+
+    atomic_write_json(run_dir / "config.json", to_dict(config))
 
 
 def _check_config(config: RunConfig) -> None:
@@ -368,8 +436,7 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
     if is_main:
         removed = _clear_run_dir(run_dir) if config.overwrite else []
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".config.json.tmp").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        (run_dir / ".config.json.tmp").replace(run_dir / "config.json")
+        _mark_run_dir(run_dir)
     state.wait_for_everyone()
     try:
         with _tee_output(run_dir / "log.txt" if is_main else None):
@@ -382,6 +449,9 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
                     _say(True, f"{run_dir} holds this run already: finished stages are reused")
                 elif status == "changed":
                     _say(True, f"--resume: continuing the run in {run_dir} with changed settings")
+                elif status == "unfinished":
+                    _say(True, f"{run_dir} holds a run stopped before it finished: its cache and prior are reused where "
+                               "their settings match")
             _run_stages(config, adapter, run_dir, state)
     finally:
         if fresh_state and state.num_processes == 1:
@@ -426,6 +496,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     state.wait_for_everyone()
     if not is_main:
         return  # the pictures and the report are written by the main process only
+    _record_config(run_dir, config)
 
     from latent_prior import report
 

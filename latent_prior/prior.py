@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -61,6 +62,127 @@ def _build_energy(latent_shape: Sequence[int], config: dict[str, Any]) -> nn.Mod
     config = dict(config)
     shape = tuple(config.pop("latent_shape", latent_shape))
     return build_energy(shape, **config)
+
+
+#: Sizes no trained prior has: a config.json asking for them was edited, and building it would hang or
+#: exhaust memory. Latent elements per item; any count (blocks, layers, scales, depth, components, bins);
+#: any other integer (widths).
+MAX_LATENT_ELEMENTS = 2**24
+MAX_COUNT = 1000
+MAX_WIDTH = 65536
+_COUNT_KEY = re.compile(r"blocks|layers|scales|depth|components|bins")
+#: The networks of a prior, by their key in config.json and their prefix in model.safetensors.
+_NETWORKS = (("energy", "energy_net.", _build_energy), ("flow", "flow.", _build_flow))
+
+
+def _restore(where: Path) -> str:
+    return f"restore {where} from the run that exported it, or re-export the prior"
+
+
+def _check_sizes(value: Any, key: str, shape: list[int], where: Path) -> None:
+    """Walk a network's sub-config: refuse absurd integers and a `latent_shape` other than the prior's."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name == "latent_shape" and item != shape:
+                raise LatentPriorError(f"{where}: `{key}.latent_shape` is {item!r} but the prior's latent_shape is {shape}; "
+                                       f"{_restore(where)}.")
+            _check_sizes(item, f"{key}.{name}", shape, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_sizes(item, f"{key}[{i}]", shape, where)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        limit = MAX_COUNT if _COUNT_KEY.search(key.rsplit(".", 1)[-1]) else MAX_WIDTH
+        if value > limit:
+            raise LatentPriorError(f"{where}: `{key}` is {value}, more than any prior has (at most {limit}); {_restore(where)}.")
+
+
+def validate_prior_config(config: Any, where: Path) -> None:
+    """Refuse a prior's config.json (already parsed) that `from_pretrained` cannot use, with one sentence naming
+    the key: its structure and types, latent_shape, normalization, log_z, and sizes no trained prior has. The
+    energy and flow configs are otherwise checked by building them (see `_build_networks`)."""
+    if not isinstance(config, dict):
+        raise LatentPriorError(f"{where}: is not a JSON object of an exported prior; {_restore(where)}.")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LatentPriorError(f"{where} has no integer format_version; it was not written by latent-prior.")
+    if version > FORMAT_VERSION:
+        raise LatentPriorError(
+            f"{where} has format_version {version}, newer than this latent-prior understands "
+            f"({FORMAT_VERSION}); upgrade latent-prior (pip install -U latent-prior)."
+        )
+    for key in ("latent_shape", "energy", "flow", "log_z"):
+        if key not in config:
+            raise LatentPriorError(f"{where} lacks the key {key!r}; re-export the prior.")
+    shape = config["latent_shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise LatentPriorError(f"{where}: `latent_shape` is {shape!r}, not a list of positive integers such as [4, 8, 8]; "
+                               f"{_restore(where)}.")
+    if math.prod(shape) > MAX_LATENT_ELEMENTS:
+        raise LatentPriorError(f"{where}: `latent_shape` {shape} has {math.prod(shape)} elements, more than any prior has "
+                               f"(at most {MAX_LATENT_ELEMENTS}); {_restore(where)}.")
+    log_z = config["log_z"]
+    if not isinstance(log_z, (int, float)) or isinstance(log_z, bool) or not math.isfinite(log_z):
+        raise LatentPriorError(f"{where}: `log_z` is {log_z!r}, not a finite number of nats; {_restore(where)}.")
+    for key in ("energy", "flow"):
+        if not isinstance(config[key], dict):
+            raise LatentPriorError(f"{where}: `{key}` is {config[key]!r}, not the JSON object that describes the {key} "
+                                   f"network; {_restore(where)}.")
+        _check_sizes(config[key], key, shape, where)
+    for key in ("log_z_info", "provenance", "training"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise LatentPriorError(f"{where}: `{key}` is {config[key]!r}, not a JSON object or null; {_restore(where)}.")
+    from latent_prior.cache import parse_normalization
+
+    parse_normalization(config.get("normalization"), str(where), channels=shape[0])
+
+
+def _build_networks(config: dict[str, Any], where: Path) -> dict[str, nn.Module]:
+    """The energy and flow networks a validated config describes; a sub-config they cannot be built from
+    (an unknown key, a wrong type or value) is one LatentPriorError naming that key."""
+    shape = tuple(config["latent_shape"])
+    networks = {}
+    for key, _, build in _NETWORKS:
+        try:
+            networks[key] = build(shape, config[key])
+        except (LatentPriorError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise LatentPriorError(f"{where}: `{key}` does not describe a network that can be built "
+                                   f"({str(exc).rstrip('.')}); {_restore(where)}.") from None
+    return networks
+
+
+def _weights_header(model_file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - a truncated or garbled file becomes one clear sentence
+        raise LatentPriorError(f"{model_file} could not be read ({type(exc).__name__}: {exc}); re-export the prior.") from None
+
+
+def _check_weight_count(config: dict[str, Any], header: dict[str, tuple[int, ...]], directory: Path) -> None:
+    """Refuse a config whose networks hold other tensors than model.safetensors, before allocating them: the
+    networks are first built on the `meta` device, which costs no memory, so a config edited to ask for
+    huge networks is refused at once. (Where a network cannot be built on `meta`, the real build and the
+    strict state-dict check still catch a mismatch.)"""
+    shape = tuple(config["latent_shape"])
+    for key, prefix, build in _NETWORKS:
+        try:
+            with torch.device("meta"):
+                tensors = build(shape, config[key]).state_dict()
+        except Exception:  # noqa: BLE001 - judged by the real build, which names the problem
+            continue
+        stored = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}
+        built = {k: tuple(v.shape) for k, v in tensors.items()}
+        if built != stored:
+            odd = sorted(set(built) ^ set(stored)) or [k for k in sorted(built) if built[k] != stored[k]]
+            raise LatentPriorError(
+                f"{directory / MODEL_FILE} does not match {CONFIG_FILE}: its `{key}` config describes "
+                f"{sum(math.prod(v) for v in built.values())} weights where the file holds "
+                f"{sum(math.prod(v) for v in stored.values())} (first difference: {prefix}{odd[0]}); re-export the prior."
+            )
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -245,12 +367,16 @@ class LatentPrior(nn.Module):
         normalization: LatentNormalization | None = None,
         *,
         resolution: int | None = None,
+        allow_other_weights: bool = False,
     ) -> None:
         """Raise LatentPriorError unless latents of this VAE / shape can be used with this prior.
 
         Pass a `VAEAdapter` (its normalization and provenance are compared; its latent shape at
         `resolution` when given, otherwise its channel count), or a latent shape plus, optionally,
         the normalization those latents use. The error says what differs, expected vs got.
+        A VAE with the same config but other weights (their fingerprint, taken before any dtype cast, so
+        one checkpoint has one fingerprint) is refused too, unless `allow_other_weights=True`: use that for
+        a fine-tune of the VAE the prior was fitted on, whose latents you know to be distributed alike.
         """
         expected = self.latent_shape
         if isinstance(adapter_or_latent_shape, VAEAdapter):
@@ -273,11 +399,13 @@ class LatentPrior(nn.Module):
                         f"latent shape differs: the prior expects {expected} but this VAE's latents look like "
                         f"{probe} (at 64 px); fit a prior on this VAE's latents."
                     )
-            self._check_provenance(adapter)
+            self._check_provenance(adapter, allow_other_weights)
         else:
             try:
+                if isinstance(adapter_or_latent_shape, (str, bytes)):
+                    raise TypeError  # a string is a sequence of characters, never a shape
                 got = tuple(int(s) for s in adapter_or_latent_shape)
-            except TypeError:
+            except (TypeError, ValueError):
                 raise LatentPriorError(
                     f"check_compatible expects a VAEAdapter or a latent shape, got {type(adapter_or_latent_shape).__name__}."
                 ) from None
@@ -289,7 +417,7 @@ class LatentPrior(nn.Module):
                 f"{normalization.to_dict()}; use the VAE (and scaling/shift) the prior was fitted on."
             )
 
-    def _check_provenance(self, adapter: VAEAdapter) -> None:
+    def _check_provenance(self, adapter: VAEAdapter, allow_other_weights: bool = False) -> None:
         if not self.provenance:
             return
         try:
@@ -303,13 +431,15 @@ class LatentPrior(nn.Module):
                 "use the VAE the prior was fitted on."
             )
         if got.get("fingerprint") and self.provenance.get("fingerprint") and got["fingerprint"] != self.provenance["fingerprint"]:
-            # Same architecture, different weights fingerprint: can be a fine-tune, or only dtype
-            # rounding of the fingerprint, so warn rather than refuse.
-            warnings.warn(
-                f"the VAE's weights fingerprint {got['fingerprint']} differs from the one the prior was fitted on "
-                f"({self.provenance['fingerprint']}); its latents may be distributed differently.",
-                stacklevel=3,
-            )
+            # Same architecture, other weights: the fingerprint is taken before any dtype cast, so this is
+            # another checkpoint, not rounding. A fine-tune may still suit the prior; the caller says so.
+            text = (f"VAE weights differ: the prior was fitted on {self.provenance.get('source')!r} (weights fingerprint "
+                    f"{self.provenance['fingerprint']}) but got {got.get('source')!r} (fingerprint {got['fingerprint']}), "
+                    "whose latents may be distributed differently")
+            if not allow_other_weights:
+                raise LatentPriorError(f"{text}; use the VAE the prior was fitted on, or allow_other_weights=True "
+                                       "(--allow-finetuned-vae) for a fine-tune of it.")
+            warnings.warn(f"{text}; allowed for a fine-tuned VAE.", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # save / load
@@ -362,6 +492,9 @@ class LatentPrior(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        if directory.is_file():
+            raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
+                                   "(it holds config.json and model.safetensors).")
         if not directory.is_dir():
             raise LatentPriorError(f"prior folder {directory} does not exist; pass the --out folder of `latent-prior fit`.")
         missing = [name for name in (CONFIG_FILE, MODEL_FILE) if not (directory / name).is_file()]
@@ -371,28 +504,19 @@ class LatentPrior(nn.Module):
                 "(re-run `latent-prior fit` with --resume to re-export it)."
             )
         try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # not JSON, not UTF-8, unreadable
             raise LatentPriorError(f"{directory / CONFIG_FILE} is not valid JSON ({exc}); re-export the prior.") from None
-        version = config.get("format_version")
-        if not isinstance(version, int):
-            raise LatentPriorError(f"{directory / CONFIG_FILE} has no integer format_version; it was not written by latent-prior.")
-        if version > FORMAT_VERSION:
-            raise LatentPriorError(
-                f"{directory / CONFIG_FILE} has format_version {version}, newer than this latent-prior understands "
-                f"({FORMAT_VERSION}); upgrade latent-prior (pip install -U latent-prior)."
-            )
-        for key in ("latent_shape", "energy", "flow", "log_z"):
-            if key not in config:
-                raise LatentPriorError(f"{directory / CONFIG_FILE} lacks the key {key!r}; re-export the prior.")
-        shape = tuple(config["latent_shape"])
-        energy_net = _build_energy(shape, config["energy"])
-        flow = _build_flow(shape, config["flow"])
+        validate_prior_config(config, directory / CONFIG_FILE)
+        _check_weight_count(config, _weights_header(directory / MODEL_FILE), directory)
+        networks = _build_networks(config, directory / CONFIG_FILE)
+        from latent_prior.cache import parse_normalization
+
         prior = cls(
-            energy_net,
-            flow,
-            latent_shape=shape,
-            normalization=LatentNormalization.from_dict(config.get("normalization") or {}),
+            networks["energy"],
+            networks["flow"],
+            latent_shape=tuple(config["latent_shape"]),
+            normalization=parse_normalization(config.get("normalization"), str(directory / CONFIG_FILE)),
             log_z=config["log_z"],
             log_z_info=config.get("log_z_info"),
             provenance=config.get("provenance"),
@@ -448,7 +572,7 @@ class SampleConfig:
     decode_batch_size: int = field(default=32, metadata={"help": "latents per decoder call"})
     grid_columns: int | None = field(default=None, metadata={"help": "--out .png: images per grid row (about sqrt(N) when left out)"})
     scale: int | None = field(default=None, metadata={"help": "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"})
-    overwrite: bool = field(default=False, metadata={"help": "--out FOLDER: replace the sample_*.png files a previous run left there (otherwise refused)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file, or the sample_*.png files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -459,16 +583,17 @@ class SampleConfig:
     step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
     langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, else latent", "choices": ("auto", "latent", "base")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
+    allow_finetuned_vae: bool = field(default=False, metadata={"help": "decode with a --vae whose weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents may be distributed differently"})
 
 
 def load_prior_for(prior_dir: str | os.PathLike, device: torch.device, adapter: VAEAdapter | None = None,
-                   vae_flag: str | None = None) -> LatentPrior:
+                   vae_flag: str | None = None, allow_other_weights: bool = False) -> LatentPrior:
     """Load the prior in `prior_dir` onto `device`; with an adapter, first check that the prior was fitted
     for that VAE (an error naming --vae `vae_flag` and the prior when not)."""
     prior = LatentPrior.from_pretrained(prior_dir, device=device)
     if adapter is not None:
         try:
-            prior.check_compatible(adapter)
+            prior.check_compatible(adapter, allow_other_weights=allow_other_weights)
         except LatentPriorError as exc:
             raise LatentPriorError(f"--vae {vae_flag} does not match the prior {prior_dir}: {str(exc).rstrip('.')}.") from None
     return prior
@@ -498,6 +623,32 @@ def _output_kind(out: Path) -> str:
         f"--out {out}: write raw latents to a .safetensors file (e.g. {out.with_suffix('.safetensors').name}), a grid of "
         "decoded samples to a .png file, or one PNG per sample to a folder."
     )
+
+
+def _check_out(out: Path, kind: str, prior_dir: Path, overwrite: bool) -> None:
+    """Refuse an --out that would destroy something: a path inside the prior's own folder (a sample file
+    named model.safetensors would leave the prior unloadable), a folder where a file goes, or an existing
+    file without --overwrite."""
+    prior_real, target = prior_dir.resolve(), out.resolve()
+    if target == prior_real or prior_real in target.parents:
+        raise LatentPriorError(f"--out {out} is inside the prior folder {prior_dir}; write the samples elsewhere, so that "
+                               "the prior stays as it was exported.")
+    if kind == "folder" or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir():
+        raise LatentPriorError(f"--out {out} is a folder; name a new .safetensors or .png file, or a folder without a suffix.")
+    if not overwrite:
+        raise LatentPriorError(f"--out {out} already exists; pass --overwrite to replace it, or choose another file name.")
+
+
+def _check_sample_memory(n: int, prior: LatentPrior, device: torch.device) -> None:
+    """Refuse an -n whose latents alone (with a few working copies) exceed the memory of the device."""
+    from latent_prior.encode import _human_bytes, machine_memory_bytes
+
+    needed, available = 4 * n * prior.num_latent_dims * 4, machine_memory_bytes(device)
+    if available is not None and needed > available:
+        raise LatentPriorError(f"-n {n}: {n} latents of {prior.num_latent_dims} values need at least {_human_bytes(needed)}, "
+                               f"more than the {_human_bytes(available)} of memory here; draw fewer at a time.")
 
 
 def _prepare_folder(out: Path, overwrite: bool) -> None:
@@ -532,12 +683,14 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
         )
     if not out.parent.exists():
         raise LatentPriorError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    _check_out(out, kind, Path(config.prior), config.overwrite)
     for name in ("decode_batch_size", "grid_columns", "scale"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise LatentPriorError(f"--{name.replace('_', '-')} {value}: pass a positive integer.")
     device = _resolve_device(config.device)
-    prior = load_prior_for(config.prior, device, adapter, config.vae)
+    prior = load_prior_for(config.prior, device, adapter, config.vae, allow_other_weights=config.allow_finetuned_vae)
+    _check_sample_memory(config.n, prior, device)
     if kind == "folder":
         _prepare_folder(out, config.overwrite)
     options: dict[str, Any] = {}

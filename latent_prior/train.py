@@ -903,11 +903,17 @@ class _Trainer:
                 f"{path} does not fit the networks of this config ({str(exc).splitlines()[0]}); resume with the architecture "
                 "flags of the original run (see fit_config.json) or start a new --out."
             ) from None
-        optim_meta = json.loads((path / "optim.json").read_text())
-        for name, opt in (("energy", self.opt_energy), ("sampler", self.opt_sampler)):
-            _optimizer_from_files(opt, _load_safetensors(path / f"optim_{name}.safetensors"), optim_meta[name])
-        rng_file = path / f"rng-rank{self.rank}.safetensors"
-        _rng_from_files(self.generator, _load_safetensors(rng_file), json.loads((path / f"rng-rank{self.rank}.json").read_text()))
+        try:  # `fit` read every file first (_check_checkpoint); what remains is their content
+            optim_meta = json.loads((path / "optim.json").read_text())
+            for name, opt in (("energy", self.opt_energy), ("sampler", self.opt_sampler)):
+                _optimizer_from_files(opt, _load_safetensors(path / f"optim_{name}.safetensors"), optim_meta[name])
+            rng_file = path / f"rng-rank{self.rank}.safetensors"
+            _rng_from_files(self.generator, _load_safetensors(rng_file), json.loads((path / f"rng-rank{self.rank}.json").read_text()))
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise LatentPriorError(
+                f"{path}: the checkpoint's optimizer or random state is damaged ({type(exc).__name__}: {exc}); delete {path} "
+                "to resume from the checkpoint before it, or start a new --out."
+            ) from None
         self.ema.updates = int(state.pop("ema_updates", 0))
         known = {f.name for f in dataclasses.fields(_RunState)}
         self.state = _RunState(**{k: v for k, v in state.items() if k in known})
@@ -1324,6 +1330,65 @@ def _identity(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config_dict.items() if k not in _COSMETIC_FIELDS}
 
 
+#: What a fit writes into --out besides fit_config.json: a folder holding any of them without fit_config.json
+#: is not a fit's, and nothing in it may be replaced.
+_FIT_FILES = ("config.json", "model.safetensors", "checkpoints", "metrics.csv", "fit_summary.json")
+
+
+def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
+    """Read every file of the checkpoint a resume starts from and check its weights against the trainer's
+    networks, before anything is written: a damaged checkpoint, or one of other networks, is refused here
+    with one sentence instead of failing after fit_config.json was rewritten."""
+    def damaged(name: str, exc: BaseException) -> LatentPriorError:
+        return LatentPriorError(
+            f"{path / name}: the checkpoint is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"delete {path} to resume from the checkpoint before it, or start a new --out."
+        )
+
+    def json_object(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise damaged(name, exc) from None
+        if not isinstance(data, dict):
+            raise damaged(name, ValueError("not a JSON object"))
+        return data
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load_safetensors(path / name)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a truncated or garbled file
+            raise damaged(name, exc) from None
+
+    state = json_object("state.json")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not isinstance(state.get(key, 0), int) or isinstance(state.get(key, 0), bool) or state.get(key, 0) < 0:
+            raise damaged("state.json", ValueError(f"{key} is {state.get(key)!r}"))
+    if state.get("world_size", 1) != trainer.world_size:
+        raise LatentPriorError(
+            f"{path} was written by a run with {state.get('world_size')} processes, this one has {trainer.world_size}; "
+            "resume with the same number of processes, or start a new --out."
+        )
+    for name, module in (("energy", trainer.energy), ("flow", trainer.flow), ("flow_ema", trainer.flow)):
+        stored = {k: tuple(v.shape) for k, v in tensors(f"{name}.safetensors").items()}
+        wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if stored != wanted:
+            first = next((k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)), "")
+            raise LatentPriorError(
+                f"{path} does not fit the networks of this config ({name}.safetensors: `{first}` is {stored.get(first)} in the "
+                f"checkpoint, {wanted.get(first)} here); resume with the architecture flags of the original run (see "
+                "fit_config.json) or start a new --out."
+            )
+    optim = json_object("optim.json")
+    for name in ("energy", "sampler"):
+        meta = optim.get(name)
+        if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
+            raise damaged("optim.json", KeyError(f"no optimizer state for {name}"))
+        tensors(f"optim_{name}.safetensors")
+    tensors(f"rng-rank{trainer.rank}.safetensors")
+    json_object(f"rng-rank{trainer.rank}.json")
+
+
 def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     """Check `out` against the run it may already hold; return the checkpoint to resume from, if any."""
     saved = out / "fit_config.json"
@@ -1331,8 +1396,10 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     if saved.is_file():
         try:
             old = json.loads(saved.read_text())
-        except ValueError:
-            raise LatentPriorError(f"{saved} is not valid JSON; use a new --out.") from None
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise LatentPriorError(f"{saved} is not a JSON object of fit settings; use a new --out.")
         new = to_dict(config)
         same = _identity(old) == _identity(new)
         if not same and not config.resume:
@@ -1345,8 +1412,10 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
         if not same and is_main:
             changed = [k for k in sorted(set(old) | set(new)) if k not in _COSMETIC_FIELDS and old.get(k) != new.get(k)]
             print(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    elif out.exists() and any((out / name).exists() for name in ("config.json", "model.safetensors", "checkpoints")):
-        raise LatentPriorError(f"--out {out} holds files of another run (no fit_config.json); use a new --out.")
+    elif out.is_dir() and any((out / name).exists() or (out / name).is_symlink() for name in _FIT_FILES):
+        found = [name for name in _FIT_FILES if (out / name).exists() or (out / name).is_symlink()]
+        raise LatentPriorError(f"--out {out} holds {', '.join(found)} but no fit_config.json, so they are not from a fit "
+                               "and would be overwritten; use a new --out.")
     if not ckpts:
         if config.resume and is_main:
             print(f"latent-prior fit: --resume: no checkpoint in {out / 'checkpoints'} yet, starting from scratch.", file=sys.stderr)
@@ -1436,6 +1505,8 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
     try:
         resume_from = _prepare_out(out, config, accelerator.is_main_process)
         trainer = _Trainer(config, source, out, accelerator)  # checks the data against the batch size; writes nothing
+        if resume_from is not None:
+            _check_checkpoint(resume_from, trainer)  # reads only: a refused resume leaves --out as it was
         trainer.tracking = tracking
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

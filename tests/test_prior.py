@@ -185,7 +185,10 @@ def test_sample_cli_writes_raw_latents_with_metadata(tmp_path, capsys):
 
     assert main(["sample", "--prior", str(tmp_path / "p"), "-n", "0", "--out", str(out)]) == 2
     assert "positive integer" in capsys.readouterr().err
-    assert main(["sample", "--prior", str(tmp_path / "missing"), "-n", "3", "--out", str(out)]) == 2
+    assert main(["sample", "--prior", str(tmp_path / "p"), "-n", "3", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    torch.testing.assert_close(load_file(str(out))["latents"], expected)  # the refused command left the file alone
+    assert main(["sample", "--prior", str(tmp_path / "missing"), "-n", "3", "--out", str(tmp_path / "new.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--prior", str(tmp_path / "p"), "-n", "3", "--out", str(tmp_path / "z.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err

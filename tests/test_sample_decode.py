@@ -91,7 +91,12 @@ def test_a_sample_file_opens_as_latents_and_feeds_eval(default_vae_prior, tmp_pa
     assert logvar is None
 
     out = tmp_path / "r.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(samples), "--samples", "100", "--methods", "gaussian",
-                 "--quiet", "--out", str(out)]) == 0
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(samples), "--train-latents", str(latents),
+                 "--samples", "100", "--methods", "gaussian", "--quiet", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 40 and str(latents) in report["training_reference"]
+    # without --train-latents the path the prior recorded is not opened: half of the samples are the reference
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(samples), "--samples", "100", "--methods", "gaussian",
+                 "--quiet", "--out", str(out), "--overwrite"]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_heldout"] == 20 and str(latents) not in report["training_reference"]
