@@ -2,18 +2,20 @@
 
 What it does, in order (seeded, reproducible on CPU):
 
-1. Makes the real-photo patch set of `bench.photos`: seeded 32×32 RGB crops of the ten photos that
-   ship with scikit-image and scikit-learn, 3000 for training and 500 held out, split by image
-   region (held-out crops come from tiles that no training crop touches), pixels in [-1, 1].
+1. Makes the real-photo patch set of `bench.photos`: seeded RGB crops (32×32 by default, `--crop-size`)
+   of the ten photos that ship with scikit-image and scikit-learn, each photo first resized to a short
+   side of `--photo-side` pixels (256), 3000 for training and 500 held out, split by image region
+   (held-out crops come from tiles that no training crop touches), pixels in [-1, 1].
 2. Trains a small diffusers `AutoencoderKL` (block_out_channels [16, 32, 32], one layer per block,
-   no mid-block attention, 4 latent channels: 32 px -> 4×8×8 latents, 0.23M parameters) with the
+   no mid-block attention, 4 latent channels: 32 px -> 4×8×8 latents, 64 px -> 4×16×16, 0.23M parameters) with the
    same loop as the embedded default VAE (`scripts/train_default_vae.py`, imported, not copied):
 
        loss = MSE(x, x̂) (mean over pixels) + kl_weight · KL(q(z|x) ‖ N(0, I)) (nats summed over the 256 latent dims)
 
    Adam with a short warm-up and a cosine decay to lr/20, batches drawn with replacement; an
-   "epoch" is ⌈num_train / batch_size⌉ steps. The KL weight is small (SD-like): reconstructions come
-   first, and the aggregate posterior is left far from N(0, I), which is what a learned prior is for.
+   "epoch" is ⌈num_train / batch_size⌉ steps. The KL weight is small (1e-5 by default; `--kl-weight 1e-6`
+   is SD's order, with nearly deterministic posteriors): reconstructions come first, and the aggregate
+   posterior is left far from N(0, I), which is what a learned prior is for.
 3. Sets `scaling_factor` = 1 / std of posterior draws over the training crops (SD's recipe).
 4. Saves with `save_pretrained` (safetensors + config.json) and writes `training_summary.json`
    beside it: the config, epochs, steps, seconds, seed, the held-out reconstruction MSE (posterior
@@ -22,10 +24,12 @@ What it does, in order (seeded, reproducible on CPU):
 Run from the repo root:
 
     .venv/bin/python scripts/train_photo_vae.py --output-dir runs/photo_vae --threads 1
+    .venv/bin/python scripts/train_photo_vae.py --output-dir runs/photo_vae16 --crop-size 64 --photo-side 384 \
+        --kl-weight 1e-6 --epochs 6        # the benchmark's "photos-16" set: 4×16×16 latents
     .venv/bin/python scripts/train_photo_vae.py --help
 
-`bench/datasets.py` calls `train_photo_vae(config)` on demand and caches the folder under the
-benchmark's `--cache-dir`.
+`bench/datasets.py` calls `train_photo_vae(config)` on demand (its `PHOTO_SETS` hold each set's
+settings) and caches the folder under the benchmark's `--cache-dir`.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-from bench.photos import CROP_SIZE, NUM_HELDOUT, NUM_TRAIN, import_repo_script, make_patches  # noqa: E402
+from bench.photos import CROP_SIZE, NUM_HELDOUT, NUM_TRAIN, PHOTO_SIDE, import_repo_script, make_patches  # noqa: E402
 from latent_prior.config import add_arguments, resolve, to_dict  # noqa: E402
 from latent_prior.errors import LatentPriorError  # noqa: E402
 
@@ -88,6 +92,7 @@ class TrainPhotoVAEConfig:
     num_train: int = field(default=NUM_TRAIN, metadata={"help": "training crops"})
     num_heldout: int = field(default=NUM_HELDOUT, metadata={"help": "held-out crops (from image tiles no training crop touches)"})
     crop_size: int = field(default=CROP_SIZE, metadata={"help": "crop side in pixels; latents are 4 x crop/4 x crop/4"})
+    photo_side: int = field(default=PHOTO_SIDE, metadata={"help": "each photo is resized so its shorter side has this many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)"})
     seed: int = field(default=0, metadata={"help": "seed of the crops, the initialisation, the batches and the posterior draws"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (leave out to keep torch's setting; 1 is fastest on busy shared cores)"})
     quiet: bool = field(default=False, metadata={"help": "print nothing"})
@@ -107,6 +112,9 @@ def _check(cfg: TrainPhotoVAEConfig) -> None:
             raise LatentPriorError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: give a positive integer.")
     if cfg.crop_size % 4:
         raise LatentPriorError(f"--crop-size {cfg.crop_size}: give a multiple of 4 (the VAE downsamples twice).")
+    if cfg.photo_side < 4 * cfg.crop_size:
+        raise LatentPriorError(f"--photo-side {cfg.photo_side}: give at least 4 x --crop-size = {4 * cfg.crop_size} (each photo "
+                               "is cut into tiles of 2 x crop size, and both splits need one).")
     if cfg.lr <= 0 or cfg.kl_weight < 0:
         raise LatentPriorError(f"--lr {cfg.lr} / --kl-weight {cfg.kl_weight}: the learning rate must be > 0 and the KL weight >= 0.")
 
@@ -121,7 +129,7 @@ def train_photo_vae(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
     output_dir = Path(cfg.output_dir)
 
-    patches = make_patches(cfg.num_train, cfg.num_heldout, cfg.crop_size, seed=cfg.seed)
+    patches = make_patches(cfg.num_train, cfg.num_heldout, cfg.crop_size, seed=cfg.seed, photo_side=cfg.photo_side)
     x, held = patches.train, patches.heldout
     say(f"{len(x)} training / {len(held)} held-out crops {tuple(x.shape[1:])} from {len(patches.photos)} photos")
 
