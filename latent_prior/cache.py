@@ -83,48 +83,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def parse_normalization(data: Any, where: str, channels: int | None = None) -> LatentNormalization:
-    """A recorded normalization (manifest, prior config, file metadata) -> `LatentNormalization`, checked:
-    finite numbers, a non-zero scaling, positive per-channel stds, one entry per latent channel.
-    None or {} is the identity. Raises LatentPriorError naming `where`."""
-    if data is None:
-        return LatentNormalization()
-    if not isinstance(data, dict):
-        raise LatentPriorError(f"{where}: `normalization` is {data!r}, not an object of scaling_factor, shift_factor, "
-                               "latents_mean and latents_std; restore the file from the run that wrote it.")
-    known = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise LatentPriorError(f"{where}: `normalization` has unknown key(s) {', '.join(unknown)}; it may hold only "
-                               f"{', '.join(known)}.")
-
-    def bad(key: str, what: str) -> LatentPriorError:
-        return LatentPriorError(f"{where}: `normalization.{key}` is {data[key]!r}, but it must be {what}; restore the "
-                                "file from the run that wrote it.")
-
-    scaling = data.get("scaling_factor", 1.0)
-    if not _finite_number(scaling) or scaling == 0:
-        raise bad("scaling_factor", "a finite non-zero number")
-    shift = data.get("shift_factor", 0.0)
-    if shift is not None and not _finite_number(shift):
-        raise bad("shift_factor", "a finite number or null")
-    for key in ("latents_mean", "latents_std"):
-        values = data.get(key)
-        if values is None:
-            continue
-        if not isinstance(values, list) or not values or not all(_finite_number(v) for v in values):
-            raise bad(key, "null or a list of finite numbers, one per latent channel")
-        if key == "latents_std" and any(v <= 0 for v in values):
-            raise bad(key, "a list of positive numbers")
-        if channels is not None and len(values) != channels:
-            raise bad(key, f"a list of {channels} numbers (one per latent channel)")
-    return LatentNormalization.from_dict(data)
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -784,7 +742,7 @@ def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
         except ValueError:
             raise LatentPriorError(f"{path}: metadata `{key}` is not valid JSON; fix or remove it.") from None
 
-    norm = parse_normalization(meta_json("normalization") or None, f"{path} (metadata)", channels=shape[1])
+    norm = LatentNormalization.from_recorded(meta_json("normalization") or None, f"{path} (metadata)", channels=shape[1])
     provenance = meta_json("provenance")
     if provenance is not None and not isinstance(provenance, dict):
         raise LatentPriorError(f"{path}: metadata `provenance` is {provenance!r}, not a JSON object; fix or remove it.")
@@ -855,7 +813,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise malformed(what)
     if sum(e["count"] for e in shards) != manifest["count"] or manifest["count"] + len(skipped) != manifest["num_files"]:
         raise malformed(f"count {manifest['count']} does not add up with the shards' counts and the skipped files")
-    parse_normalization(manifest.get("normalization"), str(manifest_path), channels=shape[0])
+    LatentNormalization.from_recorded(manifest.get("normalization"), str(manifest_path), channels=shape[0])
     return manifest
 
 
@@ -933,7 +891,7 @@ def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int, verify: 
                 start += entry["count"]
     return LatentSource(
         path, segments, latent_shape,
-        parse_normalization(manifest.get("normalization"), str(path / MANIFEST), channels=latent_shape[0]),
+        LatentNormalization.from_recorded(manifest.get("normalization"), str(path / MANIFEST), channels=latent_shape[0]),
         manifest.get("vae"), deterministic, manifest, has_flips, include_flips, buffer_bytes,
     )
 

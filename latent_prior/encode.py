@@ -152,7 +152,7 @@ def machine_memory_bytes(device: torch.device) -> int | None:
     return min(sizes) if sizes else None
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -167,7 +167,7 @@ def _check_memory(adapter: VAEAdapter, resolution: int, batch_size: int, device:
         where = f"on {device}" if device.type == "cuda" else "on this machine"
         raise LatentPriorError(
             f"--resolution {resolution} with --batch-size {batch_size}: one encoder call needs at least "
-            f"{_human_bytes(needed)} (estimated), more than the {_human_bytes(available)} of memory {where}; lower "
+            f"{human_bytes(needed)} (estimated), more than the {human_bytes(available)} of memory {where}; lower "
             "--resolution or --batch-size."
         )
 

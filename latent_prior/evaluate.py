@@ -865,7 +865,7 @@ def image_table_markdown(image: dict[str, Any] | str) -> str:
     return "\n".join(lines)
 
 
-def _check_out(out: str | None, overwrite: bool = False, prior_dir: str | None = None) -> Path | None:
+def _check_out(out: str | None, overwrite: bool, prior_dir: str) -> Path | None:
     if out is None:
         return None
     path = Path(out)
@@ -873,13 +873,9 @@ def _check_out(out: str | None, overwrite: bool = False, prior_dir: str | None =
         raise LatentPriorError(f"--out {path}: write the report to a .json or .md file.")
     if not path.parent.exists():
         raise LatentPriorError(f"--out {path}: the folder {path.parent} does not exist; create it first.")
-    if prior_dir is not None and path.resolve().parent == Path(prior_dir).resolve():
-        raise LatentPriorError(f"--out {path} is inside the prior folder {prior_dir}; write the report elsewhere, so that the "
-                               "prior stays as it was exported.")
-    if path.is_dir():
-        raise LatentPriorError(f"--out {path} is a folder; name a new .json or .md file.")
-    if path.exists() and not overwrite:
-        raise LatentPriorError(f"--out {path} already exists; pass --overwrite to replace it, or choose another file name.")
+    from latent_prior.prior import check_new_output
+
+    check_new_output(path, Path(prior_dir), overwrite, what="report")
     return path
 
 

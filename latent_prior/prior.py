@@ -132,9 +132,7 @@ def validate_prior_config(config: Any, where: Path) -> None:
     for key in ("log_z_info", "provenance", "training"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise LatentPriorError(f"{where}: `{key}` is {config[key]!r}, not a JSON object or null; {_restore(where)}.")
-    from latent_prior.cache import parse_normalization
-
-    parse_normalization(config.get("normalization"), str(where), channels=shape[0])
+    LatentNormalization.from_recorded(config.get("normalization"), str(where), channels=shape[0])
 
 
 def _build_networks(config: dict[str, Any], where: Path) -> dict[str, nn.Module]:
@@ -510,13 +508,11 @@ class LatentPrior(nn.Module):
         validate_prior_config(config, directory / CONFIG_FILE)
         _check_weight_count(config, _weights_header(directory / MODEL_FILE), directory)
         networks = _build_networks(config, directory / CONFIG_FILE)
-        from latent_prior.cache import parse_normalization
-
         prior = cls(
             networks["energy"],
             networks["flow"],
             latent_shape=tuple(config["latent_shape"]),
-            normalization=parse_normalization(config.get("normalization"), str(directory / CONFIG_FILE)),
+            normalization=LatentNormalization.from_recorded(config.get("normalization"), str(directory / CONFIG_FILE)),
             log_z=config["log_z"],
             log_z_info=config.get("log_z_info"),
             provenance=config.get("provenance"),
@@ -625,30 +621,31 @@ def _output_kind(out: Path) -> str:
     )
 
 
-def _check_out(out: Path, kind: str, prior_dir: Path, overwrite: bool) -> None:
-    """Refuse an --out that would destroy something: a path inside the prior's own folder (a sample file
-    named model.safetensors would leave the prior unloadable), a folder where a file goes, or an existing
-    file without --overwrite."""
+def check_new_output(out: Path, prior_dir: Path, overwrite: bool, *, what: str, folder: bool = False) -> None:
+    """Refuse an --out (of `sample` or `eval`) that would destroy something: a path inside the prior's own
+    folder (a sample file named model.safetensors would leave the prior unloadable), a folder where a file
+    goes, or an existing file without --overwrite. folder: --out names a folder to write into (its own
+    files are checked by the writer)."""
     prior_real, target = prior_dir.resolve(), out.resolve()
     if target == prior_real or prior_real in target.parents:
-        raise LatentPriorError(f"--out {out} is inside the prior folder {prior_dir}; write the samples elsewhere, so that "
+        raise LatentPriorError(f"--out {out} is inside the prior folder {prior_dir}; write the {what} elsewhere, so that "
                                "the prior stays as it was exported.")
-    if kind == "folder" or not (out.exists() or out.is_symlink()):
+    if folder or not (out.exists() or out.is_symlink()):
         return
     if out.is_dir():
-        raise LatentPriorError(f"--out {out} is a folder; name a new .safetensors or .png file, or a folder without a suffix.")
+        raise LatentPriorError(f"--out {out} is a folder; name a new file" + (", or a folder without a suffix." if what == "samples" else "."))
     if not overwrite:
         raise LatentPriorError(f"--out {out} already exists; pass --overwrite to replace it, or choose another file name.")
 
 
 def _check_sample_memory(n: int, prior: LatentPrior, device: torch.device) -> None:
     """Refuse an -n whose latents alone (with a few working copies) exceed the memory of the device."""
-    from latent_prior.encode import _human_bytes, machine_memory_bytes
+    from latent_prior.encode import human_bytes, machine_memory_bytes
 
     needed, available = 4 * n * prior.num_latent_dims * 4, machine_memory_bytes(device)
     if available is not None and needed > available:
-        raise LatentPriorError(f"-n {n}: {n} latents of {prior.num_latent_dims} values need at least {_human_bytes(needed)}, "
-                               f"more than the {_human_bytes(available)} of memory here; draw fewer at a time.")
+        raise LatentPriorError(f"-n {n}: {n} latents of {prior.num_latent_dims} values need at least {human_bytes(needed)}, "
+                               f"more than the {human_bytes(available)} of memory here; draw fewer at a time.")
 
 
 def _prepare_folder(out: Path, overwrite: bool) -> None:
@@ -683,7 +680,7 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
         )
     if not out.parent.exists():
         raise LatentPriorError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
-    _check_out(out, kind, Path(config.prior), config.overwrite)
+    check_new_output(out, Path(config.prior), config.overwrite, what="samples", folder=kind == "folder")
     for name in ("decode_batch_size", "grid_columns", "scale"):
         value = getattr(config, name)
         if value is not None and value < 1:

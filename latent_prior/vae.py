@@ -83,6 +83,49 @@ class LatentNormalization:
             latents_std=as_tuple(data.get("latents_std")),
         )
 
+    @classmethod
+    def from_recorded(cls, data: Any, where: str, channels: int | None = None) -> "LatentNormalization":
+        """A normalization recorded in a file (cache manifest, prior config, file metadata), checked: finite
+        numbers, a non-zero scaling, positive per-channel stds, one entry per latent channel when `channels`
+        is given. None or {} is the identity. Raises LatentPriorError naming `where`."""
+        from latent_prior.errors import LatentPriorError
+
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise LatentPriorError(f"{where}: `normalization` is {data!r}, not an object of scaling_factor, shift_factor, "
+                                   "latents_mean and latents_std; restore the file from the run that wrote it.")
+        known = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise LatentPriorError(f"{where}: `normalization` has unknown key(s) {', '.join(unknown)}; it may hold only "
+                                   f"{', '.join(known)}.")
+
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def bad(key: str, what: str) -> LatentPriorError:
+            return LatentPriorError(f"{where}: `normalization.{key}` is {data[key]!r}, but it must be {what}; restore the "
+                                    "file from the run that wrote it.")
+
+        scaling = data.get("scaling_factor", 1.0)
+        if not finite(scaling) or scaling == 0:
+            raise bad("scaling_factor", "a finite non-zero number")
+        shift = data.get("shift_factor", 0.0)
+        if shift is not None and not finite(shift):
+            raise bad("shift_factor", "a finite number or null")
+        for key in ("latents_mean", "latents_std"):
+            values = data.get(key)
+            if values is None:
+                continue
+            if not isinstance(values, list) or not values or not all(finite(x) for x in values):
+                raise bad(key, "null or a list of finite numbers, one per latent channel")
+            if key == "latents_std" and any(x <= 0 for x in values):
+                raise bad(key, "a list of positive numbers")
+            if channels is not None and len(values) != channels:
+                raise bad(key, f"a list of {channels} numbers (one per latent channel)")
+        return cls.from_dict(data)
+
     def matches(self, other: "LatentNormalization", rtol: float = 1e-6) -> bool:
         """True when both map latents identically (up to float noise)."""
         a, b = self.to_dict(), other.to_dict()
