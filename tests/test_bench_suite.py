@@ -23,8 +23,8 @@ from bench import run as suite  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("suite")
-    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--out", str(tmp / "b.md"), "--json", str(tmp / "s.json"),
-            "--image-samples", "4", "--threads", "1", "--cache-dir", str(tmp / "cache")]
+    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--methods", ",".join(suite.METHODS), "--out", str(tmp / "b.md"),
+            "--json", str(tmp / "s.json"), "--threads", "1", "--cache-dir", str(tmp / "cache")]
     assert suite.main(argv) == 0
     return tmp, argv
 
@@ -33,23 +33,26 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
     tmp, argv = quick_run
     md = (tmp / "b.md").read_text()
     assert "python -m bench " + " ".join(argv) in md  # the exact command in the header
-    assert "## digits-flat" in md and "--quick run" in md
-    section = md.split("## digits-flat")[1].split("## Targets")[0]
+    assert "## digits-d8-b0.1" in md and "--quick run" in md  # the earlier cell name is an alias
+    section = md.split("## digits-d8-b0.1")[1].split("## Goals, cell by cell")[0]
     table_rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     for label in suite.METHODS.values():
         row = next((r for r in table_rows if r.startswith(f"| {label}")), None)
         assert row is not None, label
         assert "failed" not in row, row
-    # the image columns carry n next to every FID (4 samples / 4 real images)
-    assert section.count("(4/4)") == len(suite.METHODS)
-    targets = md.split("## Targets")[1].split("## How to read")[0]
-    for target in ("hole share ≤ ½ Gaussian's", "MMD² ≤ ½ Gaussian's", "FID < Gaussian's and < GMM's",
-                   "ELBO gain > 0 on held-out data", "faster than Langevin(60)", "issue 3: EVaLP excess FD ≤ GMM's"):
+    assert "Image metrics: not computed for flat latents" in section  # FID judges the spatial cells only
+    targets = md.split("## Goals, cell by cell")[1].split("## How to read")[0]
+    for target in ("excess FD ≤ GMM's (2 s.e.)", "excess FD ≤ ⅓ N(0, I)'s", "digit confidence ≥ GMM's",
+                   "ELBO gain > 0 on held-out data", "faster than Langevin(60)", "default fit ≤ 120 s"):
         line = next(line for line in targets.splitlines() if target in line)
         assert any(v in line for v in ("PASS", "MISS", "N/A")), line
+    summary = md.split("## Summary")[1].split("## digits-d8-b0.1")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| digits-d8-b0.1 | 8, 1500 |"))
+    assert "conf 0." in row  # the quality column: the digit classifier, EVaLP / GMM
+    assert "| EVaLP sampler |" in summary and "| goal | PASS |" in summary  # median ranks and the goals' tally
     assert "## GPU profile (not run here)" in md
-    grid = tmp / "b" / "digits-flat.png"
-    assert "(b/digits-flat.png)" in md
+    grid = tmp / "b" / "digits-d8-b0.1.png"
+    assert "(b/digits-d8-b0.1.png)" in md
     with Image.open(grid) as image:
         image.load()
         assert image.width > 7 * 8 * 8 and image.height > 8 * 8  # 7 panels of 8×8 digits, 8 per row
@@ -58,14 +61,14 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
 def test_quick_run_json_holds_the_figures(quick_run):
     tmp, _ = quick_run
     result = json.loads((tmp / "s.json").read_text())
-    cell = result["cells"]["digits-flat"]
+    cell = result["cells"]["digits-d8-b0.1"]
     assert cell["seeds"] == [0] and cell["samples"] == suite.QUICK_SAMPLES["flat"]
     for method in suite.METHODS:
         agg = cell["methods"][method]
         assert not agg["errors"], (method, agg["errors"])
         assert math.isfinite(agg["excess_fd"]["median"]) and 0.0 <= agg["hole_share"]["median"] <= 1.0
         assert 0.0 <= agg["conf"]["median"] <= 1.0  # digit classifier on decoded samples
-        assert cell["images"]["rows"][method]["n_samples"] == 4
+    assert cell["methods"]["flow-matching"]["nfe"]["median"] == 63  # Heun, 32 steps
     assert math.isfinite(cell["methods"]["evalp"]["elbo_gain_nats"]["median"])
     # a β = 0.1 VAE's latents are far from N(0, I): even a 120-step EVaLP fit is much closer than the Gaussian
     assert cell["methods"]["evalp"]["excess_fd"]["median"] < cell["methods"]["gaussian"]["excess_fd"]["median"]
@@ -104,7 +107,8 @@ def test_a_failed_method_is_a_table_cell_not_a_crash():
            "samples_per_second": 1000.0, "fit_seconds": 1.0}
     per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(row)) for m in suite.METHODS}, "fits": {}}
                 for _ in (0, 1)]
-    cell = {"cell": "photos", "seeds": [0, 1], "methods": suite.aggregate_cell(per_seed, [0, 1]), "images": "skipped: test"}
+    cell = {"cell": "photos", "seeds": [0, 1], "methods": suite.aggregate_cell(per_seed, [0, 1]), "images": "skipped: test",
+            "latent_shape": [4, 8, 8], "n_train": 3000, "spatial": True}
     table = suite.cell_table(cell)
     assert any(line.startswith(f"| {suite.METHODS['langevin']} | diverged |") for line in table)
     assert any(line.startswith(f"| {suite.METHODS['evalp']} | +0.1000 [+0.1000 … +0.1000] |") for line in table)
@@ -153,7 +157,7 @@ def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
     assert suite.main(["--quick", "--sets", "digits-flat,digits-flat-b1", "--seeds", "0", "--image-samples", "4", "--jobs", "2",
                        "--cache-dir", cache, "--out", str(out), "--json", str(tmp_path / "jobs.json")]) == 0
     result = json.loads((tmp_path / "jobs.json").read_text())
-    assert set(result["cells"]) == {"digits-flat", "digits-flat-b1"}
+    assert set(result["cells"]) == {"digits-d8-b0.1", "digits-d8-b1"}  # the earlier names are aliases
     assert all("error" not in cell and cell["methods"]["evalp"]["excess_fd"]["median"] is not None for cell in result["cells"].values())
     assert result["machine"]["torch_threads"] == 1 and "--jobs 2" in result["machine"]["threads_reason"]
     md = out.read_text()
