@@ -10,7 +10,7 @@ Both work in normalized latent space, like the learned prior:
 `temperature` scales the sampling noise's standard deviation (as for the flow): N(0, T²I) for the
 Gaussian, N(μ_k, T²Σ_k) per component for the GMM. `log_prob` is always the untempered density.
 
-Fit the GMM on posterior *samples* z = μ + σ·ε, not on the means (REFERENCE §5): means of a nearly
+Fit the GMM on posterior *samples* z = μ + σ·ε, not on the means: means of a nearly
 deterministic encoder collapse some dimensions, which makes the components singular, while the
 samples give the aggregate posterior the prior is meant to match. The caller draws them.
 """

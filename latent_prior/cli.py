@@ -15,7 +15,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from latent_prior.config import add_arguments, resolve
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, RunFailed
 
 
 class Command(NamedTuple):
@@ -46,7 +46,7 @@ def run_encode(config):
 
 
 def run_fit(config):
-    """`latent-prior fit`: with --latents, fit on a cache and export the prior to --out (issue 3's form);
+    """`latent-prior fit`: with --latents, fit on a cache and export the prior to --out;
     otherwise the whole pipeline (encode -> fit -> export -> sample -> decode -> report) into the run
     folder --out, on --vae/--data or the embedded default."""
     if getattr(config, "latents", None) is not None:
@@ -109,23 +109,13 @@ COMMANDS: dict[str, Command] = {
 
 
 def _import(path: str):
+    """The object at "module:attribute"; a command that cannot be imported is a bug to see, not to hide."""
     module_name, attr = path.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:  # not written yet; any other missing module is a real error
-            return None
-        raise
-    return getattr(module, attr, None)
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def _available_commands() -> dict[str, tuple[Command, type, Callable]]:
-    found = {}
-    for name, cmd in COMMANDS.items():
-        config_cls, run = _import(cmd.config), _import(cmd.run)
-        if config_cls is not None and run is not None:
-            found[name] = (cmd, config_cls, run)
-    return found
+    return {name: (cmd, _import(cmd.config), _import(cmd.run)) for name, cmd in COMMANDS.items()}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Command, type, Callable]]]:
@@ -155,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve(config_cls, args)
         result = run(config)
-    except LatentPriorError as exc:
+    except LatentPriorError as exc:  # 2: the input or the flags; 1: a run that failed on good input
         print(f"latent-prior {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, RunFailed) else 2
     except KeyboardInterrupt:
         print(f"latent-prior {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130

@@ -1,12 +1,17 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""The exceptions that the CLI turns into a single sentence on stderr, with no traceback.
 
-The CLI turns it into a single sentence on stderr and a non-zero exit code, with no traceback.
-Its message must name the file or argument at fault and say what to do about it.
+`LatentPriorError` means "the user gave us something we cannot use" (exit code 2, as argparse's usage
+errors); `RunFailed`, a subclass, means the input was fine but the run did not succeed, e.g. a training that
+diverged (exit code 1). The message names the file or argument at fault and says what to do about it.
 """
 
 
 class LatentPriorError(Exception):
     """Bad input, stated in one sentence that names the culprit and the remedy."""
+
+
+class RunFailed(LatentPriorError):
+    """A run that failed on good input (a divergence), stated in one sentence with the remedy."""
 
 
 def read_json_object(path, what: str, remedy: str) -> dict:

@@ -217,7 +217,7 @@ def _normalize_methods(methods: Sequence[str]) -> list[str]:
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
              generator: torch.Generator, rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
-    """A GMM on posterior DRAWS of the training items (REFERENCE §5), several per item when the items are
+    """A GMM on posterior DRAWS of the training items (the means of a nearly deterministic encoder make components singular), several per item when the items are
     few for the dimension (N/K ≥ 2·D), so no component is singular."""
     from latent_prior.baselines import GMMPrior
 

@@ -79,8 +79,8 @@ _SAMPLE_METHODS = ("sampler", "sir", "langevin")
 class RunConfig(FitConfig):
     """`latent-prior fit`: every FitConfig field (the trainer) plus how to get latents and what to report.
 
-    Field names = CLI flags = keys of RUN_DIR/config.json. With --latents the command is issue 3's
-    form (fit on a cache, export the prior to --out) and the encode/report fields are ignored.
+    Field names = CLI flags = keys of RUN_DIR/config.json. With --latents the command
+    fits on a cache and exports the prior to --out and the encode/report fields are ignored.
     """
 
     latents: str | None = field(default=None, metadata={"help": "skip encoding and reporting: fit on this cache folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run the whole pipeline from images"})

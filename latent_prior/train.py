@@ -1,6 +1,6 @@
 """Fit an EVaLP prior on cached latents: alternating energy / sampler training on Accelerate.
 
-The model, in the VAE's normalized latent space (REFERENCE §1):
+The model, in the VAE's normalized latent space:
 
     p_θ(z) = p0(z)·exp(−E_θ(z)) / Z_θ,    p0 = N(0, I)
 
@@ -10,7 +10,7 @@ is fitted to the aggregate posterior by alternating two updates per training ste
       minimize  E_{z~q}[E(z) + λ·(log q(z) − log p0(z))]  +  w_fwd · E_data[−log q(z_pos)]
   With λ = 1 the first term is L_q = KL(q‖p_θ) − log Z, so −L_q is a lower bound on log Z (logged
   as `log_z_bound`). The forward-KL term (maximum likelihood of the flow on posterior draws) keeps
-  the flow mass-covering: REFERENCE §5 found the pure reverse-KL flow under-dispersed.
+  the flow mass-covering: a pure reverse-KL flow came out under-dispersed (docs/prior-development.md).
 * one energy step, on E_θ:
       minimize  E_pos[E] − E_neg[E] + α·(E_pos² + E_neg²) + γ·½‖∇E(z_pos)‖² + w_gp·(‖∇E(ẑ)‖ − 1)²
   positives are FRESH reparameterised posterior draws z = μ + σ·ε of the current batch (the means
@@ -40,7 +40,7 @@ with log Ẑ from importance sampling with the EMA flow (`latent_prior.sampling.
 latent FD of the EMA flow's samples to posterior draws of the held-out latents. The initialized model is
 the first candidate (step 0): with the default EM-initialized mixture base it is the GMM baseline. Model
 selection (`select_by="gain_and_fd"`) keeps the checkpoint with the lowest held-out FD among those at
-least as good as step 0 on both held-out gain and FD, whose importance sampling is healthy (ESS fraction
+least as good as step 0 on held-out gain, FD and k-NN precision, whose importance sampling is healthy (ESS fraction
 ≥ `min_ess_fraction`), so the prior falls back to the GMM when training does not improve on it;
 `select_by="gain"` keeps the highest held-out gain; without a validation split, the last checkpoint.
 The chosen energy and EMA flow, with a final log Ẑ over `log_z_samples` proposals, are exported as a
@@ -73,7 +73,7 @@ from torch import nn
 
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws
 from latent_prior.config import to_dict
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, RunFailed
 from latent_prior.vae import LatentNormalization
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ __all__ = ["FitConfig", "OBJECTIVES", "fit", "run_fit", "resolve_objective", "en
 # configuration
 
 #: Defaults that depend on the objective. "vml": variational maximum likelihood (λ = 1), with the
-#: stabilizers of REFERENCE §1 and forward KL for a mass-covering sampler. "evalp-code": the
+#: stabilizers of published generator-based EBM trainers (VERA, MEG, LEBM) and forward KL for a mass-covering sampler. "evalp-code": the
 #: authors' public code, a WGAN-GP critic and a sampler with a tiny KL weight (a critic, not a
 #: normalized prior; kept for comparison).
 OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -126,6 +126,28 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 #: even when they are C×H×W. Measured on the embedded default's 4×8×8 latents (bench/prior.py,
 #: docs/prior-development.md): flat networks reached the GMM's latent FD, the conv/multi-scale pair did not.
 SMALL_LATENT_DIMS = 1024
+@dataclass(frozen=True)
+class _SeedOffsets:
+    """Every random stream of a fit is seeded as `seed + offset`: one named offset per stream, so no two
+    streams share draws and each is reproduced alone. (The values are historical; changing one changes
+    that stream, and so the figures of earlier runs.)"""
+
+    training_draws: int = 1  # posterior draws and data order of the training steps (× 1,000,003 + rank)
+    eval_train_items: int = 1  # which training latents the evaluations score
+    eval_val_items: int = 2  # which held-out latents the evaluations score
+    init_items: int = 3  # which latents initialize ActNorm and the mixture base
+    init_draws: int = 17  # their posterior draws
+    mixture_refit: int = 19  # the draws that refit the mixture's weights after the warm-up
+    eval_energy_draws: int = 101  # posterior draws scored by the energy at each evaluation
+    eval_log_z: int = 202  # importance samples of log Z at each evaluation and at the export
+    invertibility_check: int = 303  # the flow draws that check sampling against its inverse after the warm-up
+    eval_heldout_draws: int = 404  # held-out posterior draws of the FD / precision reference
+    eval_sampler_draws: int = 505  # sampler draws scored against them
+
+
+SEEDS = _SeedOffsets()
+#: k of the k-NN precision that model selection compares (as `evaluate.latent_report`'s PR_NEIGHBOURS)
+_PRECISION_NEIGHBOURS = 3
 
 #: Fields that do not change what is trained: a run differing only in these is the same run.
 _COSMETIC_FIELDS = ("resume", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out")
@@ -140,26 +162,8 @@ def _objective_help(name: str, unit: str = "") -> str:
 class FitConfig:
     """`latent-prior fit`: every knob of the trainer. Field names = CLI flags = keys of fit_config.json.
 
-    Defaults were calibrated on the 1,500 training latents of flat 8-D digits VAEs (β = 1 and 0.1,
-    `scripts/train_digits_vaes.py`) and the embedded default's 4×8×8 latents (bench/prior.py;
-    docs/prior-development.md has the figures). What mattered most: the sampler first fits the latents by
-    maximum likelihood (`warmup_steps`), then becomes the energy's frozen base (`energy_base="flow"`),
-    so the energy corrects a good density instead of carrying the whole distance from N(0, I). Without
-    that, the alternating game alone left the β = 0.1 sampler behind a 10-component GMM and barely moved
-    a 4×8×8 sampler away from N(0, I). A longer warm-up sharpened decoded digits (β = 0.1 classifier
-    confidence 0.917, 0.928 and 0.931 after 1000, 2000 and 3000 warm-up steps followed by 500 alternating
-    ones; 0.925 for 1250 + 1250, the default then) at ~17 ms per warm-up step. What closed the rest of the gap
-    to the GMM (0.936) was the flow's base: a 10-component mixture (`flow_base_components`) instead of
-    N(0, I) gave 0.949 / 0.943 / 0.942 for seeds 0-2 (0.921 / 0.922 / 0.922 with N(0, I)), because a flow
-    from one Gaussian joins the digit classes by bridges whose samples decode to blends; on the 4×8×8
-    latents it raised confidence from 0.771 to 0.868 in an 800-step fit. A learning-rate cosine per phase
-    and a slower EMA did not help (0.915-0.921). The energy overfits 1,500 latents, which the held-out
-    checkpoint selection handles (the warmed-up flow is a candidate too). The default length, 1000
-    warm-up + 1000 alternating steps, with the energy's negatives taken from the sampler's own step, keeps
-    a fit on the 1,500 digits latents under two minutes: 99 s (β = 0.1) and 96 s (β = 1) alone on one core,
-    against 132 s for 1250 + 1250 with fresh negatives, at β = 0.1 confidence 0.943 / 0.938 / 0.938 for
-    seeds 0-2 (1250 + 1250: 0.949 / 0.943 / 0.942; the GMM: 0.936 / 0.939 / 0.945). The figures, and why a
-    mixture base's weights are refitted after the warm-up, are in bench/results/prior_sweep7_length.md.
+    The defaults are the same for every latent shape (the networks follow the shape: `energy_kind`,
+    `flow_kind`); docs/prior-development.md records the measurements that chose them.
     """
 
     latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
@@ -204,7 +208,7 @@ class FitConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints to keep, besides the best one"})
     early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better held-out gain (0: never)"})
     min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"})
-    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the latent FD of its samples, and the lowest FD among those wins) or gain (the highest held-out gain)", "choices": ("gain_and_fd", "gain")})
+    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest held-out gain)", "choices": ("gain_and_fd", "gain")})
     fd_samples: int = field(default=2048, metadata={"help": "sampler draws for the held-out latent FD at each evaluation"})
     eval_samples: int = field(default=4096, metadata={"help": "importance samples for log Z at each evaluation"})
     eval_latents: int = field(default=4096, metadata={"help": "at most this many held-out (and training) latents per evaluation"})
@@ -683,9 +687,9 @@ class _RunState:
 _CSV_COLUMNS = (
     "step", "epoch", "seconds", "e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl",
     "energy_grad_norm", "sampler_grad_norm", "val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "lr_sampler",
-    "val_fd",
+    "val_fd", "val_precision",
 )
-_EVAL_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "val_fd")
+_EVAL_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "val_fd", "val_precision")
 _STAT_KEYS = ("e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm",
               "sampler_grad_norm", "max_abs_energy")
 
@@ -735,8 +739,8 @@ class _Trainer:
         self.norm: LatentNormalization = source.normalization
         self.train_idx, self.val_idx = validation_split(len(source), config.validation_fraction, config.seed)
         # Fixed random subsets for evaluation (sorted caches are ordered by source path, e.g. by class).
-        self.eval_train_idx = _subset(self.train_idx, config.eval_latents, config.seed + 1)
-        self.eval_val_idx = _subset(self.val_idx, config.eval_latents, config.seed + 2)
+        self.eval_train_idx = _subset(self.train_idx, config.eval_latents, config.seed + SEEDS.eval_train_items)
+        self.eval_val_idx = _subset(self.val_idx, config.eval_latents, config.seed + SEEDS.eval_val_items)
         need = config.batch_size * self.world_size
         if len(self.train_idx) < need:
             procs = f" × {self.world_size} processes" if self.world_size > 1 else ""
@@ -800,7 +804,7 @@ class _Trainer:
         self.opt_sampler = torch.optim.Adam(self.flow.parameters(), lr=c.lr_sampler, betas=tuple(c.betas), foreach=True)
         # One generator per rank drives every random draw of training (posterior noise, flow noise,
         # interpolates), so its state in the checkpoint is all a resume needs.
-        self.generator = torch.Generator(device=self.device).manual_seed((c.seed + 1) * 1_000_003 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
         self.state = _RunState(world_size=self.world_size)
         self.ema: _EMA | None = None
         self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD, fixed for the run
@@ -810,7 +814,7 @@ class _Trainer:
         """Posterior draws of up to 2048 training latents (bounded memory), the same on every rank and on a
         resume: the subset and the noise come from the seed, not from the training generator."""
         limit = max(2, min(2048, (64 * 2**20) // max(1, 8 * math.prod(self.shape))))
-        mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + 3))
+        mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + SEEDS.init_items))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return _posterior_draws(mean, logvar, self.norm, gen, self.device)
 
@@ -820,7 +824,7 @@ class _Trainer:
         dims = math.prod(self.shape)
         per_item, count = gmm_fit_draws(len(self.train_idx), dims, bool(getattr(self.source, "deterministic", False)),
                                         self.flow.base_components)
-        mean, logvar = self.source.read(_subset(self.train_idx, -(-count // per_item), self.config.seed + 3))
+        mean, logvar = self.source.read(_subset(self.train_idx, -(-count // per_item), self.config.seed + SEEDS.init_items))
         if per_item > 1:
             mean = mean.repeat(per_item, *([1] * (mean.dim() - 1)))[:count]
             logvar = None if logvar is None else logvar.repeat(per_item, *([1] * (logvar.dim() - 1)))[:count]
@@ -830,7 +834,7 @@ class _Trainer:
     def _initialize_flow(self) -> None:
         """ActNorm data init and the mixture base's k-means, or its EM, on posterior draws of training latents."""
         em = self.flow.base_components > 1 and self.flow.base_init == "em"
-        seed = self.config.seed + 17
+        seed = self.config.seed + SEEDS.init_draws
         self.flow.initialize(self._base_fit_draws(seed) if em else self._initialization_draws(seed))
         _broadcast_module(self.flow, self.acc)
         _broadcast_module(self.energy, self.acc)
@@ -922,7 +926,7 @@ class _Trainer:
     @torch.no_grad()
     def _mean_neg_energy(self, indices: np.ndarray) -> float:
         """mean over items of −E(z), one fixed-seed posterior draw per item (same draws at every evaluation)."""
-        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 101)
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_energy_draws)
         total, count = 0.0, 0
         for mean, logvar in self.source.iter_moments(1024, indices=indices, shuffle=False):
             z = _posterior_draws(mean, logvar, self.norm, gen, self.device)
@@ -931,25 +935,32 @@ class _Trainer:
         return total / max(1, count)
 
     @torch.no_grad()
-    def _heldout_fd(self) -> float:
-        """Latent FD between `fd_samples` draws of the EMA sampler and fixed posterior draws of the held-out
-        latents (about as many, several per item when they are few), in normalized latent space."""
-        from latent_prior.metrics import frechet_distance
+    def _heldout_sample_scores(self) -> tuple[float, float]:
+        """(FD, precision) of `fd_samples` draws of the EMA sampler against fixed posterior draws of the held-out
+        latents (about as many, several per item when they are few), in normalized latent space. Precision is the
+        k-NN (k = 3) manifold precision, one draw per held-out item against as many samples, averaged over the
+        draws: FD rewards covering the latents, precision rewards not leaving them (what decoded samples show)."""
+        from latent_prior.metrics import frechet_distance, precision_recall_knn
         from latent_prior.sampling import sample_flow
 
         c = self.config
         if self._fd_reference is None:
-            gen = torch.Generator(device=self.device).manual_seed(c.seed + 404)
+            gen = torch.Generator(device=self.device).manual_seed(c.seed + SEEDS.eval_heldout_draws)
             repeats = max(1, round(c.fd_samples / max(1, len(self.eval_val_idx))))
             parts = [_posterior_draws(mean, logvar, self.norm, gen, self.device).flatten(1).cpu()
                      for _ in range(repeats)
                      for mean, logvar in self.source.iter_moments(1024, indices=self.eval_val_idx, shuffle=False)]
             self._fd_reference = torch.cat(parts)
-        gen = torch.Generator(device=self.device).manual_seed(c.seed + 505)
+        gen = torch.Generator(device=self.device).manual_seed(c.seed + SEEDS.eval_sampler_draws)
         samples = sample_flow(None, self.ema.module, c.fd_samples, generator=gen).flatten(1).float().cpu()
         if not torch.isfinite(samples).all():
-            return float("inf")
-        return frechet_distance(samples, self._fd_reference)
+            return float("inf"), 0.0
+        m = len(self.eval_val_idx)
+        repeats = min(len(self._fd_reference), len(samples)) // m if m > _PRECISION_NEIGHBOURS else 0
+        precision = (sum(precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m],
+                                              k=_PRECISION_NEIGHBOURS).precision for r in range(repeats)) / repeats
+                     if repeats else float("nan"))
+        return frechet_distance(samples, self._fd_reference), precision
 
     def _in_warmup(self) -> bool:
         return self.state.warmup_steps is not None and self.state.step < self.state.warmup_steps
@@ -968,29 +979,31 @@ class _Trainer:
 
         if self._in_warmup() and hasattr(self.energy, "base"):
             self.energy.base.load_state_dict(self.ema.module.state_dict())
-        values = torch.full((7,), float("nan"), dtype=torch.float64, device=self.device)
+        values = torch.full((8,), float("nan"), dtype=torch.float64, device=self.device)
         if self.is_main:
             self.energy.eval()
-            gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 202)
+            gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_log_z)
             est = estimate_log_z(self.energy, self.ema.module, num_samples, batch_size=min(num_samples, 4096), generator=gen)
             train_gain = self._mean_neg_energy(self.eval_train_idx) - est.log_z
             has_val = len(self.val_idx) > 0
             val_gain = self._mean_neg_energy(self.eval_val_idx) - est.log_z if has_val else float("nan")
-            val_fd = self._heldout_fd() if has_val else float("nan")
+            val_fd, val_precision = self._heldout_sample_scores() if has_val else (float("nan"), float("nan"))
             self.energy.train()
-            values = torch.tensor([est.log_z, est.ess, est.ess_fraction, val_gain, train_gain, num_samples, val_fd],
+            values = torch.tensor([est.log_z, est.ess, est.ess_fraction, val_gain, train_gain, num_samples, val_fd, val_precision],
                                   dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             values = broadcast(values, from_process=0)
-        log_z, ess, ess_fraction, val_gain, train_gain, k, val_fd = values.tolist()
+        log_z, ess, ess_fraction, val_gain, train_gain, k, val_fd, val_precision = values.tolist()
         return {"step": self.state.step, "log_z_is": log_z, "ess": ess, "ess_fraction": ess_fraction,
-                "val_gain_nats": val_gain, "train_gain_nats": train_gain, "num_samples": int(k), "val_fd": val_fd}
+                "val_gain_nats": val_gain, "train_gain_nats": train_gain, "num_samples": int(k), "val_fd": val_fd,
+                "val_precision": val_precision}
 
     def _select(self, result: dict[str, Any]) -> None:
         """Model selection on the held-out latents (see the module docstring)."""
         s, c = self.state, self.config
         has_val = len(self.val_idx) > 0
         gain, fd = result["val_gain_nats"], result.get("val_fd", float("nan"))
+        precision = result.get("val_precision", float("nan"))
         # A flow-based energy's warm-up candidates are priors too (the EMA flow alone); the paper's form is not
         # a prior before its energy has trained.
         eligible = c.energy_base == "flow" or s.step >= s.warmup_steps
@@ -1003,9 +1016,12 @@ class _Trainer:
             value = -fd
             eligible = eligible and math.isfinite(gain) and math.isfinite(fd) and result["ess_fraction"] >= c.min_ess_fraction
             if eligible and s.reference is None:
-                s.reference = {"step": s.step, "val_gain_nats": gain, "val_fd": fd}
-            # Never worse than the first candidate, the GMM that the base started as: on likelihood and on samples.
-            eligible = eligible and gain >= s.reference["val_gain_nats"] and fd <= s.reference["val_fd"]
+                s.reference = {"step": s.step, "val_gain_nats": gain, "val_fd": fd, "val_precision": precision}
+            # Never worse than the first candidate, the GMM that the base started as: on likelihood and on samples,
+            # both their spread (FD) and their sharpness (precision; a NaN, from too few held-out items, never blocks).
+            ref_precision = s.reference.get("val_precision", float("nan")) if s.reference else float("nan")
+            eligible = (eligible and gain >= s.reference["val_gain_nats"] and fd <= s.reference["val_fd"]
+                        and not precision < ref_precision)
         if eligible and (s.best_value is None or value > s.best_value):
             s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
         else:
@@ -1020,7 +1036,7 @@ class _Trainer:
         if c.select_by == "gain":
             return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
         return ("lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
-                f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's "
+                f"{c.min_ess_fraction:g} whose held-out gain, FD and k-NN precision are at least as good as the first candidate's "
                 "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)")
 
     def _what_the_phases_add(self) -> dict[str, Any]:
@@ -1031,7 +1047,7 @@ class _Trainer:
         alternating = [h for step, h in history.items() if step > warmup and math.isfinite(h["val_gain_nats"])]
         picks = {"start": history.get(0), "base": history.get(warmup),
                  "energy": max(alternating, key=lambda h: h["val_gain_nats"]) if alternating else None}
-        return {"phases": {name: None if h is None else {k: h[k] for k in ("step", "val_gain_nats", "val_fd", "ess_fraction")}
+        return {"phases": {name: None if h is None else {k: h.get(k) for k in ("step", "val_gain_nats", "val_fd", "val_precision", "ess_fraction")}
                            for name, h in picks.items()},
                 "phases_note": ("held-out gain (nats) and latent FD of the sampler at step 0 (start), at the end of the warm-up "
                                 "(base: the flow that the energy corrects) and at the alternating-phase checkpoint with the "
@@ -1065,7 +1081,7 @@ class _Trainer:
         A mixture base first gets its maximum-likelihood weights (`Flow.refit_mixture_weights`), so that no
         component that the latents have left keeps drawing samples."""
         if self.state.warmup_steps > 0 and self.ema.module.base_components > 1:
-            self.ema.module.refit_mixture_weights(self._initialization_draws(self.config.seed + 19))
+            self.ema.module.refit_mixture_weights(self._initialization_draws(self.config.seed + SEEDS.mixture_refit))
             _broadcast_module(self.ema.module, self.acc)
         if hasattr(self.energy, "base"):
             self.energy.base.load_state_dict(self.ema.module.state_dict())
@@ -1077,7 +1093,7 @@ class _Trainer:
     def _warn_if_not_invertible(self, n: int = 512) -> None:
         """A flow whose sampling direction overflows (seen on nearly low-rank latents) gives samples and
         log-densities that disagree with its inverse; say so once, at the end of the warm-up."""
-        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 303)
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.invertibility_check)
         z, log_q = self.ema.module.sample_and_log_prob(n, generator=gen)
         gap = (log_q - self.ema.module.log_prob(z)).abs()
         if bool(torch.isfinite(gap).all()) and float(gap.median()) < 0.1:
@@ -1150,7 +1166,7 @@ class _Trainer:
             return
         ckpts = _checkpoint_dirs(self.ckpt_root)
         last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet"
-        raise LatentPriorError(
+        raise RunFailed(
             f"training diverged at step {self.state.step + 1} ({what}); {last}. Try a lower --lr-energy / --lr-sampler "
             f"(now {self.config.lr_energy:g} / {self.config.lr_sampler:g}) or a larger --energy-magnitude-penalty / --grad-penalty "
             f"(now {self.config.energy_magnitude_penalty:g} / {self.config.grad_penalty:g}), then rerun with --resume."
@@ -1260,6 +1276,7 @@ class _Trainer:
             "log_z_samples": result["num_samples"],
             "heldout_gain_nats": result["val_gain_nats"],
             "heldout_fd": result["val_fd"],
+            "heldout_precision": result["val_precision"],
             "train_gain_nats": result["train_gain_nats"],
             **self._what_the_phases_add(),
             "latent_dims": math.prod(self.shape),
