@@ -48,10 +48,10 @@ import sys
 import time
 import warnings
 import zlib
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -482,14 +482,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _one_thread() -> Any:
+    """One CPU thread, whatever the policy: the timings compare methods on the same footing."""
+    from latent_prior.threads import cpu_threads
+
+    return cpu_threads(1)
 
 
 def _fmt(value: Any, spec: str) -> str:

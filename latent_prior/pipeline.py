@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
+from latent_prior.threads import cpu_threads
 from latent_prior.train import FitConfig
 from latent_prior.vae import VAEAdapter
 
@@ -379,7 +381,8 @@ def _draw_samples(config: RunConfig, prior: Any, adapter: VAEAdapter, normalizat
     generator = torch.Generator(device=prior.device).manual_seed(seed)
     z_gauss = torch.randn((n, *prior.latent_shape), generator=generator, device=prior.device)
     raw_gauss = normalization.denormalize(z_gauss)
-    raw_evalp = prior.sample(n, method=config.sample_method, generator=generator)
+    with cpu_threads(config.cpu_threads) if prior.device.type == "cpu" else contextlib.nullcontext():
+        raw_evalp = prior.sample(n, method=config.sample_method, generator=generator)
     x_gauss = _decode(adapter, raw_gauss, config.encode_batch_size)
     x_evalp = _decode(adapter, raw_evalp, config.encode_batch_size)
     ncol = math.ceil(math.sqrt(n))

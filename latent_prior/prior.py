@@ -21,6 +21,7 @@ one grid or one PNG per sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization, VAEAdapter, parse_dtype
 
 __all__ = ["LatentPrior", "SampleConfig", "run_sample", "FORMAT_VERSION", "MODEL_FILE", "CONFIG_FILE"]
@@ -45,6 +47,7 @@ __all__ = ["LatentPrior", "SampleConfig", "run_sample", "FORMAT_VERSION", "MODEL
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 SAMPLE_METHODS = ("sampler", "sir", "langevin")
 
 
@@ -460,10 +463,15 @@ class LatentPrior(nn.Module):
             "training": self.training_info,
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `model.safetensors` and `config.json` to `directory` (created if needed); returns it."""
+    def save_pretrained(self, directory: str | os.PathLike, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        private: bool | None = None, commit_message: str | None = None, token: str | None = None) -> Path:
+        """Write `model.safetensors`, `config.json` and a model card (`README.md`: the source VAE, the data, the
+        held-out figures) to `directory` (created if needed); returns it. push_to_hub: then upload the folder to
+        the Hub repo `repo_id` (created if needed; `hf auth login` first)."""
         from safetensors.torch import save_file
 
+        if push_to_hub and not repo_id:
+            raise LatentPriorError("save_pretrained(push_to_hub=True) needs repo_id='namespace/name'.")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # clone(): safetensors refuses tensors that share storage.
@@ -472,24 +480,47 @@ class LatentPrior(nn.Module):
         save_file(tensors, str(tmp), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
         os.replace(tmp, directory / MODEL_FILE)
         _atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config, indent=2, default=_json_default) + "\n")
+        _atomic_write_text(directory / CARD_FILE, model_card(self.config, repo_id))
+        if push_to_hub:
+            from latent_prior.hub import upload
+
+            upload(directory, repo_id, what="prior", private=private, commit_message=commit_message, token=token)
         return directory
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | os.PathLike,
+        pretrained: str | os.PathLike,
         *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        torch_dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
         dtype: str | torch.dtype | None = None,
     ) -> "LatentPrior":
-        """Load a prior saved by `save_pretrained` (or by `latent-prior fit --out DIR`).
+        """Load a prior saved by `save_pretrained` (or by `latent-prior fit --out DIR`): a local folder, or a
+        Hugging Face Hub repo id ("namespace/name"), read from the local Hub cache when it is there.
 
-        device: where to put it (default CPU); dtype: e.g. torch.float32 / "bf16" (default float32).
+        revision / subfolder / cache_dir / local_files_only: as in huggingface_hub (a folder ignores revision).
+        torch_dtype (or its alias dtype): e.g. torch.float32 / "bf16" (default float32); device: default CPU.
+        Offline (HF_HUB_OFFLINE=1, or no connection), an id that is not cached fails at once, in one sentence.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise LatentPriorError(f"from_pretrained: torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; pass one.")
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        directory = Path(pretrained)
+        if subfolder:
+            directory = directory / subfolder
+        if not directory.exists() and not Path(pretrained).exists() and _looks_like_repo_id(str(pretrained)):
+            from latent_prior.hub import download
+
+            directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
+                                 revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if directory.is_file():
             raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
                                    "(it holds config.json and model.safetensors).")
@@ -539,6 +570,57 @@ class LatentPrior(nn.Module):
         return f"latent_shape={self.latent_shape}, log_z={self.log_z:.4f}"
 
 
+def _looks_like_repo_id(text: str) -> bool:
+    """A Hub id rather than a path: valid as a repo id and not written as a path ("./x", "/x", "~", "x\\y")."""
+    from latent_prior.hub import is_repo_id
+
+    return not text.startswith((".", "/", "~")) and "\\" not in text and text.count("/") <= 1 and is_repo_id(text)
+
+
+def _figure(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "not recorded"
+
+
+def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """README.md for a prior folder (Hub model card): what it is, its source VAE, the data and the held-out figures."""
+    from latent_prior import __version__
+
+    provenance = config.get("provenance") or {}
+    training = config.get("training") or {}
+    summary = training.get("summary") or {}
+    shape = "×".join(str(s) for s in config.get("latent_shape", []))
+    source = provenance.get("source") or "unknown (the prior was fitted on latents that recorded no VAE)"
+    name = repo_id or "PATH_OR_REPO_ID"
+    lines = [
+        "---", "library_name: latent-prior", "tags:", "- latent-prior", "- vae-prior", "- energy-based-model", "---", "",
+        f"# A latent prior for {source}", "",
+        f"An EVaLP prior (energy-based variational latent prior, [latent-prior](https://pypi.org/project/latent-prior/) "
+        f"{config.get('latent_prior_version', __version__)}) over {shape} latents: p(z) ∝ N(z; 0, I)·exp(−E(z)), with a "
+        "one-pass sampler network. `prior.sample(n)` replaces `torch.randn` when sampling the VAE.", "",
+        "```python", "from latent_prior import LatentPrior", "",
+        f'prior = LatentPrior.from_pretrained("{name}")',
+        "z = prior.sample(16)                 # raw latents, as the VAE's encoder emits them",
+        "images = vae.decode(z).sample        # the VAE below", "```", "",
+        "## Source VAE", "",
+        f"- source: `{source}`" + (f" (revision {provenance['revision']})" if provenance.get("revision") else "")
+        + (f", subfolder `{provenance['subfolder']}`" if provenance.get("subfolder") else ""),
+        f"- class: {provenance.get('class_name', 'unknown')}; weights fingerprint `{provenance.get('fingerprint', 'unknown')}` "
+        "(the prior refuses a VAE with other weights unless told to allow it)", "",
+        "## Data and fit", "",
+        f"- latents: {training.get('latents', 'not recorded')}",
+        f"- {summary.get('num_train', '?')} training latents, {summary.get('num_validation', '?')} held out; "
+        f"{summary.get('steps', '?')} steps in {_figure(summary.get('seconds'), '.0f')} s, selected step {summary.get('selected_step', '?')}", "",
+        "## Held-out figures", "",
+        f"- ELBO gain over N(0, I): {_figure(summary.get('heldout_gain_nats'), '+.3f')} nats per latent "
+        "(an importance-sampling estimate of log Z: optimistic)",
+        f"- latent Fréchet distance of the sampler to held-out posterior draws: {_figure(summary.get('heldout_fd'), '.4f')}; "
+        f"k-NN precision {_figure(summary.get('heldout_precision'), '.3f')}",
+        f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS {_figure(100 * summary['log_z_ess_fraction'] if isinstance(summary.get('log_z_ess_fraction'), (int, float)) else None, '.1f')} % of the proposals)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
@@ -579,6 +661,7 @@ class SampleConfig:
     step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
     langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, else latent", "choices": ("auto", "latent", "base")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads of the prior's sampling on CPU (0: one, or OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); decoding keeps torch's own count"})
     allow_finetuned_vae: bool = field(default=False, metadata={"help": "decode with a --vae whose weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents may be distributed differently"})
 
 
@@ -701,8 +784,9 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
         options["space"] = config.langevin_space
     generator = torch.Generator(device=device).manual_seed(config.seed)
     start = time.perf_counter()
-    latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,
-                           batch_size=config.batch_size, **options)
+    with cpu_threads(config.cpu_threads) if device.type == "cpu" else contextlib.nullcontext():
+        latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,
+                               batch_size=config.batch_size, **options)
     seconds = time.perf_counter() - start
     what = f"(method={config.method}, seed={config.seed}, temperature={config.temperature})"
     if kind != "latents":

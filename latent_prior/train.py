@@ -49,6 +49,7 @@ The chosen energy and EMA flow, with a final log Ẑ over `log_z_samples` propos
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -74,6 +75,7 @@ from torch import nn
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError, RunFailed
+from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization
 
 if TYPE_CHECKING:
@@ -221,7 +223,7 @@ class FitConfig:
     log_every: int = field(default=25, metadata={"help": "write averaged training metrics every N steps"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: read in the training loop)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, because these small networks ran 7x faster on one thread than on two on a shared 2-core machine); the previous setting is restored afterwards"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, or OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards"})
 
 
 def resolve_objective(config: FitConfig) -> FitConfig:
@@ -1514,11 +1516,9 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         raise LatentPriorError(f"--out {out} exists and is not a folder; choose a folder.")
 
     accelerator, fresh_state, tracking = _make_accelerator(config, out)
-    threads_before = torch.get_num_threads()
+    threads = contextlib.ExitStack()
     if accelerator.device.type == "cpu":
-        # Measured on 2 shared cores: the default 8-D fit took 76 s on one thread and 541 s on two
-        # (small matmuls gain nothing from intra-op threads and lose a lot to their synchronization).
-        torch.set_num_threads(config.cpu_threads or 1)
+        threads.enter_context(cpu_threads(config.cpu_threads))  # latent_prior.threads: one, unless the user chose
     try:
         resume_from = _prepare_out(out, config, accelerator.is_main_process)
         trainer = _Trainer(config, source, out, accelerator)  # checks the data against the batch size; writes nothing
@@ -1547,7 +1547,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
             accelerator.end_training()
         return prior
     finally:
-        torch.set_num_threads(threads_before)
+        threads.close()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
         if fresh_state and accelerator.num_processes == 1:

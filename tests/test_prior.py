@@ -5,6 +5,7 @@ here is the container, not the training (tests/test_train.py trains real ones).
 """
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from latent_prior.cli import main
 from latent_prior.energy import build_energy
 from latent_prior.errors import LatentPriorError
 from latent_prior.flows import build_flow
-from latent_prior.prior import CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, LatentPrior
+from latent_prior.prior import CARD_FILE, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, LatentPrior
 from latent_prior.vae import LatentNormalization
 
 NORM = LatentNormalization(scaling_factor=0.5, shift_factor=0.25, latents_mean=(1.0, -1.0, 0.0), latents_std=(2.0, 0.5, 1.0))
@@ -36,7 +37,7 @@ def make_prior(shape=(3,), normalization=NORM, seed=0, zero_energy=False, log_z=
 def test_round_trip_gives_identical_samples_and_densities(tmp_path):
     prior = make_prior()
     prior.save_pretrained(tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [CONFIG_FILE, MODEL_FILE]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted([CARD_FILE, CONFIG_FILE, MODEL_FILE])
     loaded = LatentPrior.from_pretrained(tmp_path / "p")
     options = {"sampler": {}, "sir": {"proposals": 8}, "langevin": {"steps": 5}}
     for method, opts in options.items():
@@ -53,6 +54,65 @@ def test_round_trip_gives_identical_samples_and_densities(tmp_path):
     # Only tensors in the weights file, no pickle anywhere.
     with safe_open(str(tmp_path / "p" / MODEL_FILE), framework="pt") as f:
         assert any(k.startswith("energy_net.") for k in f.keys()) and any(k.startswith("flow.") for k in f.keys())
+
+
+def _hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], subfolder: str = "") -> None:
+    """The layout huggingface_hub keeps on disk: models--NS--NAME/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        path = repo / "snapshots" / commit / subfolder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prior = make_prior()
+    folder = prior.save_pretrained(tmp_path / "p", repo_id="someone/digits-prior")
+    files = {name: (folder / name).read_bytes() for name in (CONFIG_FILE, MODEL_FILE, CARD_FILE)}
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "someone/digits-prior", files)
+    _hub_cache(cache, "someone/many-priors", files, subfolder="d8")
+    x = torch.randn(20, 3)
+    for repo_id, subfolder in (("someone/digits-prior", None), ("someone/many-priors", "d8")):
+        loaded = LatentPrior.from_pretrained(repo_id, subfolder=subfolder, cache_dir=cache, torch_dtype=torch.float64)
+        assert loaded.log_prob(x.double()).dtype == torch.float64
+        assert torch.allclose(loaded.log_prob(x.double()).float(), prior.log_prob(x), atol=1e-5)
+        assert loaded.provenance == prior.provenance and loaded.log_z == prior.log_z
+    # not cached, offline: one sentence that says what to do, at once (no retries)
+    with pytest.raises(LatentPriorError, match=r"'someone/other' is neither a local folder nor in the local Hugging Face cache.*hf download someone/other"):
+        LatentPrior.from_pretrained("someone/other", cache_dir=cache)
+    with pytest.raises(LatentPriorError, match="has no d8/config.json|neither a local folder"):
+        LatentPrior.from_pretrained("someone/digits-prior", subfolder="d8", cache_dir=cache)
+    # a path that is not there and is not an id stays a path error
+    with pytest.raises(LatentPriorError, match="does not exist"):
+        LatentPrior.from_pretrained("./not/here/either")
+    with pytest.raises(LatentPriorError, match="disagree"):
+        LatentPrior.from_pretrained(folder, torch_dtype="bf16", dtype="fp32")
+
+
+def test_the_model_card_and_push_to_hub_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prior = make_prior()
+    prior.training_info = {"latents": "cache/ (1500 latents)", "summary": {"num_train": 1350, "num_validation": 150, "steps": 2000,
+                                                                             "seconds": 98.0, "selected_step": 1750, "heldout_gain_nats": 1.25,
+                                                                             "heldout_fd": 0.0123, "heldout_precision": 0.88,
+                                                                             "log_z_ess_fraction": 0.97}}
+    prior.provenance = {"source": "stabilityai/sd-vae-ft-mse", "class_name": "AutoencoderKL", "fingerprint": "f00d", "config_hash": "abc"}
+    card = (prior.save_pretrained(tmp_path / "p", repo_id="me/sd-prior") / CARD_FILE).read_text()
+    assert card.startswith("---\nlibrary_name: latent-prior\n")
+    for text in ("# A latent prior for stabilityai/sd-vae-ft-mse", 'LatentPrior.from_pretrained("me/sd-prior")', "fingerprint `f00d`",
+                 "cache/ (1500 latents)", "1350 training latents, 150 held out", "selected step 1750", "+1.250 nats", "0.0123",
+                 "precision 0.880", "ESS 97.0 %"):
+        assert text in card, text
+    with pytest.raises(LatentPriorError, match="needs repo_id"):
+        prior.save_pretrained(tmp_path / "q", push_to_hub=True)
+    with pytest.raises(LatentPriorError, match="HF_HUB_OFFLINE is set.*hf upload me/sd-prior"):
+        prior.save_pretrained(tmp_path / "q", push_to_hub=True, repo_id="me/sd-prior")
+    assert (tmp_path / "q" / MODEL_FILE).is_file()  # the folder is written before the upload is tried
 
 
 def test_spatial_prior_round_trip(tmp_path):
