@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from latent_prior.errors import LatentPriorError, read_json_object
+from latent_prior.hub import hub_reachable, offline_mode
 from latent_prior.vae import VAEAdapter, parse_dtype
 
 from .diffusers_kl import DiffusersKLAdapter
@@ -37,8 +38,6 @@ from .diffusers_tiny import DiffusersTinyAdapter
 CLASS_KINDS = {"AutoencoderKL": "kl", "AutoencoderTiny": "tiny"}
 PICKLED_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 WEIGHTS_NAME = "diffusion_pytorch_model"
-# Seconds we give the one request that decides whether the Hub is reachable.
-HUB_PROBE_TIMEOUT_S = 3.0
 # `--vae default` (or leaving --vae out) means the small VAE shipped in latent_prior/assets.
 EMBEDDED_DEFAULT = "default"
 
@@ -257,7 +256,7 @@ def _from_single_file(
     try:
         vae = _kl_from_single_file(path, config=hub_config, local_files_only=True, cache_dir=cache_dir)
     except _NotCached as missing:
-        if _offline_mode() or not _hub_reachable():
+        if offline_mode() or not hub_reachable():
             if hub_config is not None:
                 raise _offline_error(hub_config) from missing
             raise LatentPriorError(
@@ -310,25 +309,6 @@ class _NotCached(Exception):
     """Internal: the files are not in the local Hugging Face cache."""
 
 
-def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(env or constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One request, no retries: does the Hub endpoint answer at all (any HTTP status counts)?"""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # any failure to connect means "unreachable"; the message we raise says what to do
-        return False
-    return True
-
-
 def _offline_error(repo_id: str, detail: str = "not in the local Hugging Face cache") -> LatentPriorError:
     return LatentPriorError(
         f"VAE {repo_id!r} is a Hugging Face Hub id that is {detail} and the Hub cannot be reached "
@@ -344,7 +324,7 @@ def _from_hub(
     try:
         return _hub_attempt(repo_id, subfolder, revision, kind, cache_dir, options, local_files_only=True)
     except _NotCached as missing:
-        if _offline_mode() or not _hub_reachable():
+        if offline_mode() or not hub_reachable():
             raise _offline_error(repo_id, str(missing) or "not in the local Hugging Face cache") from missing
     return _hub_attempt(repo_id, subfolder, revision, kind, cache_dir, options, local_files_only=False)
 
