@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -95,7 +96,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "vml": {
         "energy_base": "flow",
         "warmup_steps": 1000,
-        "flow_base_components": 10,
+        "flow_base_components": 0,
         "flow_base_covariance": "auto",
         "flow_base_init": "em",
         "kl_weight": 1.0,
@@ -148,6 +149,14 @@ class _SeedOffsets:
 
 
 SEEDS = _SeedOffsets()
+#: flow_base_components=0 chooses among these, for a full-covariance base of at most _FULL_BASE_BUDGET values
+#: (K·D²: 10 components at 4×8×8 = 256 dims, whose per-step cost on 2 CPU cores was the largest we accepted)
+BASE_COMPONENT_CHOICES = (10, 20, 40)
+_FULL_BASE_BUDGET = 10 * 256**2
+#: relative held-out FD a larger mixture may lose against the first choice and still be chosen: a sanity bound,
+#: not a criterion, since a GMM that merges modes keeps the first two moments, which is all FD compares (20
+#: separated modes in 4-D: FD 0.70 with 10 components and precision 0.37, 0.82 and 0.94 with 40)
+_FD_TOLERANCE = 0.5
 #: k of the k-NN precision that model selection compares (as `evaluate.latent_report`'s PR_NEIGHBOURS)
 _PRECISION_NEIGHBOURS = 3
 
@@ -185,7 +194,7 @@ class FitConfig:
     flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
     flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; the flow's default when left out"})
-    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit classes) apart instead of joining them by bridges of blended samples; " + _objective_help("flow_base_components")})
+    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the held-out precision + recall of each K's EM GMM (full covariances within 10·256² values, else 10); " + _objective_help("flow_base_components")})
     flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); " + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
     flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans (diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
     # -- the energy's base and the warm-up (None = from --objective)
@@ -260,7 +269,8 @@ def _check_config(config: FitConfig) -> None:
     need(0.0 <= c.min_ess_fraction <= 1.0, "min_ess_fraction", c.min_ess_fraction, "pass a fraction in [0, 1]")
     need(c.divergence_threshold > 0, "divergence_threshold", c.divergence_threshold, "pass a positive number of nats")
     need(c.num_workers >= 0, "num_workers", c.num_workers, "pass 0 or more")
-    need(c.flow_base_components >= 1, "flow_base_components", c.flow_base_components, "pass 1 (N(0, I)) or more mixture components")
+    need(c.flow_base_components >= 0, "flow_base_components", c.flow_base_components,
+         "pass 0 (chosen on held-out latents), 1 (N(0, I)) or more mixture components")
     need(c.flow_base_covariance in ("auto", "full", "diag"), "flow_base_covariance", c.flow_base_covariance, "choose auto, full or diag")
     need(c.flow_base_init in ("em", "kmeans"), "flow_base_init", c.flow_base_init, "choose em or kmeans")
     need(not (c.flow_base_covariance == "full" and c.flow_base_init == "kmeans"), "flow_base_covariance", c.flow_base_covariance,
@@ -752,6 +762,8 @@ class _Trainer:
                 f"of {config.batch_size}{procs}; pass --batch-size {max(2, len(self.train_idx) // self.world_size)} or smaller"
                 + (", or a smaller --validation-fraction." if len(self.val_idx) else ".")
             )
+        self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD and precision, fixed for the run
+        self.base_components, self.base_choice = self._choose_base_components()
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
@@ -761,10 +773,9 @@ class _Trainer:
         if kind == "auto":
             kind = "multiscale" if self._large_spatial() else "realnvp"
         kw: dict[str, Any] = {"kind": kind}
-        kw["base_components"] = c.flow_base_components
-        if c.flow_base_components > 1:
-            dims = math.prod(self.shape)
-            kw["base_covariance"] = gmm_covariance(dims) if c.flow_base_covariance == "auto" else c.flow_base_covariance
+        kw["base_components"] = self.base_components
+        if self.base_components > 1:
+            kw["base_covariance"] = self._base_covariance()
             kw["base_init"] = c.flow_base_init
         if kind == "multiscale":
             kw["hidden_channels"] = c.flow_channels
@@ -777,6 +788,48 @@ class _Trainer:
             if c.flow_layers is not None:
                 kw["num_layers"] = c.flow_layers
         return kw
+
+    def _base_covariance(self) -> str:
+        c = self.config
+        return gmm_covariance(math.prod(self.shape)) if c.flow_base_covariance == "auto" else c.flow_base_covariance
+
+    def _choose_base_components(self) -> tuple[int, list[dict[str, Any]]]:
+        """(K, the scores of every candidate). flow_base_components=0: the EM GMM of each K in
+        BASE_COMPONENT_CHOICES (full covariances within _FULL_BASE_BUDGET; a diagonal base keeps the first) is
+        fitted on training draws, and K is the one whose samples have the highest held-out k-NN precision +
+        recall among those whose held-out FD is within _FD_TOLERANCE of the first choice's. Held-out likelihood
+        would be the textbook rule, but it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K
+        rose to 20 while the samples' true log-density rose by 130 nats; FD cannot see merged modes (see
+        _FD_TOLERANCE); precision and recall moved most. Chosen on the main process and broadcast."""
+        from accelerate.utils import broadcast
+
+        from latent_prior.baselines import GMMPrior
+
+        c = self.config
+        if c.flow_base_components != 0:
+            return c.flow_base_components, []
+        dims = math.prod(self.shape)
+        full = self._base_covariance() == "full" and c.flow_base_init == "em"
+        choices = [k for k in BASE_COMPONENT_CHOICES if full and k * dims**2 <= _FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
+        if len(choices) == 1 or len(self.eval_val_idx) <= _PRECISION_NEIGHBOURS:
+            return choices[0], []
+        scores: list[dict[str, Any]] = []
+        chosen = torch.tensor([choices[0]], device=self.device)
+        if self.is_main:
+            for k in choices:
+                draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, k).flatten(1).double().cpu()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # as for the base itself (Flow._initialize_mixture_em)
+                    gmm = GMMPrior(n_components=k, covariance="full", seed=0, n_init=1).fit(draws)
+                gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
+                fd, precision, recall = self._sample_scores(gmm.sample(c.fd_samples, generator=gen).flatten(1).float())
+                scores.append({"components": k, "val_fd": fd, "val_precision": precision, "val_recall": recall})
+            fd_limit = (1 + _FD_TOLERANCE) * scores[0]["val_fd"]
+            admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
+            chosen[0] = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])["components"]
+        if self.world_size > 1:
+            chosen = broadcast(chosen, from_process=0)
+        return int(chosen.item()), scores
 
     def _large_spatial(self) -> bool:
         """C×H×W latents above SMALL_LATENT_DIMS get the conv energy and the multi-scale flow; smaller ones
@@ -809,7 +862,6 @@ class _Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
         self.state = _RunState(world_size=self.world_size)
         self.ema: _EMA | None = None
-        self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD, fixed for the run
         self.autocast = self.acc.autocast if c.mixed_precision != "no" else None
 
     def _initialization_draws(self, seed: int) -> torch.Tensor:
@@ -820,12 +872,12 @@ class _Trainer:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return _posterior_draws(mean, logvar, self.norm, gen, self.device)
 
-    def _base_fit_draws(self, seed: int) -> torch.Tensor:
+    def _base_fit_draws(self, seed: int, components: int | None = None) -> torch.Tensor:
         """Posterior draws of training latents for an EM-initialized base: as many as the GMM baseline fits on
         (several per item where the items are few for the dimension), the same on every rank and on a resume."""
         dims = math.prod(self.shape)
         per_item, count = gmm_fit_draws(len(self.train_idx), dims, bool(getattr(self.source, "deterministic", False)),
-                                        self.flow.base_components)
+                                        components or self.flow.base_components)
         mean, logvar = self.source.read(_subset(self.train_idx, -(-count // per_item), self.config.seed + SEEDS.init_items))
         if per_item > 1:
             mean = mean.repeat(per_item, *([1] * (mean.dim() - 1)))[:count]
@@ -938,12 +990,18 @@ class _Trainer:
 
     @torch.no_grad()
     def _heldout_sample_scores(self) -> tuple[float, float]:
-        """(FD, precision) of `fd_samples` draws of the EMA sampler against fixed posterior draws of the held-out
-        latents (about as many, several per item when they are few), in normalized latent space. Precision is the
-        k-NN (k = 3) manifold precision, one draw per held-out item against as many samples, averaged over the
-        draws: FD rewards covering the latents, precision rewards not leaving them (what decoded samples show)."""
-        from latent_prior.metrics import frechet_distance, precision_recall_knn
+        """(FD, precision) of `fd_samples` draws of the EMA sampler (see `_sample_scores`)."""
         from latent_prior.sampling import sample_flow
+
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_sampler_draws)
+        return self._sample_scores(sample_flow(None, self.ema.module, self.config.fd_samples, generator=gen).flatten(1).float().cpu())[:2]
+
+    def _sample_scores(self, samples: torch.Tensor) -> tuple[float, float, float]:
+        """(FD, precision, recall) of normalized samples (n, D) against fixed posterior draws of the held-out latents
+        (about as many, several per item when they are few). Precision is the k-NN (k = 3) manifold precision, one
+        draw per held-out item against as many samples, averaged over the draws: FD rewards covering the latents,
+        precision rewards not leaving them (what decoded samples show)."""
+        from latent_prior.metrics import frechet_distance, precision_recall_knn
 
         c = self.config
         if self._fd_reference is None:
@@ -953,16 +1011,15 @@ class _Trainer:
                      for _ in range(repeats)
                      for mean, logvar in self.source.iter_moments(1024, indices=self.eval_val_idx, shuffle=False)]
             self._fd_reference = torch.cat(parts)
-        gen = torch.Generator(device=self.device).manual_seed(c.seed + SEEDS.eval_sampler_draws)
-        samples = sample_flow(None, self.ema.module, c.fd_samples, generator=gen).flatten(1).float().cpu()
         if not torch.isfinite(samples).all():
-            return float("inf"), 0.0
+            return float("inf"), 0.0, 0.0
         m = len(self.eval_val_idx)
         repeats = min(len(self._fd_reference), len(samples)) // m if m > _PRECISION_NEIGHBOURS else 0
-        precision = (sum(precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m],
-                                              k=_PRECISION_NEIGHBOURS).precision for r in range(repeats)) / repeats
-                     if repeats else float("nan"))
-        return frechet_distance(samples, self._fd_reference), precision
+        pr = [precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m], k=_PRECISION_NEIGHBOURS)
+              for r in range(repeats)]
+        precision = sum(p.precision for p in pr) / repeats if repeats else float("nan")
+        recall = sum(p.recall for p in pr) / repeats if repeats else float("nan")
+        return frechet_distance(samples, self._fd_reference), precision, recall
 
     def _in_warmup(self) -> bool:
         return self.state.warmup_steps is not None and self.state.step < self.state.warmup_steps
@@ -1269,6 +1326,8 @@ class _Trainer:
             "steps": s.step,
             "seconds": round(s.seconds, 2),
             "selected_step": chosen_step,
+            "base_components": self.base_components,
+            "base_components_choice": self.base_choice,
             "selection": self._selection_rule(),
             "reference": s.reference,
             "stopped_early": s.stopped_early,
