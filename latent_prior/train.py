@@ -1637,5 +1637,15 @@ def run_fit(config: FitConfig) -> int:
         raise LatentPriorError("--latents is required: a cache folder from `latent-prior encode` or a .safetensors file with `mean`.")
     if config.out is None:
         raise LatentPriorError("--out is required: the folder that receives the exported prior.")
-    fit(config.latents, config)
+    prior = fit(config.latents, config)
+    if is_main_process():  # the curves, as the pipeline draws them, beside metrics.csv
+        from latent_prior.report import plot_training
+
+        summary = (prior.training_info or {}).get("summary") or {}
+        plot_training(Path(config.out) / "metrics.csv", Path(config.out) / "training.png", selected_step=summary.get("selected_step"))
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` run (or a plain process)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0

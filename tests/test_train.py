@@ -79,15 +79,19 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
     assert fit_cli(latents, out, "--steps", "20", "--checkpoint-every", "10") == 0
     summary_line = capsys.readouterr().out
     assert "20 steps" in summary_line and "log Ẑ" in summary_line and "ESS" in summary_line and "bits/latent-dim" in summary_line
-    for name in ("model.safetensors", "config.json", "fit_config.json", "metrics.csv", "fit_summary.json"):
+    for name in ("model.safetensors", "config.json", "README.md", "fit_config.json", "metrics.csv", "fit_summary.json", "training.png"):
         assert (out / name).is_file(), name
+    from PIL import Image
+
+    with Image.open(out / "training.png") as curves:  # the pipeline's curves, for `fit --latents` too
+        assert curves.width > 300 and curves.height > 200
     selected = json.loads((out / "fit_summary.json").read_text())["selected_step"]
     # the last two checkpoints, and the selected one (step 0, the GMM start, is a candidate too)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({f"step-{selected:07d}", "step-0000010", "step-0000020"})
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     for column in ("e_pos", "e_neg", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm",
-                   "val_gain_nats", "val_fd"):
+                   "val_gain_nats", "val_fd", "val_precision"):
         assert column in header
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10", "15", "20"]
 
