@@ -356,8 +356,13 @@ def _hub_config(
     """Path of the cached config.json and the subfolder it lives in (the root, else `vae/`)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     candidates = [subfolder] if subfolder is not None else [None, "vae"]

@@ -39,7 +39,13 @@ import torch
 
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import (
-    LatentNormalization, Posterior, VAEAdapter, VAEProvenance, fingerprint_module, hash_config, parse_dtype,
+    LatentNormalization,
+    Posterior,
+    VAEAdapter,
+    VAEProvenance,
+    fingerprint_module,
+    hash_config,
+    parse_dtype,
 )
 
 EncodeFn = Callable[[torch.nn.Module, torch.Tensor], Any]

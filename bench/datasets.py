@@ -60,7 +60,6 @@ import torch
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization
 
-
 # ---------------------------------------------------------------------------------------------------
 # a latent set
 

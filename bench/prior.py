@@ -65,7 +65,7 @@ from bench.datasets import ALL_SETS, DIGITS_SETS, LatentSet, load_set
 from latent_prior.baselines import GaussianPrior, GMMPrior
 from latent_prior.config import add_arguments, from_dict, resolve, to_dict
 from latent_prior.errors import LatentPriorError
-from latent_prior.metrics import frechet_distance, mmd_rbf, median_bandwidth, precision_recall_knn
+from latent_prior.metrics import frechet_distance, median_bandwidth, mmd_rbf, precision_recall_knn
 
 METHODS: dict[str, str] = {
     "gaussian": "N(0, I)",

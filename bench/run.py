@@ -59,9 +59,17 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `latent
 import numpy as np
 import torch
 
-from bench.datasets import (DIGITS_SETS, MODE_SHARE_DRAWS, SPATIAL_VAE_SETS, SYNTHETIC, WIDE_DIGITS_SETS, WIDE_SYNTHETIC_SETS, LatentSet,
-                            load_set)
-from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, compare, fit_evalp, fmt, choose_threads
+from bench.datasets import (
+    DIGITS_SETS,
+    MODE_SHARE_DRAWS,
+    SPATIAL_VAE_SETS,
+    SYNTHETIC,
+    WIDE_DIGITS_SETS,
+    WIDE_SYNTHETIC_SETS,
+    LatentSet,
+    load_set,
+)
+from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, choose_threads, compare, fit_evalp, fmt
 from bench.prior import machine_info as prior_machine_info
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
@@ -466,7 +474,12 @@ def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dic
                   log: Callable[[str], None]) -> dict[str, Any]:
     """FID, KID and image precision / recall of each method's first `count` decoded samples against as many
     held-out real images (a seeded subset). Returns {"n_real", "rows": {method: {...}}, "seconds"}."""
-    from latent_prior.image_metrics import features_of, frechet_inception_distance, image_precision_recall, kernel_inception_distance
+    from latent_prior.image_metrics import (
+        features_of,
+        frechet_inception_distance,
+        image_precision_recall,
+        kernel_inception_distance,
+    )
 
     start = time.perf_counter()
     real_all = images.real

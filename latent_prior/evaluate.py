@@ -321,7 +321,14 @@ def latent_report(
     from tqdm.auto import tqdm
 
     from latent_prior.baselines import GaussianPrior
-    from latent_prior.metrics import c2st_auc, frechet_distance, hole_share, median_bandwidth, mmd_rbf, precision_recall_knn
+    from latent_prior.metrics import (
+        c2st_auc,
+        frechet_distance,
+        hole_share,
+        median_bandwidth,
+        mmd_rbf,
+        precision_recall_knn,
+    )
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise LatentPriorError(f"--samples {samples!r}: pass an integer of at least 2 (2000 is a good default).")

@@ -76,34 +76,30 @@ def download(repo_id: str, filenames: Sequence[str], *, what: str, subfolder: st
 
 def _fetch(repo_id: str, filenames: Sequence[str], what: str, subfolder: str | None, revision: str | None,
            cache_dir: str | os.PathLike | None, *, local_files_only: bool) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RepositoryNotFoundError, RevisionNotFoundError,
-    )
+    from huggingface_hub import errors, hf_hub_download
 
     folder: Path | None = None
     for name in filenames:
         try:
             path = Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                         local_files_only=local_files_only))
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
             if local_files_only:
                 raise _NotCached(f"{name} is missing") from exc
             raise LatentPriorError(f"{what} {repo_id!r}: the connection to the Hub dropped while fetching {name}; try again.") from exc
-        except GatedRepoError as exc:  # a subclass of RepositoryNotFoundError, so first
+        except errors.GatedRepoError as exc:  # a subclass of RepositoryNotFoundError, so first
             raise LatentPriorError(f"{what} {repo_id!r} is a gated Hub repo; accept its licence on huggingface.co and "
                                    "log in with `hf auth login`.") from exc
-        except RepositoryNotFoundError as exc:
+        except errors.RepositoryNotFoundError as exc:
             raise LatentPriorError(f"{what} {repo_id!r} is neither a local folder nor a Hub repo; check the path or the id "
                                    "(a private repo needs `hf auth login`).") from exc
-        except RevisionNotFoundError as exc:
+        except errors.RevisionNotFoundError as exc:
             raise LatentPriorError(f"{what} {repo_id!r} has no revision {revision!r}; check the revision.") from exc
-        except EntryNotFoundError as exc:
+        except errors.EntryNotFoundError as exc:
             where = f"{subfolder}/{name}" if subfolder else name
             raise LatentPriorError(f"Hub repo {repo_id!r} has no {where}; it does not hold a {what} there "
                                    "(pass subfolder= where it does).") from exc
-        except HfHubHTTPError as exc:
+        except errors.HfHubHTTPError as exc:
             raise LatentPriorError(f"the Hugging Face Hub answered an error for {what} {repo_id!r} "
                                    f"({str(exc).splitlines()[0]}); try again later.") from exc
         folder = path.parent

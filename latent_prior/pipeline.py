@@ -27,6 +27,7 @@ the main process writes config.json, the pictures, the report and the log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -36,7 +37,6 @@ import re
 import shutil
 import sys
 import time
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -55,7 +55,6 @@ from bench.photos import CROP_SIZE, NUM_HELDOUT, NUM_TRAIN, PHOTO_SIDE, import_r
 from latent_prior.config import add_arguments, resolve, to_dict  # noqa: E402
 from latent_prior.errors import LatentPriorError  # noqa: E402
 
-
 _default_vae = import_repo_script("train_default_vae")  # its `train` loop and `measure` figures
 
 

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from _encode_helpers import make_tiny_vae, sample_photos, write_images
 from safetensors.torch import load_file
 
 from latent_prior import EncodedLatents, LatentPriorError, encode_latents, fit, open_latents
@@ -18,8 +19,6 @@ from latent_prior.adapters import DiffusersKLAdapter, load_vae, wrap
 from latent_prior.cli import main
 from latent_prior.prior import LatentPrior
 from latent_prior.train import FitConfig
-
-from _encode_helpers import make_tiny_vae, sample_photos, write_images
 
 SPATIAL = dict(steps=20, checkpoint_every=10, batch_size=32, energy_channels=8, energy_depth=1, flow_blocks=1,
                flow_channels=8, eval_samples=128, eval_latents=64, log_z_samples=256, log_every=5, quiet=True)

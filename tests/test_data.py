@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from _encode_helpers import sample_photos, write_images
 from PIL import Image
 
-from _encode_helpers import sample_photos, write_images
 from latent_prior.data import ImageFolder, collate_images, image_loader, list_images, load_image
 from latent_prior.errors import LatentPriorError
 

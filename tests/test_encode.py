@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _encode_helpers import make_tiny_vae, sample_photos, write_images
 from PIL import Image
 
-from _encode_helpers import make_tiny_vae, sample_photos, write_images
 from latent_prior.adapters import load_vae
 from latent_prior.cache import open_latents, shard_name
 from latent_prior.cli import main

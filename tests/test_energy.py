@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from latent_prior.energy import ConvEnergy, MLPEnergy, build_energy
 from latent_prior.errors import LatentPriorError
 
-
 CASES = [
     pytest.param((8,), {}, MLPEnergy, id="mlp-8"),
     pytest.param((4, 8, 8), {}, ConvEnergy, id="conv-4x8x8"),

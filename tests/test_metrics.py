@@ -13,8 +13,8 @@ import scipy.linalg
 import torch
 
 import latent_prior.metrics as metrics
-from latent_prior.errors import LatentPriorError
 from latent_prior.baselines import GMMPrior
+from latent_prior.errors import LatentPriorError
 from latent_prior.metrics import (
     GaussianKDE,
     PrecisionRecall,

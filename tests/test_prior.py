@@ -5,8 +5,8 @@ here is the container, not the training (tests/test_train.py trains real ones).
 """
 
 import json
-from pathlib import Path
 import math
+from pathlib import Path
 
 import pytest
 import torch

@@ -19,8 +19,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_prior.cache import FORMAT_VERSION, manifest_checksum, open_latents
+from latent_prior.cache import open_latents
 from latent_prior.cli import main
-from latent_prior.errors import LatentPriorError
 from latent_prior.pipeline import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
