@@ -69,7 +69,7 @@ from bench.datasets import (
     LatentSet,
     load_set,
 )
-from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, choose_threads, compare, fit_evalp, fmt
+from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, choose_threads, code_version, compare, fit_evalp, fmt
 from bench.prior import machine_info as prior_machine_info
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
@@ -568,7 +568,8 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
                               "kind": lset.kind, "multimodal": lset.multimodal, "digits": digits, "spatial": spatial,
                               "latent_shape": list(lset.latent_shape), "n_train": len(lset.train_mean),
                               "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples, "methods_run": methods,
-                              "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"}}
+                              "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"},
+                              "code": code_version()}
     threshold = true_hole_threshold(lset)
     if threshold is not None:  # the target row: held-out draws scored like the samples
         draws = lset.draws("heldout", samples, torch.Generator().manual_seed(0xD2A))
@@ -824,7 +825,8 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
     lines.append(f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
                  f"posterior draws of the {cell['n_heldout']} held-out items; seeds {', '.join(map(str, seeds))}"
                  + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
-                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}; cell done in {cell['seconds']:.0f} s.")
+                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}; cell done in {cell['seconds']:.0f} s"
+                 + (f"; code {cell['code']}." if cell.get("code") else "; code as in the header."))
     lines += ["", *cell_table(cell), ""]
     images = cell.get("images")
     if isinstance(images, dict):

@@ -247,7 +247,7 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
             assert first["step"] == 0 and summary["reference"] == {k: first[k] for k in keys}
             assert 0.0 <= first["val_precision"] <= 1.0
             admissible = [h for h in eligible if h["val_gain_nats"] >= first["val_gain_nats"] and h["val_fd"] <= first["val_fd"]
-                          and h["val_precision"] >= first["val_precision"]]
+                          and h["val_precision"] >= first["val_precision"] - 0.01]
             assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == sorted({f"step-{summary['selected_step']:07d}", "step-0000012"})  # best + the last one
