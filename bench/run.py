@@ -916,6 +916,7 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
              "on 2 cores); image metrics on the first seed only (Inception-v3 runs at ~7 images/s on 2 cores)"
              + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
              f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
+             *(f"- note: {note}" for note in result.get("notes", [])),
              ""]
     lines += summary_section(result)
     for name, cell in _in_order(result["cells"]):

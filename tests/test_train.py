@@ -157,8 +157,8 @@ def test_bad_latent_files_are_refused_with_one_sentence(tmp_path, capsys):
     assert "--steps 0" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
-    assert fit_cli(small, tmp_path / "f", "--steps", "2", "--flow-base-components", "0") == 2
-    assert "--flow-base-components 0" in capsys.readouterr().err
+    assert fit_cli(small, tmp_path / "f", "--steps", "2", "--flow-base-components", "-1") == 2  # 0 means "choose"
+    assert "--flow-base-components -1" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
 
 
