@@ -1,7 +1,8 @@
 """The benchmark suite `python -m bench` (bench/run.py), run for real on its quickest cell.
 
 One --quick run of the flat β = 0.1 digits cell (a 40-epoch digits VAE, two 120-step fits, 300 samples per
-method, image metrics on 4 decoded samples) is shared by the tests of this module: ~40 s on one thread.
+method) is shared by the tests that need it: ~50 s on one thread, so they are marked slow (CI runs them in
+their own step); the rendering and refusal tests without it run by default.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def quick_run(tmp_path_factory):
     return tmp, argv
 
 
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_quick_run_writes_tables_targets_and_grid(quick_run):
     tmp, argv = quick_run
     md = (tmp / "b.md").read_text()
@@ -58,6 +60,7 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
         assert image.width > 7 * 8 * 8 and image.height > 8 * 8  # 7 panels of 8×8 digits, 8 per row
 
 
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_quick_run_json_holds_the_figures(quick_run):
     tmp, _ = quick_run
     result = json.loads((tmp / "s.json").read_text())
@@ -76,6 +79,7 @@ def test_quick_run_json_holds_the_figures(quick_run):
     assert result["machine"]["cpu_count"] and result["machine"]["torch"]
 
 
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_rerender_reproduces_the_markdown(quick_run):
     tmp, _ = quick_run
     assert suite.main(["--rerender", str(tmp / "s.json"), "--out", str(tmp / "b.md.again")]) == 0
@@ -83,6 +87,7 @@ def test_rerender_reproduces_the_markdown(quick_run):
     assert (tmp / "b.md.again").read_text() == (tmp / "b.md").read_text()
 
 
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_quick_without_out_refuses(quick_run, capsys):
     tmp, _ = quick_run
     target = REPO / "docs" / "benchmarks.md"
@@ -122,6 +127,7 @@ def test_a_failed_method_is_a_table_cell_not_a_crash():
     assert [t["status"] for t in suite.evaluate_targets(result)] == ["n/a"]
 
 
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_report_measures_the_other_methods_when_one_fails(quick_run):
     """`_report` falls back to one method at a time: the failing method (here one latent_report refuses) gets
     an error, the others their figures, from a real short fit on the cell's latents."""
