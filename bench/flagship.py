@@ -175,7 +175,8 @@ def render(result: dict[str, Any]) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['resolution']} px | failed: {r['error'][:200]} |" + " |" * 11)
+            what = r["error"] if r["error"].startswith("not measured") else f"failed: {r['error'][:300]}"
+            lines.append(f"| {r['resolution']} px | {what} |" + " |" * 11)
             continue
         shape = "×".join(map(str, r["latent_shape"]))
         memory = human_bytes(r["peak_rss_bytes"]) + (f" (CUDA {human_bytes(r['peak_cuda_bytes'])})" if r.get("peak_cuda_bytes") else "")
