@@ -754,6 +754,8 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
         raise LatentPriorError("--out is required: a .safetensors file, a .png grid or a folder of PNGs.")
     if config.n is None or config.n <= 0:
         raise LatentPriorError(f"-n {config.n}: the number of samples must be a positive integer.")
+    if config.cpu_threads < 0:
+        raise LatentPriorError(f"--cpu-threads {config.cpu_threads}: pass 0 (the policy: one thread) or a number of threads.")
     out = Path(config.out)
     kind = _output_kind(out)
     if kind != "latents" and adapter is None:

@@ -19,3 +19,11 @@ def test_one_thread_unless_the_user_chose(monkeypatch):
     with cpu_threads(2) as threads:
         assert threads == 2 and torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+
+
+def test_sample_refuses_a_negative_thread_count(capsys):
+    from latent_prior.cli import main
+
+    assert main(["sample", "--prior", "nowhere", "-n", "2", "--out", "x.safetensors", "--cpu-threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpu-threads -1" in err and err.count("error:") == 1  # one sentence naming the argument
