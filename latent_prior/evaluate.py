@@ -217,8 +217,8 @@ def _normalize_methods(methods: Sequence[str]) -> list[str]:
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
              generator: torch.Generator, rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
-    """A GMM on posterior DRAWS of the training items (the means of a nearly deterministic encoder make components singular), several per item when the items are
-    few for the dimension (N/K ≥ 2·D), so no component is singular."""
+    """A GMM on posterior DRAWS of the training items, not their means (a nearly deterministic encoder's means
+    make components singular), several per item when the items are few for the dimension (N/K ≥ 2·D)."""
     from latent_prior.baselines import GMMPrior
 
     per_item = 1 if getattr(train_source, "deterministic", False) else min(16, max(1, math.ceil(2 * GMM_COMPONENTS * dims / len(train))))

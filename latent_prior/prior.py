@@ -516,11 +516,13 @@ class LatentPrior(nn.Module):
         directory = Path(pretrained)
         if subfolder:
             directory = directory / subfolder
-        if not directory.exists() and not Path(pretrained).exists() and _looks_like_repo_id(str(pretrained)):
-            from latent_prior.hub import download
+        if not directory.exists() and not Path(pretrained).exists():
+            from latent_prior.hub import download, is_repo_id
 
-            directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
-                                 revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+            # A missing path that is a valid repo id ("name", "namespace/name"; never "./x", "/x", "a/b/c") is a Hub id.
+            if is_repo_id(str(pretrained)):
+                directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
+                                     revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if directory.is_file():
             raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
                                    "(it holds config.json and model.safetensors).")
@@ -570,13 +572,6 @@ class LatentPrior(nn.Module):
         return f"latent_shape={self.latent_shape}, log_z={self.log_z:.4f}"
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    """A Hub id rather than a path: valid as a repo id and not written as a path ("./x", "/x", "~", "x\\y")."""
-    from latent_prior.hub import is_repo_id
-
-    return not text.startswith((".", "/", "~")) and "\\" not in text and text.count("/") <= 1 and is_repo_id(text)
-
-
 def _figure(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "not recorded"
 
@@ -591,6 +586,7 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     shape = "×".join(str(s) for s in config.get("latent_shape", []))
     source = provenance.get("source") or "unknown (the prior was fitted on latents that recorded no VAE)"
     name = repo_id or "PATH_OR_REPO_ID"
+    ess = summary.get("log_z_ess_fraction")
     lines = [
         "---", "library_name: latent-prior", "tags:", "- latent-prior", "- vae-prior", "- energy-based-model", "---", "",
         f"# A latent prior for {source}", "",
@@ -615,7 +611,7 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         "(an importance-sampling estimate of log Z: optimistic)",
         f"- latent Fréchet distance of the sampler to held-out posterior draws: {_figure(summary.get('heldout_fd'), '.4f')}; "
         f"k-NN precision {_figure(summary.get('heldout_precision'), '.3f')}",
-        f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS {_figure(100 * summary['log_z_ess_fraction'] if isinstance(summary.get('log_z_ess_fraction'), (int, float)) else None, '.1f')} % of the proposals)",
+        f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS {_figure(100 * ess if isinstance(ess, (int, float)) else None, '.1f')} % of the proposals)",
         "",
     ]
     return "\n".join(lines)

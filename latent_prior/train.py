@@ -1643,14 +1643,11 @@ def run_fit(config: FitConfig) -> int:
     if config.out is None:
         raise LatentPriorError("--out is required: the folder that receives the exported prior.")
     prior = fit(config.latents, config)
-    if is_main_process():  # the curves, as the pipeline draws them, beside metrics.csv
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the curves, as the pipeline draws them, beside metrics.csv
         from latent_prior.report import plot_training
 
         summary = (prior.training_info or {}).get("summary") or {}
         plot_training(Path(config.out) / "metrics.csv", Path(config.out) / "training.png", selected_step=summary.get("selected_step"))
     return 0
-
-
-def is_main_process() -> bool:
-    """Rank 0 of an `accelerate launch` run (or a plain process)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
