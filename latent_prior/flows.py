@@ -28,6 +28,7 @@ rebuilds it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -626,9 +627,14 @@ class Flow(nn.Module):
         return self.sample_and_log_prob(n, generator=generator, temperature=temperature)[0]
 
     @torch.no_grad()
-    def initialize(self, z: torch.Tensor, *, force: bool = False) -> bool:
+    def initialize(self, z: torch.Tensor, *, force: bool = False, mixture: Any = None) -> bool:
         """Data-dependent ActNorm init from a batch of normalized posterior samples (N, *latent_shape), then
         a mixture base's k-means or EM on the batch's base codes (`base_init`).
+
+        `mixture`: instead of that EM, a full-covariance `GMMPrior` already fitted in latent space (to these
+        latents or any others) for a full base of as many components. The base becomes its image under the
+        fresh flow, which is affine, so the initialized flow is exactly that GMM: a caller that chose a GMM
+        on held-out data starts training from the very model it scored.
 
         Runs once: the `initialized` buffer is saved with the weights, so a reloaded flow is left
         alone (returns False). `force=True` re-initializes. Returns True when it initialized.
@@ -650,10 +656,42 @@ class Flow(nn.Module):
         finally:
             for m in actnorms:
                 m.pending_init = False
-        if self.base_components > 1:
+        if mixture is not None:
+            self._set_mixture(mixture)
+        elif self.base_components > 1:
             (self._initialize_mixture_em if self.base_init == "em" else self._initialize_mixture)(eps.float())
         self.initialized.fill_(1)
         return True
+
+    @torch.no_grad()
+    def _set_mixture(self, gmm: Any) -> None:
+        """Full base = the image of a latent-space GMM under this (affine, freshly initialized) flow: each mean
+        μ_k maps to T(μ_k), and each factor L_k to the Cholesky factor of (J L_k)(J L_k)ᵀ, where the columns
+        J L_k = T(μ_k + L_k e_i) − T(μ_k) come from one float64 pass of a copy of the flow."""
+        if self.base_covariance != "full" or getattr(gmm, "covariance", None) != "full" or gmm.means is None:
+            raise LatentPriorError("Flow.initialize(mixture=...) needs a fitted full-covariance GMMPrior and a flow with base_covariance='full'.")
+        k, dim = gmm.means.shape
+        if dim != self.dim or k > self.base_components:
+            raise LatentPriorError(
+                f"Flow.initialize(mixture=...) got a GMM of {k} components in {dim} dims for a base of "
+                f"{self.base_components} components in {self.dim}; fit the GMM on this flow's latents with at most as many components."
+            )
+        device, _ = self._device_dtype()
+        exact = copy.deepcopy(self).to(device="cpu", dtype=torch.float64)
+        means, chol = gmm.means.double().cpu(), gmm._chol.double().cpu()  # (k, D), (k, D, D) lower triangular
+        points = torch.cat([means[:, None], means[:, None] + chol.transpose(1, 2)], 1)  # (k, D+1, D)
+        codes, _ = exact.to_base(points.reshape(-1, *self.latent_shape))
+        codes = codes.reshape(k, dim + 1, dim)
+        columns = (codes[:, 1:] - codes[:, :1]).transpose(1, 2)  # (k, D, D): J·L_k
+        weights = torch.full((self.base_components,), 1e-8, dtype=torch.float64)
+        weights[:k] = gmm.weights.double().cpu().clamp_min(1e-8)
+        self.base_means.zero_()
+        self.base_means[:k] = codes[:, 0].to(self.base_means)
+        self.base_log_scales.zero_()
+        self.base_logits.copy_(weights.log().to(self.base_logits))
+        self.base_tril.zero_()
+        self.base_tril_fit.copy_(torch.eye(self.dim).repeat(self.base_components, 1, 1))
+        self.base_tril_fit[:k] = torch.linalg.cholesky(columns @ columns.transpose(1, 2)).to(self.base_tril_fit)
 
     @torch.no_grad()
     def _initialize_mixture(self, eps: torch.Tensor, iterations: int = 30) -> None:

@@ -152,6 +152,8 @@ SEEDS = _SeedOffsets()
 #: flow_base_components=0 chooses among these, for a full-covariance base of at most _FULL_BASE_BUDGET values
 #: (K·D²: 10 components at 4×8×8 = 256 dims, whose per-step cost on 2 CPU cores was the largest we accepted)
 BASE_COMPONENT_CHOICES = (10, 20, 40)
+#: the k-means starts of EM scored for each K (each its own candidate: see _Trainer._choose_base)
+BASE_EM_SEEDS = (0, 1, 2)
 _FULL_BASE_BUDGET = 10 * 256**2
 #: relative held-out FD a larger mixture may lose against the first choice and still be chosen: a sanity bound,
 #: not a criterion, since a GMM that merges modes keeps the first two moments, which is all FD compares (20
@@ -198,7 +200,7 @@ class FitConfig:
     flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
     flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; the flow's default when left out"})
-    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the held-out precision + recall of each K's EM GMM (full covariances within 10·256² values, else 10); " + _objective_help("flow_base_components")})
+    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components")})
     flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); " + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
     flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans (diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
     # -- the energy's base and the warm-up (None = from --objective)
@@ -767,7 +769,7 @@ class _Trainer:
                 + (", or a smaller --validation-fraction." if len(self.val_idx) else ".")
             )
         self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD and precision, fixed for the run
-        self.base_components, self.base_choice = self._choose_base_components()
+        self.base_components, self.base_choice, self.base_gmm = self._choose_base()
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
@@ -797,43 +799,66 @@ class _Trainer:
         c = self.config
         return gmm_covariance(math.prod(self.shape)) if c.flow_base_covariance == "auto" else c.flow_base_covariance
 
-    def _choose_base_components(self) -> tuple[int, list[dict[str, Any]]]:
-        """(K, the scores of every candidate). flow_base_components=0: the EM GMM of each K in
-        BASE_COMPONENT_CHOICES (full covariances within _FULL_BASE_BUDGET; a diagonal base keeps the first) is
-        fitted on training draws, and K is the one whose samples have the highest held-out k-NN precision +
-        recall among those whose held-out FD is within _FD_TOLERANCE of the first choice's. Held-out likelihood
-        would be the textbook rule, but it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K
-        rose to 20 while the samples' true log-density rose by 130 nats; FD cannot see merged modes (see
-        _FD_TOLERANCE); precision and recall moved most. Chosen on the main process and broadcast."""
+    def _choose_base(self) -> tuple[int, list[dict[str, Any]], Any]:
+        """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
+
+        The candidates are EM GMMs fitted on training draws, one per start in BASE_EM_SEEDS for each K in
+        BASE_COMPONENT_CHOICES (full covariances within _FULL_BASE_BUDGET) or for the K given. The choice is
+        the candidate whose samples have the highest held-out k-NN precision + recall among those whose held-out
+        FD is within _FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's
+        `mixture`), so step 0 is the model that was scored. Held-out likelihood would be the textbook rule, but
+        it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K rose to 20 while the samples'
+        true log-density rose by 130 nats; FD cannot see merged modes (see _FD_TOLERANCE); precision and recall
+        moved most. EM starts differ as much as K does (a 16-D spiral: precision 0.66 to 0.91), and the one
+        with the best training likelihood is not the one with the best samples. Chosen on the main process;
+        the others refit the chosen candidate from the broadcast (K, start). A diagonal or k-means base, or too
+        few held-out latents to score, keeps the flow's own initialization (GMM None)."""
         from accelerate.utils import broadcast
 
-        from latent_prior.baselines import GMMPrior
-
         c = self.config
-        if c.flow_base_components != 0:
-            return c.flow_base_components, []
         dims = math.prod(self.shape)
-        full = self._base_covariance() == "full" and c.flow_base_init == "em"
-        choices = [k for k in BASE_COMPONENT_CHOICES if full and k * dims**2 <= _FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
-        if len(choices) == 1 or len(self.eval_val_idx) <= _PRECISION_NEIGHBOURS:
-            return choices[0], []
+        if self._base_covariance() != "full" or c.flow_base_init != "em":
+            return c.flow_base_components or BASE_COMPONENT_CHOICES[0], [], None
+        if c.flow_base_components:
+            choices = [c.flow_base_components]
+        else:
+            choices = [k for k in BASE_COMPONENT_CHOICES if k * dims**2 <= _FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
+        if choices[0] <= 1 or len(self.eval_val_idx) <= _PRECISION_NEIGHBOURS:
+            return choices[0], [], None
         scores: list[dict[str, Any]] = []
-        chosen = torch.tensor([choices[0]], device=self.device)
+        fitted: dict[tuple[int, int], Any] = {}
+        chosen = torch.tensor([choices[0], BASE_EM_SEEDS[0]], device=self.device)
         if self.is_main:
             for k in choices:
-                draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, k).flatten(1).double().cpu()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # as for the base itself (Flow._initialize_mixture_em)
-                    gmm = GMMPrior(n_components=k, covariance="full", seed=0, n_init=1).fit(draws)
-                gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
-                fd, precision, recall = self._sample_scores(gmm.sample(c.fd_samples, generator=gen).flatten(1).float())
-                scores.append({"components": k, "val_fd": fd, "val_precision": precision, "val_recall": recall})
-            fd_limit = (1 + _FD_TOLERANCE) * scores[0]["val_fd"]
+                for em_seed in BASE_EM_SEEDS:
+                    gmm = fitted[k, em_seed] = self._base_gmm(k, em_seed)
+                    gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
+                    fd, precision, recall = self._sample_scores(gmm.sample(c.fd_samples, generator=gen).flatten(1).float())
+                    scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall})
+            fd_limit = (1 + _FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
-            chosen[0] = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])["components"]
+            best = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])
+            chosen = torch.tensor([best["components"], best["em_seed"]], device=self.device)
         if self.world_size > 1:
             chosen = broadcast(chosen, from_process=0)
-        return int(chosen.item()), scores
+        k, em_seed = (int(v) for v in chosen.tolist())
+        return k, scores, fitted[k, em_seed] if self.is_main else self._base_gmm(k, em_seed)
+
+    def _base_em_seed(self) -> int | None:
+        """The k-means start of the GMM the base started as; None where the flow initialized its own base."""
+        return None if self.base_gmm is None else self.base_gmm.seed
+
+    def _base_gmm(self, components: int, em_seed: int) -> Any:
+        """The GMM baseline's estimator (float64 EM, full covariances) with one k-means start `em_seed`, on the
+        training draws that also initialize the flow's ActNorms (`_base_fit_draws`)."""
+        from latent_prior.baselines import GMMPrior
+
+        draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components).double().cpu()
+        with warnings.catch_warnings():
+            # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
+            # here the held-out scores above and training's model selection judge the result.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(draws)
 
     def _large_spatial(self) -> bool:
         """C×H×W latents above SMALL_LATENT_DIMS get the conv energy and the multi-scale flow; smaller ones
@@ -890,10 +915,11 @@ class _Trainer:
         return _posterior_draws(mean, logvar, self.norm, gen, self.device)
 
     def _initialize_flow(self) -> None:
-        """ActNorm data init and the mixture base's k-means, or its EM, on posterior draws of training latents."""
+        """ActNorm data init on posterior draws of training latents, then the chosen GMM as the mixture base
+        (`_choose_base`), or else the flow's own k-means or EM on the same draws."""
         em = self.flow.base_components > 1 and self.flow.base_init == "em"
         seed = self.config.seed + SEEDS.init_draws
-        self.flow.initialize(self._base_fit_draws(seed) if em else self._initialization_draws(seed))
+        self.flow.initialize(self._base_fit_draws(seed) if em else self._initialization_draws(seed), mixture=self.base_gmm)
         _broadcast_module(self.flow, self.acc)
         _broadcast_module(self.energy, self.acc)
 
@@ -1332,7 +1358,8 @@ class _Trainer:
             "seconds": round(s.seconds, 2),
             "selected_step": chosen_step,
             "base_components": self.base_components,
-            "base_components_choice": self.base_choice,
+            "base_em_seed": self._base_em_seed(),
+            "base_choice": self.base_choice,
             "selection": self._selection_rule(),
             "reference": s.reference,
             "stopped_early": s.stopped_early,

@@ -417,6 +417,28 @@ def test_an_em_initialized_full_covariance_base_is_the_gmm_baseline():
     torch.testing.assert_close(flow.to_standard(flow.from_standard(xi, k), k), xi, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind, shape", [("realnvp", (6,)), ("realnvp", (2, 2, 2)), ("multiscale", (2, 2, 2))])
+def test_a_given_gmm_becomes_the_fresh_flow_exactly(kind, shape):
+    """initialize(mixture=gmm) maps a latent-space GMM through the fresh affine flow: the flow's density is that
+    GMM's point by point, whatever GMM it is (here one EM start of several, fitted on other latents)."""
+    from latent_prior.baselines import GMMPrior
+
+    g = torch.Generator().manual_seed(0)
+    dims = math.prod(shape)
+    z = (torch.randn(1500, dims, generator=g) @ (0.5 * torch.randn(dims, dims, generator=g)) + 2 * torch.randn(1500, 1, generator=g)).reshape(-1, *shape)
+    gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=2).fit(z[:1000].double())
+    kw = {"num_blocks": 2, "hidden": 16} if kind == "realnvp" else {"hidden_channels": 8}
+    flow = build_flow(shape, kind=kind, base_components=5, base_covariance="full", base_init="em", **kw)
+    flow.initialize(z[1000:], mixture=gmm)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(z).double(), gmm.log_prob(z.double()), rtol=0, atol=1e-3)
+    assert torch.softmax(flow.base_logits, 0)[3:].max() < 1e-6  # the two spare components keep no weight
+    with pytest.raises(LatentPriorError, match="at most as many components"):
+        build_flow(shape, kind=kind, base_components=2, base_covariance="full", base_init="em", **kw).initialize(z, mixture=gmm)
+    with pytest.raises(LatentPriorError, match="base_covariance='full'"):
+        build_flow(shape, kind=kind, base_components=3, base_covariance="diag", base_init="em", **kw).initialize(z, mixture=gmm)
+
+
 def test_a_full_covariance_base_on_nearly_deterministic_latents_trains_without_overflow():
     """Latents that fill only a few of their dimensions (here 4 of 48, the rest 1e-3 wide, as a VAE's nearly
     deterministic posteriors give) make EM's covariances ill-conditioned. Adam steps every parameter by about
