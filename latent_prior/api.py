@@ -132,7 +132,7 @@ class EncodedLatents:
         JSON metadata, so `open_latents(path)` / `latent-prior fit --latents path` see the same latents."""
         import json
 
-        from safetensors.torch import save_file
+        from latent_prior.files import atomic_save_safetensors
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -142,10 +142,7 @@ class EncodedLatents:
         metadata = {"normalization": json.dumps(self.normalization.to_dict()), "manifest": json.dumps(self.manifest)}
         if self.provenance:
             metadata["provenance"] = json.dumps(self.provenance)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        return atomic_save_safetensors(tensors, path, metadata)
 
 
 # ----------------------------------------------------------------------------------------------

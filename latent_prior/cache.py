@@ -34,9 +34,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from latent_prior.errors import LatentPriorError, read_json_object
+from latent_prior.files import atomic_save_safetensors, atomic_write_json, is_temporary_of
 from latent_prior.vae import LatentNormalization
 
 #: Bumped whenever a reader of the previous version could misread a new cache.
@@ -55,13 +55,8 @@ def shard_name(chunk: int) -> str:
 
 #: The names `encode` itself writes into a cache folder (besides plan.json and manifest.json).
 _SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
-#: Our temporary names (see `_tmp_path`): the only hidden files a cache's writer ever deletes.
-_OUR_LEFTOVER = re.compile(r"\.(shard-\d{5}\.safetensors|plan\.json|manifest\.json)\.tmp")
-
-
-def _tmp_path(path: Path) -> Path:
-    # Hidden and chunk-specific: ranks own disjoint chunks, so two writers never share a tmp name.
-    return path.with_name(f".{path.name}.tmp")
+#: The files whose leftover temporaries (`files.is_temporary_of`) are the only hidden files a cache's writer deletes.
+_OURS = re.compile(r"shard-\d{5}\.safetensors|plan\.json|manifest\.json")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -81,36 +76,6 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` via a temporary file and `os.replace`: readers see all of it or none."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file` via a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600; give shards the usual permissions
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def files_digest(files: Sequence[str]) -> str:
@@ -244,7 +209,7 @@ class CacheWriter:
         elif self.out.is_dir():
             # Not a cache of ours: a folder we would write manifest.json and shards into must be empty, so
             # that nothing of the user's is replaced or deleted (our own tmp leftovers do not count).
-            foreign = sorted(p.name for p in self.out.iterdir() if not _OUR_LEFTOVER.fullmatch(p.name))
+            foreign = sorted(p.name for p in self.out.iterdir() if not is_temporary_of(p.name, _OURS))
             if foreign:
                 shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
                 raise LatentPriorError(
@@ -259,7 +224,7 @@ class CacheWriter:
         self.check_compatible()
         self.out.mkdir(parents=True, exist_ok=True)
         for leftover in self.out.iterdir():
-            if _OUR_LEFTOVER.fullmatch(leftover.name):
+            if is_temporary_of(leftover.name, _OURS):
                 leftover.unlink(missing_ok=True)
         self._drop_damaged_shards()
         plan_path = self.out / PLAN

@@ -292,7 +292,7 @@ def _clear_run_dir(run_dir: Path) -> list[str]:
 def _mark_run_dir(run_dir: Path) -> None:
     if not (run_dir / RUN_MARKER).exists():
         from latent_prior import __version__
-        from latent_prior.cache import atomic_write_json
+        from latent_prior.files import atomic_write_json
 
         atomic_write_json(run_dir / RUN_MARKER, {"written_by": "latent-prior fit", "latent_prior_version": __version__,
                                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -301,7 +301,7 @@ def _mark_run_dir(run_dir: Path) -> None:
 def _record_config(run_dir: Path, config: RunConfig) -> None:
     """config.json: written once the stages that check the run folder's cache and prior have accepted this
     config, so a refused command leaves the settings of the run it was refused by."""
-    from latent_prior.cache import atomic_write_json
+    from latent_prior.files import atomic_write_json
 
     atomic_write_json(run_dir / "config.json", to_dict(config))
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.files import atomic_save_safetensors, atomic_write, atomic_write_json, atomic_write_text
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization, VAEAdapter, parse_dtype
 
@@ -184,12 +185,6 @@ def _check_weight_count(config: dict[str, Any], header: dict[str, tuple[int, ...
                 f"{sum(math.prod(v) for v in built.values())} weights where the file holds "
                 f"{sum(math.prod(v) for v in stored.values())} (first difference: {prefix}{odd[0]}); re-export the prior."
             )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LatentPrior(nn.Module):
@@ -468,19 +463,15 @@ class LatentPrior(nn.Module):
         """Write `model.safetensors`, `config.json` and a model card (`README.md`: the source VAE, the data, the
         held-out figures) to `directory` (created if needed); returns it. push_to_hub: then upload the folder to
         the Hub repo `repo_id` (created if needed; `hf auth login` first)."""
-        from safetensors.torch import save_file
-
         if push_to_hub and not repo_id:
             raise LatentPriorError("save_pretrained(push_to_hub=True) needs repo_id='namespace/name'.")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # clone(): safetensors refuses tensors that share storage.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        tmp = directory / f".{MODEL_FILE}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
-        os.replace(tmp, directory / MODEL_FILE)
-        _atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config, indent=2, default=_json_default) + "\n")
-        _atomic_write_text(directory / CARD_FILE, model_card(self.config, repo_id))
+        atomic_save_safetensors(tensors, directory / MODEL_FILE, {"format": "pt", "format_version": str(FORMAT_VERSION)})
+        atomic_write_json(directory / CONFIG_FILE, self.config, default=_json_default)
+        atomic_write_text(directory / CARD_FILE, model_card(self.config, repo_id))
         if push_to_hub:
             from latent_prior.hub import upload
 
@@ -742,8 +733,6 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
 def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     """Load the prior and draw `config.n` latents: write them (raw space) to `config.out` (.safetensors), or,
     with a VAE adapter, decode them to one grid (`--out x.png`) or one PNG per sample (`--out FOLDER`)."""
-    from safetensors.torch import save_file
-
     if config.prior is None:
         raise LatentPriorError("--prior is required: the folder written by `latent-prior fit --out`.")
     if config.out is None:
@@ -804,9 +793,7 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     }
     if prior.provenance:
         metadata["provenance"] = json.dumps(prior.provenance)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    atomic_save_safetensors({"latents": latents.detach().float()}, out, metadata)
     print(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
           f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s", file=sys.stderr)
     return 0
@@ -833,6 +820,5 @@ def _decode_to_pngs(latents: torch.Tensor, adapter: VAEAdapter, out: Path, kind:
     if kind == "grid":
         images = torch.cat(decoded)
         scale = config.scale or max(1, math.ceil(64 / images.shape[-1]))
-        tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
-        make_grid(images, ncol=config.grid_columns, scale=scale).save(tmp)
-        os.replace(tmp, out)
+        grid = make_grid(images, ncol=config.grid_columns, scale=scale)
+        atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from latent_prior.files import atomic_write_text
+
 __all__ = ["plot_training", "split_indices", "heldout_metrics", "write_report", "read_metrics_csv"]
 
 #: Panels of training.png: (title, y label, [(column, legend label)], log scale?).
@@ -248,7 +250,5 @@ def write_report(run_dir: str | os.PathLike, facts: dict[str, Any]) -> tuple[Pat
     data = {k: v for k, v in facts.items() if k != "metrics_table"}
     json_path, md_path = run_dir / "report.json", run_dir / "report.md"
     for path, text in ((json_path, json.dumps(_json_safe(data), indent=2) + "\n"), (md_path, _markdown(facts))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return md_path, json_path

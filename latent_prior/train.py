@@ -76,6 +76,7 @@ from torch import nn
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError, RunFailed
+from latent_prior.files import atomic_write, atomic_write_json
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization
 
@@ -725,12 +726,13 @@ class _MetricsCSV:
             self._rewrite([])
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
@@ -1414,7 +1416,7 @@ class _Trainer:
                 provenance=self.source.provenance, training=training,
             )
             prior.save_pretrained(self.out)
-            _atomic_json(self.out / "fit_summary.json", summary)
+            atomic_write_json(self.out / "fit_summary.json", summary)
         self.acc.wait_for_everyone()
         return summary
 
@@ -1424,12 +1426,6 @@ def _clip(params: Any, max_norm: float) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1622,7 +1618,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
             (out / "checkpoints").mkdir(exist_ok=True)
             for leftover in (out / "checkpoints").glob(".tmp-*"):  # from a run killed mid-save
                 shutil.rmtree(leftover, ignore_errors=True)
-            _atomic_json(out / "fit_config.json", to_dict(config))
+            atomic_write_json(out / "fit_config.json", to_dict(config))
         accelerator.wait_for_everyone()
         if tracking:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(config).items()}
