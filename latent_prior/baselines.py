@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.sampling import log_standard_normal
 
 CONFIG_NAME = "baseline.json"
 WEIGHTS_NAME = "baseline.safetensors"
@@ -165,7 +166,7 @@ class GaussianPrior(BaselinePrior):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         x = self._rows_for(z)
-        out = -0.5 * (x.pow(2).sum(1) + x.shape[1] * math.log(2 * math.pi))
+        out = log_standard_normal(x)
         return out.to(z.dtype if z.is_floating_point() else torch.float64)
 
     def config(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.sampling import log_standard_normal
 
 __all__ = ["MLPEnergy", "ConvEnergy", "FlowBasedEnergy", "build_energy", "ENERGY_KINDS"]
 
@@ -187,8 +188,7 @@ class FlowBasedEnergy(nn.Module):
 
     def base_energy(self, z: torch.Tensor) -> torch.Tensor:
         """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats."""
-        log_p0 = -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * z[0].numel() * math.log(2 * math.pi)
-        return log_p0 - self.base.log_prob(z)
+        return log_standard_normal(z) - self.base.log_prob(z)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # The base term is a difference of two large log-densities: keep it out of bf16 autocast, and run it

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.sampling import log_standard_normal
 
 __all__ = ["Flow", "RealNVP", "MultiScaleFlow", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
 
@@ -521,7 +522,7 @@ class Flow(nn.Module):
         Σ_k π_k N(ε; μ_k, T²·L_k L_kᵀ)."""
         t = float(temperature)
         if self.base_components == 1:
-            return -0.5 * eps.pow(2).sum(1) / t**2 - self.dim * (math.log(t) + 0.5 * _LOG_2PI)
+            return log_standard_normal(eps / t) - self.dim * math.log(t)
         return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
 
     def base_scale_tril(self) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
+from latent_prior.prior import SAMPLE_METHODS
 from latent_prior.threads import cpu_threads
 from latent_prior.train import FitConfig
 from latent_prior.vae import VAEAdapter
@@ -74,7 +75,6 @@ _SAME_RUN_FIELDS = frozenset({
 #: FitConfig fields that do not change the fitted prior (latents/out: the cache and prior live in the run folder).
 _SAME_FIT_FIELDS = frozenset({"resume", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out", "latents"})
 
-_SAMPLE_METHODS = ("sampler", "sir", "langevin")
 
 
 @dataclass
@@ -100,7 +100,7 @@ class RunConfig(FitConfig):
     shard_size: int = field(default=1024, metadata={"help": "images per cache shard: the unit of streaming writes and of resuming an interrupted encode"})
     # -- samples and report
     grid_samples: int = field(default=64, metadata={"help": "images in each half of samples.png (N(0, I) prior | EVaLP prior)"})
-    sample_method: str = field(default="sampler", metadata={"help": "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", "choices": _SAMPLE_METHODS})
+    sample_method: str = field(default="sampler", metadata={"help": "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", "choices": SAMPLE_METHODS})
     report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
     overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, cache/, prior/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) and start over"})
 
@@ -315,7 +315,7 @@ def _check_config(config: RunConfig) -> None:
     need(config.report_samples >= 2, "report_samples", config.report_samples, "pass at least 2 samples per prior for the metrics")
     need(config.encode_batch_size >= 1, "encode_batch_size", config.encode_batch_size, "pass at least 1 image per encoder call")
     need(config.encode_workers >= 0, "encode_workers", config.encode_workers, "pass 0 or more")
-    need(config.sample_method in _SAMPLE_METHODS, "sample_method", config.sample_method, f"choose one of {', '.join(_SAMPLE_METHODS)}")
+    need(config.sample_method in SAMPLE_METHODS, "sample_method", config.sample_method, f"choose one of {', '.join(SAMPLE_METHODS)}")
     if config.overwrite and config.resume:
         raise LatentPriorError("--overwrite and --resume contradict each other; pass --overwrite to start over or --resume to continue.")
 

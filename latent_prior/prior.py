@@ -38,6 +38,7 @@ from torch import nn
 
 from latent_prior.errors import LatentPriorError
 from latent_prior.files import atomic_save_safetensors, atomic_write, atomic_write_json, atomic_write_text
+from latent_prior.sampling import SAMPLERS
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization, VAEAdapter, parse_dtype
 
@@ -49,7 +50,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-SAMPLE_METHODS = ("sampler", "sir", "langevin")
+SAMPLE_METHODS = tuple(SAMPLERS)
 
 
 def _build_flow(latent_shape: Sequence[int], config: dict[str, Any]) -> nn.Module:
