@@ -81,6 +81,7 @@ def measure(resolution: int, args: argparse.Namespace, work: Path) -> dict[str, 
     from bench.encode import write_images
     from latent_prior.adapters import load_vae
     from latent_prior.encode import EncodeConfig, encode_images
+    from latent_prior.prior import TRAIN_DIR
     from latent_prior.threads import cpu_threads
     from latent_prior.train import fit
 
@@ -114,7 +115,7 @@ def measure(resolution: int, args: argparse.Namespace, work: Path) -> dict[str, 
     save_file({"mean": mean.repeat(reps, 1, 1, 1)[:args.fit_latents].contiguous(),
                "logvar": logvar.repeat(reps, 1, 1, 1)[:args.fit_latents].contiguous()}, str(latents),
               metadata={"normalization": json.dumps(source.normalization.to_dict())})
-    out = work / "prior"
+    out = work / "fit"
     warmup = args.fit_steps // 2
     start = time.perf_counter()
     prior = fit(str(latents), out=str(out), steps=args.fit_steps, warmup_steps=warmup, batch_size=args.batch_size,
@@ -122,7 +123,7 @@ def measure(resolution: int, args: argparse.Namespace, work: Path) -> dict[str, 
                 quiet=True,
                 mixed_precision="bf16" if device.type == "cuda" and args.bf16 else "no")
     row["fit_s"] = time.perf_counter() - start
-    row["warmup_s_per_step"], row["alternating_s_per_step"] = _step_seconds(out / "metrics.csv", warmup)
+    row["warmup_s_per_step"], row["alternating_s_per_step"] = _step_seconds(out / TRAIN_DIR / "metrics.csv", warmup)
     summary = prior.training_info.get("summary", {})
     row["train_loop_s"] = summary.get("seconds")
     row["export_s"] = row["fit_s"] - (summary.get("seconds") or 0.0)

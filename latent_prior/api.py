@@ -420,14 +420,14 @@ def fit(
           file with `mean` (N, *shape) and optional `logvar`, a `LatentSource` / `EncodedLatents`, or a
           tensor (N, *latent_shape) of posterior means (identity normalization, no provenance).
     config: a `latent_prior.train.FitConfig`; keyword `overrides` replace its fields (steps=500,
-        batch_size=128, out="prior/", quiet=True, ...). Also accepted as the second positional argument
+        batch_size=128, out="runs/my-fit", quiet=True, ...). Also accepted as the second positional argument
         when fitting on latents, as in `latent_prior.train.fit(latents, config)`.
     resolution, cache, encode_batch_size, encode_workers: how images are encoded (`encode_latents`'s
         resolution, cache, batch_size and num_workers); `quiet` hides the encode bar too.
 
     Returns the prior on the CPU (or Accelerate's device). `prior.sample(n)` gives RAW latents
-    (n, *latent_shape) for `adapter.decode`; with `out=DIR` it is also exported there with its
-    checkpoints, the same folder `latent-prior fit --latents ... --out DIR` writes.
+    (n, *latent_shape) for `adapter.decode`; with `out=DIR` it is also exported to DIR/prior, with its
+    checkpoints and metrics in DIR/train, the same folders `latent-prior fit --latents ... --out DIR` writes.
     """
     from latent_prior.train import FitConfig
     from latent_prior.train import fit as fit_latents

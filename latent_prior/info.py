@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from latent_prior.errors import LatentPriorError, read_json_object
+from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 
 __all__ = ["InfoConfig", "run_info", "describe"]
 
@@ -83,13 +84,13 @@ def _is_prior(path: Path) -> bool:
 
 
 def _is_fit_in_progress(path: Path) -> bool:
-    """The --out of a `latent-prior fit` that has not exported its prior yet (killed, or still running)."""
-    return path.is_dir() and (path / "fit_config.json").is_file() and not _is_prior(path)
+    """The --out of a fit that has not exported its prior yet (killed, or still running)."""
+    return path.is_dir() and (path / TRAIN_DIR / "fit_config.json").is_file() and not _is_prior(path / PRIOR_DIR)
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and any(check(path / name) for check, name in
-                                 ((_is_prior, "prior"), (_is_fit_in_progress, "prior"), (_is_cache, "cache")))
+    """A run folder of `latent-prior fit` on images, or the --out of `fit --latents` (prior/ and train/)."""
+    return path.is_dir() and (_is_prior(path / PRIOR_DIR) or _is_cache(path / "cache"))
 
 
 def describe(path: str | Path, *, verify: bool = False) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def describe(path: str | Path, *, verify: bool = False) -> dict[str, Any]:
         return describe_cache(path, verify=verify)
     raise LatentPriorError(
         f"{path} is not a latent cache (manifest.json or plan.json), an exported prior (config.json and "
-        "model.safetensors) or a run folder of `latent-prior fit` (prior/, cache/); pass one of those."
+        "model.safetensors) or the folder of a fit (prior/, train/, cache/); pass one of those."
     )
 
 
@@ -232,7 +233,8 @@ def describe_prior(path: Path) -> dict[str, Any]:
         summary = _read_json(path / "fit_summary.json")
     log_z_info = config.get("log_z_info") or {}
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    checkpoints = path / "checkpoints"
+    # a fit's checkpoints: beside the prior in its train/ folder, or (latent-prior 0.1.0) inside it
+    checkpoints = path.parent / TRAIN_DIR / "checkpoints" if path.name == PRIOR_DIR else path / "checkpoints"
     highlights = ("latents", "objective", "steps", "batch_size", "seed", "validation_fraction", "energy_kind",
                   "flow_kind", "kl_weight", "forward_kl_weight", "mixed_precision")
     return {
@@ -273,8 +275,8 @@ def describe_prior(path: Path) -> dict[str, Any]:
 
 def describe_fit_in_progress(path: Path) -> dict[str, Any]:
     """A fit's --out with checkpoints but no exported prior yet."""
-    config = _read_json(path / "fit_config.json")
-    steps = sorted(int(d.name.removeprefix("step-")) for d in (path / "checkpoints").glob("step-*")
+    config = _read_json(path / TRAIN_DIR / "fit_config.json")
+    steps = sorted(int(d.name.removeprefix("step-")) for d in (path / TRAIN_DIR / "checkpoints").glob("step-*")
                    if d.is_dir() and d.name.removeprefix("step-").isdigit())
     return {
         "kind": "fit_in_progress",
@@ -289,10 +291,10 @@ def describe_fit_in_progress(path: Path) -> dict[str, Any]:
 
 
 def describe_run(path: Path, *, verify: bool = False) -> dict[str, Any]:
-    """A run folder of `latent-prior fit` (prior/, cache/, samples.png, report.md, ...)."""
+    """A run folder of `latent-prior fit` (prior/, train/, cache/, samples.png, report.md, ...), or a fit's --out."""
     out: dict[str, Any] = {"kind": "run", "path": str(path.resolve()), "size_bytes": _size(path)}
-    out["prior"] = (describe_prior(path / "prior") if _is_prior(path / "prior") else
-                    describe_fit_in_progress(path / "prior") if _is_fit_in_progress(path / "prior") else None)
+    out["prior"] = (describe_prior(path / PRIOR_DIR) if _is_prior(path / PRIOR_DIR) else
+                    describe_fit_in_progress(path) if _is_fit_in_progress(path) else None)
     out["cache"] = describe_cache(path / "cache", verify=verify) if _is_cache(path / "cache") else None
     out["files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     return out

@@ -8,10 +8,11 @@ Stages (each prints one line; long ones show a progress bar unless --quiet):
 
 1. encode   images -> RUN_DIR/cache (`latent_prior.encode`; a complete matching cache is reused, a
             cache made with another VAE / resolution / dtype / flip setting is refused);
-2. fit      cache -> RUN_DIR/prior (`latent_prior.train.fit`; an exported prior of the same settings is
-            reused, an interrupted fit continues from its last checkpoint);
+2. fit      cache -> RUN_DIR/prior, the exported prior alone, and RUN_DIR/train, the checkpoints, metrics.csv
+            and fit summary (`latent_prior.train.fit`; an exported prior of the same settings is reused, an
+            interrupted fit continues from its last checkpoint);
 3. samples  as many N(0, I) latents as EVaLP latents, decoded side by side -> RUN_DIR/samples.png;
-4. report   RUN_DIR/training.png, report.md and report.json (held-out metrics of the Gaussian, GMM and
+4. report   RUN_DIR/train/training.png, RUN_DIR/report.md and report.json (held-out metrics of the Gaussian, GMM and
             EVaLP priors, config, versions, seeds, timings, VAE provenance), `latent_prior.report`.
 
 RUN_DIR also holds config.json (the effective `RunConfig`, written once the fit stage has accepted it, so
@@ -47,7 +48,7 @@ import torch
 
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
-from latent_prior.prior import SAMPLE_METHODS
+from latent_prior.prior import PRIOR_DIR, SAMPLE_METHODS, TRAIN_DIR
 from latent_prior.threads import cpu_threads
 from latent_prior.train import FitConfig
 from latent_prior.vae import VAEAdapter
@@ -57,9 +58,9 @@ __all__ = ["RunConfig", "run_pipeline", "DEFAULT_RUN_DIR", "RUN_FILES"]
 #: Where `latent-prior fit` writes when --out is left out (embedded default only).
 DEFAULT_RUN_DIR = "runs/default"
 #: What a run folder holds; --overwrite deletes exactly these and nothing else.
-RUN_FILES = ("config.json", "cache", "prior", "samples.png", "training.png", "report.md", "report.json", "log.txt")
+RUN_FILES = ("config.json", "cache", PRIOR_DIR, TRAIN_DIR, "samples.png", "report.md", "report.json", "log.txt")
 #: The entries of RUN_FILES that are folders (the others are files).
-_RUN_FOLDERS = ("cache", "prior")
+_RUN_FOLDERS = ("cache", PRIOR_DIR, TRAIN_DIR)
 #: Written into a run folder before anything else: --overwrite and --resume touch only folders that hold it
 #: (names alone prove nothing: a user's own cache/ or report.md must never be deleted or replaced).
 RUN_MARKER = ".latent-prior-run"
@@ -86,7 +87,7 @@ class RunConfig(FitConfig):
     """
 
     latents: str | None = field(default=None, metadata={"help": "skip encoding and reporting: fit on this cache folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run the whole pipeline from images"})
-    out: str | None = field(default=None, metadata={"help": f"run folder (cache/, prior/, samples.png, training.png, report.md, report.json, config.json, log.txt); with --latents, the folder of the exported prior. Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, --data or --latents"})
+    out: str | None = field(default=None, metadata={"help": f"run folder (cache/, prior/, train/, samples.png, report.md, report.json, config.json, log.txt); with --latents, the folder of the exported prior. Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, --data or --latents"})
     # -- encoding (as `latent-prior encode`)
     vae: str | None = field(default=None, metadata={"help": "VAE: a hub id, a local save_pretrained or pipeline folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE"})
     data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"})
@@ -350,16 +351,16 @@ def _encode(config: RunConfig, adapter: VAEAdapter, cache_dir: Path) -> dict[str
         ) from None
 
 
-def _fit_config(config: RunConfig, cache_dir: Path, prior_dir: Path) -> FitConfig:
-    return dataclasses.replace(config.fit_config(), latents=str(cache_dir.resolve()), out=str(prior_dir))
+def _fit_config(config: RunConfig, cache_dir: Path, run_dir: Path) -> FitConfig:
+    return dataclasses.replace(config.fit_config(), latents=str(cache_dir.resolve()), out=str(run_dir))
 
 
-def _finished_prior(prior_dir: Path, fit_config: FitConfig) -> bool:
-    """True when prior_dir holds an exported prior fitted with these settings (so the fit can be skipped)."""
+def _finished_prior(run_dir: Path, fit_config: FitConfig) -> bool:
+    """True when run_dir/prior holds an exported prior fitted with these settings (so the fit can be skipped)."""
     from latent_prior.train import resolve_objective
 
-    summary, saved = prior_dir / "fit_summary.json", prior_dir / "fit_config.json"
-    if not (summary.is_file() and saved.is_file() and (prior_dir / "model.safetensors").is_file()):
+    summary, saved = run_dir / TRAIN_DIR / "fit_summary.json", run_dir / TRAIN_DIR / "fit_config.json"
+    if not (summary.is_file() and saved.is_file() and (run_dir / PRIOR_DIR / "model.safetensors").is_file()):
         return False
     try:
         old = json.loads(saved.read_text())
@@ -469,10 +470,10 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
 def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: Any) -> None:
     from latent_prior.cache import open_latents
     from latent_prior.prior import LatentPrior
-    from latent_prior.train import fit
+    from latent_prior.train import fit, plot_training_curves
 
     is_main = state.is_main_process
-    cache_dir, prior_dir = run_dir / "cache", run_dir / "prior"
+    cache_dir, prior_dir = run_dir / "cache", run_dir / PRIOR_DIR
     timings: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
 
@@ -485,9 +486,9 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     timings["encode"] = {"seconds": time.perf_counter() - t0, "reused": bool(reused_cache)}
 
     # 2. fit + export --------------------------------------------------------------------------
-    fit_config = _fit_config(config, cache_dir, prior_dir)
+    fit_config = _fit_config(config, cache_dir, run_dir)
     t0 = time.perf_counter()
-    if _finished_prior(prior_dir, fit_config):
+    if _finished_prior(run_dir, fit_config):
         _say(is_main, f"[2/4] fit: {prior_dir} already holds the prior fitted with these settings; reusing it")
         prior = LatentPrior.from_pretrained(prior_dir)
         reused_prior = True
@@ -503,7 +504,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
 
     from latent_prior import report
 
-    summary = json.loads((prior_dir / "fit_summary.json").read_text())
+    summary = json.loads((run_dir / TRAIN_DIR / "fit_summary.json").read_text())
     prior = prior.to(adapter.device)
     prior.check_compatible(adapter, source.normalization, resolution=int((source.manifest or {}).get("resolution") or 0) or None)
 
@@ -518,7 +519,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     # 4. report --------------------------------------------------------------------------------
     _say(True, f"[4/4] report: training curves and held-out metrics of the Gaussian, GMM and EVaLP priors -> {run_dir / 'report.md'}")
     t0 = time.perf_counter()
-    report.plot_training(prior_dir / "metrics.csv", run_dir / "training.png", selected_step=summary.get("selected_step"))
+    plot_training_curves(run_dir, prior)
     timings["training_plot"] = {"seconds": time.perf_counter() - t0, "reused": False}
     t0 = time.perf_counter()
     train_idx, heldout_idx = report.split_indices(len(source), config.validation_fraction, config.seed)
@@ -553,7 +554,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
         "samples": sample_stats,
         "metrics": metrics,
         "metrics_table": metrics_table,
-        "files": {"samples": "samples.png", "training": "training.png", "prior": "prior/", "cache": "cache/",
+        "files": {"samples": "samples.png", "training": f"{TRAIN_DIR}/training.png", "prior": f"{PRIOR_DIR}/", "cache": "cache/",
                   "log": "log.txt", "config": "config.json"},
     }
     report.write_report(run_dir, facts)

@@ -49,6 +49,9 @@ __all__ = ["LatentPrior", "SampleConfig", "run_sample", "FORMAT_VERSION", "MODEL
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+#: the folders of a fit's --out: the exported prior alone (what a user copies or uploads), and the training
+#: records (checkpoints, metrics.csv, fit_config.json, fit_summary.json, training.png)
+PRIOR_DIR, TRAIN_DIR = "prior", "train"
 CARD_FILE = "README.md"
 SAMPLE_METHODS = tuple(SAMPLERS)
 
@@ -492,8 +495,8 @@ class LatentPrior(nn.Module):
         local_files_only: bool = False,
         dtype: str | torch.dtype | None = None,
     ) -> "LatentPrior":
-        """Load a prior saved by `save_pretrained` (or by `latent-prior fit --out DIR`): a local folder, or a
-        Hugging Face Hub repo id ("namespace/name"), read from the local Hub cache when it is there.
+        """Load a prior saved by `save_pretrained`: a local folder (or the --out folder of `latent-prior fit`, whose
+        prior/ it reads), or a Hugging Face Hub repo id ("namespace/name"), read from the local Hub cache when it is there.
 
         revision / subfolder / cache_dir / local_files_only: as in huggingface_hub (a folder ignores revision).
         torch_dtype (or its alias dtype): e.g. torch.float32 / "bf16" (default float32); device: default CPU.
@@ -515,6 +518,7 @@ class LatentPrior(nn.Module):
             if is_repo_id(str(pretrained)):
                 directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
                                      revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        directory = prior_folder(directory)
         if directory.is_file():
             raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
                                    "(it holds config.json and model.safetensors).")
@@ -692,11 +696,19 @@ def _output_kind(out: Path) -> str:
     )
 
 
+def prior_folder(path: Path) -> Path:
+    """The folder that holds a prior: `path` itself, or for a fit's --out folder (prior/ and train/), its prior/."""
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / PRIOR_DIR / CONFIG_FILE).is_file():
+        return path / PRIOR_DIR
+    return path
+
+
 def check_new_output(out: Path, prior_dir: Path, overwrite: bool, *, what: str, folder: bool = False) -> None:
     """Refuse an --out (of `sample` or `eval`) that would destroy something: a path inside the prior's own
     folder (a sample file named model.safetensors would leave the prior unloadable), a folder where a file
     goes, or an existing file without --overwrite. folder: --out names a folder to write into (its own
     files are checked by the writer)."""
+    prior_dir = prior_folder(prior_dir)
     prior_real, target = prior_dir.resolve(), out.resolve()
     if target == prior_real or prior_real in target.parents:
         raise LatentPriorError(f"--out {out} is inside the prior folder {prior_dir}; write the {what} elsewhere, so that "

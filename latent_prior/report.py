@@ -201,7 +201,7 @@ def _markdown(facts: dict[str, Any]) -> str:
     ]
     if lat.get("include_flips"):
         out += ["Note: with --flip the flipped copy of a held-out image may be among the training latents.", ""]
-    out += ["## Fit", "", *_fit_section(facts["fit_summary"]), "", "![training curves](training.png)", ""]
+    out += ["## Fit", "", *_fit_section(facts["fit_summary"]), "", "![training curves](train/training.png)", ""]
     out += [
         "## VAE provenance",
         "",
@@ -231,7 +231,8 @@ def _markdown(facts: dict[str, Any]) -> str:
         "",
         "## Files",
         "",
-        "- [samples.png](samples.png), [training.png](training.png), [prior/](prior/) (`LatentPrior.from_pretrained`), "
+        "- [samples.png](samples.png), [prior/](prior/) (`LatentPrior.from_pretrained`), [train/](train/) (checkpoints, metrics.csv, "
+        "[training.png](train/training.png)), "
         "[cache/](cache/), [log.txt](log.txt), [config.json](config.json), [report.json](report.json)",
         "",
         "## Effective config",

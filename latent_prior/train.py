@@ -29,7 +29,7 @@ are averaged with one explicit all-reduce per update (as StyleGAN2-ADA does for 
 so every rank applies the same update and the weights stay identical (rank 0's initial weights are
 broadcast once). `batch_size` is per process, as usual with Accelerate.
 
-Checkpoints (`out/checkpoints/step-XXXXXXX/`, written to a temporary folder then renamed) hold the
+Checkpoints (`out/train/checkpoints/step-XXXXXXX/`, written to a temporary folder then renamed) hold the
 energy, the flow, the flow's EMA, both optimizers (safetensors + JSON), every rank's RNG states,
 the data position and the model-selection state, so `--resume` after a kill -9 reproduces the
 uninterrupted run. At each checkpoint the run is evaluated on held-out latents:
@@ -44,7 +44,9 @@ least as good as step 0 on held-out gain, FD and k-NN precision (within its nois
 ≥ `min_ess_fraction`), so the prior falls back to the GMM when training does not improve on it;
 `select_by="gain"` keeps the highest held-out gain; without a validation split, the last checkpoint.
 The chosen energy and EMA flow, with a final log Ẑ over `log_z_samples` proposals, are exported as a
-`latent_prior.prior.LatentPrior` into `out/` itself (`LatentPrior.from_pretrained(out)`).
+`latent_prior.prior.LatentPrior` into `out/prior/` (`LatentPrior.from_pretrained(out / "prior")`), a folder that holds
+only the prior, to copy or upload as it is; the training records (checkpoints/, metrics.csv, fit_config.json,
+fit_summary.json, training.png) go to `out/train/`.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from latent_prior.baselines import gmm_covariance, gmm_fit_draws
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError, RunFailed
 from latent_prior.files import atomic_write, atomic_write_json
+from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization
 
@@ -185,7 +188,7 @@ class FitConfig:
     """
 
     latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
-    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior (model.safetensors, config.json), checkpoints/, metrics.csv, fit_config.json", "required": True})
+    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ (config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
     steps: int = field(default=2000, metadata={"help": "training steps (one energy update, preceded by the sampler updates, per step)"})
     seed: int = field(default=0, metadata={"help": "random seed (initialization, data order, posterior draws, validation split)"})
     batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many negatives are drawn from the sampler)"})
@@ -754,7 +757,8 @@ class _Trainer:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
         self.tracking = False  # set by `fit` when Accelerate trackers were initialized
-        self.ckpt_root = out / "checkpoints"
+        self.train_dir = out / TRAIN_DIR
+        self.ckpt_root = self.train_dir / "checkpoints"
         self.shape = tuple(source.latent_shape)
         self.norm: LatentNormalization = source.normalization
         self.train_idx, self.val_idx = validation_split(len(source), config.validation_fraction, config.seed)
@@ -1276,7 +1280,7 @@ class _Trainer:
             self.state.warmup_steps = min(c.warmup_steps, c.steps // 2)
             if self.state.warmup_steps == 0:
                 self._end_warmup()
-        metrics = _MetricsCSV(self.out / "metrics.csv", self.state.step if resume_from else None) if self.is_main else None
+        metrics = _MetricsCSV(self.train_dir / "metrics.csv", self.state.step if resume_from else None) if self.is_main else None
         if self.state.step == 0 and not self.state.history:
             # The initialized model is the first candidate: with an EM-initialized base, the GMM itself.
             result = self._evaluate_candidate()
@@ -1344,7 +1348,7 @@ class _Trainer:
 
     # -- export ---------------------------------------------------------------------------------
     def export(self, source_description: str) -> dict[str, Any]:
-        """Load the selected checkpoint, estimate log Ẑ, write the LatentPrior to `out`; returns the summary."""
+        """Load the selected checkpoint, estimate log Ẑ, write the LatentPrior to `out/prior`; returns the summary."""
         from latent_prior import __version__
         from latent_prior.prior import LatentPrior
 
@@ -1415,8 +1419,8 @@ class _Trainer:
                             "proposal": "EMA sampler flow", "estimate": "importance sampling, biased low"},
                 provenance=self.source.provenance, training=training,
             )
-            prior.save_pretrained(self.out)
-            atomic_write_json(self.out / "fit_summary.json", summary)
+            prior.save_pretrained(self.out / PRIOR_DIR)
+            atomic_write_json(self.train_dir / "fit_summary.json", summary)
         self.acc.wait_for_everyone()
         return summary
 
@@ -1436,9 +1440,9 @@ def _identity(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config_dict.items() if k not in _COSMETIC_FIELDS}
 
 
-#: What a fit writes into --out besides fit_config.json: a folder holding any of them without fit_config.json
-#: is not a fit's, and nothing in it may be replaced.
-_FIT_FILES = ("config.json", "model.safetensors", "checkpoints", "metrics.csv", "fit_summary.json")
+#: What a fit writes into --out besides train/fit_config.json: a folder holding either without that file is not
+#: a fit's, and nothing in it may be replaced.
+_FIT_FILES = (PRIOR_DIR, TRAIN_DIR)
 
 
 def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
@@ -1497,8 +1501,14 @@ def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
 
 def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     """Check `out` against the run it may already hold; return the checkpoint to resume from, if any."""
-    saved = out / "fit_config.json"
-    ckpts = _checkpoint_dirs(out / "checkpoints")
+    saved = out / TRAIN_DIR / "fit_config.json"
+    ckpts = _checkpoint_dirs(out / TRAIN_DIR / "checkpoints")
+    for old in (out, out / PRIOR_DIR):  # --out of `fit --latents`, the prior/ of `fit` on images
+        if (old / "fit_config.json").is_file():
+            raise LatentPriorError(
+                f"--out {out} holds a fit written by latent-prior 0.1.0 (the prior, checkpoints/ and fit_config.json side by "
+                f"side in {old}, which still loads as a prior); a fit now writes {out / PRIOR_DIR} and {out / TRAIN_DIR}, so use a new --out."
+            )
     if saved.is_file():
         try:
             old = json.loads(saved.read_text())
@@ -1520,11 +1530,11 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
             print(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     elif out.is_dir() and any((out / name).exists() or (out / name).is_symlink() for name in _FIT_FILES):
         found = [name for name in _FIT_FILES if (out / name).exists() or (out / name).is_symlink()]
-        raise LatentPriorError(f"--out {out} holds {', '.join(found)} but no fit_config.json, so they are not from a fit "
+        raise LatentPriorError(f"--out {out} holds {', '.join(found)} but no {TRAIN_DIR}/fit_config.json, so they are not from a fit "
                                "and would be overwritten; use a new --out.")
     if not ckpts:
         if config.resume and is_main:
-            print(f"latent-prior fit: --resume: no checkpoint in {out / 'checkpoints'} yet, starting from scratch.", file=sys.stderr)
+            print(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from scratch.", file=sys.stderr)
         return None
     return ckpts[-1][1]
 
@@ -1561,14 +1571,14 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool, bool]:
     fresh = not PartialState._shared_state  # did we create the process state (so we may reset it after)?
     _release_single_process_precision(config.mixed_precision)
     try:
-        acc = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out))
+        acc = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out / TRAIN_DIR))
     except ValueError as exc:
         raise LatentPriorError(f"--mixed-precision {config.mixed_precision}: Accelerate refused it ({exc}); use --mixed-precision no.") from None
     return acc, fresh, log_with is not None
 
 
 def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitConfig | None = None, **overrides: Any) -> LatentPrior:
-    """Fit an EVaLP prior and return it as a `latent_prior.prior.LatentPrior` (also exported to `config.out`).
+    """Fit an EVaLP prior and return it as a `latent_prior.prior.LatentPrior` (also exported to `config.out`/prior).
 
     latents: a cache folder or .safetensors path, a `LatentSource` (`latent_prior.cache.open_latents`),
         or a tensor (N, *latent_shape) of posterior means (treated as exact latents, identity normalization).
@@ -1615,10 +1625,10 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "checkpoints").mkdir(exist_ok=True)
-            for leftover in (out / "checkpoints").glob(".tmp-*"):  # from a run killed mid-save
+            trainer.ckpt_root.mkdir(parents=True, exist_ok=True)
+            for leftover in trainer.ckpt_root.glob(".tmp-*"):  # from a run killed mid-save
                 shutil.rmtree(leftover, ignore_errors=True)
-            atomic_write_json(out / "fit_config.json", to_dict(config))
+            atomic_write_json(trainer.train_dir / "fit_config.json", to_dict(config))
         accelerator.wait_for_everyone()
         if tracking:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(config).items()}
@@ -1629,7 +1639,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         summary = trainer.export(str(config.latents))
         if accelerator.is_main_process:
             print(_summary_line(summary, out if temp_dir is None else None))
-        prior = LatentPrior.from_pretrained(out, device=accelerator.device)
+        prior = LatentPrior.from_pretrained(out / PRIOR_DIR, device=accelerator.device)
         if tracking:
             accelerator.end_training()
         return prior
@@ -1646,7 +1656,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
 
 
 def _summary_line(s: dict[str, Any], out: Path | None) -> str:
-    where = f"; prior written to {out}" if out is not None else ""
+    where = f"; prior written to {out / PRIOR_DIR}, training records to {out / TRAIN_DIR}" if out is not None else ""
     gain = s["heldout_gain_nats"]
     if math.isfinite(gain):
         bits = (f"{s['heldout_gain_bits_per_data_dim']:+.5f} bits/dim" if "heldout_gain_bits_per_data_dim" in s
@@ -1668,9 +1678,14 @@ def run_fit(config: FitConfig) -> int:
     prior = fit(config.latents, config)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # the curves, as the pipeline draws them, beside metrics.csv
-        from latent_prior.report import plot_training
-
-        summary = (prior.training_info or {}).get("summary") or {}
-        plot_training(Path(config.out) / "metrics.csv", Path(config.out) / "training.png", selected_step=summary.get("selected_step"))
+    if PartialState().is_main_process:
+        plot_training_curves(Path(config.out), prior)
     return 0
+
+
+def plot_training_curves(out: Path, prior: LatentPrior) -> Path:
+    """out/train/training.png from out/train/metrics.csv, marking the step the prior was selected at."""
+    from latent_prior.report import plot_training
+
+    summary = (prior.training_info or {}).get("summary") or {}
+    return plot_training(out / TRAIN_DIR / "metrics.csv", out / TRAIN_DIR / "training.png", selected_step=summary.get("selected_step"))

@@ -81,7 +81,7 @@ def test_fit_diffusers_vae_on_a_tensor_keeps_moments_normalization_and_provenanc
     torch.testing.assert_close(latents.logvar, direct.logvar)
     assert latents.normalization == adapter.normalization and latents.provenance == adapter.provenance.to_dict()
 
-    prior = fit(adapter, images, out=str(tmp_path / "prior"), **SPATIAL)
+    prior = fit(adapter, images, out=str(tmp_path / "fit"), **SPATIAL)
     assert isinstance(prior, LatentPrior) and prior.latent_shape == (4, 8, 8)
     assert prior.normalization.matches(adapter.normalization)
     assert prior.provenance == adapter.provenance.to_dict()
@@ -89,7 +89,7 @@ def test_fit_diffusers_vae_on_a_tensor_keeps_moments_normalization_and_provenanc
     x = adapter.decode(prior.sample(16, generator=torch.Generator().manual_seed(0)))
     assert x.shape == (16, 3, 16, 16) and x.abs().max() <= 1
     # the image size travels with in-memory latents, so the fit reports bits per image dimension
-    summary = json.loads((tmp_path / "prior" / "fit_summary.json").read_text())
+    summary = json.loads((tmp_path / "fit" / "train" / "fit_summary.json").read_text())
     assert summary["data_dims"] == 3 * 16 * 16 and summary["num_train"] + summary["num_validation"] == 80
 
 
@@ -119,7 +119,7 @@ def test_wrapped_torch_vae_from_a_dataloader_of_image_label_pairs(tmp_path):
     assert prior.latent_shape == (4,) and prior.provenance["source"] == "mlp-digits"
     samples = adapter.decode(prior.sample(16))
     assert samples.shape == (16, 1, 8, 8)
-    assert json.loads((tmp_path / "p" / "fit_summary.json").read_text())["data_dims"] == 64
+    assert json.loads((tmp_path / "p" / "train" / "fit_summary.json").read_text())["data_dims"] == 64
 
 
 def test_encoded_latents_save_and_reload_like_a_cache(tmp_path):

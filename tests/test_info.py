@@ -92,9 +92,9 @@ def test_info_describes_a_run_folder(default_vae_prior, cache, tmp_path, capsys)
 def test_info_describes_an_unfinished_fit(default_vae_prior, tmp_path, capsys):
     _, prior_dir, _ = default_vae_prior
     unfinished = tmp_path / "fit"
-    shutil.copytree(prior_dir, unfinished)
-    for name in ("model.safetensors", "config.json", "fit_summary.json"):  # as if killed before the export
-        (unfinished / name).unlink()
+    shutil.copytree(prior_dir.parent, unfinished)
+    shutil.rmtree(unfinished / "prior")  # as if killed before the export
+    (unfinished / "train" / "fit_summary.json").unlink()
     d = info_json(unfinished, capsys)
     assert d["kind"] == "fit_in_progress" and d["last_checkpoint_step"] == 10 and d["steps_planned"] == 10
     assert main(["info", str(unfinished)]) == 0

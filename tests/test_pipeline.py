@@ -112,8 +112,10 @@ def test_run_folder_holds_every_file(run):
     d = run["dir"]
     for name in RUN_FILES:
         assert (d / name).exists(), name
-    for name in ("model.safetensors", "config.json", "metrics.csv", "fit_config.json", "fit_summary.json"):
-        assert (d / "prior" / name).is_file(), name
+    # the prior's folder holds the prior alone; the training records are beside it
+    assert sorted(p.name for p in (d / "prior").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    for name in ("metrics.csv", "fit_config.json", "fit_summary.json", "training.png", "checkpoints"):
+        assert (d / "train" / name).exists(), name
     assert (d / "cache" / "manifest.json").is_file()
     closing = run["out"].strip().splitlines()[-1]
     assert "samples.png" in closing and "report.md" in closing
@@ -158,7 +160,7 @@ def test_report_compares_three_priors_on_heldout_latents(run):
     assert report["vae"]["provenance"]["class_name"] == "AutoencoderKL" and report["vae"]["provenance"]["fingerprint"]
     assert report["seeds"]["training"] == 3
     md = (run["dir"] / "report.md").read_text()
-    assert "(samples.png)" in md and "(training.png)" in md and "| method |" in md
+    assert "(samples.png)" in md and "(train/training.png)" in md and "| method |" in md
     assert "estimate" in md and "bits/dim" in md and "fingerprint" in md
 
 
@@ -168,13 +170,13 @@ def test_config_file_loses_to_flags_and_the_saved_config_round_trips(run):
     assert saved["seed"] == 3  # from the file
     assert saved["batch_size"] == 16 and saved["latents"] is None
     assert to_dict(from_dict(RunConfig, saved)) == saved
-    fit_config = json.loads((run["dir"] / "prior" / "fit_config.json").read_text())
+    fit_config = json.loads((run["dir"] / "train" / "fit_config.json").read_text())
     assert fit_config["steps"] == 30 and fit_config["seed"] == 3
-    assert json.loads((run["dir"] / "prior" / "fit_summary.json").read_text())["steps"] == 30
+    assert json.loads((run["dir"] / "train" / "fit_summary.json").read_text())["steps"] == 30
 
 
 def test_training_png_and_log(run):
-    with Image.open(run["dir"] / "training.png") as png:
+    with Image.open(run["dir"] / "train" / "training.png") as png:
         assert png.width > 600 and png.height > 400
     log = (run["dir"] / "log.txt").read_text()
     assert "\r" not in log
@@ -214,7 +216,7 @@ def test_an_occupied_run_dir_is_refused_and_overwrite_replaces_it(run, tmp_path,
     code, _, err = run_cli(*base, "--seed", "5", "--overwrite")
     assert code == 0, err[-2000:]
     assert json.loads((d / "config.json").read_text())["seed"] == 5
-    assert json.loads((d / "prior" / "fit_config.json").read_text())["seed"] == 5
+    assert json.loads((d / "train" / "fit_config.json").read_text())["seed"] == 5
     assert (d / "log.txt").read_text().count("==== latent-prior fit") == 1  # the old log went with the old run
 
 
@@ -261,7 +263,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "latent_prior", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpts = d / "prior" / "checkpoints"
+    ckpts = d / "train" / "checkpoints"
     deadline = time.monotonic() + 120
     try:
         while not any(ckpts.glob("step-*/state.json")):
@@ -276,17 +278,17 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
     assert proc.returncode == -signal.SIGKILL
     done = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob("step-*/state.json"))
     last = done[-1]
-    assert last < 200 and not (d / "prior" / "fit_summary.json").exists(), "killed too late to test resuming"
-    before = [r for r in _metrics_rows(d / "prior" / "metrics.csv") if int(r["step"]) <= last]
+    assert last < 200 and not (d / "train" / "fit_summary.json").exists(), "killed too late to test resuming"
+    before = [r for r in _metrics_rows(d / "train" / "metrics.csv") if int(r["step"]) <= last]
 
     code, _, err = run_cli(*args[1:], "--resume")
     assert code == 0, err[-2000:]
     assert f"resuming from {ckpts / f'step-{last:07d}'}" in err
     assert "0 images encoded (64 in cache" in (d / "log.txt").read_text()  # the cache was complete: not encoded again
-    after = _metrics_rows(d / "prior" / "metrics.csv")
+    after = _metrics_rows(d / "train" / "metrics.csv")
     # A restart would rewrite these rows (with new wall-clock `seconds`); a resume keeps them as they were.
     assert after[: len(before)] == before and int(after[-1]["step"]) == 200
-    assert json.loads((d / "prior" / "fit_summary.json").read_text())["steps"] == 200
+    assert json.loads((d / "train" / "fit_summary.json").read_text())["steps"] == 200
     assert (d / "report.md").is_file() and (d / "samples.png").is_file()
 
 

@@ -77,8 +77,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def made(default_vae_prior, tmp_path_factory) -> dict[str, Path]:
-    """A real cache (9 digits of the embedded VAE, shards of 4 + 4 + 1), the fitted prior of conftest (with
-    its checkpoints), its latents file and image folder, and a VAE of the embedded one's config with other
+    """A real cache (9 digits of the embedded VAE, shards of 4 + 4 + 1), the fitted prior of conftest (its
+    fit's train/ folder, with the checkpoints, beside it), its latents file and image folder, and a VAE of the embedded one's config with other
     weights (a "fine-tune")."""
     from diffusers import AutoencoderKL
 
@@ -260,14 +260,13 @@ def _sample_over_a_file(tmp, made, make, name, flags):
        ("3-sample-into-prior-new-file", ("inside the prior folder",), "new.safetensors", []),
        ("3-sample-into-prior-png", ("inside the prior folder",), "config.png", ["--vae", "default", "--overwrite"]),
        ("3-sample-folder-is-the-prior", ("inside the prior folder",), "", ["--vae", "default", "--overwrite"]),
-       ("3-sample-into-prior-checkpoints", ("inside the prior folder",), "checkpoints", ["--vae", "default", "--overwrite"])])
+       ("3-sample-into-prior-subfolder", ("inside the prior folder",), "grids", ["--vae", "default", "--overwrite"])])
 def _sample_into_the_prior(tmp, made, name, flags):
     prior = copy(made["prior"], tmp / "prior")
     return ["sample", "--prior", prior, "-n", "2", "--out", prior / name, "--device", "cpu", "--quiet", *flags]
 
 
-@rows([(f"3-fit-latents-over-user-{name}", (at("out"), name, "fit_config.json"), name)
-       for name in ("metrics.csv", "fit_summary.json", "model.safetensors", "config.json", "checkpoints")])
+@rows([(f"3-fit-latents-over-user-{name}", (at("out"), name, "train/fit_config.json"), name) for name in ("prior", "train")])
 def _fit_latents_into_user_folder(tmp, made, name):
     (tmp / "out").mkdir()
     (tmp / "out" / name).write_text("mine")
@@ -548,8 +547,8 @@ def _sample_damaged_prior(tmp, made, damage):
        ("10-foreign-weights", ("does not fit the networks",), lambda c: save_file({"x": torch.zeros(3)}, str(c / "energy.safetensors")), []),
        ("10-other-architecture", ("does not fit the networks", "energy"), lambda c: None, ["--energy-depth", "2"])])
 def _resume_from_damaged_checkpoint(tmp, made, damage, extra):
-    out = copy(made["prior"], tmp / "fit")
-    damage(sorted((out / "checkpoints").glob("step-*"))[-1])
+    out = copy(made["prior"].parent, tmp / "fit")
+    damage(sorted((out / "train" / "checkpoints").glob("step-*"))[-1])
     return ["fit", "--latents", made["latents"], "--out", out, "--steps", "10", "--resume", *FIT_FLAGS, *extra]
 
 

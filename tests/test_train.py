@@ -7,6 +7,7 @@ Every fit here uses tiny networks and few steps (TINY) so the file stays fast on
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +59,7 @@ def fit_cli(latents: Path, out: Path, *extra: str) -> int:
 
 
 def checkpoint_tensors(out: Path, step: int) -> dict[str, torch.Tensor]:
-    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    ckpt = out / "train" / "checkpoints" / f"step-{step:07d}"
     tensors = {}
     for name in ("energy", "flow", "flow_ema", "optim_energy", "optim_sampler"):
         tensors.update({f"{name}/{k}": v for k, v in load_file(str(ckpt / f"{name}.safetensors")).items()})
@@ -80,30 +81,33 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
     assert fit_cli(latents, out, "--steps", "20", "--checkpoint-every", "10") == 0
     summary_line = capsys.readouterr().out
     assert "20 steps" in summary_line and "log Ẑ" in summary_line and "ESS" in summary_line and "bits/latent-dim" in summary_line
-    for name in ("model.safetensors", "config.json", "README.md", "fit_config.json", "metrics.csv", "fit_summary.json", "training.png"):
-        assert (out / name).is_file(), name
+    # the prior's folder holds the prior alone (to copy or upload); the rest of the fit lives beside it
+    assert sorted(p.name for p in (out / "prior").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    for name in ("fit_config.json", "metrics.csv", "fit_summary.json", "training.png"):
+        assert (out / "train" / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == ["prior", "train"]
     from PIL import Image
 
-    with Image.open(out / "training.png") as curves:  # the pipeline's curves, for `fit --latents` too
+    with Image.open(out / "train" / "training.png") as curves:  # the pipeline's curves, for `fit --latents` too
         assert curves.width > 300 and curves.height > 200
-    selected = json.loads((out / "fit_summary.json").read_text())["selected_step"]
+    selected = json.loads((out / "train" / "fit_summary.json").read_text())["selected_step"]
     # the last two checkpoints, and the selected one (step 0, the GMM start, is a candidate too)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({f"step-{selected:07d}", "step-0000010", "step-0000020"})
-    rows = (out / "metrics.csv").read_text().splitlines()
+    assert sorted(p.name for p in (out / "train" / "checkpoints").iterdir()) == sorted({f"step-{selected:07d}", "step-0000010", "step-0000020"})
+    rows = (out / "train" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     for column in ("e_pos", "e_neg", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm",
                    "val_gain_nats", "val_fd", "val_precision"):
         assert column in header
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10", "15", "20"]
 
-    prior = LatentPrior.from_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
+    prior = LatentPrior.from_pretrained(out / "prior")
+    config = json.loads((out / "prior" / "config.json").read_text())
     assert config["training"]["world_size"] == 1 and config["training"]["config"]["steps"] == 20
     assert prior.log_z == pytest.approx(config["log_z"]) and 0 < prior.log_z_info["ess_fraction"] <= 1
     assert prior.latent_shape == (2,)
 
     samples = tmp_path / "z.safetensors"
-    assert main(["sample", "--prior", str(out), "-n", "64", "--out", str(samples), "--method", "sir", "--proposals", "8"]) == 0
+    assert main(["sample", "--prior", str(out / "prior"), "-n", "64", "--out", str(samples), "--method", "sir", "--proposals", "8"]) == 0
     z = load_file(str(samples))["latents"]
     assert z.shape == (64, 2) and torch.isfinite(z).all()
 
@@ -120,7 +124,7 @@ def test_python_api_accepts_a_tensor_and_returns_the_prior(tmp_path):
     assert prior.sample(5, generator=torch.Generator().manual_seed(0)).shape == (5, 2)
     prior2 = fit(means, out=str(tmp_path / "p"), steps=6, checkpoint_every=3, seed=0, **TINY_KW)
     torch.testing.assert_close(prior.log_prob(means[:10]), prior2.log_prob(means[:10]))  # same seed, same fit
-    assert (tmp_path / "p" / "model.safetensors").is_file()
+    assert (tmp_path / "p" / "prior" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +178,19 @@ def test_out_dir_with_another_run_is_refused_without_resume(latents, tmp_path, c
     assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4") == 0
     # --resume continues it with new settings
     assert fit_cli(latents, out, "--steps", "8", "--checkpoint-every", "4", "--resume") == 0
-    assert json.loads((out / "config.json").read_text())["training"]["summary"]["steps"] == 8
+    assert json.loads((out / "prior" / "config.json").read_text())["training"]["summary"]["steps"] == 8
+    # a fit of 0.1.0 (prior and training records in one folder) is refused, and its prior is left to load
+    old = tmp_path / "old"
+    shutil.copytree(out / "prior", old)
+    shutil.copy(out / "train" / "fit_config.json", old)
+    assert fit_cli(latents, old, "--steps", "4", "--checkpoint-every", "4") == 2
+    assert "written by latent-prior 0.1.0" in capsys.readouterr().err
+    LatentPrior.from_pretrained(old)
+    # a prior/ that no fit wrote is never replaced
+    foreign = tmp_path / "foreign"
+    shutil.copytree(out / "prior", foreign / "prior")
+    assert fit_cli(latents, foreign, "--steps", "4", "--checkpoint-every", "4") == 2
+    assert "holds prior but no train/fit_config.json" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,10 +208,10 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     assert fit_cli(latents, tmp_path / "b", *common, "--resume") == 0
     assert_same_tensors(checkpoint_tensors(tmp_path / "a", 12), checkpoint_tensors(tmp_path / "b", 12))
     # metrics.csv of the resumed run has each step once
-    steps = [r.split(",")[0] for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
+    steps = [r.split(",")[0] for r in (tmp_path / "b" / "train" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["0", "3", "4", "5", "8", "10", "12"]  # 0: the initialized model; 3: the end of the warm-up
-    a_rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
-    b_rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    a_rows = (tmp_path / "a" / "train" / "metrics.csv").read_text().splitlines()
+    b_rows = (tmp_path / "b" / "train" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in a_rows] == [r.split(",")[3:] for r in b_rows]  # same values (seconds differ)
 
 
@@ -208,7 +224,7 @@ def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, t
            "fit", "--latents", str(latents), "--out", str(killed), *TINY, *args]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-0000020").is_dir():
+    while not (killed / "train" / "checkpoints" / "step-0000020").is_dir():
         assert proc.poll() is None, f"the fit ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
         assert time.time() < deadline, "no checkpoint after 120 s"
         time.sleep(0.005)
@@ -216,12 +232,12 @@ def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert still_running and proc.returncode == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists()  # it really stopped before the end
+    assert not (killed / "prior" / "model.safetensors").exists()  # it really stopped before the end
 
     assert fit_cli(latents, killed, *args, "--resume") == 0
     assert fit_cli(latents, tmp_path / "reference", *args) == 0
     assert_same_tensors(checkpoint_tensors(killed, 200), checkpoint_tensors(tmp_path / "reference", 200))
-    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert not list((killed / "train" / "checkpoints").glob(".tmp-*"))
 
 
 def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents, tmp_path, capsys):
@@ -230,15 +246,15 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
     # (steps 0 and 2).
     assert fit_cli(latents, out, "--steps", "40", "--checkpoint-every", "2", "--early-stop-patience", "2",
                    "--min-ess-fraction", "1.0") == 0
-    summary = json.loads((out / "fit_summary.json").read_text())
+    summary = json.loads((out / "train" / "fit_summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 2 and summary["selected_step"] == 2
     assert "no checkpoint reached --min-ess-fraction" in capsys.readouterr().err
 
     for select_by in ("gain", "gain_and_fd"):
         out = tmp_path / f"selected-{select_by}"
         assert fit_cli(latents, out, "--steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "1", "--select-by", select_by) == 0
-        summary = json.loads((out / "fit_summary.json").read_text())
-        history = json.loads((out / "config.json").read_text())["training"]["history"]
+        summary = json.loads((out / "train" / "fit_summary.json").read_text())
+        history = json.loads((out / "prior" / "config.json").read_text())["training"]["history"]
         eligible = [h for h in history if h["ess_fraction"] >= 0.01]
         if select_by == "gain":
             assert summary["selected_step"] == max(eligible, key=lambda h: h["val_gain_nats"])["step"]
@@ -250,10 +266,10 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
             admissible = [h for h in eligible if h["val_gain_nats"] >= first["val_gain_nats"] and h["val_fd"] <= first["val_fd"]
                           and h["val_precision"] >= first["val_precision"] - 0.01]
             assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (out / "train" / "checkpoints").iterdir())
     assert kept == sorted({f"step-{summary['selected_step']:07d}", "step-0000012"})  # best + the last one
-    exported = load_file(str(out / "model.safetensors"))
-    chosen = out / "checkpoints" / f"step-{summary['selected_step']:07d}"
+    exported = load_file(str(out / "prior" / "model.safetensors"))
+    chosen = out / "train" / "checkpoints" / f"step-{summary['selected_step']:07d}"
     for prefix, name in (("energy_net.", "energy"), ("flow.", "flow_ema")):
         for key, value in load_file(str(chosen / f"{name}.safetensors")).items():
             assert torch.equal(exported[prefix + key], value), prefix + key
@@ -269,7 +285,7 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_pat
     step = int(err.split("diverged at step ")[1].split(" ")[0])
     assert step < 50
     named = err.split("the last good checkpoint is ")[1].split(". ")[0]
-    assert Path(named).parent == out / "checkpoints" and (Path(named) / "state.json").is_file()
+    assert Path(named).parent == out / "train" / "checkpoints" and (Path(named) / "state.json").is_file()
     assert json.loads((Path(named) / "state.json").read_text())["step"] < step
 
 
@@ -287,7 +303,7 @@ def test_divergence_before_the_first_periodic_checkpoint_names_the_initial_one(l
 def test_evalp_code_objective_and_explicit_flags_win(latents, tmp_path):
     out = tmp_path / "critic"
     assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4", "--objective", "evalp-code", "--lr-sampler", "0.002") == 0
-    saved = json.loads((out / "fit_config.json").read_text())
+    saved = json.loads((out / "train" / "fit_config.json").read_text())
     assert saved["wgan_gp_weight"] == 10.0 and saved["kl_weight"] == 1e-3 and saved["forward_kl_weight"] == 0.0
     assert saved["lr_sampler"] == 0.002 and saved["lr_energy"] == 5e-4
 
@@ -296,7 +312,7 @@ def test_bf16_and_tensorboard_and_prefetch_run(latents, tmp_path):
     out = tmp_path / "bf16"
     assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4", "--mixed-precision", "bf16", "--log-with", "tensorboard",
                    "--num-workers", "1", "--spectral-norm") == 0
-    assert json.loads((out / "config.json").read_text())["training"]["mixed_precision"] == "bf16"
+    assert json.loads((out / "prior" / "config.json").read_text())["training"]["mixed_precision"] == "bf16"
     assert list(out.rglob("events.out.tfevents*")), "no tensorboard event file"
 
 
@@ -311,7 +327,7 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
     # explicit kinds: "auto" flattens latents this small (see SMALL_LATENT_DIMS)
     prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, batch_size=32, energy_channels=8, energy_depth=1,
                 energy_kind="conv", flow_kind="multiscale", flow_channels=8, flow_blocks=1, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
-    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    config = json.loads((tmp_path / "p" / "prior" / "config.json").read_text())
     energy = config["energy"]
     assert energy["kind"] == "flow_based" and energy["residual"]["kind"] == "conv" and energy["base"]["kind"] == "multiscale"
     assert config["flow"]["kind"] == "multiscale"
@@ -342,13 +358,13 @@ def test_two_gloo_processes_write_one_prior(latents, tmp_path):
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("latent-prior fit:") == 1  # one summary line: only the main process reports
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "prior" / "config.json").read_text())
     assert config["training"]["world_size"] == 2
-    assert json.loads((out / "checkpoints" / "step-0000006" / "state.json").read_text())["world_size"] == 2
-    assert {p.name for p in (out / "checkpoints" / "step-0000006").glob("rng-rank*.safetensors")} == {
+    assert json.loads((out / "train" / "checkpoints" / "step-0000006" / "state.json").read_text())["world_size"] == 2
+    assert {p.name for p in (out / "train" / "checkpoints" / "step-0000006").glob("rng-rank*.safetensors")} == {
         "rng-rank0.safetensors", "rng-rank1.safetensors"}
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
-    LatentPrior.from_pretrained(out).sample(4)
+    assert sorted(p.name for p in (out / "prior").glob("*.safetensors")) == ["model.safetensors"]
+    LatentPrior.from_pretrained(out / "prior").sample(4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def test_fitted_prior_beats_the_gaussian_on_a_separated_mixture(tmp_path):
     # and the density ranks held-out points above points between the modes
     between = torch.tensor([[0.0, -2.0], [0.0, 0.0], [4.5, 4.5], [-4.5, 4.5]])
     assert prior.log_prob(heldout).median() > prior.log_prob(between).max() + 1.0
-    summary = json.loads((tmp_path / "p" / "fit_summary.json").read_text())
+    summary = json.loads((tmp_path / "p" / "train" / "fit_summary.json").read_text())
     assert 1.0 < summary["heldout_gain_nats"] < 4.0  # the exact gain, KL(mixture || N(0, I)), is ≈ 2.4 nats
 
 
@@ -396,13 +412,13 @@ def test_the_warmed_up_flow_becomes_the_frozen_base_of_the_energy(latents, tmp_p
     at_snapshot = next(h for h in prior.training_info["history"] if h["step"] == 20)
     # right after the warm-up the sampler IS the base and E_res ≈ 0, so p = q: log Z ≈ 0 and the IS weights are flat
     assert abs(at_snapshot["log_z_is"]) < 0.02 and at_snapshot["ess_fraction"] > 0.98
-    snapshot = load_file(str(out / "checkpoints" / "step-0000020" / "flow_ema.safetensors"))
-    last = load_file(str(out / "checkpoints" / "step-0000040" / "energy.safetensors"))
+    snapshot = load_file(str(out / "train" / "checkpoints" / "step-0000020" / "flow_ema.safetensors"))
+    last = load_file(str(out / "train" / "checkpoints" / "step-0000040" / "energy.safetensors"))
     torch.testing.assert_close(torch.softmax(last["base.base_logits"], 0), refits[0], rtol=0, atol=1e-6)
     for name, value in snapshot.items():  # frozen through the alternating phase
         torch.testing.assert_close(last[f"base.{name}"], value, msg=name)
     z = prior.sample(64, generator=torch.Generator().manual_seed(0))
-    reloaded = LatentPrior.from_pretrained(out)
+    reloaded = LatentPrior.from_pretrained(out / "prior")
     torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
 
 
@@ -412,11 +428,11 @@ def test_a_flow_based_prior_cast_to_bfloat16_samples_and_scores(latents, tmp_pat
     from latent_prior.prior import LatentPrior
 
     fit(latents, out=str(tmp_path / "p"), steps=8, checkpoint_every=4, **TINY_KW)
-    prior = LatentPrior.from_pretrained(tmp_path / "p", dtype=torch.bfloat16)
+    prior = LatentPrior.from_pretrained(tmp_path / "p" / "prior", dtype=torch.bfloat16)
     z = prior.sample(32, generator=torch.Generator().manual_seed(0))
     log_p = prior.log_prob(z)
     assert z.dtype == torch.bfloat16 and log_p.shape == (32,) and torch.isfinite(log_p.float()).all()
-    full = LatentPrior.from_pretrained(tmp_path / "p")
+    full = LatentPrior.from_pretrained(tmp_path / "p" / "prior")
     assert (log_p.float() - full.log_prob(z.float())).abs().median() < 1.0  # bf16 keeps ~3 significant digits
 
 
@@ -439,10 +455,10 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     assert summary["base_components"] > 10 and max(r["val_precision"] for r in choice[:3]) < 0.9  # ten components bridge the modes
     # Step 0 is the chosen GMM itself (not a fresh EM of the base codes): its held-out precision, on other
     # sampler draws, is the candidate's within sampling noise.
-    with open(tmp_path / "auto" / "metrics.csv") as f:
+    with open(tmp_path / "auto" / "train" / "metrics.csv") as f:
         step0 = next(r for r in csv.DictReader(f) if r["step"] == "0")
     assert abs(float(step0["val_precision"]) - best["val_precision"]) < 0.05
-    prior = LatentPrior.from_pretrained(tmp_path / "auto")
+    prior = LatentPrior.from_pretrained(tmp_path / "auto" / "prior")
     assert prior.flow.base_components == summary["base_components"]  # the exported prior records the count
     fixed = fit(str(path), out=str(tmp_path / "ten"), flow_base_components=10, **short).training_info["summary"]
     assert fixed["base_components"] == 10 and [r["components"] for r in fixed["base_choice"]] == [10, 10, 10]
