@@ -259,30 +259,8 @@ class TorchVAEAdapter(VAEAdapter):
             )
 
 
-def wrap(
-    module: torch.nn.Module,
-    *,
-    encode: EncodeFn | None = None,
-    decode: DecodeFn | None = None,
-    latent_shape: LatentShape | None = None,
-    normalization: LatentNormalization | None = None,
-    source: str | None = None,
-    deterministic: bool = False,
-    image_channels: int = 3,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-) -> TorchVAEAdapter:
-    """Adapt a user's own torch VAE; see `TorchVAEAdapter` for the arguments and the module docstring
-    for what `encode(module, images)` may return."""
-    return TorchVAEAdapter(
-        module,
-        encode=encode,
-        decode=decode,
-        latent_shape=latent_shape,
-        normalization=normalization,
-        source=source,
-        deterministic=deterministic,
-        image_channels=image_channels,
-        device=device,
-        dtype=dtype,
-    )
+def wrap(module: torch.nn.Module, **options: Any) -> TorchVAEAdapter:
+    """Adapt a user's own torch VAE: `TorchVAEAdapter(module, **options)`, whose docstring lists the keywords
+    (encode, decode, latent_shape, normalization, source, deterministic, image_channels, device, dtype); the
+    module docstring says what `encode(module, images)` may return."""
+    return TorchVAEAdapter(module, **options)

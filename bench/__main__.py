@@ -1,4 +1,4 @@
-"""`python -m bench`: the benchmark suite of issue 5 (bench/run.py), which writes docs/benchmarks.md."""
+"""`python -m bench`: the benchmark suite (bench/run.py), which writes docs/benchmarks.md."""
 
 import sys
 

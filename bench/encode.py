@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 ARCHS = {
-    # 8x downsampling, 1.25M parameters (REFERENCE.md §2): the encoder still dominates the cost.
+    # 8x downsampling, 1.25M parameters: the encoder still dominates the cost.
     "small": dict(block_out_channels=[32, 64, 64, 64], norm_num_groups=32, latent_channels=4, layers_per_block=2),
     # stabilityai/sd-vae-ft-mse's architecture.
     "sd": dict(block_out_channels=[128, 256, 512, 512], norm_num_groups=32, latent_channels=4, layers_per_block=2),

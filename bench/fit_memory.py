@@ -1,4 +1,4 @@
-"""Peak memory of a short fit against the number of latents (issue 3: memory must not grow with N).
+"""Peak memory of a short fit against the number of latents (memory must not grow with N).
 
     python bench/fit_memory.py 2000 100000 200000
 

@@ -1,12 +1,12 @@
 """Benchmark: how good is the EVaLP prior? Against N(0, I) and a full-covariance GMM, on latents with
-a known density and on real VAE latents (issue 3, "How it is judged").
+a known density and on real VAE latents.
 
     python bench/prior.py                                  # every set and method, default settings
     python -m bench.prior --quick --sets mixture           # a smoke run (about 15 s)
     python bench/prior.py --sets digits-b0.1 --methods gaussian,gmm,evalp \\
         --variants "fkl1:forward_kl_weight=1.0" "big:flow_blocks=12,flow_hidden=256"
 
-Methods (all in the VAE's normalized latent space; see REFERENCE §1 and §5):
+Methods (all in the VAE's normalized latent space):
   gaussian    N(0, I), the VAE's own prior
   gmm         10-component full-covariance GMM fitted on posterior DRAWS (several per item when the
               items are few for the dimension), not on the means
@@ -217,7 +217,7 @@ def build_candidates(lset: LatentSet, methods: list[str], variants: dict[str, di
         gauss = GaussianPrior().fit(lset.draws("train", 2, g))
         out.append(Candidate(METHODS["gaussian"], lambda n, gen: gauss.sample(n, generator=gen), 0.0))
     if "gmm" in methods:
-        # Several draws per item when N/K < 2D, so no component is singular (REFERENCE §5).
+        # Several draws per item when N/K < 2D, so no component is singular.
         k, n_items = 10, len(lset.train_mean)
         per_item = min(16, max(1, math.ceil(2 * k * lset.dims / n_items)))
         draws = lset.draws_per_item("train", per_item, g)
@@ -528,7 +528,7 @@ def _fd_tolerance(res: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> 
 
 
 def evaluate_goals(results: list[dict[str, Any]], cfg: BenchConfig, default_settings: bool) -> list[dict[str, Any]]:
-    """The goals of issue 3, computed from the tables; one dict per goal and set."""
+    """The goals of docs/prior-development.md, computed from the tables; one dict per goal and set."""
     goals: list[dict[str, Any]] = []
     by_name = {r["name"]: r for r in results}
 

@@ -74,7 +74,7 @@ from bench.prior import machine_info as prior_machine_info
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
 
-#: The development suite (issue 11): every cell is one bench set (bench/datasets.py), built offline by the repo's
+#: The development suite: every cell is one bench set (bench/datasets.py), built offline by the repo's
 #: scripts: 12 flat digits VAEs (d 8-64, KL weight 1-0.01), 7 synthetic sets with a known density (8-64 dims:
 #: separated, anisotropic, low-rank and heavy-tailed modes, a spiral and a knot), and 3 spatial AutoencoderKL sets.
 CELLS: tuple[str, ...] = (*WIDE_DIGITS_SETS, *WIDE_SYNTHETIC_SETS, *SPATIAL_VAE_SETS)
@@ -116,7 +116,7 @@ FULL_SAMPLES = {"flat": 3000, "spatial": 1000}
 QUICK_IMAGE_SAMPLES = 32
 DEFAULT_OUT = "docs/benchmarks.md"
 
-#: --gpu: the seed paper's setting (REFERENCE §1), for a machine with CUDA and the images. Never run here.
+#: --gpu: the seed paper's setting (CIFAR-10 / CelebA-64 VAEs), for a machine with CUDA and the images. Never run here.
 GPU_PROFILE: dict[str, Any] = {
     "device": "cuda",
     "datasets": {
@@ -601,7 +601,7 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# targets (issue 5) and goals (issue 3), from the aggregated figures
+# targets and goals, from the aggregated figures
 
 
 def _med(cell: dict[str, Any], method: str, key: str) -> float | None:
@@ -649,8 +649,8 @@ def _fid(cell: dict[str, Any], method: str) -> float | None:
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One dict {cell, target, status (pass / noise / miss / n/a), detail} per target and cell: the goals of
-    issue 11 (EVaLP against the GMM, N(0, I) and flow matching) and the ELBO-gain and speed targets."""
+    """One dict {cell, target, status (pass / noise / miss / n/a), detail} per target and cell: the goals
+    of the suite (EVaLP against the GMM, N(0, I) and flow matching) and the ELBO-gain and speed targets."""
     out: list[dict[str, Any]] = []
     quick = bool(result["config"].get("quick"))
     for name, cell in _in_order(result["cells"]):

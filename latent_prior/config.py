@@ -206,6 +206,13 @@ def resolve(cls: type[C], args: argparse.Namespace) -> C:
     return from_dict(cls, values, source=f"--config {config_file}" if config_file else "arguments")
 
 
+def parse_config(cls: type[C], argv: list[str] | None, *, description: str, epilog: str | None = None) -> C:
+    """A script's command line -> one `cls` instance: one flag per field (`add_arguments`), then `resolve`."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    add_arguments(parser, cls)
+    return resolve(cls, parser.parse_args(argv))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A dataclass config -> JSON-able dict with the same field names."""
     out = dataclasses.asdict(config)

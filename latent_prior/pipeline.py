@@ -87,7 +87,7 @@ class RunConfig(FitConfig):
     """
 
     latents: str | None = field(default=None, metadata={"help": "skip encoding and reporting: fit on this cache folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run the whole pipeline from images"})
-    out: str | None = field(default=None, metadata={"help": f"run folder (cache/, prior/, train/, samples.png, report.md, report.json, config.json, log.txt); with --latents, the folder of the exported prior. Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, --data or --latents"})
+    out: str | None = field(default=None, metadata={"help": f"run folder (cache/, prior/, train/, samples.png, report.md, report.json, config.json, log.txt); with --latents, the fit's folder (prior/, the exported prior, and train/). Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, --data or --latents"})
     # -- encoding (as `latent-prior encode`)
     vae: str | None = field(default=None, metadata={"help": "VAE: a hub id, a local save_pretrained or pipeline folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE"})
     data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"})

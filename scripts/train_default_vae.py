@@ -33,7 +33,6 @@ faster there and gave the same losses as 2 threads.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -48,7 +47,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-from latent_prior.config import add_arguments, resolve, to_dict  # noqa: E402
+from latent_prior.config import parse_config, to_dict  # noqa: E402
 from latent_prior.defaults import DEFAULT_DATA_DIR, DEFAULT_RESOLUTION, DEFAULT_VAE_DIR  # noqa: E402
 
 # The architecture, fixed: the shipped VAE is this config plus the fitted scaling_factor.
@@ -199,12 +198,8 @@ def measure(vae, x: torch.Tensor, seed: int, batch_size: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.",
-    )
-    add_arguments(parser, TrainDefaultVAEConfig)
-    cfg = resolve(TrainDefaultVAEConfig, parser.parse_args(argv))
+    cfg = parse_config(TrainDefaultVAEConfig, argv, description=__doc__.split("\n\n")[0],
+                       epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.")
     torch.set_num_threads(cfg.threads)
     data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
 

@@ -1,6 +1,6 @@
 """Train the flat-latent digits VAEs of the prior benchmarks and save them with their latents.
 
-The wide suite of `python -m bench` (issue 11) has one flat digits VAE per latent size d ∈ {8, 16, 32, 64}
+The wide suite of `python -m bench` has one flat digits VAE per latent size d ∈ {8, 16, 32, 64}
 and KL weight β ∈ {1, 0.1, 0.01}: its sets `digits-d<d>-b<β>` (`bench.datasets.DIGITS_SETS`). This script
 trains them into the benchmark's cache folder, in the layout `bench.datasets.load_set` reads
 (`bench.datasets.digits_vae_dir`: `digits_vae_beta<β>_epochs<E>/` for d = 8, `digits_vae_d<d>_beta<β>_epochs<E>/`
@@ -20,7 +20,6 @@ epochs (15.6 → 15.3 nats), so no size needs fewer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from bench.digits import (  # noqa: E402
     load_digits_vae,
     train_digit_classifier,
 )
-from latent_prior.config import add_arguments, resolve  # noqa: E402
+from latent_prior.config import parse_config  # noqa: E402
 
 
 @dataclass
@@ -53,9 +52,7 @@ class TrainDigitsVAEsConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, TrainDigitsVAEsConfig)
-    cfg = resolve(TrainDigitsVAEsConfig, parser.parse_args(argv))
+    cfg = parse_config(TrainDigitsVAEsConfig, argv, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(cfg.threads)
 
     split = load_digits_split(seed=0)

@@ -34,7 +34,6 @@ settings) and caches the folder under the benchmark's `--cache-dir`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -52,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 from bench.photos import CROP_SIZE, NUM_HELDOUT, NUM_TRAIN, PHOTO_SIDE, import_repo_script, make_patches  # noqa: E402
-from latent_prior.config import add_arguments, resolve, to_dict  # noqa: E402
+from latent_prior.config import parse_config, to_dict  # noqa: E402
 from latent_prior.errors import LatentPriorError  # noqa: E402
 
 _default_vae = import_repo_script("train_default_vae")  # its `train` loop and `measure` figures
@@ -180,12 +179,8 @@ def train_photo_vae(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Makes the crops, trains, calibrates scaling_factor and save_pretrained's the VAE with training_summary.json.",
-    )
-    add_arguments(parser, TrainPhotoVAEConfig)
-    cfg = resolve(TrainPhotoVAEConfig, parser.parse_args(argv))
+    cfg = parse_config(TrainPhotoVAEConfig, argv, description=__doc__.split("\n\n")[0],
+                       epilog="Makes the crops, trains, calibrates scaling_factor and save_pretrained's the VAE with training_summary.json.")
     try:
         train_photo_vae(cfg)
     except LatentPriorError as err:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _encode_helpers import make_tiny_vae, sample_photos, write_images
+from _launch import run_two_gloo_processes
 from PIL import Image
 
 from latent_prior.adapters import load_vae
@@ -244,15 +245,8 @@ def test_two_process_accelerate_launch_splits_the_chunks(tmp_path, vae_dir, adap
     files = write_images(tmp_path / "img", 14)
     (tmp_path / "img" / "broken.png").write_text("not a png")
     out = tmp_path / "cache"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "latent_prior", "encode", "--vae", str(vae_dir), "--data", str(tmp_path / "img"), "--out", str(out),
-        "--resolution", "16", "--shard-size", "3", "--batch-size", "2", "--num-workers", "0", "--quiet",
-    ]
-    env = _subprocess_env()
-    env["ACCELERATE_USE_CPU"] = "1"  # REFERENCE.md §3: this, not --cpu, gives two gloo ranks on CPU
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run_two_gloo_processes("encode", "--vae", vae_dir, "--data", tmp_path / "img", "--out", out, "--resolution", "16",
+                                    "--shard-size", "3", "--batch-size", "2", "--num-workers", "0", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2

@@ -163,7 +163,7 @@ def test_eval_on_other_latents_takes_the_training_reference_from_train_latents(m
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_heldout"] == 80 and report["n_train"] == 540  # the training split of the cache the prior recorded
     assert "not the cache the prior was fitted on" in report["evaluated"] and str(path) in report["training_reference"]
-    # Without --train-latents the path the prior recorded is not opened (issue 13): half the evaluated latents serve.
+    # Without --train-latents the path the prior recorded is not opened: half the evaluated latents serve.
     assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--samples", "200", "--quiet",
                  "--methods", "gaussian", "--out", str(tmp_path / "h.json")]) == 0
     report = json.loads((tmp_path / "h.json").read_text())

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _launch import run_two_gloo_processes
 from PIL import Image
 
 from latent_prior import defaults
@@ -296,21 +296,10 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
 # two real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_run_the_pipeline(tmp_path, digits):
     d = tmp_path / "run"
-    # REFERENCE.md §3: ACCELERATE_USE_CPU=1 with --multi_gpu (not --cpu) gives two gloo ranks on CPU.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "latent_prior", "fit", "--data", str(digits), "--out", str(d), *TINY, "--steps", "6", "--checkpoint-every", "3",
-           "--shard-size", "16"]
-    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_two_gloo_processes("fit", "--data", digits, "--out", d, *TINY, "--steps", "6", "--checkpoint-every", "3",
+                                    "--shard-size", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("latent-prior fit: done") == 1  # only the main process reports
     for name in RUN_FILES:

@@ -126,7 +126,7 @@ def flip_a_bit(path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # the table: (id, what the error must name, argv built from (tmp, made))
 #
-# The first part of an id is the item of issue 13. `names` holds fragments of the one error sentence; a
+# The first part of an id numbers the kind of bad input (the sections below). `names` holds fragments of the one error sentence; a
 # callable fragment gets the case's tmp folder (for paths).
 
 

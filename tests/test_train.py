@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_two_gloo_processes
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
@@ -342,20 +342,9 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
 # two real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_write_one_prior(latents, tmp_path):
     out = tmp_path / "ddp"
-    # REFERENCE.md §3: ACCELERATE_USE_CPU=1 with --multi_gpu (not --cpu) gives two gloo ranks on CPU.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "latent_prior", "fit",
-           "--latents", str(latents), "--out", str(out), *TINY, "--steps", "6", "--checkpoint-every", "3"]
-    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_two_gloo_processes("fit", "--latents", latents, "--out", out, *TINY, "--steps", "6", "--checkpoint-every", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("latent-prior fit:") == 1  # one summary line: only the main process reports
     config = json.loads((out / "prior" / "config.json").read_text())
