@@ -431,7 +431,6 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
     run_dir = Path(config.out)
     from accelerate.utils import parse_flag_from_env
 
-    fresh_state = not PartialState._shared_state
     # As `Accelerator()` does: ACCELERATE_USE_CPU=1 (CPU ranks under `accelerate launch`) must reach the state.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     is_main = state.is_main_process
@@ -442,28 +441,20 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         _mark_run_dir(run_dir)
     state.wait_for_everyone()
-    try:
-        with _tee_output(run_dir / "log.txt" if is_main else None):
-            if is_main:
-                print(f"==== latent-prior fit, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {state.num_processes} process(es) ====",
-                      file=sys.stderr)
-                if config.overwrite:
-                    _say(True, f"--overwrite: removed {', '.join(removed) or 'nothing'} from {run_dir}")
-                elif status == "same":
-                    _say(True, f"{run_dir} holds this run already: finished stages are reused")
-                elif status == "changed":
-                    _say(True, f"--resume: continuing the run in {run_dir} with changed settings")
-                elif status == "unfinished":
-                    _say(True, f"{run_dir} holds a run stopped before it finished: its cache and prior are reused where "
-                               "their settings match")
-            _run_stages(config, adapter, run_dir, state)
-    finally:
-        if fresh_state and state.num_processes == 1:
-            # Leave no Accelerate state behind for a later run in this process (it is a singleton).
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+    with _tee_output(run_dir / "log.txt" if is_main else None):
+        if is_main:
+            print(f"==== latent-prior fit, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {state.num_processes} process(es) ====",
+                  file=sys.stderr)
+            if config.overwrite:
+                _say(True, f"--overwrite: removed {', '.join(removed) or 'nothing'} from {run_dir}")
+            elif status == "same":
+                _say(True, f"{run_dir} holds this run already: finished stages are reused")
+            elif status == "changed":
+                _say(True, f"--resume: continuing the run in {run_dir} with changed settings")
+            elif status == "unfinished":
+                _say(True, f"{run_dir} holds a run stopped before it finished: its cache and prior are reused where "
+                           "their settings match")
+        _run_stages(config, adapter, run_dir, state)
     return 0
 
 

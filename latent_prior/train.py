@@ -55,6 +55,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,7 +70,7 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -467,7 +468,7 @@ def _posterior_draws(mean: torch.Tensor, logvar: torch.Tensor | None, normalizat
 
 def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float, forward_kl_weight: float,
                  z_pos: torch.Tensor | None, generator: torch.Generator | None,
-                 autocast: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The sampler's loss, its parts (per-sample means, nats) and its n samples.
 
     loss = E_q[E(z) + λ·(log q(z) − log p0(z))] + w_fwd·E_data[−log q(z_pos)],  z ~ q reparameterised.
@@ -477,7 +478,7 @@ def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float
     from latent_prior.sampling import log_standard_normal
 
     z, log_q = flow.sample_and_log_prob(n, generator=generator)
-    with autocast() if autocast else _nullcontext():
+    with autocast():
         e = energy(z)
     e = e.float()
     log_ratio = log_q - log_standard_normal(z)
@@ -495,16 +496,15 @@ def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float
 
 def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, magnitude_penalty: float, grad_penalty: float,
                 wgan_gp_weight: float, generator: torch.Generator | None,
-                autocast: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The energy's loss and its parts (nats).
 
     loss = E_pos[E] − E_neg[E] + α·(E_pos² + E_neg²) + γ·½‖∇E(z_pos)‖² + w_gp·(‖∇E(ẑ)‖ − 1)²
     z_pos, z_neg: (B, *shape) detached; ẑ = a·z_pos + (1 − a)·z_neg, a ~ U(0, 1) per sample.
     Returns (loss, {"e_pos", "e_neg", "energy_loss", "max_abs_energy"}).
     """
-    ctx = autocast if autocast else _nullcontext
     z_pos = z_pos.detach().requires_grad_(grad_penalty > 0)
-    with ctx():
+    with autocast():
         e = energy(torch.cat([z_pos, z_neg.detach()])).float()
     e_pos, e_neg = e[: len(z_pos)], e[len(z_pos):]
     loss = e_pos.mean() - e_neg.mean()
@@ -516,21 +516,13 @@ def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, 
     if wgan_gp_weight > 0:
         a = torch.rand((len(z_pos),) + (1,) * (z_pos.dim() - 1), generator=generator, device=z_pos.device)
         z_hat = (a * z_pos.detach() + (1 - a) * z_neg.detach()).requires_grad_(True)
-        with ctx():
+        with autocast():
             e_hat = energy(z_hat).float()
         (grad,) = torch.autograd.grad(e_hat.sum(), z_hat, create_graph=True)
         loss = loss + wgan_gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
     parts = {"e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach(), "energy_loss": loss.detach(),
              "max_abs_energy": e.detach().abs().max()}
     return loss, parts
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -897,7 +889,10 @@ class _Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
         self.state = _RunState(world_size=self.world_size)
         self.ema: _EMA | None = None
-        self.autocast = self.acc.autocast if c.mixed_precision != "no" else None
+        # Our own autocast rather than Accelerator(mixed_precision=...): Accelerate fixes the precision once per
+        # process, so a second fit in a notebook could not choose another one.
+        self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+                         if c.mixed_precision == "bf16" else contextlib.nullcontext)
 
     def _initialization_draws(self, seed: int) -> torch.Tensor:
         """Posterior draws of up to 2048 training latents (bounded memory), the same on every rank and on a
@@ -1539,25 +1534,8 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     return ckpts[-1][1]
 
 
-def _release_single_process_precision(mixed_precision: str) -> None:
-    """Let a single-process run pick its own precision after another Accelerator in this process.
-
-    Accelerate keeps its state per process, so an earlier `encode` or fit with another precision would
-    make `Accelerator(mixed_precision=...)` fail. With one process nothing is shared with other ranks,
-    so starting the accelerator state over is safe; under `accelerate launch` we leave it alone.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-
-    state = AcceleratorState._shared_state
-    if state and PartialState._shared_state and PartialState().num_processes == 1:
-        current = str(state.get("_mixed_precision", mixed_precision))
-        if current != mixed_precision:
-            AcceleratorState._reset_state()
-
-
-def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool, bool]:
+def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool]:
     from accelerate import Accelerator
-    from accelerate.state import PartialState
 
     log_with: Any = None
     if config.log_with != "none":
@@ -1568,13 +1546,10 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool, bool]:
                   "logging to metrics.csv only.", file=sys.stderr)
         else:
             log_with = config.log_with
-    fresh = not PartialState._shared_state  # did we create the process state (so we may reset it after)?
-    _release_single_process_precision(config.mixed_precision)
-    try:
-        acc = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out / TRAIN_DIR))
-    except ValueError as exc:
-        raise LatentPriorError(f"--mixed-precision {config.mixed_precision}: Accelerate refused it ({exc}); use --mixed-precision no.") from None
-    return acc, fresh, log_with is not None
+    acc = Accelerator(log_with=log_with, project_dir=str(out / TRAIN_DIR))
+    if config.mixed_precision == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LatentPriorError(f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; use --mixed-precision no.")
+    return acc, log_with is not None
 
 
 def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitConfig | None = None, **overrides: Any) -> LatentPrior:
@@ -1612,7 +1587,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
     if out.exists() and not out.is_dir():
         raise LatentPriorError(f"--out {out} exists and is not a folder; choose a folder.")
 
-    accelerator, fresh_state, tracking = _make_accelerator(config, out)
+    accelerator, tracking = _make_accelerator(config, out)
     threads = contextlib.ExitStack()
     if accelerator.device.type == "cpu":
         threads.enter_context(cpu_threads(config.cpu_threads))  # latent_prior.threads: one, unless the user chose
@@ -1647,12 +1622,6 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         threads.close()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        if fresh_state and accelerator.num_processes == 1:
-            # Let a later fit in this process choose another --mixed-precision (Accelerate's state is a singleton).
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
 
 
 def _summary_line(s: dict[str, Any], out: Path | None) -> str:

@@ -314,6 +314,9 @@ def test_bf16_and_tensorboard_and_prefetch_run(latents, tmp_path):
                    "--num-workers", "1", "--spectral-norm") == 0
     assert json.loads((out / "prior" / "config.json").read_text())["training"]["mixed_precision"] == "bf16"
     assert list(out.rglob("events.out.tfevents*")), "no tensorboard event file"
+    # Accelerate fixes its precision once per process; a second fit in the same process still chooses its own.
+    assert fit_cli(latents, tmp_path / "fp32", "--steps", "2", "--checkpoint-every", "2", "--mixed-precision", "no") == 0
+    assert json.loads((tmp_path / "fp32" / "prior" / "config.json").read_text())["training"]["mixed_precision"] == "no"
 
 
 def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
