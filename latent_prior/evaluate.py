@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from latent_prior.errors import LatentPriorError
-from latent_prior.vae import LatentNormalization, VAEAdapter
+from latent_prior.vae import LatentNormalization, VAEAdapter, posterior_draw
 
 __all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS", "MemorySource"]
 
@@ -117,18 +117,14 @@ def _cycle(items: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarra
     return np.concatenate([rng.permutation(items) for _ in range(reps)])[:count]
 
 
-def posterior_draws(source: Any, indices: np.ndarray, normalization: LatentNormalization,
-                    generator: torch.Generator) -> torch.Tensor:
+def draws_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization,
+                   generator: torch.Generator) -> torch.Tensor:
     """One reparameterised draw z = μ + σ·ε per entry of `indices` (repeats allowed), in normalized
     space: (len(indices), *latent_shape) float32 on the CPU (the means for a deterministic source)."""
     out = []
     for start in range(0, len(indices), _READ_BATCH):
         mean, logvar = source.read(indices[start:start + _READ_BATCH])
-        z = normalization.normalize(mean.float())
-        if logvar is not None:
-            std = torch.exp(0.5 * normalization.normalize_logvar(logvar.float()))
-            z = z + std * torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        out.append(z)
+        out.append(posterior_draw(mean.float(), None if logvar is None else logvar.float(), generator, normalization=normalization))
     return torch.cat(out)
 
 
@@ -225,7 +221,7 @@ def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormaliz
     count = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // dims, per_item * len(train)))
     components = min(GMM_COMPONENTS, count)
     covariance = "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
-    draws = posterior_draws(train_source, _cycle(train, count, rng), normalization, generator)
+    draws = draws_of_items(train_source, _cycle(train, count, rng), normalization, generator)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -352,8 +348,8 @@ def latent_report(
     items = heldout if len(heldout) <= samples else np.sort(rng.choice(heldout, size=samples, replace=False))
     m = len(items)
     repeats = max(1, round(samples / m))
-    reference_draws = posterior_draws(train_source, _cycle(train, samples, rng), norm, generator)
-    heldout_draws = torch.cat([posterior_draws(source, items, norm, generator) for _ in range(repeats)])
+    reference_draws = draws_of_items(train_source, _cycle(train, samples, rng), norm, generator)
+    heldout_draws = torch.cat([draws_of_items(source, items, norm, generator) for _ in range(repeats)])
     fd_floor = frechet_distance(reference_draws, heldout_draws)
     bandwidth = median_bandwidth(reference_draws, heldout_draws, seed=seed)
     # The hole-share density: a GMM of its own on other training draws (another seed), not the "gmm" row's

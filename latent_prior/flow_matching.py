@@ -7,7 +7,7 @@ It has the sampling interface of `latent_prior.baselines` and, like them, lives 
     prior.save_pretrained(dir); load_baseline(dir)          # baseline.json + baseline.safetensors, no pickle
 
 Training (rectified flow, Liu et al. 2022; the loss of SiT / SD3): x a fresh reparameterised posterior draw
-z = μ + σ·ε' of a training item at every step (`latent_prior.train._posterior_draws`), ε ~ N(0, I),
+z = μ + σ·ε' of a training item at every step (`latent_prior.vae.posterior_draw`), ε ~ N(0, I),
 t = sigmoid(u), u ~ N(0, 1) (`time_sampling="logit-normal"`, the default: SD3's choice, which spends the
 updates on the middle of the path, where the velocity is hardest to predict) or t ~ U(0, 1) ("uniform", the
 original rectified flow), x_t = (1 − t)·ε + t·x, and the velocity net regresses v(x_t, t) on x − ε (mean
@@ -47,7 +47,7 @@ from torch import nn
 
 from latent_prior.baselines import BASELINES, BaselinePrior, load_baseline
 from latent_prior.errors import LatentPriorError
-from latent_prior.vae import LatentNormalization
+from latent_prior.vae import LatentNormalization, posterior_draw
 
 __all__ = ["FlowMatchingConfig", "FlowMatchingPrior", "FLAT_MAX_DIMS"]
 
@@ -270,7 +270,7 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         with `steps` alone the fit is deterministic for a given seed; a time budget makes it depend on the
         machine's speed. `device`: where to train (default CPU); the moments stay where they are and each
         batch is moved. Returns self."""
-        from latent_prior.train import _EMA, _posterior_draws
+        from latent_prior.train import _EMA
 
         mean, logvar = self._check_moments(mean, logvar)
         if normalization is None:
@@ -319,7 +319,7 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                 idx = torch.randint(n, (batch_size,), generator=index_gen)
-                x = _posterior_draws(mean[idx], None if logvar is None else logvar[idx], normalization, gen, device)
+                x = posterior_draw(mean[idx], None if logvar is None else logvar[idx], gen, normalization=normalization, device=device)
                 eps = torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype)
                 if self.cfg.time_sampling == "uniform":
                     t = torch.rand(batch_size, generator=gen, device=device, dtype=x.dtype)

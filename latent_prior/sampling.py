@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from latent_prior.errors import LatentPriorError
+from latent_prior.vae import posterior_draw
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -534,11 +535,8 @@ def elbo_gain(
     for start in range(0, n, batch_size):
         mean = posterior_mean[start : start + batch_size]
         for _ in range(num_draws):
-            z = mean
-            if posterior_logvar is not None:
-                logvar = posterior_logvar[start : start + batch_size]
-                eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                z = mean + torch.exp(0.5 * logvar) * eps
+            logvar = None if posterior_logvar is None else posterior_logvar[start : start + batch_size]
+            z = posterior_draw(mean, logvar, generator)
             neg_energy[start : start + len(mean)] -= energy(z).double().reshape(-1).cpu() / num_draws
     gain = neg_energy - log_z_value
     gain_nats = gain.mean().item()

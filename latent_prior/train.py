@@ -82,7 +82,7 @@ from latent_prior.errors import LatentPriorError, RunFailed
 from latent_prior.files import atomic_write, atomic_write_json
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
-from latent_prior.vae import LatentNormalization
+from latent_prior.vae import LatentNormalization, posterior_draw
 
 if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
@@ -450,16 +450,6 @@ class _BatchStream:
         if isinstance(self._it, _Prefetcher):
             self._it.close()
         self._it = None
-
-
-def _posterior_draws(mean: torch.Tensor, logvar: torch.Tensor | None, normalization: LatentNormalization,
-                     generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Fresh reparameterised draws z = μ + σ·ε in normalized space (the means when logvar is None)."""
-    mean = normalization.normalize(mean.to(device))
-    if logvar is None:
-        return mean
-    std = torch.exp(0.5 * normalization.normalize_logvar(logvar.to(device)))
-    return mean + std * torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -900,7 +890,7 @@ class _Trainer:
         limit = max(2, min(2048, (64 * 2**20) // max(1, 8 * math.prod(self.shape))))
         mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + SEEDS.init_items))
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return _posterior_draws(mean, logvar, self.norm, gen, self.device)
+        return posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
 
     def _base_fit_draws(self, seed: int, components: int | None = None) -> torch.Tensor:
         """Posterior draws of training latents for an EM-initialized base: as many as the GMM baseline fits on
@@ -913,7 +903,7 @@ class _Trainer:
             mean = mean.repeat(per_item, *([1] * (mean.dim() - 1)))[:count]
             logvar = None if logvar is None else logvar.repeat(per_item, *([1] * (logvar.dim() - 1)))[:count]
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return _posterior_draws(mean, logvar, self.norm, gen, self.device)
+        return posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
 
     def _initialize_flow(self) -> None:
         """ActNorm data init on posterior draws of training latents, then the chosen GMM as the mixture base
@@ -1014,7 +1004,7 @@ class _Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_energy_draws)
         total, count = 0.0, 0
         for mean, logvar in self.source.iter_moments(1024, indices=indices, shuffle=False):
-            z = _posterior_draws(mean, logvar, self.norm, gen, self.device)
+            z = posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
             total += float(-self.energy(z).double().sum())
             count += len(z)
         return total / max(1, count)
@@ -1038,7 +1028,7 @@ class _Trainer:
         if self._fd_reference is None:
             gen = torch.Generator(device=self.device).manual_seed(c.seed + SEEDS.eval_heldout_draws)
             repeats = max(1, round(c.fd_samples / max(1, len(self.eval_val_idx))))
-            parts = [_posterior_draws(mean, logvar, self.norm, gen, self.device).flatten(1).cpu()
+            parts = [posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device).flatten(1).cpu()
                      for _ in range(repeats)
                      for mean, logvar in self.source.iter_moments(1024, indices=self.eval_val_idx, shuffle=False)]
             self._fd_reference = torch.cat(parts)
@@ -1207,7 +1197,7 @@ class _Trainer:
         c = self.config
         self._set_learning_rates()
         mean, logvar = stream.next()
-        z_pos = _posterior_draws(mean, logvar, self.norm, self.generator, self.device)
+        z_pos = posterior_draw(mean, logvar, self.generator, normalization=self.norm, device=self.device)
         n = len(z_pos)
         if self.state.step < self.state.warmup_steps:
             return self._warmup_step(z_pos)

@@ -190,6 +190,20 @@ def fingerprint_module(module: torch.nn.Module, config_hash: str = "") -> str:
     return h.hexdigest()[:16]
 
 
+def posterior_draw(mean: torch.Tensor, logvar: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                   normalization: LatentNormalization | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """One reparameterised draw z = μ + exp(logvar / 2)·ε, ε ~ N(0, I), shape of `mean`; the means themselves
+    when logvar is None (a deterministic encoder). normalization: raw moments in, a draw in normalized space
+    out; device: where the moments go first (and ε is drawn, with `generator`)."""
+    if device is not None:
+        mean, logvar = mean.to(device), None if logvar is None else logvar.to(device)
+    if normalization is not None:
+        mean, logvar = normalization.normalize(mean), None if logvar is None else normalization.normalize_logvar(logvar)
+    if logvar is None:
+        return mean
+    return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
 @dataclass
 class Posterior:
     """Posterior moments from an encoder, in raw latent space.
@@ -203,11 +217,8 @@ class Posterior:
     logvar: torch.Tensor | None = None
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reparameterised draw z = mean + exp(logvar / 2) * eps, shape of `mean`."""
-        if self.logvar is None:
-            return self.mean
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps
+        """One reparameterised draw z = mean + exp(logvar / 2) * eps, shape of `mean` (`posterior_draw`)."""
+        return posterior_draw(self.mean, self.logvar, generator)
 
 
 class VAEAdapter(abc.ABC):
