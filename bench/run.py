@@ -304,12 +304,13 @@ def heldout_images(lset: LatentSet) -> torch.Tensor:
 
 def _memory_source(lset: LatentSet) -> tuple[Any, np.ndarray, np.ndarray]:
     """The set's train + held-out moments as one in-memory source, with (train, held-out) indices."""
-    from latent_prior.evaluate import MemorySource
+    from latent_prior.cache import EncodedLatents
 
     mean = torch.cat([lset.train_mean, lset.heldout_mean]).float()
     logvar = torch.cat([lset.train_logvar, lset.heldout_logvar]).float()
-    data_dims = 3 * 32 * 32 if _is_spatial(lset) else 64  # the pixels the VAE encoded (bits per data dim)
-    source = MemorySource(f"<{lset.name}>", mean, logvar, lset.normalization, None, data_dims)
+    # the pixels the VAE encoded (bits per data dim): 3×32×32 photos or digits, 1×8×8 flat digits
+    images = {"image_channels": 3, "resolution": 32} if _is_spatial(lset) else {"image_channels": 1, "resolution": 8}
+    source = EncodedLatents(mean, logvar, normalization=lset.normalization, description=f"<{lset.name}>", manifest=images)
     n_train = len(lset.train_mean)
     return source, np.arange(n_train), np.arange(n_train, len(mean))
 

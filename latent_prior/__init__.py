@@ -18,7 +18,7 @@ from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, Posterior, VAEAdapter, VAEProvenance
 
 # The trainer and the prior pull in accelerate and the networks: import them on first use only.
-_LAZY = {"fit": "latent_prior.api", "encode_latents": "latent_prior.api", "EncodedLatents": "latent_prior.api",
+_LAZY = {"fit": "latent_prior.api", "encode_latents": "latent_prior.api", "EncodedLatents": "latent_prior.cache",
          "FitConfig": "latent_prior.train", "LatentPrior": "latent_prior.prior", "open_latents": "latent_prior.cache"}
 
 

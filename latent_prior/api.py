@@ -24,13 +24,14 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union
 
 import numpy as np
 import torch
 
+from latent_prior.cache import EncodedLatents
 from latent_prior.errors import LatentPriorError
-from latent_prior.vae import LatentNormalization, VAEAdapter
+from latent_prior.vae import VAEAdapter
 
 if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
@@ -48,102 +49,6 @@ PIXEL_LIMIT = 1.5
 ImageInput = Union[torch.Tensor, Iterable[Any], str, os.PathLike]
 #: Keys under which a dict batch from a DataLoader may carry its images.
 IMAGE_KEYS = ("image", "images", "pixel_values")
-
-# ----------------------------------------------------------------------------------------------
-# encoded latents held in memory
-
-
-class EncodedLatents:
-    """Posterior moments held in memory, with the VAE's normalization and provenance: a `LatentSource`
-    that `fit` and `latent_prior.train.fit` accept like a cache folder.
-
-    mean:   (N, *latent_shape) float32, raw latent space (what the encoder emits)
-    logvar: (N, *latent_shape) float32, or None for a deterministic encoder (then `deterministic`)
-    normalization: the VAE's `LatentNormalization` (identity when None)
-    provenance: the VAE's `VAEProvenance.to_dict()`, or None when unknown
-    manifest: facts about the images ({"count", "image_channels", "image_size", "resolution" when square})
-
-    `save(path)` writes one .safetensors file (`mean`, `logvar`, normalization and provenance in its
-    metadata) that `latent_prior.open_latents` and `latent-prior fit --latents` read back.
-    """
-
-    def __init__(
-        self,
-        mean: torch.Tensor,
-        logvar: torch.Tensor | None = None,
-        *,
-        normalization: LatentNormalization | None = None,
-        provenance: dict[str, Any] | None = None,
-        manifest: dict[str, Any] | None = None,
-        description: str | None = None,
-    ) -> None:
-        if not isinstance(mean, torch.Tensor) or mean.dim() < 2 or mean.shape[0] < 1:
-            got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
-            raise LatentPriorError(f"EncodedLatents: mean has shape {got}; pass posterior means as (N, *latent_shape).")
-        if logvar is not None and tuple(logvar.shape) != tuple(mean.shape):
-            raise LatentPriorError(f"EncodedLatents: logvar {tuple(logvar.shape)} and mean {tuple(mean.shape)} must have the same shape.")
-        self.mean = mean.detach().to("cpu", torch.float32).contiguous()
-        self.logvar = None if logvar is None else logvar.detach().to("cpu", torch.float32).contiguous()
-        self.latent_shape: tuple[int, ...] = tuple(self.mean.shape[1:])
-        self.normalization = normalization or LatentNormalization()
-        self.provenance = provenance
-        self.deterministic = self.logvar is None
-        self.manifest = dict(manifest or {})
-        self.path = description or f"<{len(self.mean)} latents {self.latent_shape} in memory>"
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __repr__(self) -> str:
-        source = (self.provenance or {}).get("source")
-        return (f"EncodedLatents(items={len(self)}, latent_shape={self.latent_shape}, deterministic={self.deterministic}"
-                + (f", vae={source!r}" if source else "") + ")")
-
-    def read(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Items `indices` -> (mean, logvar | None), each (len(indices), *latent_shape) float32."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise LatentPriorError(f"EncodedLatents.read: indices must lie in [0, {len(self)}); got {int(idx.min())}..{int(idx.max())}.")
-        return self.mean[idx], None if self.logvar is None else self.logvar[idx]
-
-    def iter_moments(self, batch_size: int, *, indices: Sequence[int] | np.ndarray | None = None, shuffle: bool = True,
-                     seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                     with_indices: bool = False) -> Iterator[tuple]:
-        """One epoch of (mean, logvar | None) batches, with the semantics of `LatentSource.iter_moments`:
-        the order is a permutation seeded by (seed, epoch), cut into global batches of
-        batch_size * world_size of which rank r takes the r-th slice; the last partial global batch is
-        dropped with `drop_last`, otherwise split across ranks. with_indices: yield (indices, mean, logvar)."""
-        items = np.arange(len(self)) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
-        if shuffle:
-            items = items[np.random.default_rng([int(seed), int(epoch)]).permutation(len(items))]
-        global_batch = batch_size * world_size
-        full = len(items) // global_batch * global_batch
-        shares = [items[g + rank * batch_size: g + (rank + 1) * batch_size] for g in range(0, full, global_batch)]
-        if full < len(items) and not drop_last:
-            share = np.array_split(items[full:], world_size)[rank]
-            if len(share):
-                shares.append(share)
-        for share in shares:
-            mean, logvar = self.read(share)
-            yield (torch.from_numpy(share.copy()), mean, logvar) if with_indices else (mean, logvar)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write `mean` (and `logvar`) to one .safetensors file, with the normalization and provenance as
-        JSON metadata, so `open_latents(path)` / `latent-prior fit --latents path` see the same latents."""
-        import json
-
-        from latent_prior.files import atomic_save_safetensors
-
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise LatentPriorError(f"EncodedLatents.save({str(path)!r}): the file name must end in .safetensors.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"mean": self.mean} if self.logvar is None else {"mean": self.mean, "logvar": self.logvar}
-        metadata = {"normalization": json.dumps(self.normalization.to_dict()), "manifest": json.dumps(self.manifest)}
-        if self.provenance:
-            metadata["provenance"] = json.dumps(self.provenance)
-        return atomic_save_safetensors(tensors, path, metadata)
-
 
 # ----------------------------------------------------------------------------------------------
 # images -> latents

@@ -56,10 +56,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from latent_prior.cache import EncodedLatents
+from latent_prior.cache import data_dims as latent_data_dims  # the name `data_dims` is a local figure here
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, VAEAdapter, posterior_draw
 
-__all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS", "MemorySource"]
+__all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "EvalConfig", "run_eval", "METHODS"]
 
 #: method -> row label. "sampler" is accepted as another name for "evalp".
 METHODS: dict[str, str] = {
@@ -128,14 +130,6 @@ def draws_of_items(source: Any, indices: np.ndarray, normalization: LatentNormal
     return torch.cat(out)
 
 
-def _data_dims(source: Any) -> int | None:
-    """Pixels × channels of the encoded images when the cache records them (for bits per data dim)."""
-    manifest = getattr(source, "manifest", None) or {}
-    if manifest.get("resolution") and manifest.get("image_channels"):
-        return int(manifest["image_channels"]) * int(manifest["resolution"]) ** 2
-    return getattr(source, "data_dims", None)
-
-
 def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, batch_size: int = 1024) -> dict[str, Any]:
     """ELBO gain E_{q(z|x)}[−E(z)] − log Ẑ of the items `indices` of `source`, one posterior draw each,
     streamed `batch_size` items at a time (`latent_prior.sampling.elbo_gain` per batch, combined).
@@ -163,7 +157,7 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
                     logvar = norm.normalize_logvar(logvar.float()).to(prior.device, prior.dtype)
                 deterministic = deterministic or logvar is None
                 part = elbo_gain(prior.energy_net, mean, logvar, prior.log_z, generator=generator, batch_size=batch_size,
-                                 data_dims=_data_dims(source))
+                                 data_dims=latent_data_dims(source))
                 n, m = part["num_items"], part["gain_nats"]
                 sd = part["std_err_nats"] * math.sqrt(n) if n > 1 else 0.0
                 count, total, total_sq = count + n, total + n * m, total_sq + (n - 1) * sd**2 + n * m**2
@@ -173,7 +167,7 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
         raise LatentPriorError("the ELBO gain needs at least one latent.")
     mean_gain = total / count
     variance = (total_sq - count * mean_gain**2) / (count - 1) if count > 1 else float("nan")
-    dims, data_dims = part["latent_dims"], _data_dims(source)
+    dims, data_dims = part["latent_dims"], latent_data_dims(source)
     return {
         **part,
         "gain_nats": mean_gain,
@@ -590,26 +584,6 @@ class EvalConfig:
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
-class MemorySource:
-    """Encoded --data latents held in memory, with the `LatentSource` attributes `latent_report` uses."""
-
-    def __init__(self, path: str, mean: torch.Tensor, logvar: torch.Tensor | None, normalization: LatentNormalization,
-                 provenance: dict[str, Any] | None, data_dims: int) -> None:
-        self.path, self.mean, self.logvar = path, mean, logvar
-        self.latent_shape = tuple(mean.shape[1:])
-        self.normalization, self.provenance = normalization, provenance
-        self.deterministic = logvar is None
-        self.manifest = None
-        self.data_dims = data_dims
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def read(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return self.mean[idx], None if self.logvar is None else self.logvar[idx]
-
-
 def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     if not a or not b:
         return False
@@ -711,7 +685,7 @@ def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, named: 
 
 
 def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32,
-                  quiet: bool = False) -> MemorySource:
+                  quiet: bool = False) -> EncodedLatents:
     """Encode every image under `data` at `resolution` px into posterior moments held in memory (raw space)."""
     from tqdm.auto import tqdm
 
@@ -737,8 +711,9 @@ def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int,
     mean = torch.cat(means)
     if not torch.isfinite(mean).all() or (logvars and not torch.isfinite(torch.cat(logvars)).all()):
         raise LatentPriorError(f"--data {data}: the VAE gave NaN/inf latents; try --dtype fp32.")
-    return MemorySource(str(data), mean, torch.cat(logvars) if logvars else None, adapter.normalization,
-                         adapter.provenance.to_dict(), adapter.image_channels * resolution**2)
+    return EncodedLatents(mean, torch.cat(logvars) if logvars else None, normalization=adapter.normalization,
+                          provenance=adapter.provenance.to_dict(), description=str(data),
+                          manifest={"count": len(mean), "image_channels": adapter.image_channels, "resolution": resolution})
 
 
 # ----------------------------------------------------------------------------------------------

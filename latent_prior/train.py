@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws
+from latent_prior.cache import data_dims as latent_data_dims
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError, RunFailed
 from latent_prior.files import atomic_write, atomic_write_json
@@ -294,50 +295,13 @@ def _check_config(config: FitConfig) -> None:
 # data
 
 
-class _TensorSource:
-    """An in-memory stand-in for `latent_prior.cache.LatentSource`, for `fit(tensor_of_means)`."""
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor | None = None) -> None:
-        if not isinstance(mean, torch.Tensor) or mean.dim() < 2 or mean.shape[0] < 1:
-            got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
-            raise LatentPriorError(f"latents tensor has shape {got}; pass posterior means as (N, *latent_shape).")
-        self.mean = mean.detach().to("cpu", torch.float32).contiguous()
-        self.logvar = None if logvar is None else logvar.detach().to("cpu", torch.float32).contiguous()
-        bad = ~torch.isfinite(self.mean.reshape(len(self.mean), -1))
-        if bad.any():
-            first = int(torch.nonzero(bad.any(dim=1))[0, 0])
-            raise LatentPriorError(f"latents tensor holds {int(bad.sum())} non-finite values (NaN or inf), first at item {first}; drop or fix them.")
-        self.latent_shape = tuple(self.mean.shape[1:])
-        self.normalization = LatentNormalization()
-        self.provenance = None
-        self.deterministic = self.logvar is None
-        self.path = f"<tensor {tuple(self.mean.shape)}>"
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def read(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return self.mean[idx], None if self.logvar is None else self.logvar[idx]
-
-    def iter_moments(self, batch_size: int, *, indices: Any = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                     rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[tuple]:
-        items = np.arange(len(self)) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
-        if shuffle:
-            items = items[np.random.default_rng([int(seed), int(epoch)]).permutation(len(items))]
-        global_batch = batch_size * world_size
-        full = len(items) // global_batch * global_batch
-        for g in range(0, full, global_batch):
-            yield self.read(items[g + rank * batch_size: g + (rank + 1) * batch_size])
-        if full < len(items) and not drop_last:
-            share = np.array_split(items[full:], world_size)[rank]
-            if len(share):
-                yield self.read(share)
-
-
 def _open_source(latents: Any) -> Any:
     if isinstance(latents, torch.Tensor):
-        return _TensorSource(latents)
+        from latent_prior.cache import EncodedLatents
+
+        if latents.dim() < 2 or latents.shape[0] < 1:
+            raise LatentPriorError(f"latents tensor has shape {tuple(latents.shape)}; pass posterior means as (N, *latent_shape).")
+        return EncodedLatents(latents, description=f"<tensor {tuple(latents.shape)}>")
     if isinstance(latents, (str, os.PathLike)):
         from latent_prior.cache import open_latents
 
@@ -1371,9 +1335,8 @@ class _Trainer:
         }
         summary["heldout_gain_bits_per_latent_dim"] = summary["heldout_gain_nats"] / (summary["latent_dims"] * math.log(2))
         # The usual ELBO bits/dim divides by the image's dimensions, known when the cache records them.
-        manifest = getattr(self.source, "manifest", None) or {}
-        if manifest.get("resolution") and manifest.get("image_channels"):
-            data_dims = int(manifest["image_channels"]) * int(manifest["resolution"]) ** 2
+        data_dims = latent_data_dims(self.source)
+        if data_dims is not None:
             summary["data_dims"] = data_dims
             summary["heldout_gain_bits_per_data_dim"] = summary["heldout_gain_nats"] / (data_dims * math.log(2))
         if self.is_main and result["ess_fraction"] < self.config.min_ess_fraction:

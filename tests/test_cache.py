@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latent_prior.cache import FORMAT_VERSION, CacheWriter, LatentSource, open_latents, shard_name
+from latent_prior.cache import FORMAT_VERSION, CacheWriter, EncodedLatents, LatentSource, open_latents, shard_name
 from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization
 
@@ -257,6 +257,20 @@ def test_iter_moments_indices_drop_last_and_with_indices(big_source):
     assert len(dropped) == 103 // 16 and all(len(m) == 8 for m, _ in dropped)
     with pytest.raises(LatentPriorError, match="rank"):
         next(big_source.iter_moments(4, rank=2, world_size=2))
+
+
+def test_in_memory_latents_shard_like_the_cache_and_refuse_non_finite_values(big_source):
+    mean, logvar = big_source.read(range(len(big_source)))
+    memory = EncodedLatents(mean, logvar)
+    for rank in range(2):  # unshuffled, both orders are 0..102, so both must give the same batches to each rank
+        for drop_last in (False, True):
+            ours = [_item_ids(m) for m, _ in memory.iter_moments(8, shuffle=False, rank=rank, world_size=2, drop_last=drop_last)]
+            cache = [_item_ids(m) for m, _ in big_source.iter_moments(8, shuffle=False, rank=rank, world_size=2, drop_last=drop_last)]
+            assert ours == cache
+    broken = mean.clone()
+    broken[17, 0, 0, 0] = float("nan")
+    with pytest.raises(LatentPriorError, match=r"<mine>: 1 non-finite values \(NaN or inf\) in `mean`, first at item 17"):
+        EncodedLatents(broken, description="<mine>")
 
 
 def test_iter_moments_streams_in_bounded_reads(big_source, monkeypatch):
