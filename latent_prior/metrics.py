@@ -15,8 +15,8 @@ space, so they are cheap and need no decoder or Inception network.
 
 Prior holes, measured directly:
 
-* `hole_share`: the share of prior samples whose aggregate-posterior density (a `GMMPrior` or a
-  `GaussianKDE` fitted on training posterior draws) is below the 1st percentile of the held-out
+* `hole_share`: the share of prior samples whose aggregate-posterior density (a `GMMPrior` fitted
+  on training posterior draws, or a density the caller fitted) is below the 1st percentile of the held-out
   posterior draws' own density.
 * `c2st_auc`: a classifier two-sample test, the cross-validated ROC AUC of a small torch classifier
   telling prior samples from held-out latents (0.5 = indistinguishable); `auc_by_ranks` is its AUC.
@@ -24,7 +24,6 @@ Prior holes, measured directly:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -203,113 +202,6 @@ def precision_recall_knn(real: Any, fake: Any, k: int = 3) -> PrecisionRecall:
 # Prior holes: aggregate-posterior density of the prior's samples
 
 
-#: Bandwidth factors tried by cross-validation, as multiples of Scott's factor (log-spaced).
-CV_FACTORS = tuple(float(f) for f in np.geomspace(1 / 64, 2.0, 29))
-#: Reference points held out (one at a time) to score each bandwidth under cross-validation.
-CV_QUERIES = 1000
-#: Above this many dims `hole_share(density="kde")` warns that a KDE is the wrong estimator.
-KDE_MAX_DIMS = 32
-
-
-class GaussianKDE:
-    """Gaussian kernel density estimate with a full bandwidth matrix H = h² Σ (Σ = the reference
-    covariance, as scipy.stats.gaussian_kde), log-densities in float64 via logsumexp, CHUNK query
-    rows at a time (memory O(CHUNK · N_reference)).
-
-    bandwidth: "scott" (h = n^(−1/(D+4)), scipy's default: right for one Gaussian blob, but it
-    over-smooths multimodal data, filling the very gaps between modes a hole measure looks for);
-    "cv" (the default: h maximizes the leave-one-out log-likelihood of up to CV_QUERIES reference
-    points against all others, over CV_FACTORS × Scott's h); or a positive float h.
-    Leave-one-out assumes independent reference points: several posterior draws of one image sit
-    close together and make it pick too small an h, so pass one draw per image when the encoder is
-    nearly deterministic.
-
-    In high dimension (say D ≥ 30, and certainly the 256 dims of a 4×8×8 latent) a KDE says little:
-    pairwise distances concentrate, the estimate is dominated by the nearest reference point and
-    its level sets follow the sample rather than the distribution. Use `GMMPrior` there.
-
-    After `fit`: `factor_` (h), `bandwidth_method_`, `cv_log_likelihood_` (mean nats per held-out
-    point, per factor tried, "cv" only), `n_`, `dims_`.
-    """
-
-    def __init__(self, bandwidth: str | float = "cv", *, seed: int = 0) -> None:
-        if isinstance(bandwidth, str):
-            if bandwidth not in ("cv", "scott"):
-                raise LatentPriorError(f"bandwidth={bandwidth!r}: choose 'cv', 'scott' or a positive number.")
-        elif isinstance(bandwidth, bool) or not (isinstance(bandwidth, (int, float)) and np.isfinite(bandwidth) and bandwidth > 0):
-            raise LatentPriorError(f"bandwidth={bandwidth!r}: choose 'cv', 'scott' or a positive number.")
-        self.bandwidth, self.seed = bandwidth, int(seed)
-        self.factor_: float | None = None
-        self.bandwidth_method_: str | None = None
-        self.cv_log_likelihood_: list[float] = []
-
-    def fit(self, reference: Any) -> "GaussianKDE":
-        """reference: (N, *shape) latents, N > D (the covariance must be invertible). Returns self."""
-        x = _rows(reference, "reference")
-        n, d = x.shape
-        if n <= d:
-            raise LatentPriorError(f"reference has {n} latents of {d} dims; a KDE needs more latents than dims (or use density='gmm').")
-        cov = torch.atleast_2d(torch.cov(x.T))
-        # Collapsed dims would make Σ singular; a ridge of 1e-10 × the mean variance keeps the
-        # density finite there (and samples off that subspace land in holes, as they should).
-        ridge = 1e-10 * float(cov.diagonal().mean().clamp_min(1e-300))
-        chol, info = torch.linalg.cholesky_ex(cov + ridge * torch.eye(d, dtype=cov.dtype))
-        if info.item() != 0:
-            raise LatentPriorError(f"reference: its covariance over {d} dims is singular even after a ridge; pass more (or less degenerate) latents than dims.")
-        self._chol, self._mean = chol, x.mean(0)
-        self._white = self._whiten(x)  # kernel centres in whitened coordinates
-        self.n_, self.dims_ = n, d
-        scott = n ** (-1.0 / (d + 4))
-        if isinstance(self.bandwidth, str) and self.bandwidth == "cv":
-            self.factor_ = self._cross_validate(scott)
-            self.bandwidth_method_ = "cv"
-        elif self.bandwidth == "scott":
-            self.factor_, self.bandwidth_method_ = scott, "scott"
-        else:
-            self.factor_, self.bandwidth_method_ = float(self.bandwidth), "fixed"
-        return self
-
-    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve_triangular(self._chol, (x - self._mean).T, upper=False).T
-
-    def _log_norm(self, h: float, n_centres: int) -> float:
-        """log of the normalizer 1 / (n · (2π)^(D/2) · h^D · |Σ|^½)."""
-        half_log_det = float(torch.log(self._chol.diagonal()).sum())
-        return -np.log(n_centres) - 0.5 * self.dims_ * np.log(2 * np.pi) - self.dims_ * np.log(h) - half_log_det
-
-    def _cross_validate(self, scott: float) -> float:
-        n = self.n_
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: min(CV_QUERIES, n)]
-        factors = [scott * f for f in CV_FACTORS]
-        totals = torch.zeros(len(factors), dtype=torch.float64)
-        for rows in pick.split(CHUNK):
-            d2 = _sq_dists(self._white[rows], self._white)
-            d2[torch.arange(len(rows)), rows] = float("inf")  # leave each query's own point out
-            for i, h in enumerate(factors):
-                totals[i] += (torch.logsumexp(-0.5 * d2 / h**2, dim=1) + self._log_norm(h, n - 1)).sum()
-        self.cv_log_likelihood_ = (totals / len(pick)).tolist()
-        best = int(totals.argmax())
-        if best in (0, len(factors) - 1):
-            warnings.warn(
-                f"GaussianKDE: the cross-validated bandwidth sits at the edge of the grid ({CV_FACTORS[best]:g} × Scott's); "
-                "the reference may hold duplicate points (several draws per image) or too few points for its dims.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return factors[best]
-
-    def log_prob(self, z: Any) -> torch.Tensor:
-        """(N, *shape) -> (N,) float64 log-density in nats."""
-        if self.factor_ is None:
-            raise LatentPriorError("GaussianKDE is not fitted yet; call .fit(reference) first.")
-        q = _rows(z, "z", min_rows=1)
-        if q.shape[1] != self.dims_:
-            raise LatentPriorError(f"z has {q.shape[1]} dims per sample but the KDE was fitted on {self.dims_}; pass latents of one shape.")
-        white, h = self._whiten(q), self.factor_
-        out = [torch.logsumexp(-0.5 * _sq_dists(block, self._white) / h**2, dim=1) for block in white.split(CHUNK)]
-        return torch.cat(out) + self._log_norm(h, self.n_)
-
-
 def hole_share(
     samples: Any,
     heldout: Any,
@@ -317,7 +209,6 @@ def hole_share(
     *,
     density: Any = "gmm",
     percentile: float = 1.0,
-    bandwidth: str | float = "cv",
     n_components: int = 10,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -332,48 +223,35 @@ def hole_share(
     of samples with log q̂(sample) < t. A prior that matches the aggregate posterior gives ≈ 0.01;
     one that puts mass between or outside the posterior's modes gives more, up to 1.
 
-    density: "gmm" (default; `GMMPrior(n_components, seed=seed)` fitted by EM on the reference,
-    the estimator to use for latents of more than a few dozen dims, e.g. 256), "kde" (a
-    `GaussianKDE(bandwidth)`, best in low dimension; see its docstring for why not in 256-D), or
-    any object with `log_prob(z (N, D)) -> (N,) nats` already fitted on the reference (reference
-    may then be None).
+    density: "gmm" (default; `GMMPrior(n_components, seed=seed)` fitted by EM on the reference; a
+    kernel density estimate would follow the sample, not the distribution, in the 256 dims of a
+    4×8×8 latent), or any object with `log_prob(z (N, D)) -> (N,) nats` already fitted on the
+    reference (reference may then be None).
 
     Returns a dict: share, share_se (binomial standard error of the share), heldout_share (the
     held-out fraction below t, ≈ percentile/100), threshold_nats, percentile, n_samples,
-    n_heldout, n_reference, density ("gmm", "kde" or the object's class name), and for a KDE
-    bandwidth_method and bandwidth_factor, for a GMM n_components.
+    n_heldout, n_reference, density ("gmm" or the object's class name), and for "gmm" n_components.
     """
     s, h = _pair(samples, heldout, ("samples", "heldout"))
     if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0 < percentile < 100):
         raise LatentPriorError(f"percentile={percentile!r}: pass a number between 0 and 100 (1 means the 1st percentile).")
     info: dict[str, Any] = {}
     if isinstance(density, str):
-        if density not in ("gmm", "kde"):
-            raise LatentPriorError(f"density={density!r}: choose 'gmm', 'kde', or pass a fitted object with log_prob.")
+        if density != "gmm":
+            raise LatentPriorError(f"density={density!r}: choose 'gmm', or pass a fitted object with log_prob.")
         if reference is None:
             raise LatentPriorError(f"reference is None: pass training posterior draws to fit the {density} density on.")
         r, _ = _pair(reference, h, ("reference", "heldout"))
-        if density == "kde":
-            if r.shape[1] > KDE_MAX_DIMS:
-                warnings.warn(
-                    f"hole_share: a kernel density estimate in {r.shape[1]} dims follows the sample, not the distribution; "
-                    "use density='gmm' for latents of more than a few dozen dims.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            estimator: Any = GaussianKDE(bandwidth, seed=seed).fit(r)
-            info.update(bandwidth_method=estimator.bandwidth_method_, bandwidth_factor=estimator.factor_)
-        else:
-            from latent_prior.baselines import GMMPrior  # metrics stay importable without it
+        from latent_prior.baselines import GMMPrior  # metrics stay importable without it
 
-            estimator = GMMPrior(n_components=n_components, seed=seed).fit(r)
-            info.update(n_components=n_components)
+        estimator: Any = GMMPrior(n_components=n_components, seed=seed).fit(r)
+        info.update(n_components=n_components)
         name, n_reference = density, len(r)
     elif callable(getattr(density, "log_prob", None)):
         estimator, name = density, type(density).__name__
         n_reference = None if reference is None else len(_rows(reference, "reference"))
     else:
-        raise LatentPriorError(f"density={density!r}: choose 'gmm', 'kde', or pass a fitted object with log_prob.")
+        raise LatentPriorError(f"density={density!r}: choose 'gmm', or pass a fitted object with log_prob.")
     if isinstance(density, str):
         log_s, log_h = estimator.log_prob(s), estimator.log_prob(h)
     else:  # a user's prior expects its own latent shape and (float32) dtype
@@ -426,7 +304,7 @@ C2ST_MLP_LR = 1e-2
 C2ST_MLP_WIDTH = 32
 
 
-def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, seed: int) -> torch.Tensor:
     """Trains one classifier per fold, all folds at once, and returns every point's logit under each.
 
     x (F, N, D'): all points' features, standardized with fold f's training statistics; y (N,) labels in
@@ -434,8 +312,7 @@ def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, kind: st
     loss is a sum over folds, so this is F independent fits done as batched matmuls (one optimizer
     step for all folds, which is what keeps the MLP fast on a CPU). Returns (F, N) logits.
 
-    logistic: w, b fitted by LBFGS (float64) on BCE + 1e-4‖w‖² (finite weights on separable data).
-    mlp: D' → C2ST_MLP_WIDTH → 1 with SiLU, nn.Linear-style uniform init, full-batch AdamW
+    The MLP: D' → C2ST_MLP_WIDTH → 1 with SiLU, nn.Linear-style uniform init, full-batch AdamW
     (lr C2ST_MLP_LR, weight decay 1e-3) for C2ST_MLP_STEPS steps, float32.
     """
     folds, _, d = x.shape
@@ -446,21 +323,6 @@ def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, kind: st
         labels, weights = y.to(logits.dtype).expand_as(logits), weight.to(logits.dtype)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         return (bce * weights).sum()
-
-    if kind == "logistic":
-        w = torch.zeros(folds, d, 1, dtype=x.dtype, requires_grad=True)
-        b = torch.zeros(folds, 1, 1, dtype=x.dtype, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_of(torch.baddbmm(b, x, w).squeeze(2)) + 1e-4 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            return torch.baddbmm(b, x, w).squeeze(2)
 
     def layer(fan_in: int, fan_out: int) -> list[torch.Tensor]:
         bound = 1.0 / fan_in**0.5
@@ -487,7 +349,7 @@ def _fold_logits(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, kind: st
         return forward(xf)
 
 
-def c2st_auc(samples: Any, heldout: Any, *, classifier: str = "mlp", folds: int = 5, seed: int = 0) -> dict[str, Any]:
+def c2st_auc(samples: Any, heldout: Any, *, folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Classifier two-sample test: how well a classifier tells prior samples from held-out latents.
 
     samples: (Ns, *shape) the prior's draws; heldout: (Nh, *shape) held-out posterior draws. The
@@ -497,23 +359,20 @@ def c2st_auc(samples: Any, heldout: Any, *, classifier: str = "mlp", folds: int 
     (AUC < 0.5 happens only by chance). Inputs are standardized with the training part's mean and
     std, and the classifier sees each standardized coordinate u and its square u² − 1.
 
-    classifier: "mlp" (default: one hidden layer of C2ST_MLP_WIDTH SiLU units, full-batch AdamW,
-    C2ST_MLP_STEPS steps; also sees shape, e.g. two modes where the other set has one with the
-    same mean and variance) or "logistic" (LBFGS, float64: a diagonal quadratic discriminant that
-    sees differences in mean and per-dim spread; faster). Torch only, on the CPU, all folds trained
+    The classifier is an MLP (one hidden layer of C2ST_MLP_WIDTH SiLU units, full-batch AdamW,
+    C2ST_MLP_STEPS steps), which sees shape too, e.g. two modes where the other set has one with the
+    same mean and variance. Torch only, on the CPU, all folds trained
     together as batched matmuls; deterministic for a given seed. Threads: the tiny matmuls gain
     nothing from intra-op threads, and on a busy machine they lose a lot (torch.set_num_threads(1)).
     Cost grows as folds × n × D: ≈ 1 s for 2000 × 8-D and a few seconds for 3000 × 256-D on one core.
 
     Returns a dict: auc (mean over folds), auc_std (std over folds), fold_aucs, n_per_class,
     classifier, folds. Noise: when both sets share a distribution, the mean AUC for n = 1000 per
-    class (8-D) varied over 12 seeds with sd 0.025 (logistic) and 0.015 (mlp), 1–2× the
+    class (8-D) varied over 12 seeds with sd 0.015, 1–2× the
     Mann–Whitney null sd √((2n + 1) / (12 n²)) = 0.013, as the folds' classifiers share their
     training points; it shrinks as 1/√n.
     """
     s, h = _pair(samples, heldout, ("samples", "heldout"))
-    if classifier not in ("mlp", "logistic"):
-        raise LatentPriorError(f"classifier={classifier!r}: choose 'mlp' or 'logistic'.")
     n = min(len(s), len(h))
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2 or folds > n // 2:
         raise LatentPriorError(f"folds={folds!r}: pass an integer from 2 to {n // 2} (each fold needs ≥ 2 points per class).")
@@ -535,7 +394,7 @@ def c2st_auc(samples: Any, heldout: Any, *, classifier: str = "mlp", folds: int 
     # which sees a prior that is too wide or too narrow (in 256 dims a 1.1× scale gives AUC ≈ 0.91
     # this way and ≈ 0.5 from x alone, even for the MLP, which cannot learn it from a few thousand points).
     features = torch.cat([standardized, standardized**2 - 1], dim=2)
-    logits = _fold_logits(features, y, train, classifier, seed)
+    logits = _fold_logits(features, y, train, seed)
     aucs = []
     for k in range(folds):
         test = fold_of == k
@@ -545,6 +404,6 @@ def c2st_auc(samples: Any, heldout: Any, *, classifier: str = "mlp", folds: int 
         "auc_std": float(np.std(aucs, ddof=1)),
         "fold_aucs": aucs,
         "n_per_class": n,
-        "classifier": classifier,
+        "classifier": "mlp",
         "folds": folds,
     }
