@@ -430,7 +430,8 @@ SYNTHETIC: dict[str, SyntheticSpec] = {
                              3000, 1000),
     "syn-mix8-d16": SyntheticSpec(_mix8_d16, (16,), 0.05, "16-D: 8 equal, well-separated isotropic modes (std 0.35, ≈ 5 apart)",
                                   "mixture", True),
-    "syn-aniso4-d8": SyntheticSpec(_aniso4_d8, (8,), 0.05, "8-D: 4 anisotropic modes (per-axis stds 0.03-0.7, rotated), weights 0.4/0.3/0.2/0.1",
+    "syn-aniso4-d8": SyntheticSpec(_aniso4_d8, (8,), 0.05, "8-D: 4 anisotropic modes (per-axis stds 0.03-0.7, "
+            "rotated), weights 0.4/0.3/0.2/0.1",
                                    "mixture", True),
     "syn-lowrank12-d32": SyntheticSpec(_lowrank12_d32, (32,), 0.05,
                                        "32-D: 12 rank-3 pancakes (stds 0.4-1.0 along 3 axes, 0.03 across), weights 6:1 geometric",
@@ -442,7 +443,8 @@ SYNTHETIC: dict[str, SyntheticSpec] = {
                                     "16-D: 6 heavy-tailed modes, each a Gaussian scale mixture (stds ×0.6/1/1.8/3.2, 5 % in the widest) "
                                     "of an anisotropic covariance; weights 0.25 … 0.1", "heavy-tailed", True),
     "syn-spiral-d16": SyntheticSpec(_spiral_d16, (16,), 0.05,
-                                    "16-D: a 1.5-turn 2-D spiral embedded by a random rotation, tube std 0.07 (256 components; 8 arcs as regions)",
+                                    "16-D: a 1.5-turn 2-D spiral embedded by a random rotation, tube std 0.07 (256 "
+                                            "components; 8 arcs as regions)",
                                     "manifold", False),
     "syn-knot-d32": SyntheticSpec(_knot_d32, (32,), 0.05,
                                   "32-D: a trefoil knot embedded by a random rotation, tube std 0.08 (384 components; 6 arcs as regions)",

@@ -199,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", default="256,512", help="comma-separated image sizes (256: 4×32×32 latents, 512: 4×64×64)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--images", type=int, default=24, help="photo crops encoded and fitted on (the cost per image and per step is what is measured)")
+    parser.add_argument("--images", type=int, default=24, help="photo crops encoded and fitted on (the cost per image "
+            "and per step is what is measured)")
     parser.add_argument("--encode-batch-size", type=int, default=4, help="images per encoder call")
-    parser.add_argument("--fit-latents", type=int, default=512, help="latents the fit sees: the encoded ones, tiled (the cost does not depend on their values)")
+    parser.add_argument("--fit-latents", type=int, default=512, help="latents the fit sees: the encoded ones, tiled "
+            "(the cost does not depend on their values)")
     parser.add_argument("--batch-size", type=int, default=64, help="latents per fit step (the CPU target is stated at 64)")
     parser.add_argument("--fit-steps", type=int, default=10, help="fit steps, half of them warm-up")
     parser.add_argument("--sample-n", type=int, default=200, help="latents drawn for the sampler rate (SIR: /50, Langevin: /20)")

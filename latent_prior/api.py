@@ -297,7 +297,8 @@ def _not_an_adapter(obj: Any) -> LatentPriorError:
     if isinstance(obj, torch.nn.Module):
         return LatentPriorError(
             f"got a torch module ({name}), not a VAEAdapter; wrap it first: adapter = latent_prior.adapters.wrap(my_vae, "
-            "encode=lambda m, x: ..., decode=lambda m, z: ...) (or latent_prior.adapters.DiffusersKLAdapter(vae) for a diffusers AutoencoderKL)."
+            "encode=lambda m, x: ..., decode=lambda m, z: ...) (or latent_prior.adapters.DiffusersKLAdapter(vae) for "
+                    "a diffusers AutoencoderKL)."
         )
     return LatentPriorError(f"got a {name}, not a VAEAdapter; load one with latent_prior.adapters.load_vae(...) or wrap(...).")
 

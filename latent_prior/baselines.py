@@ -389,7 +389,8 @@ class GMMPrior(BaselinePrior):
         self._check_fitted()
         self._check_sample_args(n, temperature)
         if generator is not None and generator.device.type != "cpu":
-            raise LatentPriorError("GMMPrior.sample: pass a CPU torch.Generator (the mixture lives on the CPU); move the samples afterwards.")
+            raise LatentPriorError("GMMPrior.sample: pass a CPU torch.Generator (the mixture lives on the CPU); move "
+                    "the samples afterwards.")
         components = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
         z = torch.empty_like(eps)

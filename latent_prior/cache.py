@@ -848,11 +848,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"cache {path} is incomplete (no {MANIFEST} yet: the encode was interrupted or is still running); "
                 "rerun `latent-prior encode` with the same arguments to resume it."
             )
-        raise LatentPriorError(f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior encode` or a .safetensors file.")
+        raise LatentPriorError(f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior "
+                "encode` or a .safetensors file.")
     manifest = _read_json(manifest_path, "cache manifest")
     version = manifest.get("format_version")
     if not _is_int(version) or version < 1:
-        raise LatentPriorError(f"{manifest_path}: missing or unknown format_version {version!r}; it was not written by `latent-prior encode`.")
+        raise LatentPriorError(f"{manifest_path}: missing or unknown format_version {version!r}; it was not written "
+                "by `latent-prior encode`.")
     if version > FORMAT_VERSION:
         raise LatentPriorError(
             f"{manifest_path}: cache format {version} is newer than this latent-prior reads ({FORMAT_VERSION}); "
@@ -860,7 +862,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     # Caches written before the checksum existed have none; everything below is still checked for them.
     if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
-        raise LatentPriorError(f"{manifest_path}: was edited after `latent-prior encode` wrote it (its checksum does not match); {_REPAIR}.")
+        raise LatentPriorError(f"{manifest_path}: was edited after `latent-prior encode` wrote it (its checksum does "
+                f"not match); {_REPAIR}.")
 
     def malformed(what: str) -> LatentPriorError:
         return LatentPriorError(f"{manifest_path}: malformed manifest ({what}); {_REPAIR}.")
@@ -889,7 +892,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if listed != expected:
         odd = next((name for name in listed if name not in expected or listed.count(name) > 1), None)
         what = (f"it lists {odd!r}, which is not one of this cache's own shard files" if odd is not None and odd not in expected
-                else f"it lists {odd} twice" if odd is not None else f"it lists {len(listed)} shards instead of {expected[0]} … {expected[-1]}")
+                else f"it lists {odd} twice" if odd is not None else f"it lists {len(listed)} shards instead of "
+                        f"{expected[0]} … {expected[-1]}")
         raise malformed(what)
     if sum(e["count"] for e in shards) != manifest["count"] or manifest["count"] + len(skipped) != manifest["num_files"]:
         raise malformed(f"count {manifest['count']} does not add up with the shards' counts and the skipped files")
@@ -923,7 +927,8 @@ def check_shards(path: Path, manifest: dict[str, Any], *, verify: bool = False) 
         shard = path / entry["file"]
         if not shard.is_file():
             raise LatentPriorError(
-                f"cache {path} is missing {entry['file']}, listed in its manifest; rerun `latent-prior encode` with the same arguments to re-create it."
+                f"cache {path} is missing {entry['file']}, listed in its manifest; rerun `latent-prior encode` with "
+                        "the same arguments to re-create it."
             )
         if shard.is_symlink() or shard.resolve().parent != root:
             # encode never writes links: one would let a cache read (and train on) a file outside its folder.

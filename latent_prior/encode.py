@@ -35,10 +35,14 @@ DEFAULT_USER_RESOLUTION = 256
 class EncodeConfig:
     """`latent-prior encode`: the fields are the CLI flags (`shard_size` <-> `--shard-size`)."""
 
-    vae: str | None = field(default=None, metadata={"help": "VAE to encode with: a hub id, a local save_pretrained or pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE"})
-    data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"})
-    out: str | None = field(default=None, metadata={"help": "cache folder to write (rerun the same command to resume it)", "required": True})
-    resolution: int | None = field(default=None, metadata={"help": "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"})
+    vae: str | None = field(default=None, metadata={"help": "VAE to encode with: a hub id, a local save_pretrained or "
+            "pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE"})
+    data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched "
+            "recursively); leave out for the bundled digits"})
+    out: str | None = field(default=None, metadata={"help": "cache folder to write (rerun the same command to resume "
+            "it)", "required": True})
+    resolution: int | None = field(default=None, metadata={"help": "square image size in pixels (shorter side "
+            "resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"})
     batch_size: int = field(default=8, metadata={"help": "images per encoder call"})
     dtype: str = field(default="fp32", metadata={"help": "precision of the encoder", "choices": ("fp32", "fp16", "bf16")})
     subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})

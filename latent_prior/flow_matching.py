@@ -371,7 +371,8 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
             if not isinstance(logvar, torch.Tensor) or not logvar.is_floating_point():
                 raise LatentPriorError("logvar: pass the posterior log-variances as a floating-point tensor, or None.")
             if logvar.shape != mean.shape:
-                raise LatentPriorError(f"logvar has shape {tuple(logvar.shape)} but mean has {tuple(mean.shape)}; pass moments of one shape.")
+                raise LatentPriorError(f"logvar has shape {tuple(logvar.shape)} but mean has {tuple(mean.shape)}; "
+                        "pass moments of one shape.")
             if not torch.isfinite(logvar).all():
                 raise LatentPriorError("logvar holds NaN or inf values; clean the latents (or the cache) before fitting.")
         return mean, logvar

@@ -81,7 +81,8 @@ def _latent_shape(latent_shape: Sequence[int]) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise LatentPriorError(f"latent_shape={latent_shape!r} is not a sequence of integers; pass e.g. (8,) or (4, 32, 32).") from None
     if not shape or any(s < 1 for s in shape) or any(int(s) != s for s in latent_shape):
-        raise LatentPriorError(f"latent_shape={latent_shape!r} must be a non-empty sequence of positive integers, e.g. (8,) or (4, 32, 32).")
+        raise LatentPriorError(f"latent_shape={latent_shape!r} must be a non-empty sequence of positive integers, "
+                "e.g. (8,) or (4, 32, 32).")
     return shape
 
 
@@ -670,7 +671,8 @@ class Flow(nn.Module):
         μ_k maps to T(μ_k), and each factor L_k to the Cholesky factor of (J L_k)(J L_k)ᵀ, where the columns
         J L_k = T(μ_k + L_k e_i) − T(μ_k) come from one float64 pass of a copy of the flow."""
         if self.base_covariance != "full" or getattr(gmm, "covariance", None) != "full" or gmm.means is None:
-            raise LatentPriorError("Flow.initialize(mixture=...) needs a fitted full-covariance GMMPrior and a flow with base_covariance='full'.")
+            raise LatentPriorError("Flow.initialize(mixture=...) needs a fitted full-covariance GMMPrior and a flow "
+                    "with base_covariance='full'.")
         k, dim = gmm.means.shape
         if dim != self.dim or k > self.base_components:
             raise LatentPriorError(
@@ -895,7 +897,8 @@ class MultiScaleFlow(Flow):
     ) -> None:
         super().__init__(latent_shape, base_components, base_covariance, base_init)
         if len(self.latent_shape) != 3:
-            raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use kind='realnvp' for flat latents.")
+            raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use "
+                    "kind='realnvp' for flat latents.")
         c, h, w = self.latent_shape
         if num_scales is None:
             num_scales = auto_num_scales(h, w)
@@ -994,7 +997,8 @@ def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any
             )
     if kind == "spline":
         if kwargs.get("coupling", "spline") != "spline":
-            raise LatentPriorError(f"kind='spline' conflicts with coupling={kwargs['coupling']!r}; use kind='realnvp' for affine couplings.")
+            raise LatentPriorError(f"kind='spline' conflicts with coupling={kwargs['coupling']!r}; use kind='realnvp' "
+                    "for affine couplings.")
         kind, kwargs = "realnvp", {**kwargs, "coupling": "spline"}
     cls = _FLOW_CLASSES[kind]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "latent_shape"}

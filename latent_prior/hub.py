@@ -68,7 +68,8 @@ def download(repo_id: str, filenames: Sequence[str], *, what: str, subfolder: st
         if local_files_only or offline_mode() or not hub_reachable():
             raise LatentPriorError(
                 f"{what} {repo_id!r} is neither a local folder nor in the local Hugging Face cache ({missing}), and the "
-                f"Hub {'is not to be used (HF_HUB_OFFLINE / local_files_only)' if local_files_only or offline_mode() else 'cannot be reached'}; "
+                "Hub "
+                        f"{'is not to be used (HF_HUB_OFFLINE / local_files_only)' if local_files_only or offline_mode() else 'cannot be reached'}; "
                 f"download it while online (`hf download {repo_id}`) or pass the folder that holds it."
             ) from None
     return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=False)

@@ -27,9 +27,11 @@ __all__ = ["InfoConfig", "run_info", "describe"]
 class InfoConfig:
     """`latent-prior info`: `latent-prior info PATH` is the same as `latent-prior info --path PATH`."""
 
-    path: str | None = field(default=None, metadata={"help": "a latent cache folder, a .safetensors latents file, an exported prior folder, or a run folder of `latent-prior fit`", "required": True, "positional": True, "metavar": "PATH"})
+    path: str | None = field(default=None, metadata={"help": "a latent cache folder, a .safetensors latents file, an "
+            "exported prior folder, or a run folder of `latent-prior fit`", "required": True, "positional": True, "metavar": "PATH"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
-    verify: bool = field(default=False, metadata={"help": "also compare every shard of a cache with the sha256 its manifest recorded (reads all of the cache once; without it only headers are read)"})
+    verify: bool = field(default=False, metadata={"help": "also compare every shard of a cache with the sha256 its "
+            "manifest recorded (reads all of the cache once; without it only headers are read)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +370,8 @@ def _latents_file_lines(d: dict[str, Any]) -> list[str]:
         f"  VAE:           {_vae_text(d.get('provenance'))}",
     ]
     if "method" in d:
-        lines.append(f"  drawn by:      method {d['method']}, seed {d.get('seed')}, temperature {d.get('temperature')} from {d.get('prior')}")
+        lines.append(f"  drawn by:      method {d['method']}, seed {d.get('seed')}, temperature "
+                f"{d.get('temperature')} from {d.get('prior')}")
     lines.append(f"  size on disk:  {_mb(d['size_bytes'])}")
     return lines
 
@@ -394,11 +397,13 @@ def _prior_lines(d: dict[str, Any]) -> list[str]:
         f"  networks:      energy {d['energy'].get('kind')} ({d['energy']['parameters']:,} params), flow "
         f"{d['flow'].get('kind')} ({d['flow']['parameters']:,} params)",
         f"  training:      {t.get('steps')} steps in {_num(t.get('seconds'), '.1f')} s (selected step {t.get('selected_step')}), "
-        f"{t.get('num_train')} training / {t.get('num_validation')} validation latents, {t.get('world_size')} process(es) on {t.get('device')}",
+        f"{t.get('num_train')} training / {t.get('num_validation')} validation latents, {t.get('world_size')} "
+                f"process(es) on {t.get('device')}",
     ]
     if t.get("config"):
         lines.append("  fit config:    " + ", ".join(f"{k}={v}" for k, v in t["config"].items()))
-    lines.append(f"  versions:      format {d.get('format_version')}, latent-prior {d.get('latent_prior_version')}, torch {t.get('torch_version')}")
+    lines.append(f"  versions:      format {d.get('format_version')}, latent-prior {d.get('latent_prior_version')}, "
+            f"torch {t.get('torch_version')}")
     lines.append("  files:         " + ", ".join(f"{name} {_mb(size)}" for name, size in d["files"].items())
                  + (f"; {d['checkpoints']} checkpoint(s)" if d["checkpoints"] else "") + f"; {_mb(d['size_bytes'])} in all")
     return lines

@@ -256,7 +256,8 @@ class LatentPrior(nn.Module):
 
     def _to_module(self, raw_z: torch.Tensor) -> torch.Tensor:
         if not isinstance(raw_z, torch.Tensor):
-            raise LatentPriorError(f"expected a tensor of latents (N, {', '.join(map(str, self.latent_shape))}), got {type(raw_z).__name__}.")
+            raise LatentPriorError(f"expected a tensor of latents (N, {', '.join(map(str, self.latent_shape))}), got "
+                    f"{type(raw_z).__name__}.")
         if tuple(raw_z.shape[1:]) != self.latent_shape or raw_z.dim() != len(self.latent_shape) + 1:
             raise LatentPriorError(
                 f"latents of shape {tuple(raw_z.shape)} do not match this prior's latent shape "
@@ -601,13 +602,15 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         "## Data and fit", "",
         f"- latents: {training.get('latents', 'not recorded')}",
         f"- {summary.get('num_train', '?')} training latents, {summary.get('num_validation', '?')} held out; "
-        f"{summary.get('steps', '?')} steps in {_figure(summary.get('seconds'), '.0f')} s, selected step {summary.get('selected_step', '?')}", "",
+        f"{summary.get('steps', '?')} steps in {_figure(summary.get('seconds'), '.0f')} s, selected step "
+                f"{summary.get('selected_step', '?')}", "",
         "## Held-out figures", "",
         f"- ELBO gain over N(0, I): {_figure(summary.get('heldout_gain_nats'), '+.3f')} nats per latent "
         "(an importance-sampling estimate of log Z: optimistic)",
         f"- latent Fréchet distance of the sampler to held-out posterior draws: {_figure(summary.get('heldout_fd'), '.4f')}; "
         f"k-NN precision {_figure(summary.get('heldout_precision'), '.3f')}",
-        f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS {_figure(100 * ess if isinstance(ess, (int, float)) else None, '.1f')} % of the proposals)",
+        f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS "
+                f"{_figure(100 * ess if isinstance(ess, (int, float)) else None, '.1f')} % of the proposals)",
         "",
     ]
     return "\n".join(lines)
@@ -632,29 +635,44 @@ class SampleConfig:
     """`latent-prior sample`: draw raw latents from an exported prior into a .safetensors file, or decode
     them with --vae into one grid (.png) or one PNG per sample (a folder)."""
 
-    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
+    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of "
+            "`latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
     n: int | None = field(default=None, metadata={"help": "number of latents to draw", "flags": ("-n",), "required": True})
-    out: str | None = field(default=None, metadata={"help": "FILE.safetensors: tensor `latents` (N, *latent_shape) in raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded sample, sample_000000.png, ... (needs --vae)", "required": True})
-    vae: str | None = field(default=None, metadata={"help": "VAE to decode with (hub id, folder, .safetensors, or 'default' for the embedded one): the one the prior was fitted on"})
+    out: str | None = field(default=None, metadata={"help": "FILE.safetensors: tensor `latents` (N, *latent_shape) in "
+            "raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded "
+            "sample, sample_000000.png, ... (needs --vae)", "required": True})
+    vae: str | None = field(default=None, metadata={"help": "VAE to decode with (hub id, folder, .safetensors, or "
+            "'default' for the embedded one): the one the prior was fitted on"})
     dtype: str = field(default="fp32", metadata={"help": "precision of the VAE decoder", "choices": ("fp32", "fp16", "bf16")})
     subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
     decode_batch_size: int = field(default=32, metadata={"help": "latents per decoder call"})
     grid_columns: int | None = field(default=None, metadata={"help": "--out .png: images per grid row (about sqrt(N) when left out)"})
-    scale: int | None = field(default=None, metadata={"help": "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file, or the sample_*.png files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to"})
+    scale: int | None = field(default=None, metadata={"help": "--out .png: enlarge each image this many times, "
+            "nearest neighbour (when left out, enough for tiles of at least 64 px)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file, or the sample_*.png "
+            "files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
+    method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling "
+            "towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     batch_size: int | None = field(default=None, metadata={"help": "latents per chunk (automatic when left out)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampler: scale of the flow's base noise; sir/langevin: temperature of the target"})
+    temperature: float = field(default=1.0, metadata={"help": "sampler: scale of the flow's base noise; sir/langevin: "
+            "temperature of the target"})
     proposals: int | None = field(default=None, metadata={"help": "sir: proposals per sample (100 when left out)"})
     langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
     step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
-    langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, else latent", "choices": ("auto", "latent", "base")})
+    langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the "
+            "coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the "
+            "latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, "
+            "else latent", "choices": ("auto", "latent", "base")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads of the prior's sampling on CPU (0: one, or OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); decoding keeps torch's own count"})
-    allow_finetuned_vae: bool = field(default=False, metadata={"help": "decode with a --vae whose weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents may be distributed differently"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads of the prior's sampling on CPU (0: one, or "
+            "OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); "
+            "decoding keeps torch's own count"})
+    allow_finetuned_vae: bool = field(default=False, metadata={"help": "decode with a --vae whose weights differ from "
+            "the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents "
+            "may be distributed differently"})
 
 
 def load_prior_for(prior_dir: str | os.PathLike, device: torch.device, adapter: VAEAdapter | None = None,

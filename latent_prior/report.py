@@ -150,7 +150,8 @@ def _fit_section(s: dict[str, Any]) -> list[str]:
         f"({_fmt(s['steps'] / s['seconds'] if s.get('seconds') else float('nan'), '.2f')} steps/s), "
         f"{s.get('world_size', 1)} process(es); exported checkpoint: step {s.get('selected_step')} ({s.get('selection', '')})",
         f"- log Ẑ ≈ {_fmt(s.get('log_z'))} nats, an importance-sampling estimate with the sampler as proposal "
-        f"(K = {s.get('log_z_samples')}, ESS {_fmt(s.get('log_z_ess'), '.0f')} = {_fmt(100 * (s.get('log_z_ess_fraction') or float('nan')), '.2f')}%)",
+        f"(K = {s.get('log_z_samples')}, ESS {_fmt(s.get('log_z_ess'), '.0f')} = "
+                f"{_fmt(100 * (s.get('log_z_ess_fraction') or float('nan')), '.2f')}%)",
     ]
     gain = s.get("heldout_gain_nats")
     bits = s.get("heldout_gain_bits_per_data_dim")
@@ -208,7 +209,8 @@ def _markdown(facts: dict[str, Any]) -> str:
         f"- source: `{provenance.get('source')}` ({provenance.get('class_name')}), subfolder {provenance.get('subfolder')!r}, "
         f"revision {provenance.get('revision')!r}",
         f"- config hash `{provenance.get('config_hash')}`, weights fingerprint `{provenance.get('fingerprint')}`",
-        f"- encoder dtype {cache.get('dtype')} (computed in {cache.get('compute_dtype')}), deterministic encoder: {vae.get('deterministic')}",
+        f"- encoder dtype {cache.get('dtype')} (computed in {cache.get('compute_dtype')}), deterministic encoder: "
+                f"{vae.get('deterministic')}",
         f"- normalization: `{json.dumps(vae.get('normalization'))}`",
         f"- data: `{cache.get('data')}`",
         "",

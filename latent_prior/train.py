@@ -189,62 +189,102 @@ class FitConfig:
     `flow_kind`); docs/prior-development.md records the measurements that chose them.
     """
 
-    latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
-    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ (config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
+    latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or "
+            "a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
+    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ "
+            "(config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, "
+            "metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
     steps: int = field(default=2000, metadata={"help": "training steps (one energy update, preceded by the sampler updates, per step)"})
     seed: int = field(default=0, metadata={"help": "random seed (initialization, data order, posterior draws, validation split)"})
-    batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many negatives are drawn from the sampler)"})
-    objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
+    batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many "
+            "negatives are drawn from the sampler)"})
+    objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a "
+            "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
     # -- networks
-    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv for C×H×W latents of more than 1024 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
+    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv for C×H×W latents of more "
+            "than 1024 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
     energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
     energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
     energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
     spectral_norm: bool = field(default=False, metadata={"help": "spectral-normalize the energy's hidden layers"})
-    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (multiscale for C×H×W latents of more than 1024 dimensions, else realnvp), realnvp, spline or multiscale", "choices": ("auto", "realnvp", "spline", "multiscale")})
-    flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per scale (multiscale); the flow's default when left out"})
+    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (multiscale for C×H×W latents of "
+            "more than 1024 dimensions, else realnvp), realnvp, spline or multiscale", "choices": ("auto", "realnvp", "spline", "multiscale")})
+    flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per "
+            "scale (multiscale); the flow's default when left out"})
     flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
-    flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; the flow's default when left out"})
-    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components")})
-    flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); " + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
-    flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans (diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
+    flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
+            "the flow's default when left out"})
+    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "
+            "distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit "
+            "classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the "
+            "held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² "
+            "values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components")})
+    flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's "
+            "components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); "
+            + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
+    flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that "
+            "EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans "
+            "(diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
     # -- the energy's base and the warm-up (None = from --objective)
-    energy_base: str | None = field(default=None, metadata={"help": "flow: E(z) = log p0(z) - log q_base(z) + E_res(z), where q_base is the sampler flow frozen after its maximum-likelihood warm-up, so the energy only corrects what the flow gets wrong; gaussian: E = E_res on top of N(0, I) alone (the paper's form); " + _objective_help("energy_base"), "choices": ("flow", "gaussian")})
-    warmup_steps: int | None = field(default=None, metadata={"help": "first steps that train only the sampler, by maximum likelihood on posterior draws (capped at half of --steps); " + _objective_help("warmup_steps")})
+    energy_base: str | None = field(default=None, metadata={"help": "flow: E(z) = log p0(z) - log q_base(z) + "
+            "E_res(z), where q_base is the sampler flow frozen after its maximum-likelihood warm-up, so the energy "
+            "only corrects what the flow gets wrong; gaussian: E = E_res on top of N(0, I) alone (the paper's form); "
+            + _objective_help("energy_base"), "choices": ("flow", "gaussian")})
+    warmup_steps: int | None = field(default=None, metadata={"help": "first steps that train only the sampler, by "
+            "maximum likelihood on posterior draws (capped at half of --steps); " + _objective_help("warmup_steps")})
     # -- losses and optimisation (None = from --objective)
-    kl_weight: float | None = field(default=None, metadata={"help": "lambda in the sampler loss E_q[E] + lambda*KL(q||p0); 1 is maximum likelihood; " + _objective_help("kl_weight")})
-    energy_magnitude_penalty: float | None = field(default=None, metadata={"help": "alpha in alpha*(E_pos^2 + E_neg^2); " + _objective_help("energy_magnitude_penalty")})
+    kl_weight: float | None = field(default=None, metadata={"help": "lambda in the sampler loss E_q[E] + "
+            "lambda*KL(q||p0); 1 is maximum likelihood; " + _objective_help("kl_weight")})
+    energy_magnitude_penalty: float | None = field(default=None, metadata={"help": "alpha in alpha*(E_pos^2 + E_neg^2); "
+            + _objective_help("energy_magnitude_penalty")})
     grad_penalty: float | None = field(default=None, metadata={"help": "gamma in gamma*0.5*|grad E(z_pos)|^2; " + _objective_help("grad_penalty")})
     wgan_gp_weight: float | None = field(default=None, metadata={"help": "weight of (|grad E(interpolate)| - 1)^2; " + _objective_help("wgan_gp_weight")})
-    forward_kl_weight: float | None = field(default=None, metadata={"help": "weight of the flow's maximum-likelihood term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight")})
+    forward_kl_weight: float | None = field(default=None, metadata={"help": "weight of the flow's maximum-likelihood "
+            "term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight")})
     lr_energy: float | None = field(default=None, metadata={"help": "Adam learning rate of the energy; " + _objective_help("lr_energy")})
     lr_sampler: float | None = field(default=None, metadata={"help": "Adam learning rate of the sampler flow; " + _objective_help("lr_sampler")})
-    sampler_steps_per_energy_step: int | None = field(default=None, metadata={"help": "sampler updates before each energy update; " + _objective_help("sampler_steps_per_energy_step")})
-    lr_final_fraction: float = field(default=0.05, metadata={"help": "both learning rates follow a cosine from their value at step 0 down to this fraction of it at the last step (1 keeps them constant); the decay sharpened the digits decoded from the sampler"})
+    sampler_steps_per_energy_step: int | None = field(default=None, metadata={"help": "sampler updates before each energy update; "
+            + _objective_help("sampler_steps_per_energy_step")})
+    lr_final_fraction: float = field(default=0.05, metadata={"help": "both learning rates follow a cosine from their "
+            "value at step 0 down to this fraction of it at the last step (1 keeps them constant); the decay "
+            "sharpened the digits decoded from the sampler"})
     betas: tuple[float, ...] = field(default=(0.5, 0.999), metadata={"help": "Adam betas of both optimizers"})
     clip_grad_norm: float = field(default=10.0, metadata={"help": "clip each network's gradient norm to this (0 disables)"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the sampler's weights (the exported flow is the EMA); 0 disables"})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the sampler's weights (the exported flow "
+            "is the EMA); 0 disables"})
     # -- validation, checkpoints, model selection
-    validation_fraction: float = field(default=0.1, metadata={"help": "fraction of latents held out to evaluate the ELBO gain and select the checkpoint (0: no split, keep the last)"})
-    checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint and evaluate on the held-out latents every N steps (and at the end)"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "fraction of latents held out to evaluate the "
+            "ELBO gain and select the checkpoint (0: no split, keep the last)"})
+    checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint and evaluate on the held-out "
+            "latents every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints to keep, besides the best one"})
     early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better held-out gain (0: never)"})
-    min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"})
-    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest held-out gain)", "choices": ("gain_and_fd", "gain")})
+    min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS "
+            "fraction is below this cannot be selected (their log Z is unreliable)"})
+    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: "
+            "gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the "
+            "latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest "
+            "held-out gain)", "choices": ("gain_and_fd", "gain")})
     fd_samples: int = field(default=2048, metadata={"help": "sampler draws for the held-out latent FD at each evaluation"})
     eval_samples: int = field(default=4096, metadata={"help": "importance samples for log Z at each evaluation"})
     eval_latents: int = field(default=4096, metadata={"help": "at most this many held-out (and training) latents per evaluation"})
     log_z_samples: int = field(default=32768, metadata={"help": "importance samples for the exported log Z"})
     divergence_threshold: float = field(default=1e4, metadata={"help": "stop when |E| exceeds this many nats (or any loss is NaN/inf)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint (also accepts changed settings, e.g. a lower lr after a divergence)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint (also "
+            "accepts changed settings, e.g. a lower lr after a divergence)"})
     # -- runtime
-    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (energy evaluations under autocast; flows stay in float32)", "choices": ("no", "bf16")})
-    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv: none, tensorboard or all (those installed)", "choices": ("none", "tensorboard", "all")})
+    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (energy evaluations under autocast; "
+            "flows stay in float32)", "choices": ("no", "bf16")})
+    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv: none, "
+            "tensorboard or all (those installed)", "choices": ("none", "tensorboard", "all")})
     log_every: int = field(default=25, metadata={"help": "write averaged training metrics every N steps"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: read in the training loop)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, or OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards"})
+    num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: "
+            "read in the training loop)"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, or "
+            "OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a "
+            "shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards"})
 
 
 def resolve_objective(config: FitConfig) -> FitConfig:
@@ -273,7 +313,8 @@ def _check_config(config: FitConfig) -> None:
     need(c.sampler_steps_per_energy_step >= 1, "sampler_steps_per_energy_step", c.sampler_steps_per_energy_step, "pass at least 1")
     for name in ("kl_weight", "energy_magnitude_penalty", "grad_penalty", "wgan_gp_weight", "forward_kl_weight", "clip_grad_norm"):
         need(getattr(c, name) >= 0, name, getattr(c, name), "pass a non-negative weight")
-    need(c.kl_weight > 0 or c.forward_kl_weight > 0, "kl_weight", c.kl_weight, "with --forward-kl-weight 0 the sampler needs a positive KL weight")
+    need(c.kl_weight > 0 or c.forward_kl_weight > 0, "kl_weight", c.kl_weight, "with --forward-kl-weight 0 the "
+            "sampler needs a positive KL weight")
     for name in ("checkpoint_every", "log_every", "eval_samples", "eval_latents", "log_z_samples", "fd_samples"):
         need(getattr(c, name) >= 1, name, getattr(c, name), "pass a positive integer")
     need(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "keep at least 1 checkpoint (resume needs it)")
@@ -1455,7 +1496,8 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
         if (old / "fit_config.json").is_file():
             raise LatentPriorError(
                 f"--out {out} holds a fit written by latent-prior 0.1.0 (the prior, checkpoints/ and fit_config.json side by "
-                f"side in {old}, which still loads as a prior); a fit now writes {out / PRIOR_DIR} and {out / TRAIN_DIR}, so use a new --out."
+                f"side in {old}, which still loads as a prior); a fit now writes {out / PRIOR_DIR} and "
+                        f"{out / TRAIN_DIR}, so use a new --out."
             )
     if saved.is_file():
         try:
@@ -1482,7 +1524,8 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
                                "and would be overwritten; use a new --out.")
     if not ckpts:
         if config.resume and is_main:
-            print(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from scratch.", file=sys.stderr)
+            print(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from "
+                    "scratch.", file=sys.stderr)
         return None
     return ckpts[-1][1]
 
@@ -1501,7 +1544,8 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool]:
             log_with = config.log_with
     acc = Accelerator(log_with=log_with, project_dir=str(out / TRAIN_DIR))
     if config.mixed_precision == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise LatentPriorError(f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; use --mixed-precision no.")
+        raise LatentPriorError(f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; "
+                "use --mixed-precision no.")
     return acc, log_with is not None
 
 

@@ -44,7 +44,8 @@ from latent_prior.config import parse_config  # noqa: E402
 
 @dataclass
 class TrainDigitsVAEsConfig:
-    output_dir: str = field(default="runs/bench_prior", metadata={"help": "the benchmark's --cache-dir: one subfolder per (d, beta) is written here"})
+    output_dir: str = field(default="runs/bench_prior", metadata={"help": "the benchmark's --cache-dir: one subfolder "
+            "per (d, beta) is written here"})
     latent_dims: tuple[int, ...] = field(default=DIGITS_DIMS, metadata={"help": "latent sizes to train"})
     betas: tuple[float, ...] = field(default=DIGITS_BETAS, metadata={"help": "KL weights to train"})
     epochs: int = field(default=DIGITS_EPOCHS, metadata={"help": "epochs over the 1500 training digits (the benchmark's sets use 300)"})

@@ -83,7 +83,8 @@ def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch)
         assert torch.allclose(loaded.log_prob(x.double()).float(), prior.log_prob(x), atol=1e-5)
         assert loaded.provenance == prior.provenance and loaded.log_z == prior.log_z
     # not cached, offline: one sentence that says what to do, at once (no retries)
-    with pytest.raises(LatentPriorError, match=r"'someone/other' is neither a local folder nor in the local Hugging Face cache.*hf download someone/other"):
+    with pytest.raises(LatentPriorError, match=r"'someone/other' is neither a local folder nor in the local Hugging "
+            r"Face cache.*hf download someone/other"):
         LatentPrior.from_pretrained("someone/other", cache_dir=cache)
     with pytest.raises(LatentPriorError, match="has no d8/config.json|neither a local folder"):
         LatentPrior.from_pretrained("someone/digits-prior", subfolder="d8", cache_dir=cache)
