@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latent_prior.errors import LatentPriorError
-from latent_prior.metrics import _rows, frechet_distance, precision_recall_knn
+from latent_prior.metrics import _pair, frechet_distance, precision_recall_knn
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -269,19 +269,13 @@ def features_of(extractor: InceptionFeatures, images: torch.Tensor | np.ndarray 
     return torch.cat(feats)
 
 
-def _features(x: Any, name: str) -> np.ndarray:
-    """(N, D) features as a float64 array; refuses other shapes, N < 2 and NaN/inf (`metrics._rows`)."""
-    if getattr(x, "ndim", 2) != 2:
-        raise LatentPriorError(f"{name} has shape {tuple(x.shape)}: pass features as (N, D) with N >= 2 (see features_of).")
-    return _rows(x, name).numpy()
-
-
 def _feature_pair(a: Any, b: Any, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _features(a, names[0]), _features(b, names[1])
-    if a.shape[1] != b.shape[1]:
-        raise LatentPriorError(f"{names[0]} has {a.shape[1]} features per image but {names[1]} has {b.shape[1]}; "
-                               "use one extractor for both sets.")
-    return a, b
+    """Two (N, D) feature sets as float64 arrays; refuses other shapes, N < 2, NaN/inf and unequal D."""
+    for x, name in ((a, names[0]), (b, names[1])):
+        if getattr(x, "ndim", 2) != 2:
+            raise LatentPriorError(f"{name} has shape {tuple(x.shape)}: pass features as (N, D) with N >= 2 (see features_of).")
+    a, b = _pair(a, b, names, per="features per image", advice="use one extractor for both sets")
+    return a.numpy(), b.numpy()
 
 
 # ----------------------------------------------------------------------------------------------
