@@ -64,14 +64,14 @@ def run_fit(config):
 
 def run_sample(config):
     """`latent-prior sample`: latents to a .safetensors file, or decoded images when --vae is given."""
-    from latent_prior.prior import run_sample as sample
+    from latent_prior.commands.sample import run_sample as sample
 
     return sample(config, load_adapter(config, required=False))
 
 
 def run_eval(config):
     """`latent-prior eval`: metrics of a prior against a cache (image metrics too when --vae is given)."""
-    from latent_prior.evaluate import run_eval as evaluate
+    from latent_prior.commands.eval import run_eval as evaluate
 
     return evaluate(config, load_adapter(config, required=False))
 
@@ -91,12 +91,12 @@ COMMANDS: dict[str, Command] = {
         "prior, sample grids and a report; or from cached latents (--latents) to an exported prior.",
     ),
     "sample": Command(
-        "latent_prior.prior:SampleConfig",
+        "latent_prior.commands.sample:SampleConfig",
         "latent_prior.cli:run_sample",
         "Draw latents from an exported prior into a .safetensors file, or decode them to PNGs with --vae.",
     ),
     "eval": Command(
-        "latent_prior.evaluate:EvalConfig",
+        "latent_prior.commands.eval:EvalConfig",
         "latent_prior.cli:run_eval",
         "Measure a prior against held-out latents (and images), beside the Gaussian and GMM baselines.",
     ),
