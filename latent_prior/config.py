@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -40,8 +42,36 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+#: `--help` group of the fields above a dataclass's first "# -- TITLE" comment.
+FIRST_GROUP = "data and output"
+
+
+def field_groups(cls: type) -> dict[str, str]:
+    """{field name: help group}, read from the "# -- TITLE" comments that divide a config dataclass (and the
+    dataclasses it extends) into sections; a field redefined by a subclass takes the subclass's section. Empty
+    when the source is not available (then --help lists the flags ungrouped)."""
+    groups: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            return {}
+        title = FIRST_GROUP
+        for line in lines[1:]:
+            if match := re.match(r"^    # -- (.+?)(?: \(.*\))?$", line):
+                title = match.group(1)
+            elif match := re.match(r"^    (\w+)\s*:", line):
+                groups[match.group(1)] = title
+    return groups
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field; defaults are SUPPRESSed so `resolve` can tell what was given."""
+    """Add one flag per dataclass field; defaults are SUPPRESSed so `resolve` can tell what was given. The
+    flags are grouped in --help by the sections of the dataclass (`field_groups`) when it has several."""
+    groups = field_groups(cls)
+    sections: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
@@ -65,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             # Also accepted as an optional positional argument (`latent-prior info DIR` = `--path DIR`).
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=kwargs.get("metavar", f.name.upper()),
                                 help=f"same as {flags[-1]}")
-        parser.add_argument(*flags, **kwargs)
+        title = groups.get(f.name)
+        if title is not None and len(set(groups.values())) > 1 and title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        (sections[title] if title in sections else parser).add_argument(*flags, **kwargs)
     parser.add_argument(
         "--config",
         dest="config_file",

@@ -194,6 +194,7 @@ class FitConfig:
     out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ "
             "(config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, "
             "metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
+    # -- length, seed and objective
     steps: int = field(default=2000, metadata={"help": "training steps (one energy update, preceded by the sampler updates, per step)"})
     seed: int = field(default=0, metadata={"help": "random seed (initialization, data order, posterior draws, validation split)"})
     batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many "

@@ -69,3 +69,20 @@ def test_help_lists_every_field_with_default(capsys):
     for flag in ("--out", "--steps", "--lr", "--flip", "-n", "--method", "--shape", "--config"):
         assert flag in text
     assert "default: 100" in text and "required" in text
+
+
+def test_fit_help_groups_its_flags_by_the_config_sections():
+    from latent_prior.cli import build_parser
+    from latent_prior.config import field_groups
+    from latent_prior.pipeline import RunConfig
+
+    groups = field_groups(RunConfig)
+    assert groups["latents"] == groups["out"] == "data and output"
+    assert groups["energy_kind"] == "networks" and groups["kl_weight"] == "losses and optimisation"
+    assert groups["vae"] == "encoding" and groups["mixed_precision"] == "runtime"
+    parser, _ = build_parser()
+    fit = parser._subparsers._group_actions[0].choices["fit"]
+    titles = [g.title for g in fit._action_groups]
+    assert {"data and output", "networks", "losses and optimisation", "encoding", "runtime"} <= set(titles)
+    text = fit.format_help()
+    assert text.index("\nnetworks:") < text.index("\n  --energy-kind") < text.index("\nruntime:") < text.index("\n  --mixed-precision")
