@@ -141,7 +141,7 @@ class Candidate:
 
 def _parse_overrides(items: Any, what: str) -> dict[str, Any]:
     """["k=v", "k2=v2"] or "k=v,k2=v2" -> {k: typed v}, checked against FitConfig's fields."""
-    from latent_prior.train import FitConfig
+    from latent_prior.fit_config import FitConfig
 
     if isinstance(items, str):
         items = [p for p in items.split(",") if p.strip()]

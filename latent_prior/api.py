@@ -35,8 +35,8 @@ from latent_prior.vae import VAEAdapter
 
 if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
+    from latent_prior.fit_config import FitConfig
     from latent_prior.prior import LatentPrior
-    from latent_prior.train import FitConfig
 
 __all__ = ["fit", "encode_latents", "EncodedLatents", "ImageInput"]
 
@@ -335,7 +335,7 @@ def fit(
     (n, *latent_shape) for `adapter.decode`; with `out=DIR` it is also exported to DIR/prior, with its
     checkpoints and metrics in DIR/train, the same folders `latent-prior fit --latents ... --out DIR` writes.
     """
-    from latent_prior.train import FitConfig
+    from latent_prior.fit_config import FitConfig
     from latent_prior.train import fit as fit_latents
 
     if isinstance(images, FitConfig) and config is None:  # fit(latents, FitConfig(...)), train.fit's signature
@@ -368,7 +368,7 @@ def fit(
 
 def _check_overrides(overrides: dict[str, Any]) -> None:
     """Refuse unknown settings before the (possibly long) encode, not after it."""
-    from latent_prior.train import FitConfig
+    from latent_prior.fit_config import FitConfig
 
     names = {f.name for f in dataclasses.fields(FitConfig)}
     unknown = sorted(set(overrides) - names)

@@ -48,9 +48,9 @@ import torch
 
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
+from latent_prior.fit_config import FitConfig
 from latent_prior.prior import PRIOR_DIR, SAMPLE_METHODS, TRAIN_DIR
 from latent_prior.threads import cpu_threads
-from latent_prior.train import FitConfig
 from latent_prior.vae import VAEAdapter
 
 __all__ = ["RunConfig", "run_pipeline", "DEFAULT_RUN_DIR", "RUN_FILES"]
@@ -371,7 +371,7 @@ def _fit_config(config: RunConfig, cache_dir: Path, run_dir: Path) -> FitConfig:
 
 def _finished_prior(run_dir: Path, fit_config: FitConfig) -> bool:
     """True when run_dir/prior holds an exported prior fitted with these settings (so the fit can be skipped)."""
-    from latent_prior.train import resolve_objective
+    from latent_prior.fit_config import resolve_objective
 
     summary, saved = run_dir / TRAIN_DIR / "fit_summary.json", run_dir / TRAIN_DIR / "fit_config.json"
     if not (summary.is_file() and saved.is_file() and (run_dir / PRIOR_DIR / "model.safetensors").is_file()):

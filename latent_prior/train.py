@@ -4,21 +4,11 @@ The model, in the VAE's normalized latent space:
 
     p_θ(z) = p0(z)·exp(−E_θ(z)) / Z_θ,    p0 = N(0, I)
 
-is fitted to the aggregate posterior by alternating two updates per training step:
-
-* sampler steps (`sampler_steps_per_energy_step` of them), on the flow q_φ:
-      minimize  E_{z~q}[E(z) + λ·(log q(z) − log p0(z))]  +  w_fwd · E_data[−log q(z_pos)]
-  With λ = 1 the first term is L_q = KL(q‖p_θ) − log Z, so −L_q is a lower bound on log Z (logged
-  as `log_z_bound`). The forward-KL term (maximum likelihood of the flow on posterior draws) keeps
-  the flow mass-covering: a pure reverse-KL flow came out under-dispersed (docs/prior-development.md).
-* one energy step, on E_θ:
-      minimize  E_pos[E] − E_neg[E] + α·(E_pos² + E_neg²) + γ·½‖∇E(z_pos)‖² + w_gp·(‖∇E(ẑ)‖ − 1)²
-  positives are FRESH reparameterised posterior draws z = μ + σ·ε of the current batch (the means
-  for a deterministic cache), negatives are the last sampler step's samples, detached, ẑ are random
-  interpolates (the WGAN-GP term, used only by the "evalp-code" objective).
-
-`objective` picks the defaults of the loss weights and learning rates (`OBJECTIVES`); a field set
-explicitly (flag, config file or keyword) always wins over the objective's default.
+is fitted to the aggregate posterior by alternating two updates per training step: first
+`sampler_steps_per_energy_step` updates of the flow q_φ (`losses.sampler_loss`), then one of the energy E_θ
+(`losses.energy_loss`), whose positives are FRESH reparameterised posterior draws z = μ + σ·ε of the current
+batch and whose negatives are the last sampler step's samples, detached. The settings are a
+`fit_config.FitConfig`; the checkpoints and metrics.csv are written by `latent_prior.checkpoints`.
 
 Distributed training (one code path for 1 CPU, 1 GPU, N GPUs / nodes). Accelerate sets up the
 processes, devices, mixed precision, trackers and collectives. The models are NOT wrapped in DDP: the
@@ -53,24 +43,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import functools
 import json
 import math
 import os
 import queue
-import random
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,9 +65,40 @@ from torch import nn
 
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws
 from latent_prior.cache import data_dims as latent_data_dims
+from latent_prior.checkpoints import (
+    EVAL_KEYS,
+    STAT_KEYS,
+    STEP_PREFIX,
+    MetricsCSV,
+    RunState,
+    checkpoint_dirs,
+    load_tensors,
+    optimizer_from_files,
+    optimizer_to_files,
+    rng_from_files,
+    rng_to_files,
+    save_tensors,
+    tensors_of,
+)
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError, RunFailed
-from latent_prior.files import atomic_write, atomic_write_json
+from latent_prior.files import atomic_write_json
+from latent_prior.fit_config import (
+    BASE_COMPONENT_CHOICES,
+    BASE_EM_SEEDS,
+    COSMETIC_FIELDS,
+    FD_TOLERANCE,
+    FULL_BASE_BUDGET,
+    OBJECTIVES,
+    PRECISION_NEIGHBOURS,
+    PRECISION_TOLERANCE,
+    SEEDS,
+    SMALL_LATENT_DIMS,
+    FitConfig,
+    check_config,
+    resolve_objective,
+)
+from latent_prior.losses import energy_loss, sampler_loss
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import LatentNormalization, posterior_draw
@@ -90,248 +108,6 @@ if TYPE_CHECKING:
     from latent_prior.prior import LatentPrior
 
 __all__ = ["FitConfig", "OBJECTIVES", "fit", "run_fit", "resolve_objective", "energy_loss", "sampler_loss", "validation_split"]
-
-# ----------------------------------------------------------------------------------------------
-# configuration
-
-#: Defaults that depend on the objective. "vml": variational maximum likelihood (λ = 1), with the
-#: stabilizers of published generator-based EBM trainers (VERA, MEG, LEBM) and forward KL for a mass-covering sampler. "evalp-code": the
-#: authors' public code, a WGAN-GP critic and a sampler with a tiny KL weight (a critic, not a
-#: normalized prior; kept for comparison).
-OBJECTIVES: dict[str, dict[str, Any]] = {
-    "vml": {
-        "energy_base": "flow",
-        "warmup_steps": 1000,
-        "flow_base_components": 0,
-        "flow_base_covariance": "auto",
-        "flow_base_init": "em",
-        "kl_weight": 1.0,
-        "energy_magnitude_penalty": 0.1,
-        "grad_penalty": 0.1,
-        "wgan_gp_weight": 0.0,
-        "forward_kl_weight": 0.5,
-        "lr_energy": 1e-3,
-        "lr_sampler": 1e-3,
-        "sampler_steps_per_energy_step": 1,
-    },
-    "evalp-code": {
-        "energy_base": "gaussian",
-        "warmup_steps": 0,
-        "flow_base_components": 1,
-        "flow_base_covariance": "diag",
-        "flow_base_init": "kmeans",
-        "kl_weight": 1e-3,
-        "energy_magnitude_penalty": 0.0,
-        "grad_penalty": 0.0,
-        "wgan_gp_weight": 10.0,
-        "forward_kl_weight": 0.0,
-        "lr_energy": 5e-4,
-        "lr_sampler": 5e-4,
-        "sampler_steps_per_energy_step": 1,
-    },
-}
-
-#: Latents with at most this many dimensions are modelled by flat networks (MLP energy, RealNVP flow)
-#: even when they are C×H×W. Measured on the embedded default's 4×8×8 latents (bench/prior.py,
-#: docs/prior-development.md): flat networks reached the GMM's latent FD, the conv/multi-scale pair did not.
-SMALL_LATENT_DIMS = 1024
-@dataclass(frozen=True)
-class _SeedOffsets:
-    """Every random stream of a fit is seeded as `seed + offset`: one named offset per stream, so no two
-    streams share draws and each is reproduced alone. (The values are historical; changing one changes
-    that stream, and so the figures of earlier runs.)"""
-
-    training_draws: int = 1  # posterior draws and data order of the training steps (× 1,000,003 + rank)
-    eval_train_items: int = 1  # which training latents the evaluations score
-    eval_val_items: int = 2  # which held-out latents the evaluations score
-    init_items: int = 3  # which latents initialize ActNorm and the mixture base
-    init_draws: int = 17  # their posterior draws
-    mixture_refit: int = 19  # the draws that refit the mixture's weights after the warm-up
-    eval_energy_draws: int = 101  # posterior draws scored by the energy at each evaluation
-    eval_log_z: int = 202  # importance samples of log Z at each evaluation and at the export
-    invertibility_check: int = 303  # the flow draws that check sampling against its inverse after the warm-up
-    eval_heldout_draws: int = 404  # held-out posterior draws of the FD / precision reference
-    eval_sampler_draws: int = 505  # sampler draws scored against them
-
-
-SEEDS = _SeedOffsets()
-#: flow_base_components=0 chooses among these, for a full-covariance base of at most _FULL_BASE_BUDGET values
-#: (K·D²: 10 components at 4×8×8 = 256 dims, whose per-step cost on 2 CPU cores was the largest we accepted)
-BASE_COMPONENT_CHOICES = (10, 20, 40)
-#: the k-means starts of EM scored for each K (each its own candidate: see _Trainer._choose_base)
-BASE_EM_SEEDS = (0, 1, 2)
-_FULL_BASE_BUDGET = 10 * 256**2
-#: relative held-out FD a larger mixture may lose against the first choice and still be chosen: a sanity bound,
-#: not a criterion, since a GMM that merges modes keeps the first two moments, which is all FD compares (20
-#: separated modes in 4-D: FD 0.70 with 10 components and precision 0.37, 0.82 and 0.94 with 40)
-_FD_TOLERANCE = 0.5
-#: held-out k-NN precision a checkpoint may lose against the GMM start and still be selected: about 1.5 s.e. of
-#: the estimate at 150 held-out items × 14 draws. A strict comparison kept the start on 8-D digits whose warmed-up
-#: flow had a better held-out gain (+0.09 vs −0.88 nats) and FD (0.083 vs 0.119) at precision 0.866 vs 0.873.
-_PRECISION_TOLERANCE = 0.01
-#: k of the k-NN precision that model selection compares (as `evaluate.latent_report`'s PR_NEIGHBOURS)
-_PRECISION_NEIGHBOURS = 3
-
-#: Fields that do not change what is trained: a run differing only in these is the same run.
-_COSMETIC_FIELDS = ("resume", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out")
-
-
-def _objective_help(name: str, unit: str = "") -> str:
-    values = ", ".join(f"{obj} {OBJECTIVES[obj][name]:{'' if isinstance(OBJECTIVES[obj][name], str) else 'g'}}{unit}" for obj in OBJECTIVES)
-    return f"when left out, from --objective ({values})"
-
-
-@dataclass
-class FitConfig:
-    """`latent-prior fit`: every knob of the trainer. Field names = CLI flags = keys of fit_config.json.
-
-    The defaults are the same for every latent shape (the networks follow the shape: `energy_kind`,
-    `flow_kind`); docs/prior-development.md records the measurements that chose them.
-    """
-
-    latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or "
-            "a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
-    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ "
-            "(config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, "
-            "metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
-    # -- length, seed and objective
-    steps: int = field(default=2000, metadata={"help": "training steps (one energy update, preceded by the sampler updates, per step)"})
-    seed: int = field(default=0, metadata={"help": "random seed (initialization, data order, posterior draws, validation split)"})
-    batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many "
-            "negatives are drawn from the sampler)"})
-    objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a "
-            "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
-    # -- networks
-    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv for C×H×W latents of more "
-            "than 1024 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
-    energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
-    energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
-    energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
-    spectral_norm: bool = field(default=False, metadata={"help": "spectral-normalize the energy's hidden layers"})
-    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (multiscale for C×H×W latents of "
-            "more than 1024 dimensions, else realnvp), realnvp, spline or multiscale", "choices": ("auto", "realnvp", "spline", "multiscale")})
-    flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per "
-            "scale (multiscale); the flow's default when left out"})
-    flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
-    flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
-    flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
-            "the flow's default when left out"})
-    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "
-            "distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit "
-            "classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the "
-            "held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² "
-            "values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components")})
-    flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's "
-            "components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); "
-            + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
-    flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that "
-            "EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans "
-            "(diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
-    # -- the energy's base and the warm-up (None = from --objective)
-    energy_base: str | None = field(default=None, metadata={"help": "flow: E(z) = log p0(z) - log q_base(z) + "
-            "E_res(z), where q_base is the sampler flow frozen after its maximum-likelihood warm-up, so the energy "
-            "only corrects what the flow gets wrong; gaussian: E = E_res on top of N(0, I) alone (the paper's form); "
-            + _objective_help("energy_base"), "choices": ("flow", "gaussian")})
-    warmup_steps: int | None = field(default=None, metadata={"help": "first steps that train only the sampler, by "
-            "maximum likelihood on posterior draws (capped at half of --steps); " + _objective_help("warmup_steps")})
-    # -- losses and optimisation (None = from --objective)
-    kl_weight: float | None = field(default=None, metadata={"help": "lambda in the sampler loss E_q[E] + "
-            "lambda*KL(q||p0); 1 is maximum likelihood; " + _objective_help("kl_weight")})
-    energy_magnitude_penalty: float | None = field(default=None, metadata={"help": "alpha in alpha*(E_pos^2 + E_neg^2); "
-            + _objective_help("energy_magnitude_penalty")})
-    grad_penalty: float | None = field(default=None, metadata={"help": "gamma in gamma*0.5*|grad E(z_pos)|^2; " + _objective_help("grad_penalty")})
-    wgan_gp_weight: float | None = field(default=None, metadata={"help": "weight of (|grad E(interpolate)| - 1)^2; " + _objective_help("wgan_gp_weight")})
-    forward_kl_weight: float | None = field(default=None, metadata={"help": "weight of the flow's maximum-likelihood "
-            "term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight")})
-    lr_energy: float | None = field(default=None, metadata={"help": "Adam learning rate of the energy; " + _objective_help("lr_energy")})
-    lr_sampler: float | None = field(default=None, metadata={"help": "Adam learning rate of the sampler flow; " + _objective_help("lr_sampler")})
-    sampler_steps_per_energy_step: int | None = field(default=None, metadata={"help": "sampler updates before each energy update; "
-            + _objective_help("sampler_steps_per_energy_step")})
-    lr_final_fraction: float = field(default=0.05, metadata={"help": "both learning rates follow a cosine from their "
-            "value at step 0 down to this fraction of it at the last step (1 keeps them constant); the decay "
-            "sharpened the digits decoded from the sampler"})
-    betas: tuple[float, ...] = field(default=(0.5, 0.999), metadata={"help": "Adam betas of both optimizers"})
-    clip_grad_norm: float = field(default=10.0, metadata={"help": "clip each network's gradient norm to this (0 disables)"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the sampler's weights (the exported flow "
-            "is the EMA); 0 disables"})
-    # -- validation, checkpoints, model selection
-    validation_fraction: float = field(default=0.1, metadata={"help": "fraction of latents held out to evaluate the "
-            "ELBO gain and select the checkpoint (0: no split, keep the last)"})
-    checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint and evaluate on the held-out "
-            "latents every N steps (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints to keep, besides the best one"})
-    early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better held-out gain (0: never)"})
-    min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS "
-            "fraction is below this cannot be selected (their log Z is unreliable)"})
-    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: "
-            "gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the "
-            "latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest "
-            "held-out gain)", "choices": ("gain_and_fd", "gain")})
-    fd_samples: int = field(default=2048, metadata={"help": "sampler draws for the held-out latent FD at each evaluation"})
-    eval_samples: int = field(default=4096, metadata={"help": "importance samples for log Z at each evaluation"})
-    eval_latents: int = field(default=4096, metadata={"help": "at most this many held-out (and training) latents per evaluation"})
-    log_z_samples: int = field(default=32768, metadata={"help": "importance samples for the exported log Z"})
-    divergence_threshold: float = field(default=1e4, metadata={"help": "stop when |E| exceeds this many nats (or any loss is NaN/inf)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint (also "
-            "accepts changed settings, e.g. a lower lr after a divergence)"})
-    # -- runtime
-    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (energy evaluations under autocast; "
-            "flows stay in float32)", "choices": ("no", "bf16")})
-    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv: none, "
-            "tensorboard or all (those installed)", "choices": ("none", "tensorboard", "all")})
-    log_every: int = field(default=25, metadata={"help": "write averaged training metrics every N steps"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: "
-            "read in the training loop)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, or "
-            "OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a "
-            "shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards"})
-
-
-def resolve_objective(config: FitConfig) -> FitConfig:
-    """Fill the fields left as None with the defaults of `config.objective`."""
-    if config.objective not in OBJECTIVES:
-        raise LatentPriorError(f"--objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}.")
-    preset = OBJECTIVES[config.objective]
-    return dataclasses.replace(config, **{k: v for k, v in preset.items() if getattr(config, k) is None})
-
-
-def _check_config(config: FitConfig) -> None:
-    def need(ok: bool, flag: str, value: Any, what: str) -> None:
-        if not ok:
-            raise LatentPriorError(f"--{flag.replace('_', '-')} {value!r}: {what}.")
-
-    c = config
-    need(isinstance(c.steps, int) and c.steps > 0, "steps", c.steps, "the number of training steps must be a positive integer")
-    need(c.batch_size >= 2, "batch_size", c.batch_size, "use at least 2 latents per step")
-    need(0.0 <= c.validation_fraction < 1.0, "validation_fraction", c.validation_fraction, "pass a fraction in [0, 1), e.g. 0.1")
-    need(0.0 <= c.ema_decay < 1.0, "ema_decay", c.ema_decay, "pass a decay in [0, 1), e.g. 0.995")
-    need(c.lr_energy > 0 and c.lr_sampler > 0, "lr_energy/--lr-sampler", (c.lr_energy, c.lr_sampler), "learning rates must be positive")
-    need(0.0 < c.lr_final_fraction <= 1.0, "lr_final_fraction", c.lr_final_fraction, "pass a fraction in (0, 1]")
-    need(len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas), "betas", c.betas, "pass two Adam betas in [0, 1), e.g. 0.5 0.999")
-    need(c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, "pass 0 (no warm-up) or a number of steps")
-    need(c.energy_base in ("flow", "gaussian"), "energy_base", c.energy_base, "choose flow or gaussian")
-    need(c.sampler_steps_per_energy_step >= 1, "sampler_steps_per_energy_step", c.sampler_steps_per_energy_step, "pass at least 1")
-    for name in ("kl_weight", "energy_magnitude_penalty", "grad_penalty", "wgan_gp_weight", "forward_kl_weight", "clip_grad_norm"):
-        need(getattr(c, name) >= 0, name, getattr(c, name), "pass a non-negative weight")
-    need(c.kl_weight > 0 or c.forward_kl_weight > 0, "kl_weight", c.kl_weight, "with --forward-kl-weight 0 the "
-            "sampler needs a positive KL weight")
-    for name in ("checkpoint_every", "log_every", "eval_samples", "eval_latents", "log_z_samples", "fd_samples"):
-        need(getattr(c, name) >= 1, name, getattr(c, name), "pass a positive integer")
-    need(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "keep at least 1 checkpoint (resume needs it)")
-    need(c.early_stop_patience >= 0, "early_stop_patience", c.early_stop_patience, "pass 0 (off) or a positive number of evaluations")
-    need(0.0 <= c.min_ess_fraction <= 1.0, "min_ess_fraction", c.min_ess_fraction, "pass a fraction in [0, 1]")
-    need(c.divergence_threshold > 0, "divergence_threshold", c.divergence_threshold, "pass a positive number of nats")
-    need(c.num_workers >= 0, "num_workers", c.num_workers, "pass 0 or more")
-    need(c.flow_base_components >= 0, "flow_base_components", c.flow_base_components,
-         "pass 0 (chosen on held-out latents), 1 (N(0, I)) or more mixture components")
-    need(c.flow_base_covariance in ("auto", "full", "diag"), "flow_base_covariance", c.flow_base_covariance, "choose auto, full or diag")
-    need(c.flow_base_init in ("em", "kmeans"), "flow_base_init", c.flow_base_init, "choose em or kmeans")
-    need(not (c.flow_base_covariance == "full" and c.flow_base_init == "kmeans"), "flow_base_covariance", c.flow_base_covariance,
-         "full covariances need --flow-base-init em")
-    need(c.select_by in ("gain_and_fd", "gain"), "select_by", c.select_by, "choose gain_and_fd or gain")
-    need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")
-
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -459,69 +235,6 @@ class _BatchStream:
 
 
 # ----------------------------------------------------------------------------------------------
-# the two losses
-
-
-def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float, forward_kl_weight: float,
-                 z_pos: torch.Tensor | None, generator: torch.Generator | None,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """The sampler's loss, its parts (per-sample means, nats) and its n samples.
-
-    loss = E_q[E(z) + λ·(log q(z) − log p0(z))] + w_fwd·E_data[−log q(z_pos)],  z ~ q reparameterised.
-    Returns (loss, {"sampler_loss", "log_z_bound" = E_q[−E − log q + log p0] (≤ log Z), "forward_kl"}, z detached
-    (n, *latent_shape)): the trainer reuses z as the energy's negatives.
-    """
-    from latent_prior.sampling import log_standard_normal
-
-    z, log_q = flow.sample_and_log_prob(n, generator=generator)
-    with autocast():
-        e = energy(z)
-    e = e.float()
-    log_ratio = log_q - log_standard_normal(z)
-    loss = (e + kl_weight * log_ratio).mean()
-    parts = {"log_z_bound": -(e + log_ratio).mean().detach()}
-    if forward_kl_weight > 0 and z_pos is not None:
-        nll = -flow.log_prob(z_pos).mean()
-        loss = loss + forward_kl_weight * nll
-        parts["forward_kl"] = nll.detach()
-    else:
-        parts["forward_kl"] = torch.zeros((), device=z.device)
-    parts["sampler_loss"] = loss.detach()
-    return loss, parts, z.detach()
-
-
-def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, magnitude_penalty: float, grad_penalty: float,
-                wgan_gp_weight: float, generator: torch.Generator | None,
-                autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The energy's loss and its parts (nats).
-
-    loss = E_pos[E] − E_neg[E] + α·(E_pos² + E_neg²) + γ·½‖∇E(z_pos)‖² + w_gp·(‖∇E(ẑ)‖ − 1)²
-    z_pos, z_neg: (B, *shape) detached; ẑ = a·z_pos + (1 − a)·z_neg, a ~ U(0, 1) per sample.
-    Returns (loss, {"e_pos", "e_neg", "energy_loss", "max_abs_energy"}).
-    """
-    z_pos = z_pos.detach().requires_grad_(grad_penalty > 0)
-    with autocast():
-        e = energy(torch.cat([z_pos, z_neg.detach()])).float()
-    e_pos, e_neg = e[: len(z_pos)], e[len(z_pos):]
-    loss = e_pos.mean() - e_neg.mean()
-    if magnitude_penalty > 0:
-        loss = loss + magnitude_penalty * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-    if grad_penalty > 0:
-        (grad,) = torch.autograd.grad(e_pos.sum(), z_pos, create_graph=True)
-        loss = loss + grad_penalty * 0.5 * grad.float().flatten(1).pow(2).sum(1).mean()
-    if wgan_gp_weight > 0:
-        a = torch.rand((len(z_pos),) + (1,) * (z_pos.dim() - 1), generator=generator, device=z_pos.device)
-        z_hat = (a * z_pos.detach() + (1 - a) * z_neg.detach()).requires_grad_(True)
-        with autocast():
-            e_hat = energy(z_hat).float()
-        (grad,) = torch.autograd.grad(e_hat.sum(), z_hat, create_graph=True)
-        loss = loss + wgan_gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
-    parts = {"e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach(), "energy_loss": loss.detach(),
-             "max_abs_energy": e.detach().abs().max()}
-    return loss, parts
-
-
-# ----------------------------------------------------------------------------------------------
 # distributed helpers, EMA
 
 
@@ -591,148 +304,6 @@ class _EMA:
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints (safetensors + JSON; nothing is pickled)
-
-_STEP_PREFIX = "step-"
-
-
-def _tensors_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state_dict into tensors (safetensors) and JSON (param groups, scalars)."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous().clone()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    groups = meta["param_groups"]
-    for group, current in zip(groups, opt.param_groups):
-        # The run may resume with new settings (e.g. a lower lr after a divergence): those win.
-        for key in ("lr", "betas"):
-            group[key] = current[key]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_to_files(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"train_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], "python": random.getstate()}
-    return tensors, meta
-
-
-def _rng_from_files(generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    generator.set_state(tensors["train_generator"])
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = meta["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path))
-
-
-def _load_safetensors(path: Path, device: Any = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    device = torch.device(device)
-    # safetensors accepts "cpu" but not "cpu:0", the device of a CPU rank under `accelerate launch`.
-    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
-
-
-def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place, with state.json), sorted by step."""
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX):].isdigit() and (p / "state.json").is_file():
-                found.append((int(p.name[len(_STEP_PREFIX):]), p))
-    return sorted(found)
-
-
-@dataclass
-class _RunState:
-    """Everything besides weights, optimizers and RNG that a resumed run needs (state.json)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    seconds: float = 0.0
-    best_step: int | None = None
-    best_value: float | None = None
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    world_size: int = 1
-    warmup_steps: int | None = None  # fixed when the run starts: a resume with other --steps keeps it
-    reference: dict[str, Any] | None = None  # the first candidate (the GMM start), which select_by="gain_and_fd" must match
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics.csv
-
-_CSV_COLUMNS = (
-    "step", "epoch", "seconds", "e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl",
-    "energy_grad_norm", "sampler_grad_norm", "val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "lr_sampler",
-    "val_fd", "val_precision",
-)
-_EVAL_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "val_fd", "val_precision")
-_STAT_KEYS = ("e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm",
-              "sampler_grad_norm", "max_abs_energy")
-
-
-class _MetricsCSV:
-    """Append-only metrics.csv; on resume, rows after the checkpoint's step are dropped first."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is not None and path.exists():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-            self._rewrite(rows)
-        elif not path.exists() or resume_step is None:
-            self._rewrite([])
-
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-
-        atomic_write(self.path, write)
-
-    def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
-
-
-# ----------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -797,12 +368,12 @@ class _Trainer:
         """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
 
         The candidates are EM GMMs fitted on training draws, one per start in BASE_EM_SEEDS for each K in
-        BASE_COMPONENT_CHOICES (full covariances within _FULL_BASE_BUDGET) or for the K given. The choice is
+        BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K given. The choice is
         the candidate whose samples have the highest held-out k-NN precision + recall among those whose held-out
-        FD is within _FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's
+        FD is within FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's
         `mixture`), so step 0 is the model that was scored. Held-out likelihood would be the textbook rule, but
         it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K rose to 20 while the samples'
-        true log-density rose by 130 nats; FD cannot see merged modes (see _FD_TOLERANCE); precision and recall
+        true log-density rose by 130 nats; FD cannot see merged modes (see FD_TOLERANCE); precision and recall
         moved most. EM starts differ as much as K does (a 16-D spiral: precision 0.66 to 0.91), and the one
         with the best training likelihood is not the one with the best samples. Chosen on the main process;
         the others refit the chosen candidate from the broadcast (K, start). A diagonal or k-means base, or too
@@ -816,8 +387,8 @@ class _Trainer:
         if c.flow_base_components:
             choices = [c.flow_base_components]
         else:
-            choices = [k for k in BASE_COMPONENT_CHOICES if k * dims**2 <= _FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
-        if choices[0] <= 1 or len(self.eval_val_idx) <= _PRECISION_NEIGHBOURS:
+            choices = [k for k in BASE_COMPONENT_CHOICES if k * dims**2 <= FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
+        if choices[0] <= 1 or len(self.eval_val_idx) <= PRECISION_NEIGHBOURS:
             return choices[0], [], None
         scores: list[dict[str, Any]] = []
         fitted: dict[tuple[int, int], Any] = {}
@@ -829,7 +400,7 @@ class _Trainer:
                     gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
                     fd, precision, recall = self._sample_scores(gmm.sample(c.fd_samples, generator=gen).flatten(1).float())
                     scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall})
-            fd_limit = (1 + _FD_TOLERANCE) * min(r["val_fd"] for r in scores)
+            fd_limit = (1 + FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
             best = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])
             chosen = torch.tensor([best["components"], best["em_seed"]], device=self.device)
@@ -883,7 +454,7 @@ class _Trainer:
         # One generator per rank drives every random draw of training (posterior noise, flow noise,
         # interpolates), so its state in the checkpoint is all a resume needs.
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
-        self.state = _RunState(world_size=self.world_size)
+        self.state = RunState(world_size=self.world_size)
         self.ema: _EMA | None = None
         # Our own autocast rather than Accelerator(mixed_precision=...): Accelerate fixes the precision once per
         # process, so a second fit in a notebook could not choose another one.
@@ -934,24 +505,24 @@ class _Trainer:
     def save_checkpoint(self) -> Path:
         self._assert_ranks_agree()
         step = self.state.step
-        final = self.ckpt_root / f"{_STEP_PREFIX}{step:07d}"
-        tmp = self.ckpt_root / f".tmp-{_STEP_PREFIX}{step:07d}"
+        final = self.ckpt_root / f"{STEP_PREFIX}{step:07d}"
+        tmp = self.ckpt_root / f".tmp-{STEP_PREFIX}{step:07d}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        rng_tensors, rng_meta = _rng_to_files(self.generator)
-        _save_safetensors(rng_tensors, tmp / f"rng-rank{self.rank}.safetensors")
+        rng_tensors, rng_meta = rng_to_files(self.generator)
+        save_tensors(rng_tensors, tmp / f"rng-rank{self.rank}.safetensors")
         (tmp / f"rng-rank{self.rank}.json").write_text(json.dumps(rng_meta))
         self.acc.wait_for_everyone()
         if self.is_main:
-            _save_safetensors(_tensors_of(self.energy), tmp / "energy.safetensors")
-            _save_safetensors(_tensors_of(self.flow), tmp / "flow.safetensors")
-            _save_safetensors(_tensors_of(self.ema.module), tmp / "flow_ema.safetensors")
+            save_tensors(tensors_of(self.energy), tmp / "energy.safetensors")
+            save_tensors(tensors_of(self.flow), tmp / "flow.safetensors")
+            save_tensors(tensors_of(self.ema.module), tmp / "flow_ema.safetensors")
             optim_meta = {}
             for name, opt in (("energy", self.opt_energy), ("sampler", self.opt_sampler)):
-                tensors, meta = _optimizer_to_files(opt)
-                _save_safetensors(tensors, tmp / f"optim_{name}.safetensors")
+                tensors, meta = optimizer_to_files(opt)
+                save_tensors(tensors, tmp / f"optim_{name}.safetensors")
                 optim_meta[name] = meta
             (tmp / "optim.json").write_text(json.dumps(optim_meta))
             state = dataclasses.asdict(self.state) | {"ema_updates": self.ema.updates}
@@ -964,7 +535,7 @@ class _Trainer:
         return final
 
     def _prune_checkpoints(self) -> None:
-        ckpts = _checkpoint_dirs(self.ckpt_root)
+        ckpts = checkpoint_dirs(self.ckpt_root)
         keep = {s for s, _ in ckpts[-self.config.keep_checkpoints:]}
         if self.state.best_step is not None:
             keep.add(self.state.best_step)
@@ -980,9 +551,9 @@ class _Trainer:
                 "resume with the same number of processes, or start a new --out."
             )
         try:
-            self.energy.load_state_dict(_load_safetensors(path / "energy.safetensors", self.device))
-            self.flow.load_state_dict(_load_safetensors(path / "flow.safetensors", self.device))
-            self.ema.module.load_state_dict(_load_safetensors(path / "flow_ema.safetensors", self.device))
+            self.energy.load_state_dict(load_tensors(path / "energy.safetensors", self.device))
+            self.flow.load_state_dict(load_tensors(path / "flow.safetensors", self.device))
+            self.ema.module.load_state_dict(load_tensors(path / "flow_ema.safetensors", self.device))
         except RuntimeError as exc:
             raise LatentPriorError(
                 f"{path} does not fit the networks of this config ({str(exc).splitlines()[0]}); resume with the architecture "
@@ -991,17 +562,17 @@ class _Trainer:
         try:  # `fit` read every file first (_check_checkpoint); what remains is their content
             optim_meta = json.loads((path / "optim.json").read_text())
             for name, opt in (("energy", self.opt_energy), ("sampler", self.opt_sampler)):
-                _optimizer_from_files(opt, _load_safetensors(path / f"optim_{name}.safetensors"), optim_meta[name])
+                optimizer_from_files(opt, load_tensors(path / f"optim_{name}.safetensors"), optim_meta[name])
             rng_file = path / f"rng-rank{self.rank}.safetensors"
-            _rng_from_files(self.generator, _load_safetensors(rng_file), json.loads((path / f"rng-rank{self.rank}.json").read_text()))
+            rng_from_files(self.generator, load_tensors(rng_file), json.loads((path / f"rng-rank{self.rank}.json").read_text()))
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise LatentPriorError(
                 f"{path}: the checkpoint's optimizer or random state is damaged ({type(exc).__name__}: {exc}); delete {path} "
                 "to resume from the checkpoint before it, or start a new --out."
             ) from None
         self.ema.updates = int(state.pop("ema_updates", 0))
-        known = {f.name for f in dataclasses.fields(_RunState)}
-        self.state = _RunState(**{k: v for k, v in state.items() if k in known})
+        known = {f.name for f in dataclasses.fields(RunState)}
+        self.state = RunState(**{k: v for k, v in state.items() if k in known})
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -1041,8 +612,8 @@ class _Trainer:
         if not torch.isfinite(samples).all():
             return float("inf"), 0.0, 0.0
         m = len(self.eval_val_idx)
-        repeats = min(len(self._fd_reference), len(samples)) // m if m > _PRECISION_NEIGHBOURS else 0
-        pr = [precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m], k=_PRECISION_NEIGHBOURS)
+        repeats = min(len(self._fd_reference), len(samples)) // m if m > PRECISION_NEIGHBOURS else 0
+        pr = [precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m], k=PRECISION_NEIGHBOURS)
               for r in range(repeats)]
         precision = sum(p.precision for p in pr) / repeats if repeats else float("nan")
         recall = sum(p.recall for p in pr) / repeats if repeats else float("nan")
@@ -1107,7 +678,7 @@ class _Trainer:
             # both their spread (FD) and their sharpness (precision; a NaN, from too few held-out items, never blocks).
             ref_precision = s.reference.get("val_precision", float("nan")) if s.reference else float("nan")
             eligible = (eligible and gain >= s.reference["val_gain_nats"] and fd <= s.reference["val_fd"]
-                        and not precision < ref_precision - _PRECISION_TOLERANCE)
+                        and not precision < ref_precision - PRECISION_TOLERANCE)
         if eligible and (s.best_value is None or value > s.best_value):
             s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
         else:
@@ -1123,7 +694,7 @@ class _Trainer:
             return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
         return ("lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
                 f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
-                f"at most {_PRECISION_TOLERANCE:g} below it "
+                f"at most {PRECISION_TOLERANCE:g} below it "
                 "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)")
 
     def _what_the_phases_add(self) -> dict[str, Any]:
@@ -1157,7 +728,7 @@ class _Trainer:
         measured = {"sampler_loss": float(stats[0]), "forward_kl": float(stats[0]), "sampler_grad_norm": float(grad_norm)}
         self._check_divergence(measured)
         # The energy and the log Z bound are not part of the warm-up: NaN (a gap in metrics.csv and its plots).
-        out = {k: float("nan") for k in _STAT_KEYS} | measured
+        out = {k: float("nan") for k in STAT_KEYS} | measured
         self.opt_sampler.step()
         self.ema.update(self.flow)
         return out
@@ -1251,7 +822,7 @@ class _Trainer:
             what = f"|E| reached {stats['max_abs_energy']:.3g} nats (> --divergence-threshold {self.config.divergence_threshold:g})"
         if what is None:
             return
-        ckpts = _checkpoint_dirs(self.ckpt_root)
+        ckpts = checkpoint_dirs(self.ckpt_root)
         last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet"
         raise RunFailed(
             f"training diverged at step {self.state.step + 1} ({what}); {last}. Try a lower --lr-energy / --lr-sampler "
@@ -1271,12 +842,12 @@ class _Trainer:
             self.state.warmup_steps = min(c.warmup_steps, c.steps // 2)
             if self.state.warmup_steps == 0:
                 self._end_warmup()
-        metrics = _MetricsCSV(self.train_dir / "metrics.csv", self.state.step if resume_from else None) if self.is_main else None
+        metrics = MetricsCSV(self.train_dir / "metrics.csv", self.state.step if resume_from else None) if self.is_main else None
         if self.state.step == 0 and not self.state.history:
             # The initialized model is the first candidate: with an EM-initialized base, the GMM itself.
             result = self._evaluate_candidate()
             if metrics is not None:
-                metrics.append({**{k: result[k] for k in _EVAL_KEYS}, "step": 0, "epoch": 0, "seconds": 0.0})
+                metrics.append({**{k: result[k] for k in EVAL_KEYS}, "step": 0, "epoch": 0, "seconds": 0.0})
             self.save_checkpoint()
         if self.state.step >= c.steps or self.state.stopped_early:
             return
@@ -1296,7 +867,7 @@ class _Trainer:
                 self.state.step += 1
                 self.state.epoch, self.state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
                 self.state.seconds = time.perf_counter() - start
-                for k in _STAT_KEYS:
+                for k in STAT_KEYS:
                     window[k] = window.get(k, 0.0) + stats[k]
                 window_n += 1
                 row: dict[str, Any] | None = None
@@ -1312,7 +883,7 @@ class _Trainer:
                     window, window_n = {}, 0
                 if evaluate:
                     result = self._evaluate_candidate()
-                    row = {**(row or {}), **{k: result[k] for k in _EVAL_KEYS}}
+                    row = {**(row or {}), **{k: result[k] for k in EVAL_KEYS}}
                 if row is not None:
                     row.update(step=self.state.step, epoch=self.state.epoch, seconds=round(self.state.seconds, 3),
                                lr_sampler=float(self.opt_sampler.param_groups[0]["lr"]))
@@ -1345,10 +916,10 @@ class _Trainer:
 
         s = self.state
         chosen_step = s.best_step if s.best_step is not None else s.step
-        chosen = self.ckpt_root / f"{_STEP_PREFIX}{chosen_step:07d}"
+        chosen = self.ckpt_root / f"{STEP_PREFIX}{chosen_step:07d}"
         if chosen_step != s.step:
-            self.energy.load_state_dict(_load_safetensors(chosen / "energy.safetensors", self.device))
-            self.ema.module.load_state_dict(_load_safetensors(chosen / "flow_ema.safetensors", self.device))
+            self.energy.load_state_dict(load_tensors(chosen / "energy.safetensors", self.device))
+            self.ema.module.load_state_dict(load_tensors(chosen / "flow_ema.safetensors", self.device))
         result = self.evaluate(self.config.log_z_samples)
         summary = {
             "steps": s.step,
@@ -1427,7 +998,7 @@ def _clip(params: Any, max_norm: float) -> torch.Tensor:
 
 
 def _identity(config_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config_dict.items() if k not in _COSMETIC_FIELDS}
+    return {k: v for k, v in config_dict.items() if k not in COSMETIC_FIELDS}
 
 
 #: What a fit writes into --out besides train/fit_config.json: a folder holding either without that file is not
@@ -1456,7 +1027,7 @@ def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         try:
-            return _load_safetensors(path / name)
+            return load_tensors(path / name)
         except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a truncated or garbled file
             raise damaged(name, exc) from None
 
@@ -1492,7 +1063,7 @@ def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
 def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
     """Check `out` against the run it may already hold; return the checkpoint to resume from, if any."""
     saved = out / TRAIN_DIR / "fit_config.json"
-    ckpts = _checkpoint_dirs(out / TRAIN_DIR / "checkpoints")
+    ckpts = checkpoint_dirs(out / TRAIN_DIR / "checkpoints")
     for old in (out, out / PRIOR_DIR):  # --out of `fit --latents`, the prior/ of `fit` on images
         if (old / "fit_config.json").is_file():
             raise LatentPriorError(
@@ -1517,7 +1088,7 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
                 "that run with these settings."
             )
         if not same and is_main:
-            changed = [k for k in sorted(set(old) | set(new)) if k not in _COSMETIC_FIELDS and old.get(k) != new.get(k)]
+            changed = [k for k in sorted(set(old) | set(new)) if k not in COSMETIC_FIELDS and old.get(k) != new.get(k)]
             print(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     elif out.is_dir() and any((out / name).exists() or (out / name).is_symlink() for name in _FIT_FILES):
         found = [name for name in _FIT_FILES if (out / name).exists() or (out / name).is_symlink()]
@@ -1571,7 +1142,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
     elif config.latents is None:
         config = dataclasses.replace(config, latents=getattr(latents, "path", None) and str(latents.path) or f"<{type(latents).__name__}>")
     config = resolve_objective(config)
-    _check_config(config)
+    check_config(config)
     source = _open_source(latents)
     if isinstance(latents, (str, os.PathLike)):
         config = dataclasses.replace(config, latents=str(Path(latents).resolve()))
