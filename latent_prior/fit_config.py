@@ -79,7 +79,7 @@ SEEDS = _SeedOffsets()
 #: flow_base_components=0 chooses among these, for a full-covariance base of at most FULL_BASE_BUDGET values
 #: (K·D²: 10 components at 4×8×8 = 256 dims, whose per-step cost on 2 CPU cores was the largest we accepted)
 BASE_COMPONENT_CHOICES = (10, 20, 40)
-#: the k-means starts of EM scored for each K (each its own candidate: see _Trainer._choose_base)
+#: the k-means starts of EM scored for each K (each its own candidate: see Trainer._choose_base)
 BASE_EM_SEEDS = (0, 1, 2)
 FULL_BASE_BUDGET = 10 * 256**2
 #: relative held-out FD a larger mixture may lose against the first choice and still be chosen: a sanity bound,

@@ -107,7 +107,7 @@ if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
     from latent_prior.prior import LatentPrior
 
-__all__ = ["FitConfig", "OBJECTIVES", "fit", "run_fit", "resolve_objective", "energy_loss", "sampler_loss", "validation_split"]
+__all__ = ["FitConfig", "OBJECTIVES", "Trainer", "fit", "run_fit", "resolve_objective", "energy_loss", "sampler_loss", "validation_split"]
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -307,8 +307,10 @@ class _EMA:
 # the trainer
 
 
-class _Trainer:
-    """One fit: builds everything from a resolved FitConfig, trains, selects, exports."""
+class Trainer:
+    """One fit: builds the networks, optimizers and data stream from a resolved FitConfig, trains them
+    (`train`), selects a checkpoint and exports it (`export`). `fit` is the entry point that prepares --out
+    and the Accelerator and drives it; use it, unless you need the steps one by one."""
 
     def __init__(self, config: FitConfig, source: Any, out: Path, accelerator: Any) -> None:
         self.config, self.source, self.out, self.acc = config, source, out, accelerator
@@ -1006,7 +1008,7 @@ def _identity(config_dict: dict[str, Any]) -> dict[str, Any]:
 _FIT_FILES = (PRIOR_DIR, TRAIN_DIR)
 
 
-def _check_checkpoint(path: Path, trainer: _Trainer) -> None:
+def _check_checkpoint(path: Path, trainer: Trainer) -> None:
     """Read every file of the checkpoint a resume starts from and check its weights against the trainer's
     networks, before anything is written: a damaged checkpoint, or one of other networks, is refused here
     with one sentence instead of failing after fit_config.json was rewritten."""
@@ -1162,7 +1164,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         threads.enter_context(cpu_threads(config.cpu_threads))  # latent_prior.threads: one, unless the user chose
     try:
         resume_from = _prepare_out(out, config, accelerator.is_main_process)
-        trainer = _Trainer(config, source, out, accelerator)  # checks the data against the batch size; writes nothing
+        trainer = Trainer(config, source, out, accelerator)  # checks the data against the batch size; writes nothing
         if resume_from is not None:
             _check_checkpoint(resume_from, trainer)  # reads only: a refused resume leaves --out as it was
         trainer.tracking = tracking
