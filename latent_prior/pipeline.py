@@ -475,7 +475,7 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
 def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: Any) -> None:
     from latent_prior.cache import open_latents
     from latent_prior.prior import LatentPrior
-    from latent_prior.train import fit, plot_training_curves
+    from latent_prior.train import fit, plot_training_curves, recorded_split
 
     is_main = state.is_main_process
     cache_dir, prior_dir = run_dir / "cache", run_dir / PRIOR_DIR
@@ -528,7 +528,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     plot_training_curves(run_dir, prior)
     timings["training_plot"] = {"seconds": time.perf_counter() - t0, "reused": False}
     t0 = time.perf_counter()
-    train_idx, heldout_idx = report.split_indices(len(source), config.validation_fraction, config.seed)
+    train_idx, heldout_idx = recorded_split(prior.training_info, len(source))
     on_training = len(heldout_idx) < 2
     if on_training:
         print("latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "

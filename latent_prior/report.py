@@ -2,8 +2,6 @@
 
 * `plot_training(metrics_csv, png)`: the trainer's metrics.csv as curves (energies, sampler loss, the
   log Z bound, gradient norms, held-out gain and ESS at the evaluations), matplotlib's Agg backend.
-* `split_indices(n, fraction, seed)`: the trainer's train / held-out split, so that the metrics are
-  measured on latents the prior never saw.
 * `heldout_metrics(prior, source, heldout, train)`: the Gaussian, GMM and EVaLP priors side by side
   (`latent_prior.evaluate.latent_report`), plus its markdown table.
 * `write_report(run_dir, facts)`: report.json (every fact) and report.md (for people).
@@ -22,7 +20,7 @@ import numpy as np
 
 from latent_prior.files import atomic_write_text
 
-__all__ = ["plot_training", "split_indices", "heldout_metrics", "write_report", "read_metrics_csv"]
+__all__ = ["plot_training", "heldout_metrics", "write_report", "read_metrics_csv"]
 
 #: Panels of training.png: (title, y label, [(column, legend label)], log scale?).
 _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...], bool], ...] = (
@@ -96,13 +94,6 @@ def plot_training(metrics_csv: str | os.PathLike, png: str | os.PathLike, select
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
-
-
-def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) item indices of a cache of n latents: exactly the trainer's split."""
-    from latent_prior.train import validation_split  # one definition of the split, shared with the trainer
-
-    return validation_split(n, validation_fraction, seed)
 
 
 def heldout_metrics(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, *, samples: int = 2000,

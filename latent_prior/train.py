@@ -138,6 +138,19 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def recorded_split(training_info: dict[str, Any] | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of the n latents a prior was fitted on, as its config.json recorded them
+    (`training.validation_items`); a prior of latent-prior 0.1.0, which did not record them, gets
+    `validation_split` rebuilt from its recorded validation_fraction and seed."""
+    info = training_info or {}
+    items = info.get("validation_items")
+    if isinstance(items, list) and all(isinstance(i, int) and 0 <= i < n for i in items):
+        val = np.array(sorted(set(items)), dtype=np.int64)
+        return np.setdiff1d(np.arange(n), val), val
+    config = info.get("config") or {}
+    return validation_split(n, float(config.get("validation_fraction", 0.0)), int(config.get("seed", 0)))
+
+
 def _subset(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """A fixed random subset of at most `limit` of `indices`, sorted."""
     if len(indices) <= limit:
@@ -974,6 +987,7 @@ class Trainer:
                 "latent_prior_version": __version__,
                 "summary": summary,
                 "history": s.history,
+                "validation_items": [int(i) for i in self.val_idx],  # the held-out split, for eval and the report
             }
             prior = LatentPrior(
                 copy.deepcopy(self.energy).eval(), copy.deepcopy(self.ema.module).eval(),

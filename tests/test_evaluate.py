@@ -134,6 +134,19 @@ def test_heldout_elbo_gain_agrees_with_the_fit_summary(mix):
     assert whole["std_err_nats"] == pytest.approx(gain["std_err_nats"], rel=0.3)
 
 
+def test_the_prior_records_its_held_out_split_and_an_old_prior_gets_it_rebuilt(mix):
+    from latent_prior.train import recorded_split, validation_split
+
+    _, prior_dir, prior = mix
+    train, val = validation_split(600, 0.1, 0)
+    saved = json.loads((prior_dir / "prior" / "config.json").read_text())["training"]
+    assert saved["validation_items"] == val.tolist()
+    got_train, got_val = recorded_split(saved, 600)
+    assert got_val.tolist() == val.tolist() and got_train.tolist() == train.tolist()
+    old = {k: v for k, v in saved.items() if k != "validation_items"}  # written by latent-prior 0.1.0
+    assert [a.tolist() for a in recorded_split(old, 600)] == [train.tolist(), val.tolist()]
+
+
 def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     out = tmp_path / "report.json"

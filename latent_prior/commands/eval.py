@@ -120,8 +120,7 @@ class _Training:
         info = prior.training_info or {}
         config = info.get("config") or {}
         self.path = config.get("latents") or info.get("latents")
-        self.seed = int(config.get("seed", 0))
-        self.validation_fraction = float(config.get("validation_fraction", 0.0))
+        self.info = info
         summary = info.get("summary") or {}
         self.count = (summary["num_train"] + summary["num_validation"]) if "num_train" in summary and "num_validation" in summary else None
         if self.path and not Path(self.path).exists():
@@ -136,10 +135,10 @@ class _Training:
         return _same_file(path, self.path) and (self.count is None or self.count == len(source))
 
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(train, validation) indices exactly as `latent_prior.train.fit` drew them."""
-        from latent_prior.train import validation_split
+        """(train, validation) indices exactly as `latent_prior.train.fit` drew them (`recorded_split`)."""
+        from latent_prior.train import recorded_split
 
-        return validation_split(n, self.validation_fraction, self.seed)
+        return recorded_split(self.info, n)
 
     def open(self, path: str | None, prior: Any, prior_dir: str, allow_other_weights: bool) -> tuple[Any, np.ndarray] | None:
         """The training latents the user named with --train-latents and their training indices (all of them
@@ -293,10 +292,11 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
             reference = f"--latents {config.latents} ({len(train_idx)} latents)"
     else:
         source = latents
-        if training.is_source(config.latents, latents) and training.validation_fraction > 0:
-            train_idx, heldout = training.split(len(latents))
+        split = training.split(len(latents)) if training.is_source(config.latents, latents) else None
+        if split is not None and len(split[1]):
+            train_idx, heldout = split
             evaluated = (f"the prior's validation split of --latents {config.latents}: {len(heldout)} of {len(latents)} latents "
-                         f"(held out by fit with seed {training.seed}, validation fraction {training.validation_fraction:g})")
+                         "(held out by fit, as the prior recorded them)")
             train_source, reference = latents, f"its training split ({len(train_idx)} latents)"
         elif training.is_source(config.latents, latents):
             heldout = train_idx = np.arange(len(latents))
