@@ -630,16 +630,14 @@ class LatentSource:
                 w_ids, w_mean = w_ids[perm], w_mean[perm]
                 w_logvar = None if w_logvar is None else w_logvar[perm]
             full = len(w_ids) // global_batch * global_batch
-            for g in range(0, full, global_batch):
-                sl = slice(g + rank * batch_size, g + (rank + 1) * batch_size)
+            for share in rank_shares(np.arange(full), batch_size, rank, world_size, drop_last=True):
+                sl = slice(int(share[0]), int(share[-1]) + 1)  # a share is a run of consecutive rows
                 yield emit(w_ids[sl], w_mean[sl], None if w_logvar is None else w_logvar[sl])
             carry_ids, carry_mean = w_ids[full:], w_mean[full:]
             carry_logvar = None if w_logvar is None else w_logvar[full:]
-        if len(carry_ids) and not drop_last:
-            share = np.array_split(np.arange(len(carry_ids)), world_size)[rank]
-            if len(share):
-                sl = slice(int(share[0]), int(share[-1]) + 1)
-                yield emit(carry_ids[sl], carry_mean[sl], None if carry_logvar is None else carry_logvar[sl])
+        for share in rank_shares(np.arange(len(carry_ids)), batch_size, rank, world_size, drop_last):
+            sl = slice(int(share[0]), int(share[-1]) + 1)
+            yield emit(carry_ids[sl], carry_mean[sl], None if carry_logvar is None else carry_logvar[sl])
 
     # -- validation -------------------------------------------------------------------------------
     def check_finite(self) -> None:
@@ -760,7 +758,8 @@ class EncodedLatents:
 def rank_shares(items: np.ndarray, batch_size: int, rank: int, world_size: int, drop_last: bool) -> list[np.ndarray]:
     """Rank `rank`'s batches of one epoch in the order `items`: global batches of batch_size * world_size items,
     of which the rank takes its slice; the last partial global batch is dropped with `drop_last`, otherwise split
-    as evenly as possible across the ranks. (`LatentSource.iter_moments` does the same per streamed window.)"""
+    as evenly as possible across the ranks. `EncodedLatents` cuts its whole epoch with it, `LatentSource` each
+    streamed window and the rows carried past the last one."""
     global_batch = batch_size * world_size
     full = len(items) // global_batch * global_batch
     shares = [items[g + rank * batch_size: g + (rank + 1) * batch_size] for g in range(0, full, global_batch)]

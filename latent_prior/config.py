@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import linecache
 import re
 import types
 import typing
@@ -46,6 +47,21 @@ def _default_of(f: dataclasses.Field) -> Any:
 FIRST_GROUP = "data and output"
 
 
+def _class_body(klass: type) -> list[str] | None:
+    """The source lines of a top-level class's body, found by a line scan (inspect.getsource parses the whole
+    module, which cost ~150 ms on every command line); None when the source is not available."""
+    try:
+        path = inspect.getsourcefile(klass)
+    except TypeError:
+        return None
+    lines = linecache.getlines(path) if path else []
+    start = next((i for i, line in enumerate(lines) if re.match(rf"class {klass.__name__}\b", line)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()), len(lines))
+    return [line.rstrip("\n") for line in lines[start + 1:end]]
+
+
 def field_groups(cls: type) -> dict[str, str]:
     """{field name: help group}, read from the "# -- TITLE" comments that divide a config dataclass (and the
     dataclasses it extends) into sections; a field redefined by a subclass takes the subclass's section. Empty
@@ -54,12 +70,11 @@ def field_groups(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        try:
-            lines = inspect.getsource(klass).splitlines()
-        except (OSError, TypeError):
+        lines = _class_body(klass)
+        if lines is None:
             return {}
         title = FIRST_GROUP
-        for line in lines[1:]:
+        for line in lines:
             if match := re.match(r"^    # -- (.+?)(?: \(.*\))?$", line):
                 title = match.group(1)
             elif match := re.match(r"^    (\w+)\s*:", line):

@@ -116,7 +116,7 @@ class RunConfig(FitConfig):
             "sampler (one flow pass), sir or langevin", "choices": SAMPLE_METHODS})
     report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
     overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, "
-            "cache/, prior/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
+            "cache/, prior/, train/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
             "and start over"})
 
     def fit_config(self) -> FitConfig:
