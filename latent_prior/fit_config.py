@@ -56,6 +56,14 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 #: even when they are C×H×W. Measured on the embedded default's 4×8×8 latents (bench/prior.py,
 #: docs/prior-development.md): flat networks reached the GMM's latent FD, the conv/multi-scale pair did not.
 SMALL_LATENT_DIMS = 1024
+#: Latents of more than SUBSPACE_MIN_DIMS and at most SUBSPACE_MAX_DIMS dimensions (4×16×16, 32×8×8, 4×32×32) get
+#: the subspace flow under flow_kind=auto: a full-covariance mixture start and flat networks on their leading
+#: principal axes, a Gaussian with their own covariance on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims
+#: the full-covariance base covers every dimension; above 4096 the D×D basis (64 MB at 4096) and its
+#: eigendecomposition (10 s at 4096 on 2 cores, 8× that per doubling of D) grow too large, and the multi-scale flow
+#: takes over.
+SUBSPACE_MIN_DIMS = 512
+SUBSPACE_MAX_DIMS = 4096
 @dataclass(frozen=True)
 class _SeedOffsets:
     """Every random stream of a fit is seeded as `seed + offset`: one named offset per stream, so no two
@@ -129,12 +137,17 @@ class FitConfig:
     energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
     energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
     spectral_norm: bool = field(default=False, metadata={"help": "spectral-normalize the energy's hidden layers"})
-    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (multiscale for C×H×W latents of "
-            "more than 1024 dimensions, else realnvp), realnvp, spline or multiscale", "choices": ("auto", "realnvp", "spline", "multiscale")})
+    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (realnvp up to 512 latent dims, "
+            "subspace from 513 to 4096, multiscale above for C×H×W latents), realnvp, spline, multiscale or subspace (a "
+            "realnvp on the latents' leading principal axes, see --flow-subspace-dims)",
+            "choices": ("auto", "realnvp", "spline", "multiscale", "subspace")})
     flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per "
             "scale (multiscale); the flow's default when left out"})
     flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
+    flow_subspace_dims: int = field(default=256, metadata={"help": "subspace flow: principal axes of the latents that "
+            "the flow and its mixture base model (the rest get a Gaussian with the latents' covariance); flow-kind "
+            "auto picks the subspace flow for latents of 513 to 4096 dims"})
     flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
             "the flow's default when left out"})
     flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "
@@ -251,6 +264,7 @@ def check_config(config: FitConfig) -> None:
     need(not (c.flow_base_covariance == "full" and c.flow_base_init == "kmeans"), "flow_base_covariance", c.flow_base_covariance,
          "full covariances need --flow-base-init em")
     need(c.select_by in ("gain_and_fd", "gain"), "select_by", c.select_by, "choose gain_and_fd or gain")
+    need(c.flow_subspace_dims >= 2, "flow_subspace_dims", c.flow_subspace_dims, "pass at least 2 principal axes")
     need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")
 
 

@@ -5,7 +5,7 @@ z (N, *latent_shape) in normalized latent space. log q(z) is exact by the change
 
     log q(z) = log N(ε; 0, T²·I) + log |det ∂ε/∂z|,    ε = f⁻¹(z),
 
-in nats per latent (summed over all D dimensions). Two families:
+in nats per latent (summed over all D dimensions). Three families:
 
 * `RealNVP`: flat latents (D,) (any shape is flattened). Each block is ActNorm -> invertible
   linear map (LU-parameterized, mixes all dimensions) -> coupling; couplings alternate which half
@@ -14,6 +14,8 @@ in nats per latent (summed over all D dimensions). Two families:
 * `MultiScaleFlow`: spatial latents (C, H, W), RealNVP/Glow multi-scale: at each scale,
   checkerboard affine couplings, squeeze (space-to-depth), ActNorm + invertible 1×1 conv +
   channel-wise affine couplings, then half the channels are factored out to the base.
+* `SubspaceFlow`: many latent dims (4×16×16, 4×32×32): a fixed rotation onto the latents' principal axes
+  (`PrincipalBasis`), a `RealNVP` with its mixture base on the leading whitened axes, N(0, I) on the rest.
 
 ActNorm, never BatchNorm: log q(z) of a sample must not depend on the rest of its batch. ActNorm's
 data-dependent init runs once, through `Flow.initialize(z)`, and is recorded in the `initialized`
@@ -42,9 +44,9 @@ from torch.nn import functional as F
 from latent_prior.errors import LatentPriorError
 from latent_prior.sampling import log_standard_normal
 
-__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
+__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "SubspaceFlow", "PrincipalBasis", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
 
-FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale")
+FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale", "subspace")
 #: Covariances of a mixture base's components, and how the mixture is initialized from the `initialize`
 #: batch: "kmeans" (centroids, per-cluster std, diagonal only) or "em" (the GMM that EM fits, as
 #: `latent_prior.baselines.GMMPrior` does for the baseline that the prior must beat).
@@ -972,15 +974,178 @@ class MultiScaleFlow(Flow):
         return x, log_det
 
 
-_FLOW_CLASSES: dict[str, type[Flow]] = {"realnvp": RealNVP, "multiscale": MultiScaleFlow}
+class PrincipalBasis:
+    """The principal axes of latents (N, D): mean m (D,), orthonormal directions U (D, D) by decreasing variance,
+    and their standard deviations s (D,). `whiten(z) = ((z − m)·U) / s` maps the latents to coordinates with
+    identity covariance, the leading ones carrying the most variance; `unwhiten` inverts it.
+
+    With fewer latents than dims (a deterministic cache of 2,700 items at 4×32×32) the trailing directions have no
+    variance in the sample, but held-out latents do: they get the smallest variance the sample does measure (a flat
+    tail, rather than the 0 that would give held-out latents a log-density of −∞ there). Every variance is also
+    floored at `VARIANCE_FLOOR` × their mean (collapsed latent dims)."""
+
+    VARIANCE_FLOOR = 1e-3
+
+    def __init__(self, mean: torch.Tensor, directions: torch.Tensor, log_std: torch.Tensor) -> None:
+        self.mean, self.directions, self.log_std = mean, directions, log_std
+
+    @classmethod
+    def fit(cls, z: torch.Tensor) -> "PrincipalBasis":
+        """From latents z (N, *shape), N >= 2, in float64 (the float32 tensors returned follow z's device)."""
+        x = z.flatten(1).double()
+        mean = x.mean(0)
+        centered = x - mean
+        variances, directions = torch.linalg.eigh(centered.T @ centered / max(1, len(x) - 1))
+        variances, directions = variances.flip(0), directions.flip(1)
+        # A fixed sign per direction (its largest entry positive), so the same latents give the same basis.
+        signs = torch.sign(directions.gather(0, directions.abs().argmax(0, keepdim=True)))
+        directions = directions * torch.where(signs == 0, torch.ones_like(signs), signs)
+        rank = min(len(x) - 1, len(variances))
+        variances[rank:] = variances[rank - 1]
+        variances = variances.clamp_min(cls.VARIANCE_FLOOR * float(variances.clamp_min(0).mean()) + 1e-12)
+        return cls(mean.float(), directions.float(), 0.5 * variances.log().float())
+
+    def whiten(self, z: torch.Tensor, dims: int | None = None) -> torch.Tensor:
+        """The first `dims` (all by default) whitened coordinates of latents z (N, *shape) -> (N, dims)."""
+        u = self.directions if dims is None else self.directions[:, :dims]
+        s = self.log_std if dims is None else self.log_std[:dims]
+        return ((z.flatten(1) - self.mean.to(z.dtype)) @ u.to(z.dtype)) * torch.exp(-s.to(z.dtype))
+
+    def unwhiten(self, y: torch.Tensor) -> torch.Tensor:
+        """Latents (N, D) from all D whitened coordinates y (N, D): the inverse of `whiten`."""
+        return (y * torch.exp(self.log_std.to(y.dtype))) @ self.directions.T.to(y.dtype) + self.mean.to(y.dtype)
+
+    def lift(self, leading: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents (N, D) whose first r whitened coordinates are `leading` (N, r) and whose others are drawn from
+        N(0, I): how a model of the leading coordinates samples latents."""
+        rest = torch.randn(len(leading), self.mean.numel() - leading.shape[1], generator=generator,
+                           device=generator.device if generator is not None else leading.device).to(leading)
+        return self.unwhiten(torch.cat([leading, rest], dim=1))
+
+
+class SubspaceFlow(Flow):
+    """Flow for many latent dims (D above `SUBSPACE_MIN_DIMS`, e.g. 4×16×16 or 4×32×32): a fixed rotation onto the
+    latents' principal axes, a `RealNVP` (with its mixture base) on the `subspace_dims` leading whitened coordinates,
+    and N(0, I) on the remaining ones.
+
+        z (N, *shape) --whiten--> y (N, D);   ε[:, :r] = RealNVP.to_base(y[:, :r]),   ε[:, r:] = y[:, r:]
+
+    so q(z) = q_r(y_r) · N(y_rest; 0, I) · |det whiten|: the flow and its mixture model where the latents have
+    most of their variance, and a Gaussian with the latents' own covariance models the rest. Why: a full-covariance
+    mixture base costs K·D² values and as many operations per latent (4096² at 4×32×32), and a diagonal one loses
+    every correlation between latent pixels; on the leading 256 axes the full-covariance GMM start and the flat
+    networks are those that fit the 4×8×8 latents. The basis is fitted by `initialize` (or given to it) and saved
+    with the weights (the buffers `basis_mean`, `basis_directions`, `basis_log_std`: D² values).
+
+    Args: latent_shape (any shape, D = prod >= 2); subspace_dims r (capped at D); the rest as `RealNVP`.
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int] = (4, 16, 16),
+        subspace_dims: int = 256,
+        num_blocks: int = 8,
+        hidden: int = 256,
+        num_layers: int = 2,
+        coupling: str = "affine",
+        num_bins: int = 8,
+        tail_bound: float = 3.0,
+        base_components: int = 1,
+        base_covariance: str = "diag",
+        base_init: str = "kmeans",
+    ) -> None:
+        super().__init__(latent_shape)
+        if self.dim < 2:
+            raise LatentPriorError(f"SubspaceFlow needs at least 2 latent dimensions, latent_shape={self.latent_shape} has {self.dim}.")
+        self.subspace_dims = min(_positive_int("subspace_dims", subspace_dims, minimum=2), self.dim)
+        self.inner = RealNVP((self.subspace_dims,), num_blocks=num_blocks, hidden=hidden, num_layers=num_layers,
+                             coupling=coupling, num_bins=num_bins, tail_bound=tail_bound, base_components=base_components,
+                             base_covariance=base_covariance, base_init=base_init)
+        # The mixture base is the inner flow's: what the trainer and Langevin read of a base reads it here.
+        self.base_components, self.base_covariance, self.base_init = base_components, base_covariance, base_init
+        inner = {k: v for k, v in self.inner.config.items() if k not in ("kind", "latent_shape")}
+        self.config = {"kind": "subspace", "latent_shape": list(self.latent_shape), "subspace_dims": self.subspace_dims, **inner}
+        self.register_buffer("basis_mean", torch.zeros(self.dim))
+        self.register_buffer("basis_directions", torch.eye(self.dim))
+        self.register_buffer("basis_log_std", torch.zeros(self.dim))
+
+    @property
+    def basis(self) -> PrincipalBasis:
+        return PrincipalBasis(self.basis_mean, self.basis_directions, self.basis_log_std)
+
+    def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.basis.whiten(z)
+        r = self.subspace_dims
+        eps, log_det = self.inner.to_base(y[:, :r])
+        return torch.cat([eps, y[:, r:]], dim=1), log_det - self.basis_log_std.sum().to(log_det.dtype)
+
+    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.subspace_dims
+        leading, log_det = self.inner.from_base(eps[:, :r])
+        z = self.basis.unwhiten(torch.cat([leading.flatten(1), eps[:, r:]], dim=1))
+        return z.view(-1, *self.latent_shape), log_det + self.basis_log_std.sum().to(log_det.dtype)
+
+    def _rest_log_prob(self, eps: torch.Tensor, t: float) -> torch.Tensor:
+        return log_standard_normal(eps[:, self.subspace_dims:] / t) - (self.dim - self.subspace_dims) * math.log(t)
+
+    def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        t = float(temperature)
+        return self.inner.base_log_prob(eps[:, :self.subspace_dims], t) + self._rest_log_prob(eps, t)
+
+    def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        t = float(temperature)
+        return self.inner.component_log_probs(eps[:, :self.subspace_dims], t) + self._rest_log_prob(eps, t)[:, None]
+
+    def from_standard(self, xi: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        r = self.subspace_dims
+        return torch.cat([self.inner.from_standard(xi[:, :r], k), xi[:, r:]], dim=1)
+
+    def to_standard(self, u: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        r = self.subspace_dims
+        return torch.cat([self.inner.to_standard(u[:, :r], k), u[:, r:]], dim=1)
+
+    def sample_components(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.sample_components(n, generator)
+
+    @torch.no_grad()
+    def initialize(self, z: torch.Tensor, *, force: bool = False, mixture: Any = None, basis: PrincipalBasis | None = None) -> bool:
+        """Fit the principal basis to z (N, *latent_shape), or take `basis` (a `PrincipalBasis` of these latents),
+        then initialize the inner flow on the leading whitened coordinates; `mixture` is a full-covariance GMM
+        fitted in those coordinates (`basis.whiten(z, subspace_dims)`). See `Flow.initialize`."""
+        if self.is_initialized and not force:
+            return False
+        self._check_latents(z, "SubspaceFlow.initialize")
+        if z.shape[0] < 2 or not torch.isfinite(z).all():
+            raise LatentPriorError("SubspaceFlow.initialize needs at least 2 finite latents; check the cache for NaN/inf values.")
+        device, dtype = self._device_dtype()
+        basis = basis or PrincipalBasis.fit(z)
+        self.basis_mean.copy_(basis.mean)
+        self.basis_directions.copy_(basis.directions)
+        self.basis_log_std.copy_(basis.log_std)
+        self.inner.initialize(self.basis.whiten(z.to(device=device, dtype=dtype), self.subspace_dims), force=True, mixture=mixture)
+        self.initialized.fill_(1)
+        return True
+
+    @torch.no_grad()
+    def refit_mixture_weights(self, z: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+        self._check_latents(z, "SubspaceFlow.refit_mixture_weights")
+        device, dtype = self._device_dtype()
+        return self.inner.refit_mixture_weights(self.basis.whiten(z.to(device=device, dtype=dtype), self.subspace_dims), chunk=chunk)
+
+    def _base_config(self) -> dict[str, Any]:
+        return self.inner._base_config()
+
+
+_FLOW_CLASSES: dict[str, type[Flow]] = {"realnvp": RealNVP, "multiscale": MultiScaleFlow, "subspace": SubspaceFlow}
 
 
 def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any) -> Flow:
     """Build a flow for latents of `latent_shape`; `build_flow(**flow.config)` rebuilds `flow`.
 
     kind: "auto" (RealNVP for flat (D,) latents, MultiScaleFlow for (C, H, W)), "realnvp",
-    "spline" (RealNVP with rational-quadratic spline couplings) or "multiscale".
-    Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`).
+    "spline" (RealNVP with rational-quadratic spline couplings), "multiscale" or "subspace" (`SubspaceFlow`; the
+    trainer's flow_kind=auto takes it for 513 to 4096 latent dims).
+    Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`, `SubspaceFlow`).
     """
     shape = _latent_shape(latent_shape)
     if kind not in FLOW_KINDS:

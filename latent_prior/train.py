@@ -94,6 +94,8 @@ from latent_prior.fit_config import (
     PRECISION_TOLERANCE,
     SEEDS,
     SMALL_LATENT_DIMS,
+    SUBSPACE_MAX_DIMS,
+    SUBSPACE_MIN_DIMS,
     FitConfig,
     check_config,
     resolve_objective,
@@ -349,15 +351,37 @@ class Trainer:
                 + (", or a smaller --validation-fraction." if len(self.val_idx) else ".")
             )
         self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD and precision, fixed for the run
+        self.basis = self._fit_basis()
         self.base_components, self.base_choice, self.base_gmm = self._choose_base()
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
+    def _flow_kind(self) -> str:
+        kind, dims = self.config.flow_kind, math.prod(self.shape)
+        if kind != "auto":
+            return kind
+        if SUBSPACE_MIN_DIMS < dims <= SUBSPACE_MAX_DIMS:
+            return "subspace"
+        return "multiscale" if self._large_spatial() else "realnvp"
+
+    def _base_dims(self) -> int:
+        """Dimensions of the space the mixture base lives in: the subspace flow's leading axes, else all."""
+        dims = math.prod(self.shape)
+        return min(dims, self.config.flow_subspace_dims) if self._flow_kind() == "subspace" else dims
+
+    def _fit_basis(self) -> Any:
+        """The principal axes of the subspace flow (`PrincipalBasis`), fitted on posterior draws of the training latents
+        before the base is chosen (the candidate GMMs live on the leading axes), the same on every rank; None for
+        other flows."""
+        from latent_prior.flows import PrincipalBasis
+
+        if self._flow_kind() != "subspace":
+            return None
+        return PrincipalBasis.fit(self._base_fit_draws(self.config.seed + SEEDS.init_draws, components=1, dims=math.prod(self.shape)))
+
     def _flow_kwargs(self) -> dict[str, Any]:
         c = self.config
-        kind = c.flow_kind
-        if kind == "auto":
-            kind = "multiscale" if self._large_spatial() else "realnvp"
+        kind = self._flow_kind()
         kw: dict[str, Any] = {"kind": kind}
         kw["base_components"] = self.base_components
         if self.base_components > 1:
@@ -368,6 +392,8 @@ class Trainer:
             if c.flow_blocks is not None:
                 kw["blocks_per_scale"] = c.flow_blocks
         else:
+            if kind == "subspace":
+                kw["subspace_dims"] = c.flow_subspace_dims
             kw["hidden"] = c.flow_hidden
             if c.flow_blocks is not None:
                 kw["num_blocks"] = c.flow_blocks
@@ -377,7 +403,7 @@ class Trainer:
 
     def _base_covariance(self) -> str:
         c = self.config
-        return gmm_covariance(math.prod(self.shape)) if c.flow_base_covariance == "auto" else c.flow_base_covariance
+        return gmm_covariance(self._base_dims()) if c.flow_base_covariance == "auto" else c.flow_base_covariance
 
     def _choose_base(self) -> tuple[int, list[dict[str, Any]], Any]:
         """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
@@ -396,7 +422,7 @@ class Trainer:
         from accelerate.utils import broadcast
 
         c = self.config
-        dims = math.prod(self.shape)
+        dims = self._base_dims()
         if self._base_covariance() != "full" or c.flow_base_init != "em":
             return c.flow_base_components or BASE_COMPONENT_CHOICES[0], [], None
         if c.flow_base_components:
@@ -413,7 +439,10 @@ class Trainer:
                 for em_seed in BASE_EM_SEEDS:
                     gmm = fitted[k, em_seed] = self._base_gmm(k, em_seed)
                     gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
-                    fd, precision, recall = self._sample_scores(gmm.sample(c.fd_samples, generator=gen).flatten(1).float())
+                    samples = gmm.sample(c.fd_samples, generator=gen).flatten(1).float()
+                    if self.basis is not None:
+                        samples = self.basis.lift(samples, gen)
+                    fd, precision, recall = self._sample_scores(samples)
                     scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall})
             fd_limit = (1 + FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
@@ -430,10 +459,14 @@ class Trainer:
 
     def _base_gmm(self, components: int, em_seed: int) -> Any:
         """The GMM baseline's estimator (float64 EM, full covariances) with one k-means start `em_seed`, on the
-        training draws that also initialize the flow's ActNorms (`_base_fit_draws`)."""
+        training draws that also initialize the flow's ActNorms (`_base_fit_draws`), on the subspace flow's leading
+        whitened axes for that flow."""
         from latent_prior.baselines import GMMPrior
 
-        draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components).double().cpu()
+        draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components)
+        if self.basis is not None:
+            draws = self.basis.whiten(draws, self._base_dims())
+        draws = draws.double().cpu()
         with warnings.catch_warnings():
             # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
             # here the held-out scores above and training's model selection judge the result.
@@ -484,10 +517,11 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
 
-    def _base_fit_draws(self, seed: int, components: int | None = None) -> torch.Tensor:
-        """Posterior draws of training latents for an EM-initialized base: as many as the GMM baseline fits on
-        (several per item where the items are few for the dimension), the same on every rank and on a resume."""
-        dims = math.prod(self.shape)
+    def _base_fit_draws(self, seed: int, components: int | None = None, dims: int | None = None) -> torch.Tensor:
+        """Posterior draws of training latents for an EM-initialized base: as many as the GMM baseline fits on in
+        `dims` dimensions (the base's by default; several per item where the items are few for the dimension), the
+        same on every rank and on a resume."""
+        dims = dims or self._base_dims()
         per_item, count = gmm_fit_draws(len(self.train_idx), dims, bool(getattr(self.source, "deterministic", False)),
                                         components or self.flow.base_components)
         mean, logvar = self.source.read(_subset(self.train_idx, -(-count // per_item), self.config.seed + SEEDS.init_items))
@@ -502,7 +536,11 @@ class Trainer:
         (`_choose_base`), or else the flow's own k-means or EM on the same draws."""
         em = self.flow.base_components > 1 and self.flow.base_init == "em"
         seed = self.config.seed + SEEDS.init_draws
-        self.flow.initialize(self._base_fit_draws(seed) if em else self._initialization_draws(seed), mixture=self.base_gmm)
+        draws = self._base_fit_draws(seed) if em else self._initialization_draws(seed)
+        if self.basis is not None:
+            self.flow.initialize(draws, mixture=self.base_gmm, basis=self.basis)
+        else:
+            self.flow.initialize(draws, mixture=self.base_gmm)
         _broadcast_module(self.flow, self.acc)
         _broadcast_module(self.energy, self.acc)
 

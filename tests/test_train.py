@@ -454,3 +454,35 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     assert prior.flow.base_components == summary["base_components"]  # the exported prior records the count
     fixed = fit(str(path), out=str(tmp_path / "ten"), flow_base_components=10, **short).training_info["summary"]
     assert fixed["base_components"] == 10 and [r["components"] for r in fixed["base_choice"]] == [10, 10, 10]
+
+
+def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_of_the_leading_axes(tmp_path):
+    """Latents above SUBSPACE_MIN_DIMS: flow-kind auto takes the subspace flow, whose candidates are GMMs of the
+    leading whitened axes scored on lifted samples; the exported prior is that flow, its step 0 is the chosen GMM
+    times a Gaussian on the other axes, and it reloads with its basis. (Small latents take it when asked for, here.)"""
+    from latent_prior.flows import SubspaceFlow
+    from latent_prior.train import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(4, 6, generator=g)
+    codes = centres[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 6, generator=g)
+    mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
+    path = tmp_path / "wide.safetensors"
+    save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
+    prior = fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
+                steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+    assert isinstance(prior.flow, SubspaceFlow) and prior.flow.subspace_dims == 6 and prior.flow.base_components == 4
+    summary = prior.training_info["summary"]
+    assert [r["components"] for r in summary["base_choice"]] == [4, 4, 4]
+    with open(tmp_path / "p" / "train" / "metrics.csv") as f:
+        step0 = next(r for r in csv.DictReader(f) if r["step"] == "0")
+    chosen = next(r for r in summary["base_choice"] if r["em_seed"] == summary["base_em_seed"])
+    assert abs(float(step0["val_precision"]) - chosen["val_precision"]) < 0.05  # step 0 is the scored candidate
+    reloaded = LatentPrior.from_pretrained(tmp_path / "p" / "prior")
+    z = prior.sample(16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
+    # the automatic choice by size
+    for shape, kind in (((4, 8, 8), "realnvp"), ((4, 16, 16), "subspace"), ((4, 32, 32), "subspace"), ((4, 64, 64), "multiscale")):
+        trainer = Trainer.__new__(Trainer)
+        trainer.config, trainer.shape = FitConfig(), shape
+        assert trainer._flow_kind() == kind, shape
