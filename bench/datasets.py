@@ -43,6 +43,9 @@ Real sets (built by `load_set`, each cached under `cache_dir` where that saves t
   trained once into `cache_dir`, then reloaded. No decoder hook (the classifier judges digits only).
 * `photos-16`: the same architecture on 64-px crops of the photos resized to a 384-px short side:
   4×16×16 latents, KL weight 1e-6 (SD's order, so its posteriors are nearly deterministic), 6 epochs.
+* `photos-32`: the photos-16 VAE on 128-px crops of the photos resized to a 768-px short side: 4×32×32 latents,
+  the shape `stabilityai/sd-vae-ft-mse` gives at 256 px, from a VAE used at twice the resolution it was trained at
+  (as SD's VAE is at 512 px).
 """
 
 from __future__ import annotations
@@ -640,6 +643,12 @@ PHOTO_SETS: dict[str, dict[bool, dict[str, Any]]] = {
                   True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6)},
 }
 PHOTOS_SETTINGS = PHOTO_SETS["photos"]  # the earlier name
+#: Sets that encode larger crops with the VAE of a PHOTO_SETS entry: name -> (that entry, the crops' settings, full
+#: and --quick). Each 128-px crop at a 768-px short side covers the share of a photo that a 64-px crop does at 384 px.
+REENCODED_PHOTO_SETS: dict[str, tuple[str, dict[bool, dict[str, Any]]]] = {
+    "photos-32": ("photos-16", {False: dict(crop_size=128, photo_side=768),
+                                True: dict(crop_size=128, photo_side=768, num_train=400, num_heldout=150)}),
+}
 
 
 def photo_vae_dir(cache_dir: str | Path, quick: bool = False, name: str = "photos") -> Path:
@@ -691,7 +700,9 @@ def load_photos_set(cache_dir: str | Path, quick: bool = False, verbose: bool = 
     from bench.photos import make_patches
     from latent_prior.adapters import load_vae
 
-    directory, summary = build_photo_vae(name, cache_dir, quick, verbose)
+    vae_set, crops = REENCODED_PHOTO_SETS.get(name, (name, {quick: {}}))
+    directory, summary = build_photo_vae(vae_set, cache_dir, quick, verbose)
+    summary = {**summary, "patches": {**summary["patches"], **crops[quick]}}
     adapter = load_vae(str(directory))
     patches = make_patches(**summary["patches"])
     with torch.no_grad():
@@ -721,7 +732,7 @@ def load_photos_set(cache_dir: str | Path, quick: bool = False, verbose: bool = 
     )
 
 
-SPATIAL_VAE_SETS = ("default-vae", *PHOTO_SETS)
+SPATIAL_VAE_SETS = ("default-vae", *PHOTO_SETS, *REENCODED_PHOTO_SETS)
 REAL_SETS = (*DIGITS_SETS, *SPATIAL_VAE_SETS)
 ALL_SETS = (*SYNTHETIC_SETS, *REAL_SETS)
 
@@ -738,6 +749,6 @@ def load_set(name: str, *, cache_dir: str | Path, quick: bool = False, seed: int
         return load_digits_set(name, cache_dir, epochs=vae_epochs or (40 if quick else DIGITS_EPOCHS), verbose=verbose)
     if name == "default-vae":
         return load_default_vae_set(verbose=verbose)
-    if name in PHOTO_SETS:
+    if name in PHOTO_SETS or name in REENCODED_PHOTO_SETS:
         return load_photos_set(cache_dir, quick=quick, verbose=verbose, name=name)
     raise LatentPriorError(f"--sets: unknown latent set {name!r}; choose from {', '.join(ALL_SETS)}.")

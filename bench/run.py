@@ -15,6 +15,7 @@ Cells (bench/datasets.py builds each from data that ships offline; the VAEs are 
   default-vae  the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)
   photos       an AutoencoderKL trained on 32-px crops of the bundled photos (4×8×8)
   photos-16    an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops (4×16×16, nearly deterministic posteriors)
+  photos-32    the photos-16 AutoencoderKL on 128-px crops (4×32×32, the shape of sd-vae-ft-mse at 256 px)
 
 Methods: N(0, I), a GMM, the EVaLP sampler, EVaLP + SIR, Langevin(60) on the EVaLP energy, a latent flow-matching
 prior trained for as long as the EVaLP fit took (Heun, 63 network evaluations per sample), and (--methods) the
@@ -92,7 +93,8 @@ def cell_description(cell: str) -> str:
         return f"synthetic, known density: {SYNTHETIC[cell].description}"
     return {"default-vae": "the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)",
             "photos": "an AutoencoderKL trained by the repo on 32-px crops of the bundled photos (4×8×8)",
-            "photos-16": "an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops of the bundled photos (4×16×16)"}.get(cell, cell)
+            "photos-16": "an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops of the bundled photos (4×16×16)",
+            "photos-32": "the photos-16 AutoencoderKL on 128-px crops of the bundled photos (4×32×32)"}.get(cell, cell)
 
 
 #: method key -> table label; the keys of latent_report plus "evalp-code"
@@ -105,6 +107,15 @@ METHODS: dict[str, str] = {
     "flow-matching": "flow matching (Heun 32, 63 NFE)",
     "evalp-code": "evalp-code preset (sampler)",
 }
+def _method_label(method: str, cell: dict[str, Any]) -> str:
+    """The table label of a method in a cell: the GMM row says which covariances it has (diagonal above 512 dims)."""
+    from latent_prior.baselines import gmm_covariance
+
+    if method == "gmm" and gmm_covariance(math.prod(cell["latent_shape"])) == "diag":
+        return "GMM (10, diag cov)"
+    return METHODS[method]
+
+
 #: evalp-code is left out by default: it is the authors' recipe, kept for comparison, and a second fit per seed
 DEFAULT_METHODS = "gaussian,gmm,evalp,sir,langevin,flow-matching"
 GRID_LABELS = {"gaussian": "N(0, I)", "gmm": "GMM", "evalp": "EVaLP", "sir": "EVaLP+SIR", "langevin": "Langevin(60)",
@@ -144,7 +155,7 @@ class SuiteConfig:
     seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the "
             "draws); figures are medians over them"})
     spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, "
-            "photos-16): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
+            "photos-16, photos-32): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
     samples: int | None = field(default=None, metadata={"help": "latent samples per method and seed (flat "
             f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
             f"{QUICK_SAMPLES['spatial']})"})
@@ -161,6 +172,9 @@ class SuiteConfig:
     json_out: str = field(default="bench/results/suite.json", metadata={"flags": ("--json",), "help": "every figure of the run, for --rerender"})
     rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the markdown (and the "
             "targets) of an earlier run from its JSON, into --out"})
+    merge: str | None = field(default=None, metadata={"help": "measure nothing: add the cells of these comma-separated "
+            "JSONs of other runs (replacing cells of the same name) to the run in --json, with a note naming each run's "
+            "command, date and code, then rebuild --out from it"})
     device: str = field(default="cpu", metadata={"help": "where the priors sample (cpu or cuda); fits run where Accelerate puts them"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the "
             "load average leaves less than 1.5 cores free (bench/prior.py's rule)"})
@@ -814,7 +828,7 @@ def cell_table(cell: dict[str, Any]) -> list[str]:
                 "min_mode_ratio": _num(ref.get("min_mode_ratio", float("nan")), "num")}
         lines.append("| *held-out draws (the target)* | " + " | ".join(figs.get(key, "") for _, key, _ in cols) + " |" + " |" * len(img_cols))
     for m in cell.get("methods_run", METHODS):
-        label = METHODS[m]
+        label = _method_label(m, cell)
         agg = cell["methods"][m]
         errors = agg.get("errors") or {}
         if len(errors) == n_seeds:
@@ -1036,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = resolve(SuiteConfig, args)
+        if cfg.merge:
+            merge(Path(cfg.json_out), [Path(p) for p in cfg.merge.split(",")])
+            return rerender(Path(cfg.json_out), Path(cfg.out) if cfg.out else None)
         if cfg.rerender:
             return rerender(Path(cfg.rerender), Path(cfg.out) if cfg.out else None)
         return run(cfg, list(argv) if argv is not None else sys.argv[1:])
@@ -1044,14 +1061,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+        result["cells"], result["machine"], result["config"]  # noqa: B018 - the keys the page needs
+    except (OSError, ValueError, KeyError) as exc:
+        raise LatentPriorError(f"{path}: not a readable JSON of `python -m bench` ({exc}).") from None
+    return result
+
+
+def merge(into: Path, others: list[Path]) -> None:
+    """Add the cells of other runs to the run saved in `into` (a cell of the same name is replaced), each run's
+    command, date and code recorded as a note, and save it back: a page whose cells came from several commands
+    says which."""
+    result = _read_run(into)
+    for path in others:
+        other = _read_run(path)
+        if other["config"].get("quick") and not result["config"].get("quick"):
+            raise LatentPriorError(f"--merge {path}: a --quick run's cells cannot join a full run; measure them without --quick.")
+        result["cells"].update(other["cells"])
+        result.setdefault("notes", []).append(
+            f"cells {', '.join(other['cells'])} come from another run: `{other['command']}` ({other['machine']['date']}, "
+            f"{other['machine']['code']}, {other.get('total_seconds', float('nan')):.0f} s, load average "
+            f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})")
+    into.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
 def rerender(source: Path, out: Path | None) -> int:
     """Rebuild the markdown and the targets from a saved JSON (no measurement) into `out` (default
     docs/benchmarks.md, which a --quick run's JSON may not replace)."""
-    try:
-        result = json.loads(source.read_text())
-        result["cells"], result["machine"], result["config"]  # noqa: B018 - the keys the page needs
-    except (OSError, ValueError, KeyError) as exc:
-        raise LatentPriorError(f"--rerender {source}: not a readable JSON of `python -m bench` ({exc}).") from None
+    result = _read_run(source)
     if out is None and result["config"].get("quick"):
         raise LatentPriorError(f"--rerender {source}: it holds a --quick run, which must not replace {DEFAULT_OUT}; pass --out.")
     out = out or Path(DEFAULT_OUT)

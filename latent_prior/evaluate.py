@@ -77,13 +77,6 @@ _SAMPLING: dict[str, tuple[str, dict[str, Any]]] = {
     "sir": ("sir", {"proposals": 100}),
     "langevin": ("langevin", {"steps": 60, "step_size": 0.4}),
 }
-GMM_COMPONENTS = 10
-#: At most this many training draws go into the GMM's EM (its cost is linear in them), and at most
-#: GMM_MAX_VALUES latent values in all (the EM holds them in float64: 160 MB).
-GMM_MAX_DRAWS = 20_000
-GMM_MAX_VALUES = 20_000_000
-#: Full covariances up to this many latent dims (10 × D² float64 values), diagonal ones above.
-GMM_FULL_COV_MAX_DIMS = 512
 PR_NEIGHBOURS = 3
 #: The C2ST uses at most this many samples and held-out draws per class: its MLP costs ~6 s at 1000 × 256-D
 #: on one core (~8 s at 2000), and the AUC's noise at 1000 per class is already ~0.015 (metrics.c2st_auc).
@@ -205,12 +198,11 @@ def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormaliz
              generator: torch.Generator, rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
     """A GMM on posterior DRAWS of the training items, not their means (a nearly deterministic encoder's means
     make components singular), several per item when the items are few for the dimension (N/K ≥ 2·D)."""
-    from latent_prior.baselines import GMMPrior
+    from latent_prior.baselines import GMM_COMPONENTS, GMMPrior, gmm_covariance, gmm_fit_draws
 
-    per_item = 1 if getattr(train_source, "deterministic", False) else min(16, max(1, math.ceil(2 * GMM_COMPONENTS * dims / len(train))))
-    count = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // dims, per_item * len(train)))
+    _, count = gmm_fit_draws(len(train), dims, bool(getattr(train_source, "deterministic", False)))
     components = min(GMM_COMPONENTS, count)
-    covariance = "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
+    covariance = gmm_covariance(dims)
     draws = draws_of_items(train_source, _cycle(train, count, rng), normalization, generator)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -1025,20 +1025,27 @@ class PrincipalBasis:
 
 class SubspaceFlow(Flow):
     """Flow for many latent dims (D above `SUBSPACE_MIN_DIMS`, e.g. 4×16×16 or 4×32×32): a fixed rotation onto the
-    latents' principal axes, a `RealNVP` (with its mixture base) on the `subspace_dims` leading whitened coordinates,
-    and N(0, I) on the remaining ones.
+    latents' principal axes, a `RealNVP` on the `subspace_dims` leading whitened coordinates, the others passed on.
 
         z (N, *shape) --whiten--> y (N, D);   ε[:, :r] = RealNVP.to_base(y[:, :r]),   ε[:, r:] = y[:, r:]
 
-    so q(z) = q_r(y_r) · N(y_rest; 0, I) · |det whiten|: the flow and its mixture model where the latents have
-    most of their variance, and a Gaussian with the latents' own covariance models the rest. Why: a full-covariance
-    mixture base costs K·D² values and as many operations per latent (4096² at 4×32×32), and a diagonal one loses
-    every correlation between latent pixels; on the leading 256 axes the full-covariance GMM start and the flat
-    networks are those that fit the 4×8×8 latents. The basis is fitted by `initialize` (or given to it) and saved
-    with the weights (the buffers `basis_mean`, `basis_directions`, `basis_log_std`: D² values).
+    The base is the RealNVP's on ε[:, :r] times a Gaussian on ε[:, r:]. With a mixture base of K components, each
+    component k also has its own diagonal Gaussian N(m_k, diag σ_k²) on the trailing axes (`rest_means`,
+    `rest_log_scales`), set at `initialize` from the responsibilities of the latents: a component that holds flat
+    patches keeps little high-frequency variance, one of textures much (on 4×16×16 photo latents, one Gaussian shared
+    by all components blended every texture into every sample). With K = 1 the trailing axes are N(0, I), i.e. a
+    Gaussian with the latents' own covariance there.
+
+    Why: a full-covariance mixture base costs K·D² values and as many operations per latent (4096² at 4×32×32), and
+    a diagonal one loses every correlation between latent pixels; on the leading 256 axes the full-covariance GMM
+    start and the flat networks are those that fit the 4×8×8 latents. The basis is fitted by `initialize` (or given
+    to it) and saved with the weights (the buffers `basis_mean`, `basis_directions`, `basis_log_std`: D² values).
 
     Args: latent_shape (any shape, D = prod >= 2); subspace_dims r (capped at D); the rest as `RealNVP`.
     """
+
+    #: floor of a component's variance on a trailing whitened axis (whose overall variance is 1)
+    REST_MIN_VARIANCE = 1e-4
 
     def __init__(
         self,
@@ -1061,17 +1068,26 @@ class SubspaceFlow(Flow):
         self.inner = RealNVP((self.subspace_dims,), num_blocks=num_blocks, hidden=hidden, num_layers=num_layers,
                              coupling=coupling, num_bins=num_bins, tail_bound=tail_bound, base_components=base_components,
                              base_covariance=base_covariance, base_init=base_init)
-        # The mixture base is the inner flow's: what the trainer and Langevin read of a base reads it here.
+        # The mixture base is the inner flow's, extended to the trailing axes: what the trainer and Langevin read of a
+        # base (components, weights, per-component standard coordinates) reads it here.
         self.base_components, self.base_covariance, self.base_init = base_components, base_covariance, base_init
         inner = {k: v for k, v in self.inner.config.items() if k not in ("kind", "latent_shape")}
         self.config = {"kind": "subspace", "latent_shape": list(self.latent_shape), "subspace_dims": self.subspace_dims, **inner}
         self.register_buffer("basis_mean", torch.zeros(self.dim))
         self.register_buffer("basis_directions", torch.eye(self.dim))
         self.register_buffer("basis_log_std", torch.zeros(self.dim))
+        rest = self.dim - self.subspace_dims
+        if self.base_components > 1:
+            self.rest_means = nn.Parameter(torch.zeros(self.base_components, rest))
+            self.rest_log_scales = nn.Parameter(torch.zeros(self.base_components, rest))
 
     @property
     def basis(self) -> PrincipalBasis:
         return PrincipalBasis(self.basis_mean, self.basis_directions, self.basis_log_std)
+
+    @property
+    def base_logits(self) -> torch.Tensor:
+        return self.inner.base_logits
 
     def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.basis.whiten(z)
@@ -1085,24 +1101,36 @@ class SubspaceFlow(Flow):
         z = self.basis.unwhiten(torch.cat([leading.flatten(1), eps[:, r:]], dim=1))
         return z.view(-1, *self.latent_shape), log_det + self.basis_log_std.sum().to(log_det.dtype)
 
-    def _rest_log_prob(self, eps: torch.Tensor, t: float) -> torch.Tensor:
-        return log_standard_normal(eps[:, self.subspace_dims:] / t) - (self.dim - self.subspace_dims) * math.log(t)
-
     def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         t = float(temperature)
-        return self.inner.base_log_prob(eps[:, :self.subspace_dims], t) + self._rest_log_prob(eps, t)
+        if self.base_components == 1:
+            rest = eps[:, self.subspace_dims:]
+            return self.inner.base_log_prob(eps[:, :self.subspace_dims], t) + log_standard_normal(rest / t) - rest.shape[1] * math.log(t)
+        return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
 
     def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log π_k + log q_k(ε) (N, K): the inner mixture's component on the leading axes times the component's
+        diagonal Gaussian on the trailing ones."""
         t = float(temperature)
-        return self.inner.component_log_probs(eps[:, :self.subspace_dims], t) + self._rest_log_prob(eps, t)[:, None]
+        r = self.subspace_dims
+        log_scales = self.rest_log_scales + math.log(t)  # (K, D − r)
+        white = (eps[:, None, r:] - self.rest_means[None]) * torch.exp(-log_scales)[None]  # (N, K, D − r)
+        rest = -0.5 * white.pow(2).sum(2) - log_scales.sum(1)[None] - 0.5 * (self.dim - r) * _LOG_2PI
+        return self.inner.component_log_probs(eps[:, :r], t) + rest
 
     def from_standard(self, xi: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
         r = self.subspace_dims
-        return torch.cat([self.inner.from_standard(xi[:, :r], k), xi[:, r:]], dim=1)
+        if self.base_components == 1 or k is None:
+            return xi
+        rest = self.rest_means.to(xi.dtype)[k] + xi[:, r:] * torch.exp(self.rest_log_scales.to(xi.dtype))[k]
+        return torch.cat([self.inner.from_standard(xi[:, :r], k), rest], dim=1)
 
     def to_standard(self, u: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
         r = self.subspace_dims
-        return torch.cat([self.inner.to_standard(u[:, :r], k), u[:, r:]], dim=1)
+        if self.base_components == 1 or k is None:
+            return u
+        rest = (u[:, r:] - self.rest_means.to(u.dtype)[k]) * torch.exp(-self.rest_log_scales.to(u.dtype))[k]
+        return torch.cat([self.inner.to_standard(u[:, :r], k), rest], dim=1)
 
     def sample_components(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inner.sample_components(n, generator)
@@ -1110,8 +1138,9 @@ class SubspaceFlow(Flow):
     @torch.no_grad()
     def initialize(self, z: torch.Tensor, *, force: bool = False, mixture: Any = None, basis: PrincipalBasis | None = None) -> bool:
         """Fit the principal basis to z (N, *latent_shape), or take `basis` (a `PrincipalBasis` of these latents),
-        then initialize the inner flow on the leading whitened coordinates; `mixture` is a full-covariance GMM
-        fitted in those coordinates (`basis.whiten(z, subspace_dims)`). See `Flow.initialize`."""
+        initialize the inner flow on the leading whitened coordinates (`mixture`: a full-covariance GMM fitted in
+        them, `basis.whiten(z, subspace_dims)`; see `Flow.initialize`), then give each mixture component the mean and
+        variance of the trailing coordinates weighted by its responsibilities for z."""
         if self.is_initialized and not force:
             return False
         self._check_latents(z, "SubspaceFlow.initialize")
@@ -1122,15 +1151,20 @@ class SubspaceFlow(Flow):
         self.basis_mean.copy_(basis.mean)
         self.basis_directions.copy_(basis.directions)
         self.basis_log_std.copy_(basis.log_std)
-        self.inner.initialize(self.basis.whiten(z.to(device=device, dtype=dtype), self.subspace_dims), force=True, mixture=mixture)
+        y = self.basis.whiten(z.to(device=device, dtype=dtype))
+        r = self.subspace_dims
+        self.inner.initialize(y[:, :r], force=True, mixture=mixture)
+        if self.base_components > 1:
+            eps, _ = self.inner.to_base(y[:, :r])
+            resp = torch.softmax(self.inner.component_log_probs(eps).double(), dim=1)  # (N, K)
+            mass = resp.sum(0).clamp_min(1e-12)[:, None]
+            rest = y[:, r:].double()
+            means = resp.T @ rest / mass
+            variances = (resp.T @ rest.pow(2) / mass - means.pow(2)).clamp_min(self.REST_MIN_VARIANCE)
+            self.rest_means.copy_(means.to(self.rest_means.dtype))
+            self.rest_log_scales.copy_((0.5 * variances.log()).to(self.rest_log_scales.dtype))
         self.initialized.fill_(1)
         return True
-
-    @torch.no_grad()
-    def refit_mixture_weights(self, z: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
-        self._check_latents(z, "SubspaceFlow.refit_mixture_weights")
-        device, dtype = self._device_dtype()
-        return self.inner.refit_mixture_weights(self.basis.whiten(z.to(device=device, dtype=dtype), self.subspace_dims), chunk=chunk)
 
     def _base_config(self) -> dict[str, Any]:
         return self.inner._base_config()

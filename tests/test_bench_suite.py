@@ -177,3 +177,23 @@ def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{flag} {value}" in err and err.count("error:") == 1
     assert not (tmp_path / "x.md").exists() and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
+def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_run, capsys):
+    tmp, _ = quick_run
+    run = json.loads((tmp / "s.json").read_text())
+    (name, cell), = run["cells"].items()
+    other = dict(run, command="python -m bench --sets other", cells={"other-cell": dict(cell, cell="other-cell")})
+    (tmp / "other.json").write_text(json.dumps(other))
+    (tmp / "merged.json").write_text(json.dumps(run))
+    assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "merged.json"), "--out", str(tmp / "merged.md")]) == 0
+    merged = json.loads((tmp / "merged.json").read_text())
+    assert set(merged["cells"]) == {name, "other-cell"}
+    assert any("other-cell" in n and "python -m bench --sets other" in n for n in merged["notes"])
+    page = (tmp / "merged.md").read_text()
+    assert "## other-cell" in page and f"## {name}" in page and "python -m bench --sets other" in page
+    # a --quick run's cells may not join a full run
+    (tmp / "full.json").write_text(json.dumps(dict(run, config=dict(run["config"], quick=False))))
+    assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "full.json"), "--out", str(tmp / "full.md")]) == 2
+    assert "cannot join a full run" in capsys.readouterr().err

@@ -579,22 +579,28 @@ def test_principal_basis_whitens_and_floors_the_variance_of_unseen_directions():
         assert torch.isfinite(flow.log_prob(z[1000:1010])).all()
 
 
-def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_times_a_gaussian_and_inverts():
+def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_component_on_the_rest_and_inverts():
     """A fresh subspace flow given a GMM of the leading whitened axes has exactly the density
-    GMM(y_r)·N(y_rest; 0, I)·|det whiten|; after its couplings move it still inverts, samples with the density it
-    reports, and rebuilds from its config and weights (basis included)."""
+    Σ_k π_k N_k(y_r)·N(y_rest; m_k, diag σ_k²)·|det whiten|, where m_k and σ_k² are the responsibility-weighted
+    moments of the trailing axes of its latents; after its couplings move it still inverts, samples with the density
+    it reports, and rebuilds from its config and weights (basis included)."""
     from latent_prior.baselines import GMMPrior
     from latent_prior.flows import PrincipalBasis, SubspaceFlow
 
     z = correlated_latents(3000)
     basis = PrincipalBasis.fit(z)
-    gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(basis.whiten(z, 8).double())
+    y = basis.whiten(z).double()
+    gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(y[:, :8])
     flow = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3,
                       base_covariance="full", base_init="em")
     assert isinstance(flow, SubspaceFlow) and flow.base_components == 3
     flow.initialize(z, mixture=gmm, basis=basis)
-    y = basis.whiten(z[:200]).double()
-    expected = gmm.log_prob(y[:, :8]) - 0.5 * (y[:, 8:].pow(2).sum(1) + 56 * math.log(2 * math.pi)) - basis.log_std.double().sum()
+    joint = gmm._component_log_prob(y[:, :8])  # log π_k + log N_k(y_r), (N, K)
+    resp = torch.softmax(joint, dim=1)
+    means = resp.T @ y[:, 8:] / resp.sum(0)[:, None]
+    variances = resp.T @ y[:, 8:].pow(2) / resp.sum(0)[:, None] - means.pow(2)
+    rest = torch.distributions.Normal(means[None], variances.sqrt()[None]).log_prob(y[:200, None, 8:]).sum(2)
+    expected = torch.logsumexp(joint[:200] + rest, dim=1) - basis.log_std.double().sum()
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(z[:200]).double(), expected, rtol=0, atol=2e-3)
     randomize(flow.inner, 0.05)

@@ -451,3 +451,26 @@ def test_base_space_langevin_with_a_mixture_base_keeps_both_modes(covariance):
     ref = base.sample(4000, generator=gen(1)).detach()
     ratio = z[right].std(0) / ref[ref[:, 0] > 0].std(0)
     assert ((ratio - 1).abs() < 0.1).all(), ratio
+
+
+def test_base_space_langevin_on_a_subspace_flow_keeps_its_components_apart():
+    """The subspace flow's mixture reaches the trailing axes too (a scale per component there): base-space Langevin
+    with E_res = 0 keeps both modes, their weights, and each mode's own spread on the trailing axes."""
+    from latent_prior.energy import FlowBasedEnergy, build_energy
+    from latent_prior.flows import build_flow
+
+    torch.manual_seed(0)
+    left = torch.cat([0.1 * torch.randn(1000, 2) - 2.0, 0.05 * torch.randn(1000, 2)], 1)
+    right = torch.cat([0.1 * torch.randn(3000, 2) + 2.0, 0.5 * torch.randn(3000, 2)], 1)
+    base = build_flow((4,), kind="subspace", subspace_dims=2, num_blocks=2, hidden=16, base_components=2,
+                      base_covariance="full", base_init="em")
+    base.initialize(torch.cat([right, left]))
+    residual = build_energy((4,), hidden=16, depth=2)
+    with torch.no_grad():
+        residual.head.weight.zero_()
+    z = sample_langevin(FlowBasedEnergy(residual, base), base, 4000, generator=gen(0)).detach()
+    on_right = z[:, 0] > 0
+    assert on_right.float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert (z[:, 0].abs() < 1.0).float().mean().item() < 0.01
+    spread = z[on_right, 2:].std().item(), z[~on_right, 2:].std().item()
+    assert spread[0] == pytest.approx(0.5, rel=0.1) and spread[1] == pytest.approx(0.05, rel=0.2), spread
