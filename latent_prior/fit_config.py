@@ -58,12 +58,14 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 SMALL_LATENT_DIMS = 1024
 #: Latents of more than SUBSPACE_MIN_DIMS and at most SUBSPACE_MAX_DIMS dimensions (4×16×16, 32×8×8, 4×32×32) get
 #: the subspace flow under flow_kind=auto: a full-covariance mixture start and flat networks on their leading
-#: principal axes, a Gaussian with their own covariance on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims
+#: principal axes, a diagonal Gaussian per mixture component on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims
 #: the full-covariance base covers every dimension; above 4096 the D×D basis (64 MB at 4096) and its
 #: eigendecomposition (10 s at 4096 on 2 cores, 8× that per doubling of D) grow too large, and the multi-scale flow
 #: takes over.
 SUBSPACE_MIN_DIMS = 512
 SUBSPACE_MAX_DIMS = 4096
+
+
 @dataclass(frozen=True)
 class _SeedOffsets:
     """Every random stream of a fit is seeded as `seed + offset`: one named offset per stream, so no two
@@ -131,8 +133,8 @@ class FitConfig:
     objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a "
             "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
     # -- networks
-    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv for C×H×W latents of more "
-            "than 1024 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
+    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv beside the multiscale flow, "
+            "i.e. C×H×W latents of more than 4096 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
     energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
     energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
     energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
@@ -146,8 +148,8 @@ class FitConfig:
     flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
     flow_subspace_dims: int = field(default=256, metadata={"help": "subspace flow: principal axes of the latents that "
-            "the flow and its mixture base model (the rest get a Gaussian with the latents' covariance); flow-kind "
-            "auto picks the subspace flow for latents of 513 to 4096 dims"})
+            "the flow and its full-covariance mixture base model (each component has a diagonal Gaussian on the "
+            "rest); flow-kind auto picks the subspace flow for latents of 513 to 4096 dims"})
     flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
             "the flow's default when left out"})
     flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "

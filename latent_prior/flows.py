@@ -15,7 +15,8 @@ in nats per latent (summed over all D dimensions). Three families:
   checkerboard affine couplings, squeeze (space-to-depth), ActNorm + invertible 1×1 conv +
   channel-wise affine couplings, then half the channels are factored out to the base.
 * `SubspaceFlow`: many latent dims (4×16×16, 4×32×32): a fixed rotation onto the latents' principal axes
-  (`PrincipalBasis`), a `RealNVP` with its mixture base on the leading whitened axes, N(0, I) on the rest.
+  (`PrincipalBasis`), a `RealNVP` with its mixture base on the leading whitened axes, and a diagonal Gaussian per
+  mixture component on the rest.
 
 ActNorm, never BatchNorm: log q(z) of a sample must not depend on the rest of its batch. ActNorm's
 data-dependent init runs once, through `Flow.initialize(z)`, and is recorded in the `initialized`

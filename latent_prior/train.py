@@ -357,12 +357,15 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _flow_kind(self) -> str:
+        """flow_kind, with auto resolved by size: realnvp up to SUBSPACE_MIN_DIMS (on 4×8×8 latents the flat networks
+        fitted better and ran faster than the multi-scale pair), subspace up to SUBSPACE_MAX_DIMS, then multiscale for
+        C×H×W latents (beyond SMALL_LATENT_DIMS) and realnvp for flat ones."""
         kind, dims = self.config.flow_kind, math.prod(self.shape)
         if kind != "auto":
             return kind
         if SUBSPACE_MIN_DIMS < dims <= SUBSPACE_MAX_DIMS:
             return "subspace"
-        return "multiscale" if self._large_spatial() else "realnvp"
+        return "multiscale" if len(self.shape) == 3 and dims > SMALL_LATENT_DIMS else "realnvp"
 
     def _base_dims(self) -> int:
         """Dimensions of the space the mixture base lives in: the subspace flow's leading axes, else all."""
@@ -473,18 +476,17 @@ class Trainer:
             warnings.simplefilter("ignore", RuntimeWarning)
             return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(draws)
 
-    def _large_spatial(self) -> bool:
-        """C×H×W latents above SMALL_LATENT_DIMS get the conv energy and the multi-scale flow; smaller ones
-        are flattened, because on 4×8×8 latents the flat networks fitted better and ran faster."""
-        return len(self.shape) == 3 and math.prod(self.shape) > SMALL_LATENT_DIMS
-
     def _build(self) -> None:
         from latent_prior.energy import FlowBasedEnergy, build_energy
         from latent_prior.flows import build_flow
 
         c = self.config
         torch.manual_seed(c.seed)  # same initial weights on every rank (and rank 0's are broadcast anyway)
-        energy_kind = c.energy_kind if c.energy_kind != "auto" else "conv" if self._large_spatial() else "mlp"
+        energy_kind = c.energy_kind
+        if energy_kind == "auto":
+            # The conv energy goes with the multi-scale flow: beside the subspace flow at 4×32×32 its double backward
+            # (the gradient penalty) took over 10 s of an alternating step on one core, the MLP's a small part of it.
+            energy_kind = "conv" if self._flow_kind() == "multiscale" else "mlp"
         residual = build_energy(self.shape, kind=energy_kind, hidden=c.energy_hidden, depth=c.energy_depth,
                                 channels=c.energy_channels, spectral_norm=c.spectral_norm)
         self.flow = build_flow(self.shape, **self._flow_kwargs()).to(self.device)

@@ -120,3 +120,12 @@ def test_load_set_photos_quick_trains_once_and_gives_finite_moments(tmp_path):
     assert weights.stat().st_mtime_ns == stamp  # reloaded, not retrained
     assert torch.equal(again.heldout_mean, lset.heldout_mean)
     assert np.isfinite(lset.info["heldout_recon_mse"])
+
+
+@pytest.mark.slow  # trains the quick photos-16 VAE (~30 s)
+def test_photos_32_encodes_larger_crops_with_the_photos_16_vae(tmp_path):
+    lset = load_set("photos-32", quick=True, cache_dir=tmp_path, verbose=False)
+    assert lset.train_mean.shape == (400, 4, 32, 32) and lset.heldout_mean.shape == (150, 4, 32, 32)
+    assert lset.info["patches"]["crop_size"] == 128 and lset.info["data_dims"] == 3 * 128 * 128
+    assert lset.info["vae_dir"] == str(photo_vae_dir(tmp_path, quick=True, name="photos-16"))  # no VAE of its own
+    assert torch.isfinite(lset.train_mean).all() and torch.isfinite(lset.heldout_logvar).all()
