@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -1051,7 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(SuiteConfig, args)
         if cfg.merge:
-            merge(Path(cfg.json_out), [Path(p) for p in cfg.merge.split(",")])
+            out = Path(cfg.out or DEFAULT_OUT)
+            merge(Path(cfg.json_out), [Path(p) for p in cfg.merge.split(",")], Path(cfg.grids) if cfg.grids else out.parent / out.stem)
             return rerender(Path(cfg.json_out), Path(cfg.out) if cfg.out else None)
         if cfg.rerender:
             return rerender(Path(cfg.rerender), Path(cfg.out) if cfg.out else None)
@@ -1070,15 +1072,21 @@ def _read_run(path: Path) -> dict[str, Any]:
     return result
 
 
-def merge(into: Path, others: list[Path]) -> None:
-    """Add the cells of other runs to the run saved in `into` (a cell of the same name is replaced), each run's
-    command, date and code recorded as a note, and save it back: a page whose cells came from several commands
-    says which."""
+def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
+    """Add the cells of other runs to the run saved in `into` (a cell of the same name is replaced; its sample grid is
+    copied into `grid_dir`), each run's command, date and code recorded as a note, and save it back: a page whose
+    cells came from several commands says which."""
     result = _read_run(into)
     for path in others:
         other = _read_run(path)
         if other["config"].get("quick") and not result["config"].get("quick"):
             raise LatentPriorError(f"--merge {path}: a --quick run's cells cannot join a full run; measure them without --quick.")
+        for cell in other["cells"].values():
+            grid = Path(cell["grid"]) if cell.get("grid") else None
+            if grid is not None and grid.is_file() and grid.resolve().parent != grid_dir.resolve():
+                grid_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(grid, grid_dir / grid.name)
+                cell["grid"] = str(grid_dir / grid.name)
         result["cells"].update(other["cells"])
         result.setdefault("notes", []).append(
             f"cells {', '.join(other['cells'])} come from another run: `{other['command']}` ({other['machine']['date']}, "

@@ -193,6 +193,9 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
     assert any("other-cell" in n and "python -m bench --sets other" in n for n in merged["notes"])
     page = (tmp / "merged.md").read_text()
     assert "## other-cell" in page and f"## {name}" in page and "python -m bench --sets other" in page
+    # the merged cell's sample grid is copied beside the page, where its link points
+    assert merged["cells"]["other-cell"]["grid"] == str(tmp / "merged" / Path(cell["grid"]).name)
+    assert (tmp / "merged" / Path(cell["grid"]).name).is_file()
     # a --quick run's cells may not join a full run
     (tmp / "full.json").write_text(json.dumps(dict(run, config=dict(run["config"], quick=False))))
     assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "full.json"), "--out", str(tmp / "full.md")]) == 2
