@@ -101,7 +101,7 @@ def cell_description(cell: str) -> str:
 #: method key -> table label; the keys of latent_report plus "evalp-code"
 METHODS: dict[str, str] = {
     "gaussian": "N(0, I)",
-    "gmm": "GMM (10, full cov)",
+    "gmm": "GMM (10; full cov up to 512 dims, diag above)",
     "evalp": "EVaLP sampler",
     "sir": "EVaLP + SIR (M=100)",
     "langevin": "Langevin(60) on EVaLP energy",
@@ -112,8 +112,8 @@ def _method_label(method: str, cell: dict[str, Any]) -> str:
     """The table label of a method in a cell: the GMM row says which covariances it has (diagonal above 512 dims)."""
     from latent_prior.baselines import gmm_covariance
 
-    if method == "gmm" and gmm_covariance(math.prod(cell["latent_shape"])) == "diag":
-        return "GMM (10, diag cov)"
+    if method == "gmm":
+        return f"GMM (10, {gmm_covariance(math.prod(cell['latent_shape']))} cov)"
     return METHODS[method]
 
 

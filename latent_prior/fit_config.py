@@ -52,10 +52,9 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Latents with at most this many dimensions are modelled by flat networks (MLP energy, RealNVP flow)
-#: even when they are C×H×W. Measured on the embedded default's 4×8×8 latents (bench/prior.py,
-#: docs/prior-development.md): flat networks reached the GMM's latent FD, the conv/multi-scale pair did not.
-SMALL_LATENT_DIMS = 1024
+#: Latents of at most SUBSPACE_MIN_DIMS dimensions are modelled by the flat networks (MLP energy, RealNVP flow) even
+#: when they are C×H×W: on the embedded default's 4×8×8 latents they reached the GMM's latent FD and the conv /
+#: multi-scale pair did not (bench/prior.py, docs/prior-development.md).
 #: Latents of more than SUBSPACE_MIN_DIMS and at most SUBSPACE_MAX_DIMS dimensions (4×16×16, 32×8×8, 4×32×32) get
 #: the subspace flow under flow_kind=auto: a full-covariance mixture start and flat networks on their leading
 #: principal axes, a diagonal Gaussian per mixture component on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims

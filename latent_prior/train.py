@@ -93,7 +93,6 @@ from latent_prior.fit_config import (
     PRECISION_NEIGHBOURS,
     PRECISION_TOLERANCE,
     SEEDS,
-    SMALL_LATENT_DIMS,
     SUBSPACE_MAX_DIMS,
     SUBSPACE_MIN_DIMS,
     FitConfig,
@@ -357,15 +356,16 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _flow_kind(self) -> str:
-        """flow_kind, with auto resolved by size: realnvp up to SUBSPACE_MIN_DIMS (on 4×8×8 latents the flat networks
-        fitted better and ran faster than the multi-scale pair), subspace up to SUBSPACE_MAX_DIMS, then multiscale for
-        C×H×W latents (beyond SMALL_LATENT_DIMS) and realnvp for flat ones."""
+        """flow_kind, with auto resolved by size: realnvp up to SUBSPACE_MIN_DIMS, subspace up to SUBSPACE_MAX_DIMS,
+        then multiscale for C×H×W latents and realnvp for flat ones."""
         kind, dims = self.config.flow_kind, math.prod(self.shape)
         if kind != "auto":
             return kind
-        if SUBSPACE_MIN_DIMS < dims <= SUBSPACE_MAX_DIMS:
+        if dims <= SUBSPACE_MIN_DIMS:
+            return "realnvp"
+        if dims <= SUBSPACE_MAX_DIMS:
             return "subspace"
-        return "multiscale" if len(self.shape) == 3 and dims > SMALL_LATENT_DIMS else "realnvp"
+        return "multiscale" if len(self.shape) == 3 else "realnvp"
 
     def _base_dims(self) -> int:
         """Dimensions of the space the mixture base lives in: the subspace flow's leading axes, else all."""

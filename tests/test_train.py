@@ -327,7 +327,7 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
     path = tmp_path / "spatial.safetensors"
     save_file({"mean": raw, "logvar": torch.full_like(raw, -6.0)}, str(path), metadata={
         "normalization": json.dumps({"scaling_factor": 0.5, "shift_factor": 10.0}), "provenance": json.dumps(provenance)})
-    # explicit kinds: "auto" flattens latents this small (see SMALL_LATENT_DIMS)
+    # explicit kinds: "auto" flattens latents this small (see SUBSPACE_MIN_DIMS)
     prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, batch_size=32, energy_channels=8, energy_depth=1,
                 energy_kind="conv", flow_kind="multiscale", flow_channels=8, flow_blocks=1, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
     config = json.loads((tmp_path / "p" / "prior" / "config.json").read_text())
