@@ -4,18 +4,21 @@ For every cell and seed, the trainer's own candidates (EM GMMs with K = 10, 20, 
 `BASE_EM_SEEDS`, fitted and scored on the trainer's validation split exactly as a default fit does) are scored
 again on the cell's held-out items, as the suite scores a prior: excess FD of 3000 samples, k-NN precision and
 recall, and on synthetic sets the true-density hole share. Then each selection rule picks a candidate from the
-validation scores alone, and the table shows what its pick scores on the held-out items, as a ratio to the excess
-FD of the suite's GMM row (10 components, the best likelihood of 5 k-means starts, `evaluate._fit_gmm`).
+validation scores alone, and the tables show what its pick scores on the held-out items against the suite's GMM
+row (10 components, the best likelihood of 5 k-means starts, `evaluate._fit_gmm`): excess FD, the true-density hole
+share (synthetic sets), the digit classifier's confidence on decoded samples (digits sets), and the pick's held-out
+gain over N(0, I) (nats per item).
 
     python -m bench.base_choice --sets syn-mix8-d16,digits-d16-b0.1 --seeds 0,1,2
 
-Writes a markdown table to stdout and every figure to --json.
+Writes markdown tables to stdout and every figure to --json (`--rerender A.json,B.json` prints them again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -49,13 +52,20 @@ def _admissible(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, 
     return [r for r in rows if r["val_fd"] <= limit] or rows
 
 
-#: name -> rule: the candidate picked from the validation scores (val_fd, val_precision, val_recall) alone
+def _likely(rows: list[dict[str, Any]], ses: float) -> list[dict[str, Any]]:
+    """The candidates whose held-out gain is within `ses` paired standard errors of the best candidate's."""
+    return [r for r in rows if not r["val_gain_gap"] > ses * r["val_gain_gap_se"]] or rows
+
+
+#: name -> rule: the candidate picked from the validation scores (val_fd, val_precision, val_recall, val_gain_*) alone
 RULES: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
     f"P+R, FD within {FD_TOLERANCE:g}": lambda rows: max(_admissible(rows, FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
-    "P+R, FD within 0.2": lambda rows: max(_admissible(rows, 0.2), key=lambda r: r["val_precision"] + r["val_recall"]),
-    "P+R, FD within 0.1": lambda rows: max(_admissible(rows, 0.1), key=lambda r: r["val_precision"] + r["val_recall"]),
+    f"P+R, FD within {FD_TOLERANCE:g}, gain within 2 s.e.": lambda rows: max(
+        _admissible(_likely(rows, 2.0), FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
+    f"P+R, FD within {FD_TOLERANCE:g}, gain within 4 s.e.": lambda rows: max(
+        _admissible(_likely(rows, 4.0), FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
+    "highest gain": lambda rows: max(rows, key=lambda r: r["val_gain_nats"]),
     "lowest FD": lambda rows: min(rows, key=lambda r: r["val_fd"]),
-    "best rank sum (FD, P+R)": lambda rows: min(rows, key=lambda r: r["rank_sum"]),
     "highest P+R": lambda rows: max(rows, key=lambda r: r["val_precision"] + r["val_recall"]),
 }
 
@@ -89,10 +99,13 @@ def candidates(lset: LatentSet, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def heldout_scores(lset: LatentSet, gmm: Any, seed: int) -> dict[str, float]:
-    """What the suite measures of a prior's samples, for a GMM: excess FD, k-NN precision and recall (k = 3), and
-    the true-density hole share on synthetic sets."""
+def heldout_scores(lset: LatentSet, gmm: Any, seed: int, classifier: Any) -> dict[str, float]:
+    """What the suite measures of a prior's samples, for a GMM: excess FD, k-NN precision and recall (k = 3), the
+    true-density hole share on synthetic sets, the digit classifier's mean confidence on decoded samples where the
+    set decodes to digits, and the held-out gain over N(0, I) (nats per item, one posterior draw per held-out item)."""
+    from bench.digits import classifier_confidence
     from bench.run import true_density_metrics, true_hole_threshold
+    from latent_prior.sampling import log_standard_normal
 
     g = torch.Generator().manual_seed(1000 + seed)
     held = lset.draws_per_item("heldout", max(1, round(SAMPLES / len(lset.heldout_mean))), g).flatten(1)
@@ -105,6 +118,12 @@ def heldout_scores(lset: LatentSet, gmm: Any, seed: int) -> dict[str, float]:
     if threshold is not None:
         truth = true_density_metrics(lset, samples.reshape(-1, *lset.latent_shape), threshold)
         out["true_hole_share"] = truth["true_hole_share"]
+    if classifier is not None and lset.decode is not None:
+        with torch.no_grad():
+            raw = lset.normalization.denormalize(samples.reshape(-1, *lset.latent_shape))
+            out["conf"] = classifier_confidence(classifier, lset.decode(raw))
+    one = lset.draws_per_item("heldout", 1, torch.Generator().manual_seed(4000 + seed)).flatten(1).double()
+    out["heldout_gain"] = (gmm.log_prob(one) - log_standard_normal(one)).mean().item()
     return out
 
 
@@ -115,57 +134,90 @@ def suite_gmm(lset: LatentSet, seed: int) -> Any:
     return GMMPrior(n_components=GMM_COMPONENTS, covariance="full", seed=seed, n_init=5).fit(draws)
 
 
-def measure(name: str, seed: int, cache_dir: str) -> dict[str, Any]:
+def measure(name: str, seed: int, cache_dir: str, classifier: Any) -> dict[str, Any]:
     start = time.perf_counter()
     lset = load_set(name, cache_dir=cache_dir, seed=seed, verbose=False)
     rows = candidates(lset, seed)
     for r in rows:
-        r.update(heldout_scores(lset, r.pop("gmm"), seed))
-    baseline = heldout_scores(lset, suite_gmm(lset, seed), seed)
+        r.update(heldout_scores(lset, r.pop("gmm"), seed, classifier))
+    baseline = heldout_scores(lset, suite_gmm(lset, seed), seed, classifier)
     picks = {rule: RULES[rule](rows) for rule in RULES}
     return {"cell": name, "seed": seed, "candidates": rows, "gmm_row": baseline, "seconds": time.perf_counter() - start,
             "picks": {rule: {"components": p["components"], "em_seed": p["em_seed"]} for rule, p in picks.items()},
             "ratios": {rule: p["excess_fd"] / baseline["excess_fd"] if baseline["excess_fd"] > 0 else float("nan")
                        for rule, p in picks.items()},
             "excess_fd": {rule: p["excess_fd"] for rule, p in picks.items()},
-            "holes": {rule: p.get("true_hole_share") for rule, p in picks.items()}}
+            "holes": {rule: p.get("true_hole_share") for rule, p in picks.items()},
+            "conf": {rule: p.get("conf") for rule, p in picks.items()},
+            "heldout_gain": {rule: p["heldout_gain"] for rule, p in picks.items()}}
+
+
+def _known(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _per_cell(results: list[dict[str, Any]], title: str, figure: Callable[[dict[str, Any], str], float | None],
+              fmt: str) -> list[str]:
+    """One row per cell: the median over seeds of `figure(result, rule)` for each rule (cells where it is None for
+    every seed are left out)."""
+    rules = list(results[0]["excess_fd"])
+    lines = [f"| cell | seeds | {title}: " + " | ".join(rules) + " |", "|---|---:|" + "---:|" * len(rules)]
+    for cell in dict.fromkeys(r["cell"] for r in results):
+        rs = [r for r in results if r["cell"] == cell]
+        figs = [[v for r in rs if (v := figure(r, rule)) is not None] for rule in rules]
+        if any(figs):
+            lines.append(f"| {cell} | {len(rs)} | " + " | ".join(format(float(np.median(f)), fmt) if f else "—" for f in figs) + " |")
+    return lines
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Per cell (median over seeds): the GMM row's excess FD, then each rule's pick as pick − GMM row (excess FD;
-    < 0 is better than the GMM row) and its true-density hole share where known; then a summary line per rule."""
-    cells = list(dict.fromkeys(r["cell"] for r in results))
-    rules = list(RULES)
-    lines = ["| cell | seeds | GMM row excess FD | " + " | ".join(f"{rule}: Δ FD (holes)" for rule in rules) + " |",
-             "|---|---:|---:|" + "---:|" * len(rules)]
-    wins = {rule: [0, 0] for rule in rules}
-    for cell in cells:
-        rs = [r for r in results if r["cell"] == cell]
-        gmm = float(np.median([r["gmm_row"]["excess_fd"] for r in rs]))
-        figs = []
-        for rule in rules:
-            diffs = [r["excess_fd"][rule] - r["gmm_row"]["excess_fd"] for r in rs]
-            holes = [r["holes"][rule] for r in rs if r["holes"][rule] is not None]
-            for d in diffs:
-                wins[rule][0 if d <= 0 else 1] += 1
-            figs.append(f"{np.median(diffs):+.4f}" + (f" ({np.median(holes):.3f})" if holes else ""))
-        lines.append(f"| {cell} | {len(rs)} | {gmm:+.4f} | " + " | ".join(figs) + " |")
-    lines.append("| **pick ≤ GMM row (cell-seeds)** | | | " + " | ".join(f"{w[0]} of {sum(w)}" for w in wins.values()) + " |")
+    """A summary line per rule over every cell and seed, then per cell (median over seeds): the pick's excess FD
+    minus the GMM row's (< 0: better than the GMM row), its true-density hole share (synthetic sets), its digit
+    confidence minus the GMM row's (digits sets), and its held-out gain over N(0, I) (nats per item). The rules are
+    those the results were measured with (a file of an earlier version has other rules, and no confidence or gain)."""
+    rules = list(results[0]["excess_fd"])
+    for r in results:
+        r.setdefault("conf", dict.fromkeys(rules))
+        r.setdefault("heldout_gain", dict.fromkeys(rules, float("nan")))
+    lines = ["| rule | excess FD ≤ GMM row | conf ≥ GMM row − 0.005 | median Δ conf | worst hole share "
+             "| held-out gain ≥ 0 | median held-out gain (nats) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for rule in rules:
+        fd = [r["excess_fd"][rule] <= r["gmm_row"]["excess_fd"] for r in results]
+        conf = [r["conf"][rule] - r["gmm_row"]["conf"] for r in results if r["conf"][rule] is not None]
+        holes = [r["holes"][rule] for r in results if r["holes"][rule] is not None]
+        gains = [g for r in results if (g := _known(r["heldout_gain"][rule])) is not None]
+        lines.append(f"| {rule} | {sum(fd)} of {len(fd)} | {sum(c >= -0.005 for c in conf)} of {len(conf)} | "
+                     f"{np.median(conf) if conf else float('nan'):+.4f} | {max(holes, default=float('nan')):.3f} | "
+                     f"{sum(g >= 0 for g in gains)} of {len(gains)} | {np.median(gains) if gains else float('nan'):+.2f} |")
+    lines += ["", *_per_cell(results, "Δ excess FD", lambda r, rule: r["excess_fd"][rule] - r["gmm_row"]["excess_fd"], "+.4f")]
+    lines += ["", *_per_cell(results, "hole share", lambda r, rule: r["holes"][rule], ".3f")]
+    lines += ["", *_per_cell(results, "Δ conf", lambda r, rule: None if r["conf"][rule] is None else r["conf"][rule] - r["gmm_row"]["conf"], "+.4f")]
+    lines += ["", *_per_cell(results, "held-out gain", lambda r, rule: _known(r["heldout_gain"][rule]), "+.2f")]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", required=True, help="comma-separated cells of the suite (flat ones: syn-*, digits-*)")
+    parser.add_argument("--sets", default="", help="comma-separated cells of the suite (flat ones: syn-*, digits-*); required unless --rerender")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
+    parser.add_argument("--rerender", default=None, help="measure nothing: print the tables of these comma-separated "
+                        "--json files")
     args = parser.parse_args(argv)
+    if args.rerender:
+        print(table([r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]))
+        return 0
+    if not args.sets:
+        parser.error("--sets is required (or --rerender FILE)")
     torch.set_num_threads(1)
+    from bench.digits import load_digits_split, train_digit_classifier
+
+    classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
     results = []
     for name in args.sets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(measure(name, seed, args.cache_dir))
+            results.append(measure(name, seed, args.cache_dir, classifier))
             r = results[-1]
             print(f"[{r['seconds']:6.1f} s] {name} seed {seed}: GMM row {r['gmm_row']['excess_fd']:+.4f}; "
                   + "; ".join(f"{rule} {r['excess_fd'][rule]:+.4f}" for rule in RULES), file=sys.stderr, flush=True)

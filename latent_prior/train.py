@@ -152,6 +152,20 @@ def recorded_split(training_info: dict[str, Any] | None, n: int) -> tuple[np.nda
     return validation_split(n, float(config.get("validation_fraction", 0.0)), int(config.get("seed", 0)))
 
 
+def _add_gain_gaps(scores: list[dict[str, Any]], gains: list[torch.Tensor | None]) -> None:
+    """Adds to each candidate's scores how far its held-out gain is below the best candidate's (nats per item) and
+    the standard error of that gap, paired over the same held-out draws; NaN where a gain is unknown."""
+    known = [i for i, g in enumerate(gains) if g is not None]
+    best = max(known, key=lambda i: scores[i]["val_gain_nats"], default=None)
+    for i, row in enumerate(scores):
+        if best is None or gains[i] is None:
+            row["val_gain_gap"] = row["val_gain_gap_se"] = float("nan")
+            continue
+        diff = gains[best] - gains[i]
+        row["val_gain_gap"] = diff.mean().item()
+        row["val_gain_gap_se"] = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+
+
 def _subset(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """A fixed random subset of at most `limit` of `indices`, sorted."""
     if len(indices) <= limit:
@@ -418,10 +432,14 @@ class Trainer:
         `mixture`), so step 0 is the model that was scored. Held-out likelihood would be the textbook rule, but
         it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K rose to 20 while the samples'
         true log-density rose by 130 nats; FD cannot see merged modes (see FD_TOLERANCE); precision and recall
-        moved most. EM starts differ as much as K does (a 16-D spiral: precision 0.66 to 0.91), and the one
-        with the best training likelihood is not the one with the best samples. Chosen on the main process;
-        the others refit the chosen candidate from the broadcast (K, start). A diagonal or k-means base, or too
-        few held-out latents to score, keeps the flow's own initialization (GMM None)."""
+        moved most; a held-out likelihood bound on the admissible candidates cost the digit sets FD and confidence
+        (docs/prior-development.md). Each candidate's held-out gain is still recorded (fit_summary.json's
+        `base_choice`: `val_gain_nats`, and `val_gain_gap` ± `val_gain_gap_se` below the best), since a start that
+        samples well can be less likely than N(0, I) on held-out latents. EM starts differ as much as K does (a
+        16-D spiral: precision 0.66 to 0.91), and the one with the best training likelihood is not the one with
+        the best samples. Chosen on the main process; the others refit the chosen candidate from the broadcast
+        (K, start). A diagonal or k-means base, or too few held-out latents to score, keeps the flow's own
+        initialization (GMM None)."""
         from accelerate.utils import broadcast
 
         c = self.config
@@ -436,6 +454,7 @@ class Trainer:
             return choices[0], [], None
         scores: list[dict[str, Any]] = []
         fitted: dict[tuple[int, int], Any] = {}
+        gains: list[torch.Tensor | None] = []
         chosen = torch.tensor([choices[0], BASE_EM_SEEDS[0]], device=self.device)
         if self.is_main:
             for k in choices:
@@ -446,7 +465,10 @@ class Trainer:
                     if self.basis is not None:
                         samples = self.basis.lift(samples, gen)
                     fd, precision, recall = self._sample_scores(samples)
-                    scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall})
+                    gains.append(self._heldout_gmm_gains(gmm))
+                    scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall,
+                                   "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item()})
+            _add_gain_gaps(scores, gains)
             fd_limit = (1 + FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
             best = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])
@@ -630,16 +652,32 @@ class Trainer:
         self.state = RunState(**{k: v for k, v in state.items() if k in known})
 
     # -- evaluation -----------------------------------------------------------------------------
+    def _fixed_draws(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
+        """One normalized posterior draw per item of `indices`, in chunks: the same draws at every call."""
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_energy_draws)
+        for mean, logvar in self.source.iter_moments(1024, indices=indices, shuffle=False):
+            yield posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
+
     @torch.no_grad()
     def _mean_neg_energy(self, indices: np.ndarray) -> float:
-        """mean over items of −E(z), one fixed-seed posterior draw per item (same draws at every evaluation)."""
-        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.eval_energy_draws)
+        """mean over items of −E(z), on `_fixed_draws` (nats)."""
         total, count = 0.0, 0
-        for mean, logvar in self.source.iter_moments(1024, indices=indices, shuffle=False):
-            z = posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device)
+        for z in self._fixed_draws(indices):
             total += float(-self.energy(z).double().sum())
             count += len(z)
         return total / max(1, count)
+
+    @torch.no_grad()
+    def _heldout_gmm_gains(self, gmm: Any) -> torch.Tensor | None:
+        """A candidate GMM's held-out gain over N(0, I) per item: log q(z) − log N(z; 0, I) on the held-out
+        `_fixed_draws` (nats; their mean is what evaluation reports for step 0). None on the subspace flow's
+        leading axes, where the GMM is not the whole density."""
+        from latent_prior.sampling import log_standard_normal
+
+        if self.basis is not None:
+            return None
+        z = torch.cat(list(self._fixed_draws(self.eval_val_idx))).flatten(1).double().cpu()
+        return gmm.log_prob(z) - log_standard_normal(z)
 
     @torch.no_grad()
     def _heldout_sample_scores(self) -> tuple[float, float]:

@@ -450,6 +450,10 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     with open(tmp_path / "auto" / "train" / "metrics.csv") as f:
         step0 = next(r for r in csv.DictReader(f) if r["step"] == "0")
     assert abs(float(step0["val_precision"]) - best["val_precision"]) < 0.05
+    # ... and its held-out gain is the candidate's, on the same held-out draws (the flow adds no density at step 0).
+    assert abs(float(step0["val_gain_nats"]) - best["val_gain_nats"]) < 1e-3 * max(1.0, abs(best["val_gain_nats"]))
+    top = max(choice, key=lambda r: r["val_gain_nats"])
+    assert top["val_gain_gap"] == 0 and all(r["val_gain_gap"] >= 0 and r["val_gain_gap_se"] >= 0 for r in choice)
     prior = LatentPrior.from_pretrained(tmp_path / "auto" / "prior")
     assert prior.flow.base_components == summary["base_components"]  # the exported prior records the count
     fixed = fit(str(path), out=str(tmp_path / "ten"), flow_base_components=10, **short).training_info["summary"]
