@@ -562,7 +562,7 @@ def _decoded_features(extractor: Any, adapter: VAEAdapter, normalization: Latent
 
 def _real_features(extractor: Any, dataset: Any, data: str, count: int, batch_size: int, seed: int, bar: Any) -> torch.Tensor:
     """Inception features of a seeded subset of `count` images of --data (an `ImageFolder` read exactly as
-    `encode_folder` reads it: same size, same channels), so real and decoded images are scored alike."""
+    `encode` reads it: same size, same channels), so real and decoded images are scored alike."""
     from latent_prior.data import image_loader
     from latent_prior.image_metrics import features_of
 

@@ -676,7 +676,7 @@ class Trainer:
 
         if self.basis is not None:
             return None
-        z = torch.cat(list(self._fixed_draws(self.eval_val_idx))).flatten(1).double().cpu()
+        z = torch.cat(list(self._fixed_draws(self.eval_val_idx))).double().cpu()
         return gmm.log_prob(z) - log_standard_normal(z)
 
     @torch.no_grad()

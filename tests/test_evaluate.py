@@ -216,6 +216,28 @@ def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, 
     assert report["image_metrics"] == "not computed (--image-samples 0)"
 
 
+def test_eval_data_skips_an_unreadable_image_and_refuses_a_folder_of_none(default_vae_prior, tmp_path, capsys):
+    """--data goes through encode's folder path: a corrupt file is skipped and counted on stderr (stdout holds only
+    the report), and a folder whose files are all unreadable is refused, naming it."""
+    import shutil
+
+    latents, prior_dir, data = default_vae_prior
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed)
+    (mixed / "broken.png").write_bytes(b"not a png")
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(mixed),
+                 "--samples", "50", "--methods", "gaussian", "--image-samples", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "1 files skipped" in captured.err and "latent-prior encode" not in captured.out
+    assert captured.out.startswith("# latent-prior eval:") and f"all 9 images of --data {mixed}" in captured.out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(bad),
+                 "--samples", "50", "--methods", "gaussian", "--quiet"]) != 0
+    assert f"--data {bad}: none of the 1 image files could be read" in capsys.readouterr().err
+
+
 def test_eval_without_data_says_there_are_no_real_images(default_vae_prior, tmp_path, capsys):
     latents, prior_dir, _ = default_vae_prior
     assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--samples", "50",

@@ -11,6 +11,7 @@ The figures and how they are measured: `latent_prior.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -178,34 +179,13 @@ def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, named: 
 
 def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32,
                   quiet: bool = False) -> EncodedLatents:
-    """Encode every image under `data` at `resolution` px into posterior moments held in memory (raw space)."""
-    from tqdm.auto import tqdm
+    """Every image under `data` at `resolution` px, encoded in memory (raw space) by the one folder-encoding path
+    (`api.encode_latents`: `encode`'s code into a temporary cache, with its checks and messages). Its summary line
+    goes to stderr, since eval prints its report on stdout."""
+    from latent_prior.api import encode_latents
 
-    from latent_prior.data import ImageFolder, image_loader
-
-    dataset = ImageFolder(data, resolution, channels=adapter.image_channels)
-    batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
-    means, logvars, skipped = [], [], []
-    with tqdm(total=len(dataset), desc="encode --data", unit="img", disable=quiet, dynamic_ncols=True, file=sys.stderr) as bar:
-        for batch in image_loader(dataset, batches, num_workers=0):
-            skipped.extend(batch.skipped)
-            if batch.indices:
-                posterior = adapter.encode(batch.images)
-                means.append(posterior.mean.float().cpu())
-                if posterior.logvar is not None:
-                    logvars.append(posterior.logvar.float().cpu())
-            bar.update(len(batch.indices) + len(batch.skipped))
-    if skipped and not quiet:
-        print(f"latent-prior eval: skipped {len(skipped)} unreadable file(s) in {data}, e.g. {skipped[0][1]} ({skipped[0][2]})",
-              file=sys.stderr)
-    if not means:
-        raise LatentPriorError(f"--data {data}: none of its images could be read; check the files.")
-    mean = torch.cat(means)
-    if not torch.isfinite(mean).all() or (logvars and not torch.isfinite(torch.cat(logvars)).all()):
-        raise LatentPriorError(f"--data {data}: the VAE gave NaN/inf latents; try --dtype fp32.")
-    return EncodedLatents(mean, torch.cat(logvars) if logvars else None, normalization=adapter.normalization,
-                          provenance=adapter.provenance.to_dict(), description=str(data),
-                          manifest={"count": len(mean), "image_channels": adapter.image_channels, "resolution": resolution})
+    with contextlib.redirect_stdout(sys.stderr):
+        return encode_latents(adapter, data, resolution=resolution, batch_size=batch_size, quiet=quiet)
 
 
 def _open_inception(config: EvalConfig, adapter: VAEAdapter | None, device: torch.device) -> tuple[Any, str | None]:
