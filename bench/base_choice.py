@@ -39,14 +39,6 @@ from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
 SAMPLES = 3000
 
 
-def _rank(values: list[float], reverse: bool = False) -> list[int]:
-    order = sorted(range(len(values)), key=lambda i: values[i], reverse=reverse)
-    ranks = [0] * len(values)
-    for r, i in enumerate(order):
-        ranks[i] = r
-    return ranks
-
-
 def _admissible(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
     limit = (1 + tolerance) * min(r["val_fd"] for r in rows)
     return [r for r in rows if r["val_fd"] <= limit] or rows
@@ -57,17 +49,39 @@ def _likely(rows: list[dict[str, Any]], ses: float) -> list[dict[str, Any]]:
     return [r for r in rows if not r["val_gain_gap"] > ses * r["val_gain_gap_se"]] or rows
 
 
+def _pr(row: dict[str, Any]) -> float:
+    return row["val_precision"] + row["val_recall"]
+
+
+def _likeliest_near_best_pr(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """Among the FD-admissible candidates whose P+R is within `tolerance` of the best, the highest held-out gain."""
+    admissible = _admissible(rows, FD_TOLERANCE)
+    top = max(_pr(r) for r in admissible)
+    return max((r for r in admissible if _pr(r) >= top - tolerance), key=lambda r: r["val_gain_nats"])
+
+
 #: name -> rule: the candidate picked from the validation scores (val_fd, val_precision, val_recall, val_gain_*) alone
 RULES: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
-    f"P+R, FD within {FD_TOLERANCE:g}": lambda rows: max(_admissible(rows, FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
-    f"P+R, FD within {FD_TOLERANCE:g}, gain within 2 s.e.": lambda rows: max(
-        _admissible(_likely(rows, 2.0), FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
-    f"P+R, FD within {FD_TOLERANCE:g}, gain within 4 s.e.": lambda rows: max(
-        _admissible(_likely(rows, 4.0), FD_TOLERANCE), key=lambda r: r["val_precision"] + r["val_recall"]),
+    f"P+R, FD within {FD_TOLERANCE:g}": lambda rows: max(_admissible(rows, FD_TOLERANCE), key=_pr),
+    f"P+R, FD within {FD_TOLERANCE:g}, gain within 2 s.e.": lambda rows: max(_admissible(_likely(rows, 2.0), FD_TOLERANCE), key=_pr),
+    f"P+R, FD within {FD_TOLERANCE:g}, gain within 4 s.e.": lambda rows: max(_admissible(_likely(rows, 4.0), FD_TOLERANCE), key=_pr),
+    "highest gain among P+R within 0.01 of the best": lambda rows: _likeliest_near_best_pr(rows, 0.01),
+    "highest gain among P+R within 0.03 of the best": lambda rows: _likeliest_near_best_pr(rows, 0.03),
     "highest gain": lambda rows: max(rows, key=lambda r: r["val_gain_nats"]),
     "lowest FD": lambda rows: min(rows, key=lambda r: r["val_fd"]),
-    "highest P+R": lambda rows: max(rows, key=lambda r: r["val_precision"] + r["val_recall"]),
 }
+
+
+def picks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """rule -> the candidate it picks for one cell and seed, for every rule the candidates' scores allow (a file of an
+    earlier version of this study has no held-out gains)."""
+    chosen = {}
+    for name, rule in RULES.items():
+        try:
+            chosen[name] = rule(result["candidates"])
+        except KeyError:
+            continue
+    return chosen
 
 
 def candidates(lset: LatentSet, seed: int) -> list[dict[str, Any]]:
@@ -94,8 +108,6 @@ def candidates(lset: LatentSet, seed: int) -> list[dict[str, Any]]:
     finally:
         Trainer._base_gmm = original
     rows = [dict(r, gmm=fitted[r["components"], r["em_seed"]]) for r in trainer.base_choice]
-    for r, a, b in zip(rows, _rank([r["val_fd"] for r in rows]), _rank([r["val_precision"] + r["val_recall"] for r in rows], reverse=True)):
-        r["rank_sum"] = a + b
     return rows
 
 
@@ -141,58 +153,53 @@ def measure(name: str, seed: int, cache_dir: str, classifier: Any) -> dict[str, 
     for r in rows:
         r.update(heldout_scores(lset, r.pop("gmm"), seed, classifier))
     baseline = heldout_scores(lset, suite_gmm(lset, seed), seed, classifier)
-    picks = {rule: RULES[rule](rows) for rule in RULES}
-    return {"cell": name, "seed": seed, "candidates": rows, "gmm_row": baseline, "seconds": time.perf_counter() - start,
-            "picks": {rule: {"components": p["components"], "em_seed": p["em_seed"]} for rule, p in picks.items()},
-            "ratios": {rule: p["excess_fd"] / baseline["excess_fd"] if baseline["excess_fd"] > 0 else float("nan")
-                       for rule, p in picks.items()},
-            "excess_fd": {rule: p["excess_fd"] for rule, p in picks.items()},
-            "holes": {rule: p.get("true_hole_share") for rule, p in picks.items()},
-            "conf": {rule: p.get("conf") for rule, p in picks.items()},
-            "heldout_gain": {rule: p["heldout_gain"] for rule, p in picks.items()}}
+    return {"cell": name, "seed": seed, "candidates": rows, "gmm_row": baseline, "seconds": time.perf_counter() - start}
 
 
 def _known(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def _per_cell(results: list[dict[str, Any]], title: str, figure: Callable[[dict[str, Any], str], float | None],
+def _per_cell(results: list[dict[str, Any]], rules: list[str], title: str, figure: Callable[[int, str], float | None],
               fmt: str) -> list[str]:
-    """One row per cell: the median over seeds of `figure(result, rule)` for each rule (cells where it is None for
-    every seed are left out)."""
-    rules = list(results[0]["excess_fd"])
+    """One row per cell: the median over seeds of `figure(result index, rule)` for each rule (cells where it is None
+    for every seed are left out)."""
     lines = [f"| cell | seeds | {title}: " + " | ".join(rules) + " |", "|---|---:|" + "---:|" * len(rules)]
     for cell in dict.fromkeys(r["cell"] for r in results):
-        rs = [r for r in results if r["cell"] == cell]
-        figs = [[v for r in rs if (v := figure(r, rule)) is not None] for rule in rules]
+        ids = [i for i, r in enumerate(results) if r["cell"] == cell]
+        figs = [[v for i in ids if (v := figure(i, rule)) is not None] for rule in rules]
         if any(figs):
-            lines.append(f"| {cell} | {len(rs)} | " + " | ".join(format(float(np.median(f)), fmt) if f else "—" for f in figs) + " |")
+            lines.append(f"| {cell} | {len(ids)} | " + " | ".join(format(float(np.median(f)), fmt) if f else "—" for f in figs) + " |")
     return lines
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """A summary line per rule over every cell and seed, then per cell (median over seeds): the pick's excess FD
     minus the GMM row's (< 0: better than the GMM row), its true-density hole share (synthetic sets), its digit
-    confidence minus the GMM row's (digits sets), and its held-out gain over N(0, I) (nats per item). The rules are
-    those the results were measured with (a file of an earlier version has other rules, and no confidence or gain)."""
-    rules = list(results[0]["excess_fd"])
-    for r in results:
-        r.setdefault("conf", dict.fromkeys(rules))
-        r.setdefault("heldout_gain", dict.fromkeys(rules, float("nan")))
+    confidence minus the GMM row's (digits sets), and its held-out gain over N(0, I) (nats per item). Each rule
+    picks from the stored candidates' validation scores, so a new rule needs no new measurement."""
+    chosen = [picks(r) for r in results]
+    rules = [rule for rule in RULES if all(rule in c for c in chosen)]
+
+    def figure(key: str) -> Callable[[int, str], float | None]:
+        return lambda i, rule: _known(chosen[i][rule].get(key))
+
+    def versus_gmm(key: str) -> Callable[[int, str], float | None]:
+        return lambda i, rule: None if (v := figure(key)(i, rule)) is None else v - results[i]["gmm_row"][key]
+
     lines = ["| rule | excess FD ≤ GMM row | conf ≥ GMM row − 0.005 | median Δ conf | worst hole share "
              "| held-out gain ≥ 0 | median held-out gain (nats) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for rule in rules:
-        fd = [r["excess_fd"][rule] <= r["gmm_row"]["excess_fd"] for r in results]
-        conf = [r["conf"][rule] - r["gmm_row"]["conf"] for r in results if r["conf"][rule] is not None]
-        holes = [r["holes"][rule] for r in results if r["holes"][rule] is not None]
-        gains = [g for r in results if (g := _known(r["heldout_gain"][rule])) is not None]
+        fd = [versus_gmm("excess_fd")(i, rule) <= 0 for i in range(len(results))]
+        conf = [v for i in range(len(results)) if (v := versus_gmm("conf")(i, rule)) is not None]
+        holes = [v for i in range(len(results)) if (v := figure("true_hole_share")(i, rule)) is not None]
+        gains = [v for i in range(len(results)) if (v := figure("heldout_gain")(i, rule)) is not None]
         lines.append(f"| {rule} | {sum(fd)} of {len(fd)} | {sum(c >= -0.005 for c in conf)} of {len(conf)} | "
                      f"{np.median(conf) if conf else float('nan'):+.4f} | {max(holes, default=float('nan')):.3f} | "
                      f"{sum(g >= 0 for g in gains)} of {len(gains)} | {np.median(gains) if gains else float('nan'):+.2f} |")
-    lines += ["", *_per_cell(results, "Δ excess FD", lambda r, rule: r["excess_fd"][rule] - r["gmm_row"]["excess_fd"], "+.4f")]
-    lines += ["", *_per_cell(results, "hole share", lambda r, rule: r["holes"][rule], ".3f")]
-    lines += ["", *_per_cell(results, "Δ conf", lambda r, rule: None if r["conf"][rule] is None else r["conf"][rule] - r["gmm_row"]["conf"], "+.4f")]
-    lines += ["", *_per_cell(results, "held-out gain", lambda r, rule: _known(r["heldout_gain"][rule]), "+.2f")]
+    for title, value, fmt in (("Δ excess FD", versus_gmm("excess_fd"), "+.4f"), ("hole share", figure("true_hole_share"), ".3f"),
+                              ("Δ conf", versus_gmm("conf"), "+.4f"), ("held-out gain", figure("heldout_gain"), "+.2f")):
+        lines += ["", *_per_cell(results, rules, title, value, fmt)]
     return "\n".join(lines)
 
 
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(name, seed, args.cache_dir, classifier))
             r = results[-1]
             print(f"[{r['seconds']:6.1f} s] {name} seed {seed}: GMM row {r['gmm_row']['excess_fd']:+.4f}; "
-                  + "; ".join(f"{rule} {r['excess_fd'][rule]:+.4f}" for rule in RULES), file=sys.stderr, flush=True)
+                  + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(r).items()), file=sys.stderr, flush=True)
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     print(table(results))

@@ -195,7 +195,7 @@ class FitConfig:
     checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint and evaluate on the held-out "
             "latents every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints to keep, besides the best one"})
-    early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better held-out gain (0: never)"})
+    early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better candidate by --select-by's rule (0: never)"})
     min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS "
             "fraction is below this cannot be selected (their log Z is unreliable)"})
     select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: "

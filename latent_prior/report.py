@@ -154,7 +154,7 @@ def _fit_section(s: dict[str, Any]) -> list[str]:
     lines.append("- These are estimates: log Z is replaced by an importance-sampling estimate, which is biased low, so the gains "
                  "are optimistic; a low ESS makes them unreliable.")
     if s.get("stopped_early"):
-        lines.append("- The fit stopped early (no better held-out gain for --early-stop-patience evaluations).")
+        lines.append("- The fit stopped early (no better candidate by --select-by's rule for --early-stop-patience evaluations).")
     return lines
 
 

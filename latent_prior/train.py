@@ -991,8 +991,8 @@ class Trainer:
                     self.save_checkpoint()
                     if self.state.stopped_early:
                         if self.is_main:
-                            print(f"latent-prior fit: early stop at step {self.state.step}: no better held-out gain in "
-                                  f"{c.early_stop_patience} evaluations.", file=sys.stderr)
+                            print(f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
+                                  f"{c.select_by}) in {c.early_stop_patience} evaluations.", file=sys.stderr)
                         break
                 if bar is not None:
                     bar.update(1)
