@@ -866,7 +866,9 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
                  f"posterior draws of the {cell['n_heldout']} held-out items; seeds {', '.join(map(str, seeds))}"
                  + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
                  + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}; cell done in {cell['seconds']:.0f} s"
-                 + (f"; code {cell['code']}." if cell.get("code") else "; code as in the header."))
+                 + (f"; code {cell['code']}" if cell.get("code") else "; code as in the header")
+                 + "".join(f"; seeds {', '.join(map(str, more['seeds']))}: code {more['code']}" for more in cell.get("more_seeds", []))
+                 + ".")
     lines += ["", *cell_table(cell), ""]
     images = cell.get("images")
     if isinstance(images, dict):
@@ -1072,24 +1074,54 @@ def _read_run(path: Path) -> dict[str, Any]:
     return result
 
 
+#: what must match for another run's seeds of a cell to join the seeds already measured: the same latents, methods,
+#: fit overrides and sample count
+SAME_CELL_KEYS = ("set_description", "latent_shape", "n_train", "n_heldout", "samples", "fit_overrides", "methods_run")
+
+
+def _add_seeds(cell: dict[str, Any], other: dict[str, Any], path: Path) -> None:
+    """Join `other`'s seeds of the same cell to `cell`'s: its per-seed figures are appended and every method
+    re-aggregated; the sample grid and image metrics stay those of `cell`'s first seed."""
+    differ = [k for k in SAME_CELL_KEYS if cell.get(k) != other.get(k)]
+    if differ:
+        raise LatentPriorError(f"--merge {path}: cell {cell['cell']} differs in {', '.join(differ)} from the cell already "
+                               "measured, so its seeds cannot join; measure it with the same flags, or with seeds that replace.")
+    cell["seeds"] = [*cell["seeds"], *other["seeds"]]
+    cell["per_seed"] = [*cell["per_seed"], *other["per_seed"]]
+    cell["methods"] = aggregate_cell(cell["per_seed"], cell["seeds"])
+    cell["seconds"] = cell.get("seconds", 0.0) + other.get("seconds", 0.0)
+    cell.setdefault("more_seeds", []).append({"seeds": other["seeds"], "code": other.get("code")})
+
+
 def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
-    """Add the cells of other runs to the run saved in `into` (a cell of the same name is replaced; its sample grid is
-    copied into `grid_dir`), each run's command, date and code recorded as a note, and save it back: a page whose
-    cells came from several commands says which."""
+    """Add the cells of other runs to the run saved in `into`, and save it back. A cell that is new, or measured again
+    with some of the same seeds, is taken whole (its sample grid copied into `grid_dir`); a cell measured with other
+    seeds only joins them to the seeds already there (`_add_seeds`). Each run's command, date and code is recorded
+    as a note: a page whose cells came from several commands says which."""
     result = _read_run(into)
     for path in others:
         other = _read_run(path)
         if other["config"].get("quick") and not result["config"].get("quick"):
             raise LatentPriorError(f"--merge {path}: a --quick run's cells cannot join a full run; measure them without --quick.")
-        for cell in other["cells"].values():
+        whole, seeded = [], []
+        for name, cell in other["cells"].items():
+            present = result["cells"].get(name)
+            if present is not None and not set(present["seeds"]) & set(cell["seeds"]):
+                _add_seeds(present, cell, path)
+                seeded.append(name)
+                continue
             grid = Path(cell["grid"]) if cell.get("grid") else None
             if grid is not None and grid.is_file() and grid.resolve().parent != grid_dir.resolve():
                 grid_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(grid, grid_dir / grid.name)
                 cell["grid"] = str(grid_dir / grid.name)
-        result["cells"].update(other["cells"])
+            result["cells"][name] = cell
+            whole.append(name)
+        what = [f"cells {', '.join(whole)}"] if whole else []
+        if seeded:
+            what.append(f"seeds {', '.join(map(str, other['cells'][seeded[0]]['seeds']))} of cells {', '.join(seeded)}")
         result.setdefault("notes", []).append(
-            f"cells {', '.join(other['cells'])} come from another run: `{other['command']}` ({other['machine']['date']}, "
+            f"{' and '.join(what)} come from another run: `{other['command']}` ({other['machine']['date']}, "
             f"{other['machine']['code']}, {other.get('total_seconds', float('nan')):.0f} s, load average "
             f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})")
     into.write_text(json.dumps(result, indent=2, default=str) + "\n")

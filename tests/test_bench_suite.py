@@ -200,3 +200,30 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
     (tmp / "full.json").write_text(json.dumps(dict(run, config=dict(run["config"], quick=False))))
     assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "full.json"), "--out", str(tmp / "full.md")]) == 2
     assert "cannot join a full run" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # shares the --quick run of one cell
+def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_run, capsys):
+    tmp, _ = quick_run
+    run = json.loads((tmp / "s.json").read_text())
+    (name, cell), = run["cells"].items()
+    seeds = cell["seeds"]
+    new_seed = max(seeds) + 7
+    moved = json.loads(json.dumps(cell["per_seed"][0]))
+    moved["rows"]["evalp"]["excess_fd"] += 1.0
+    other = dict(run, command="python -m bench --seeds more", cells={name: dict(cell, seeds=[new_seed], per_seed=[moved])})
+    (tmp / "seeds.json").write_text(json.dumps(other))
+    (tmp / "joined.json").write_text(json.dumps(run))
+    assert suite.main(["--merge", str(tmp / "seeds.json"), "--json", str(tmp / "joined.json"), "--out", str(tmp / "joined.md")]) == 0
+    joined = json.loads((tmp / "joined.json").read_text())["cells"][name]
+    assert joined["seeds"] == [*seeds, new_seed] and len(joined["per_seed"]) == len(seeds) + 1
+    values = [s["rows"]["evalp"]["excess_fd"] for s in joined["per_seed"]]
+    assert joined["methods"]["evalp"]["excess_fd"]["n"] == len(values) and joined["methods"]["evalp"]["excess_fd"]["max"] == max(values)
+    assert joined["grid"] == cell["grid"]  # the grid stays the first seed's
+    page = (tmp / "joined.md").read_text()
+    assert f"seeds {', '.join(map(str, [*seeds, new_seed]))}" in page and f"seeds {new_seed} of cells {name}" in page
+    # a cell measured with other flags cannot lend it seeds
+    different = dict(run, cells={name: dict(cell, seeds=[new_seed + 1], per_seed=[moved], samples=cell["samples"] + 1)})
+    (tmp / "different.json").write_text(json.dumps(different))
+    assert suite.main(["--merge", str(tmp / "different.json"), "--json", str(tmp / "joined.json"), "--out", str(tmp / "joined.md")]) == 2
+    assert "differs in samples" in capsys.readouterr().err
