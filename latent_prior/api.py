@@ -329,7 +329,8 @@ def fit(
         batch_size=128, out="runs/my-fit", quiet=True, ...). Also accepted as the second positional argument
         when fitting on latents, as in `latent_prior.train.fit(latents, config)`.
     resolution, cache, encode_batch_size, encode_workers: how images are encoded (`encode_latents`'s
-        resolution, cache, batch_size and num_workers); `quiet` hides the encode bar too.
+        resolution, cache, batch_size and num_workers); `quiet` hides the encode bar too. With an adapter and
+        `log_with` trackers, the adapter decodes a sample grid for them at every checkpoint.
 
     Returns the prior on the CPU (or Accelerate's device). `prior.sample(n)` gives RAW latents
     (n, *latent_shape) for `adapter.decode`; with `out=DIR` it is also exported to DIR/prior, with its
@@ -352,7 +353,7 @@ def fit(
         _check_overrides(overrides)
         latents = encode_latents(data, images, batch_size=encode_batch_size, quiet=quiet, resolution=resolution,
                                  cache=cache, num_workers=encode_workers)
-        return fit_latents(latents, config, **overrides)
+        return fit_latents(latents, config, decode=data.decode, **overrides)
     if isinstance(data, torch.nn.Module):
         raise _not_an_adapter(data)
     if images is not None:

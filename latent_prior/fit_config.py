@@ -82,6 +82,7 @@ class _SeedOffsets:
     invertibility_check: int = 303  # the flow draws that check sampling against its inverse after the warm-up
     eval_heldout_draws: int = 404  # held-out posterior draws of the FD / precision reference
     eval_sampler_draws: int = 505  # sampler draws scored against them
+    tracker_grid: int = 606  # the sampler draws decoded into the trackers' sample grid at each checkpoint
 
 
 SEEDS = _SeedOffsets()
@@ -212,8 +213,10 @@ class FitConfig:
     # -- runtime
     mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (energy evaluations under autocast; "
             "flows stay in float32)", "choices": ("no", "bf16")})
-    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv: none, "
-            "tensorboard or all (those installed)", "choices": ("none", "tensorboard", "all")})
+    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv, by Accelerate's "
+            "names, comma-separated: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, ... (those your "
+            "Accelerate knows); all (every one installed); none. When fit encodes images (not --latents), a grid of "
+            "16 decoded sampler draws also goes to the trackers that take images at every checkpoint"})
     log_every: int = field(default=25, metadata={"help": "write averaged training metrics every N steps"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: "
@@ -229,6 +232,30 @@ def resolve_objective(config: FitConfig) -> FitConfig:
         raise LatentPriorError(f"--objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}.")
     preset = OBJECTIVES[config.objective]
     return dataclasses.replace(config, **{k: v for k, v in preset.items() if getattr(config, k) is None})
+
+
+def tracker_names(log_with: str) -> list[str] | str | None:
+    """--log-with as Accelerate takes it: None (metrics.csv only), "all", or the named trackers, each checked against
+    the trackers this Accelerate knows and those installed, so a typo or a missing package stops the fit before
+    it starts."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [n.strip() for n in log_with.split(",") if n.strip()]
+    if not names or names == ["none"]:
+        return None
+    if names == ["all"]:
+        return "all"
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LatentPriorError(f"--log-with {log_with}: {', '.join(unknown)} is not a tracker that Accelerate knows; "
+                               f"choose from {', '.join(known)}, all or none.")
+    installed = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n not in installed]
+    if missing:
+        raise LatentPriorError(f"--log-with {log_with}: {', '.join(missing)} is not installed (pip install "
+                               f"{' '.join(missing)}), or pass --log-with none to log to metrics.csv only.")
+    return names
 
 
 def check_config(config: FitConfig) -> None:
@@ -267,5 +294,6 @@ def check_config(config: FitConfig) -> None:
     need(c.select_by in ("gain_and_fd", "gain"), "select_by", c.select_by, "choose gain_and_fd or gain")
     need(c.flow_subspace_dims >= 2, "flow_subspace_dims", c.flow_subspace_dims, "pass at least 2 principal axes")
     need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")
+    tracker_names(c.log_with)
 
 

@@ -48,7 +48,7 @@ import torch
 
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
-from latent_prior.fit_config import FitConfig
+from latent_prior.fit_config import FitConfig, check_config, resolve_objective
 from latent_prior.prior import PRIOR_DIR, SAMPLE_METHODS, TRAIN_DIR
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import VAEAdapter
@@ -322,6 +322,9 @@ def _record_config(run_dir: Path, config: RunConfig) -> None:
 
 
 def _check_config(config: RunConfig) -> None:
+    """Every flag, the fit's too, before anything is encoded."""
+    check_config(resolve_objective(config))
+
     def need(ok: bool, flag: str, value: Any, what: str) -> None:
         if not ok:
             raise LatentPriorError(f"--{flag.replace('_', '-')} {value!r}: {what}.")
@@ -499,7 +502,7 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
         reused_prior = True
     else:
         _say(is_main, f"[2/4] fit: {config.steps} steps on {len(source)} latents {tuple(source.latent_shape)} -> {prior_dir}")
-        prior = fit(source, fit_config)
+        prior = fit(source, fit_config, decode=adapter.decode)
         reused_prior = False
     timings["fit"] = {"seconds": time.perf_counter() - t0, "reused": reused_prior}
     state.wait_for_everyone()

@@ -57,7 +57,7 @@ import time
 import warnings
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,7 @@ from latent_prior.fit_config import (
     FitConfig,
     check_config,
     resolve_objective,
+    tracker_names,
 )
 from latent_prior.losses import energy_loss, sampler_loss
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
@@ -150,6 +151,10 @@ def recorded_split(training_info: dict[str, Any] | None, n: int) -> tuple[np.nda
         return np.setdiff1d(np.arange(n), val), val
     config = info.get("config") or {}
     return validation_split(n, float(config.get("validation_fraction", 0.0)), int(config.get("seed", 0)))
+
+
+#: decoded sampler draws in the trackers' sample grid (`Trainer._log_sample_grid`)
+TRACKER_GRID = 16
 
 
 def _add_gain_gaps(scores: list[dict[str, Any]], gains: list[torch.Tensor | None]) -> None:
@@ -346,6 +351,7 @@ class Trainer:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
         self.tracking = False  # set by `fit` when Accelerate trackers were initialized
+        self.decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # raw latents -> images in [-1, 1], from `fit`
         self.train_dir = out / TRAIN_DIR
         self.ckpt_root = self.train_dir / "checkpoints"
         self.shape = tuple(source.latent_shape)
@@ -712,6 +718,21 @@ class Trainer:
         recall = sum(p.recall for p in pr) / repeats if repeats else float("nan")
         return frechet_distance(samples, self._fd_reference), precision, recall
 
+    @torch.no_grad()
+    def _log_sample_grid(self) -> None:
+        """TRACKER_GRID draws of the EMA sampler, decoded, to every tracker that takes images (a fixed seed, so the
+        grids of successive checkpoints show how one set of draws changes)."""
+        if not (self.tracking and self.decode is not None and self.is_main):
+            return
+        from latent_prior.sampling import sample_flow
+
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + SEEDS.tracker_grid)
+        z = sample_flow(None, self.ema.module, TRACKER_GRID, generator=gen)
+        images = ((self.decode(self.norm.denormalize(z)).float().clamp(-1, 1) + 1) / 2).cpu()
+        for tracker in self.acc.trackers:
+            with contextlib.suppress(NotImplementedError, AttributeError):  # a tracker without images (mlflow)
+                tracker.log_images({"samples": images}, step=self.state.step)
+
     def _in_warmup(self) -> bool:
         return self.state.warmup_steps is not None and self.state.step < self.state.warmup_steps
 
@@ -941,6 +962,7 @@ class Trainer:
             result = self._evaluate_candidate()
             if metrics is not None:
                 metrics.append({**{k: result[k] for k in EVAL_KEYS}, "step": 0, "epoch": 0, "seconds": 0.0})
+            self._log_sample_grid()
             self.save_checkpoint()
         if self.state.step >= c.steps or self.state.stopped_early:
             return
@@ -977,6 +999,7 @@ class Trainer:
                 if evaluate:
                     result = self._evaluate_candidate()
                     row = {**(row or {}), **{k: result[k] for k in EVAL_KEYS}}
+                    self._log_sample_grid()
                 if row is not None:
                     row.update(step=self.state.step, epoch=self.state.epoch, seconds=round(self.state.seconds, 3),
                                lr_sampler=float(self.opt_sampler.param_groups[0]["lr"]))
@@ -1199,15 +1222,7 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
 def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool]:
     from accelerate import Accelerator
 
-    log_with: Any = None
-    if config.log_with != "none":
-        from accelerate.utils import is_tensorboard_available
-
-        if config.log_with == "tensorboard" and not is_tensorboard_available():
-            print("latent-prior fit: --log-with tensorboard: tensorboard is not installed (pip install tensorboard); "
-                  "logging to metrics.csv only.", file=sys.stderr)
-        else:
-            log_with = config.log_with
+    log_with = tracker_names(config.log_with)
     acc = Accelerator(log_with=log_with, project_dir=str(out / TRAIN_DIR))
     if config.mixed_precision == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise LatentPriorError(f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; "
@@ -1215,12 +1230,15 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool]:
     return acc, log_with is not None
 
 
-def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitConfig | None = None, **overrides: Any) -> LatentPrior:
+def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitConfig | None = None, *,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None, **overrides: Any) -> LatentPrior:
     """Fit an EVaLP prior and return it as a `latent_prior.prior.LatentPrior` (also exported to `config.out`/prior).
 
     latents: a cache folder or .safetensors path, a `LatentSource` (`latent_prior.cache.open_latents`),
         or a tensor (N, *latent_shape) of posterior means (treated as exact latents, identity normalization).
     config: a FitConfig (defaults when None); keyword overrides replace its fields, e.g. steps=500.
+    decode: raw latents (n, *latent_shape) -> images (n, C, H, W) in [-1, 1], e.g. a VAE adapter's `decode`; with
+        `log_with` trackers, a grid of decoded sampler draws goes to them at every checkpoint.
         With no `out`, the run lives in a temporary folder that is deleted afterwards.
     Runs on whatever Accelerate was launched with (`accelerate launch ...`), or one process.
     """
@@ -1259,7 +1277,7 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
         trainer = Trainer(config, source, out, accelerator)  # checks the data against the batch size; writes nothing
         if resume_from is not None:
             _check_checkpoint(resume_from, trainer)  # reads only: a refused resume leaves --out as it was
-        trainer.tracking = tracking
+        trainer.tracking, trainer.decode = tracking, decode
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,29 @@ def test_a_folder_with_foreign_run_files_is_refused(tmp_path, digits):
     assert code == 2 and "no config.json" in err and "--overwrite" in err
 
 
+def test_a_bad_fit_flag_is_refused_before_anything_is_encoded(tmp_path, digits):
+    """The fit's own flags are checked with the run's, so a typo costs no encoding (minutes with a real VAE)."""
+    for flags, said in ((["--steps", "0"], "--steps 0"), (["--log-with", "tensorbored"], "not a tracker that Accelerate knows")):
+        d = tmp_path / flags[0].strip("-")
+        code, _, err = run_cli("--data", digits, "--out", d, *TINY, *flags)
+        assert code == 2 and said in err
+        assert not (d / "cache").exists()
+
+
+def test_a_tracker_gets_the_scalars_and_a_decoded_sample_grid_at_each_checkpoint(tmp_path, digits):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = tmp_path / "tracked"
+    code, _, err = run_cli("--data", digits, "--out", d, *TINY, "--steps", "20", "--log-with", "tensorboard")
+    assert code == 0, err
+    acc = EventAccumulator(str(d / "train" / "latent-prior"), size_guidance={"images": 0, "scalars": 0})  # Accelerate's run name
+    acc.Reload()
+    assert "val_gain_nats" in acc.Tags()["scalars"]
+    grids = acc.Images("samples")
+    assert [g.step for g in grids] == [0, 10, 20] and all(g.width * g.height == 16 * 32 * 32 for g in grids)  # 16 digits
+
+
 def test_a_mismatched_cache_is_refused(run, tmp_path, digits):
     d = tmp_path / "run"
     shutil.copytree(run["dir"], d)

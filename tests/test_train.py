@@ -319,6 +319,20 @@ def test_bf16_and_tensorboard_and_prefetch_run(latents, tmp_path):
     assert json.loads((tmp_path / "fp32" / "prior" / "config.json").read_text())["training"]["mixed_precision"] == "no"
 
 
+def test_log_with_takes_accelerates_tracker_names_and_refuses_unknown_or_missing_ones(latents, tmp_path, capsys):
+    from accelerate.tracking import get_available_trackers
+
+    assert fit_cli(latents, tmp_path / "a", "--steps", "2", "--log-with", "tensorboard,wnadb") == 2
+    err = capsys.readouterr().err
+    assert "wnadb is not a tracker that Accelerate knows" in err and "wandb" in err and "mlflow" in err
+    installed = {str(t) for t in get_available_trackers()}
+    missing = next((t for t in ("wandb", "mlflow", "aim", "comet_ml") if t not in installed), None)
+    if missing is not None:
+        assert fit_cli(latents, tmp_path / "b", "--steps", "2", "--log-with", missing) == 2
+        assert f"{missing} is not installed (pip install {missing})" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the run folder was made
+
+
 def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
     """(4, 4, 4) latents with a VAE normalization: conv energy + multiscale flow, samples back in raw space."""
     g = torch.Generator().manual_seed(0)
