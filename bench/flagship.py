@@ -190,7 +190,9 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "The alternating-phase figure spans the last logged steps and so includes the held-out evaluation at "
               "the final step; with --fit-steps of a few, read it as an upper bound.", "",
               "Targets of issue 12 at 4×32×32: ≤ 0.5 s per step at batch 64 on 2 CPU cores; ≤ 20 ms per step at batch 256 "
-              "on one GPU (bf16 where safe). GPU rows appear only where a GPU was lent; where none is, they are not measured.", ""]
+              "on one GPU (bf16 where safe). GPU rows appear only where a GPU was lent; where none is, they are not measured. "
+              "`bench/gpu_checks.sh` is the prepared GPU run (fp32 and bf16 rows, `latent-prior sample --device cuda`, "
+              "and `accelerate launch --multi_gpu` where there are several GPUs).", ""]
     return "\n".join(lines)
 
 

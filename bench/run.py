@@ -940,6 +940,13 @@ def gpu_section() -> list[str]:
     return lines
 
 
+def _seeds_of(result: dict[str, Any], spatial: bool) -> str:
+    """The seeds the flat (or spatial) cells were measured with, as the cells record them (merged runs may add
+    seeds to the command's), e.g. "0,1,2"; "" when there is no such cell."""
+    seeds = sorted({s for c in result["cells"].values() if "seeds" in c and bool(c.get("spatial")) == spatial for s in c["seeds"]})
+    return ",".join(map(str, seeds))
+
+
 def render_markdown(result: dict[str, Any], out: Path) -> str:
     machine = result["machine"]
     cfg = result["config"]
@@ -956,7 +963,8 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
              f"- load average at start {machine['load_average_start']}, at end {result.get('load_average_end')} "
              "(other jobs may share the cores: timings are upper bounds)",
              f"- code: {machine['code']}",
-             f"- seeds: flat cells {cfg['seeds']}, spatial cells {cfg['spatial_seeds']} (a default spatial fit costs 6–15 min "
+             f"- seeds: flat cells {_seeds_of(result, spatial=False) or cfg['seeds']}, spatial cells "
+             f"{_seeds_of(result, spatial=True) or cfg['spatial_seeds']} (a default spatial fit costs 6–15 min "
              "on 2 cores); image metrics on the first seed only (Inception-v3 runs at ~7 images/s on 2 cores)"
              + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
              f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
