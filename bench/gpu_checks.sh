@@ -50,5 +50,5 @@ if [ "$gpus" -gt 1 ]; then
     "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" -m latent_prior fit --steps 200 \
         --out "$OUT/multi-gpu-run" 2>&1 | tee "$OUT/multi-gpu.log" | tail -n 5
 else
-    echo "one GPU: --multi_gpu not checked" | tee "$OUT/multi-gpu.log"
+    echo "$gpus GPU(s): --multi_gpu not checked" | tee "$OUT/multi-gpu.log"
 fi
