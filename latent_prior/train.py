@@ -463,6 +463,7 @@ class Trainer:
         gains: list[torch.Tensor | None] = []
         chosen = torch.tensor([choices[0], BASE_EM_SEEDS[0]], device=self.device)
         if self.is_main:
+            heldout = None if self.basis is not None else torch.cat(list(self._fixed_draws(self.eval_val_idx))).double().cpu()
             for k in choices:
                 for em_seed in BASE_EM_SEEDS:
                     gmm = fitted[k, em_seed] = self._base_gmm(k, em_seed)
@@ -471,7 +472,7 @@ class Trainer:
                     if self.basis is not None:
                         samples = self.basis.lift(samples, gen)
                     fd, precision, recall = self._sample_scores(samples)
-                    gains.append(self._heldout_gmm_gains(gmm))
+                    gains.append(self._heldout_gmm_gains(gmm, heldout))
                     scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall,
                                    "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item()})
             _add_gain_gaps(scores, gains)
@@ -674,16 +675,13 @@ class Trainer:
         return total / max(1, count)
 
     @torch.no_grad()
-    def _heldout_gmm_gains(self, gmm: Any) -> torch.Tensor | None:
-        """A candidate GMM's held-out gain over N(0, I) per item: log q(z) − log N(z; 0, I) on the held-out
-        `_fixed_draws` (nats; their mean is what evaluation reports for step 0). None on the subspace flow's
-        leading axes, where the GMM is not the whole density."""
+    def _heldout_gmm_gains(self, gmm: Any, z: torch.Tensor | None) -> torch.Tensor | None:
+        """A candidate GMM's held-out gain over N(0, I) per item: log q(z) − log N(z; 0, I) on `z`, the held-out
+        `_fixed_draws` in float64 on the CPU (nats; their mean is what evaluation reports for step 0). None without
+        them: on the subspace flow's leading axes the GMM is not the whole density."""
         from latent_prior.sampling import log_standard_normal
 
-        if self.basis is not None:
-            return None
-        z = torch.cat(list(self._fixed_draws(self.eval_val_idx))).double().cpu()
-        return gmm.log_prob(z) - log_standard_normal(z)
+        return None if z is None else gmm.log_prob(z) - log_standard_normal(z)
 
     @torch.no_grad()
     def _heldout_sample_scores(self) -> tuple[float, float]:
