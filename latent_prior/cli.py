@@ -76,8 +76,8 @@ def run_eval(config):
     return evaluate(config, load_adapter(config, required=False))
 
 
-# name -> where its config dataclass and run function live. A command whose module is not importable
-# yet is left out of the parser.
+# name -> where its config dataclass and run function live ("module:attribute"), imported when the parser is
+# built; a module that fails to import is an error, never a command silently missing from --help.
 COMMANDS: dict[str, Command] = {
     "encode": Command(
         "latent_prior.encode:EncodeConfig",

@@ -14,7 +14,6 @@ After every rank is done, the main process writes manifest.json, which marks the
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from latent_prior.cache import CacheWriter, shard_name
 from latent_prior.data import ImageFolder, image_loader, list_images
 from latent_prior.errors import LatentPriorError
+from latent_prior.log import log_result, logger
 from latent_prior.vae import Posterior, VAEAdapter, parse_dtype
 
 #: User VAEs default to this resolution (the SD VAEs' native 256 px) when --resolution is not given.
@@ -261,7 +261,7 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
         for _, path, reason in batch.skipped:
             chunk_skipped.append({"path": path, "reason": reason})
             if not config.quiet:
-                tqdm.write(f"latent-prior encode: skipped {data_dir / path}: {reason}", file=sys.stderr)
+                logger.warning(f"latent-prior encode: skipped {data_dir / path}: {reason}")
         if batch.indices:
             views = {"": batch.images}
             if config.flip:
@@ -321,7 +321,7 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
             "images_per_second": encoded / seconds if seconds > 0 else float("nan"),
         })
         reused = f", {summary['reused_shards']} of {writer.num_chunks} shards reused" if summary["reused_shards"] else ""
-        print(
+        log_result(
             f"latent-prior encode: {encoded} images encoded ({manifest['count']} in cache{reused}), "
             f"{len(manifest['skipped'])} files skipped, {seconds:.1f} s, {size_mb:.1f} MB on disk -> {out}"
         )

@@ -16,11 +16,12 @@ Stages (each prints one line; long ones show a progress bar unless --quiet):
             EVaLP priors, config, versions, seeds, timings, VAE provenance), `latent_prior.report`.
 
 RUN_DIR also holds config.json (the effective `RunConfig`, written once the fit stage has accepted it, so
-a refused command leaves the settings of the run as they were), log.txt (what was printed, appended by
-every invocation) and the hidden marker .latent-prior-run, written first. A RUN_DIR that holds a
-different run is refused unless --overwrite (start over) or --resume (continue it with the new settings)
-is given; both act only on a folder that holds the marker (or a config.json of a run), so a folder of the
-user's that merely has a cache/ or a report.md is refused, never cleared.
+a refused command leaves the settings of the run as they were), log.txt (every message of the package and
+every Python warning during the run, appended by each invocation; `latent_prior.log`) and the hidden
+marker .latent-prior-run, written first. A RUN_DIR that holds a different run is refused unless --overwrite
+(start over) or --resume (continue it with the new settings) is given; both act only on a folder that
+holds the marker (or a config.json of a run), so a folder of the user's that merely has a cache/ or a
+report.md is refused, never cleared.
 
 Every process of an `accelerate launch` runs this function; they encode and fit together, and only
 the main process writes config.json, the pictures, the report and the log.
@@ -30,13 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import platform
 import re
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import torch
 from latent_prior.config import to_dict
 from latent_prior.errors import LatentPriorError
 from latent_prior.fit_config import FitConfig, check_config, resolve_objective
+from latent_prior.log import log_file, log_result, logger, to_file_only
 from latent_prior.prior import PRIOR_DIR, SAMPLE_METHODS, TRAIN_DIR
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import VAEAdapter
@@ -125,75 +125,22 @@ class RunConfig(FitConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# the log: everything printed during the run, also appended to RUN_DIR/log.txt
-
-
-class _LogFile:
-    """Collects text line by line; a progress bar (lines redrawn with '\\r') is kept as its final state."""
-
-    def __init__(self, path: Path) -> None:
-        # backslashreplace: a file name that is not valid UTF-8 (in a "skipped" note) must not end the run.
-        self.handle = path.open("a", encoding="utf-8", errors="backslashreplace")
-        self.pending = ""
-
-    def feed(self, text: str) -> None:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            segments = [s for s in line.split("\r") if s.strip()]
-            if segments:
-                self.handle.write(segments[-1].rstrip() + "\n")
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.feed("\n" if self.pending.strip() else "")
-        self.handle.close()
-
-
-class _Tee(io.TextIOBase):
-    """A text stream that writes to `stream` and to the log."""
-
-    def __init__(self, stream: Any, log: _LogFile) -> None:
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.log.feed(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self.stream, "encoding", "utf-8")
+# the log: every message of the run, also appended to RUN_DIR/log.txt
 
 
 @contextmanager
-def _tee_output(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    log = _LogFile(path)
-    old_out, old_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
-    try:
-        yield
-    except LatentPriorError as exc:  # the CLI prints it after we are gone; keep it in the log too
-        log.feed(f"latent-prior fit: error: {exc}\n")
-        raise
-    except KeyboardInterrupt:
-        log.feed("latent-prior fit: interrupted; run the same command again (or with --resume) to continue.\n")
-        raise
-    finally:
-        sys.stdout, sys.stderr = old_out, old_err
-        log.close()
+def _run_log(path: Path | None) -> Iterator[None]:
+    """`log.log_file(path)`, plus a last line in the file for a run that ends in an error or an interrupt (the CLI
+    prints those after this block has closed the file)."""
+    with log_file(path) as handler:
+        try:
+            yield
+        except LatentPriorError as exc:
+            to_file_only(handler, f"latent-prior fit: error: {exc}")
+            raise
+        except KeyboardInterrupt:
+            to_file_only(handler, "latent-prior fit: interrupted; run the same command again (or with --resume) to continue.")
+            raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +291,7 @@ def _check_config(config: RunConfig) -> None:
 
 def _say(is_main: bool, text: str) -> None:
     if is_main:
-        print(f"latent-prior fit: {text}", file=sys.stderr, flush=True)
+        logger.info(f"latent-prior fit: {text}")
 
 
 def _encode(config: RunConfig, adapter: VAEAdapter, cache_dir: Path) -> dict[str, Any]:
@@ -458,10 +405,9 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         _mark_run_dir(run_dir)
     state.wait_for_everyone()
-    with _tee_output(run_dir / "log.txt" if is_main else None):
+    with _run_log(run_dir / "log.txt" if is_main else None):
         if is_main:
-            print(f"==== latent-prior fit, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {state.num_processes} process(es) ====",
-                  file=sys.stderr)
+            logger.info(f"==== latent-prior fit, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {state.num_processes} process(es) ====")
             if config.overwrite:
                 _say(True, f"--overwrite: removed {', '.join(removed) or 'nothing'} from {run_dir}")
             elif status == "same":
@@ -534,12 +480,12 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     train_idx, heldout_idx = recorded_split(prior.training_info, len(source))
     on_training = len(heldout_idx) < 2
     if on_training:
-        print("latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "
-              "on TRAINING latents (optimistic); use --validation-fraction 0.1 for an honest comparison.", file=sys.stderr)
+        logger.warning("latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "
+                       "on TRAINING latents (optimistic); use --validation-fraction 0.1 for an honest comparison.")
         heldout_idx = train_idx
     elif summary.get("num_validation") not in (None, len(heldout_idx)):
-        print(f"latent-prior fit: warning: the fit held out {summary['num_validation']} latents but the report's split has "
-              f"{len(heldout_idx)}; the metrics may include training latents.", file=sys.stderr)
+        logger.warning(f"latent-prior fit: warning: the fit held out {summary['num_validation']} latents but the report's split has "
+                       f"{len(heldout_idx)}; the metrics may include training latents.")
     metrics, metrics_table = report.heldout_metrics(prior, source, heldout_idx, train_idx, samples=config.report_samples,
                                                     seed=config.seed, progress=not config.quiet)
     timings["metrics"] = {"seconds": time.perf_counter() - t0, "reused": False}
@@ -567,5 +513,5 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
                   "log": "log.txt", "config": "config.json"},
     }
     report.write_report(run_dir, facts)
-    print(f"latent-prior fit: done in {timings['total']['seconds']:.0f} s; see {run_dir / 'samples.png'} "
-          f"(N(0, I) prior | EVaLP prior) and {run_dir / 'report.md'}")
+    log_result(f"latent-prior fit: done in {timings['total']['seconds']:.0f} s; see {run_dir / 'samples.png'} "
+               f"(N(0, I) prior | EVaLP prior) and {run_dir / 'report.md'}")

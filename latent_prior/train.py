@@ -100,6 +100,7 @@ from latent_prior.fit_config import (
     resolve_objective,
     tracker_names,
 )
+from latent_prior.log import log_result, logger
 from latent_prior.losses import energy_loss, sampler_loss
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
@@ -868,10 +869,10 @@ class Trainer:
         gap = (log_q - self.ema.module.log_prob(z)).abs()
         if bool(torch.isfinite(gap).all()) and float(gap.median()) < 0.1:
             return
-        print(f"latent-prior fit: warning: after the warm-up the sampler flow is numerically unstable (its samples and its "
-              f"inverse disagree by a median {float(gap.nan_to_num(float('inf')).median()):.3g} nats; largest |z| "
-              f"{float(z.abs().nan_to_num(float('inf')).max()):.3g}), so its samples and log Z are unreliable; try a lower "
-              "--lr-sampler, fewer --flow-blocks, or --flow-kind spline.", file=sys.stderr)
+        logger.warning(f"latent-prior fit: warning: after the warm-up the sampler flow is numerically unstable (its samples and its "
+                       f"inverse disagree by a median {float(gap.nan_to_num(float('inf')).median()):.3g} nats; largest |z| "
+                       f"{float(z.abs().nan_to_num(float('inf')).max()):.3g}), so its samples and log Z are unreliable; try a lower "
+                       "--lr-sampler, fewer --flow-blocks, or --flow-kind spline.")
 
     def _set_learning_rates(self) -> None:
         """Cosine decay by step (a function of the step alone, so a resumed run gets the same rates)."""
@@ -1012,8 +1013,8 @@ class Trainer:
                     self.save_checkpoint()
                     if self.state.stopped_early:
                         if self.is_main:
-                            print(f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
-                                  f"{c.select_by}) in {c.early_stop_patience} evaluations.", file=sys.stderr)
+                            logger.info(f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
+                                        f"{c.select_by}) in {c.early_stop_patience} evaluations.")
                         break
                 if bar is not None:
                     bar.update(1)
@@ -1067,14 +1068,13 @@ class Trainer:
             summary["data_dims"] = data_dims
             summary["heldout_gain_bits_per_data_dim"] = summary["heldout_gain_nats"] / (data_dims * math.log(2))
         if self.is_main and result["ess_fraction"] < self.config.min_ess_fraction:
-            print(f"latent-prior fit: warning: the final log Z estimate has ESS {result['ess']:.0f} of {result['num_samples']} "
-                  f"({100 * result['ess_fraction']:.2f}%), so log Z, log_prob and the gains are unreliable; the sampler does not "
-                  "cover the energy model yet: train longer, raise --flow-blocks / --flow-hidden / --flow-channels, or "
-                  "--energy-magnitude-penalty.", file=sys.stderr)
+            logger.warning(f"latent-prior fit: warning: the final log Z estimate has ESS {result['ess']:.0f} of {result['num_samples']} "
+                           f"({100 * result['ess_fraction']:.2f}%), so log Z, log_prob and the gains are unreliable; the sampler does not "
+                           "cover the energy model yet: train longer, raise --flow-blocks / --flow-hidden / --flow-channels, or "
+                           "--energy-magnitude-penalty.")
         if s.best_step is None and len(self.val_idx) and self.is_main:
-            print(f"latent-prior fit: warning: no checkpoint reached --min-ess-fraction {self.config.min_ess_fraction:g}, so the "
-                  "last one is exported and its log Z estimate is unreliable; train longer or give the sampler more capacity.",
-                  file=sys.stderr)
+            logger.warning(f"latent-prior fit: warning: no checkpoint reached --min-ess-fraction {self.config.min_ess_fraction:g}, so the "
+                           "last one is exported and its log Z estimate is unreliable; train longer or give the sampler more capacity.")
         if self.is_main:
             training = {
                 "config": to_dict(self.config),
@@ -1204,15 +1204,15 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
             )
         if not same and is_main:
             changed = [k for k in sorted(set(old) | set(new)) if k not in COSMETIC_FIELDS and old.get(k) != new.get(k)]
-            print(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+            logger.info(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}")
     elif out.is_dir() and any((out / name).exists() or (out / name).is_symlink() for name in _FIT_FILES):
         found = [name for name in _FIT_FILES if (out / name).exists() or (out / name).is_symlink()]
         raise LatentPriorError(f"--out {out} holds {', '.join(found)} but no {TRAIN_DIR}/fit_config.json, so they are not from a fit "
                                "and would be overwritten; use a new --out.")
     if not ckpts:
         if config.resume and is_main:
-            print(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from "
-                    "scratch.", file=sys.stderr)
+            logger.info(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from "
+                        "scratch.")
         return None
     return ckpts[-1][1]
 
@@ -1288,11 +1288,11 @@ def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitCon
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(config).items()}
             accelerator.init_trackers("latent-prior", config=flat)
         if resume_from is not None and accelerator.is_main_process:
-            print(f"latent-prior fit: resuming from {resume_from}", file=sys.stderr)
+            logger.info(f"latent-prior fit: resuming from {resume_from}")
         trainer.train(resume_from)
         summary = trainer.export(str(config.latents))
         if accelerator.is_main_process:
-            print(_summary_line(summary, out if temp_dir is None else None))
+            log_result(_summary_line(summary, out if temp_dir is None else None))
         prior = LatentPrior.from_pretrained(out / PRIOR_DIR, device=accelerator.device)
         if tracking:
             accelerator.end_training()

@@ -37,6 +37,7 @@ from latent_prior.evaluate import (
     latent_table_markdown,
     normalize_methods,
 )
+from latent_prior.log import logger
 from latent_prior.vae import VAEAdapter
 
 
@@ -360,5 +361,5 @@ def run_eval(config: EvalConfig, adapter: VAEAdapter | None = None) -> int:
     print(text)
     if out is not None:
         out.write_text(json.dumps(result, indent=2, default=str) + "\n" if out.suffix == ".json" else text)
-        print(f"latent-prior eval: wrote {out}", file=sys.stderr)
+        logger.info(f"latent-prior eval: wrote {out}")
     return 0

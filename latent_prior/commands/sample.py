@@ -18,6 +18,7 @@ import torch
 from latent_prior.commands import check_new_output, load_prior_for, resolve_device
 from latent_prior.errors import LatentPriorError
 from latent_prior.files import atomic_save_safetensors, atomic_write
+from latent_prior.log import logger
 from latent_prior.prior import SAMPLE_METHODS, LatentPrior
 from latent_prior.threads import cpu_threads
 from latent_prior.vae import VAEAdapter
@@ -152,8 +153,8 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     what = f"(method={config.method}, seed={config.seed}, temperature={config.temperature})"
     if kind != "latents":
         _decode_to_pngs(latents, adapter, out, kind, config, device)
-        print(f"latent-prior sample: drew {config.n} latents {tuple(latents.shape[1:])} {what} in {seconds:.1f} s and decoded "
-              f"them with {config.vae or 'the VAE'} to {out}{'' if kind == 'grid' else ' (sample_000000.png, ...)'}", file=sys.stderr)
+        logger.info(f"latent-prior sample: drew {config.n} latents {tuple(latents.shape[1:])} {what} in {seconds:.1f} s and decoded "
+                    f"them with {config.vae or 'the VAE'} to {out}{'' if kind == 'grid' else ' (sample_000000.png, ...)'}")
         return 0
     metadata = {
         "method": config.method,
@@ -168,8 +169,8 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     if prior.provenance:
         metadata["provenance"] = json.dumps(prior.provenance)
     atomic_save_safetensors({"latents": latents.detach().float()}, out, metadata)
-    print(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
-          f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s", file=sys.stderr)
+    logger.info(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
+                f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s")
     return 0
 
 
