@@ -1,9 +1,9 @@
 """`latent-prior`: one command line with subcommands.
 
-Each subcommand is a dataclass config plus a function that runs it; the flags are generated from
-the dataclass fields (see `latent_prior.config`), so the CLI, the Python API and the saved JSON
-share their field names. This module is the composition root: it is the one place that may reach
-into `latent_prior.adapters` (lazily, through the subcommands that need a VAE).
+Each subcommand is a dataclass config plus a function that runs it, in `latent_prior.commands`; the flags
+are generated from the dataclass fields (see `latent_prior.config`), so the CLI, the Python API and the saved
+JSON share their field names. This module is the composition root: it is the one place that may reach into
+`latent_prior.adapters` (lazily, for the subcommands that need a VAE), and it maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -38,39 +38,24 @@ def load_adapter(config, *, required: bool = True):
 
 
 def run_encode(config):
-    """`latent-prior encode`: resolve --vae to an adapter, then hand over to the core."""
-    from latent_prior.encode import encode_images
+    from latent_prior.commands.encode import run_encode as encode
 
-    encode_images(load_adapter(config), config)
-    return 0
+    return encode(config, load_adapter(config))
 
 
 def run_fit(config):
-    """`latent-prior fit`: with --latents, fit on a cache and export the prior to --out;
-    otherwise the whole pipeline (encode -> fit -> export -> sample -> decode -> report) into the run
-    folder --out, on --vae/--data or the embedded default."""
-    if getattr(config, "latents", None) is not None:
-        from latent_prior.train import run_fit as fit_on_latents
+    from latent_prior.commands.fit import run_fit as fit
 
-        given = [f"--{name}" for name in ("vae", "data") if getattr(config, name, None) is not None]
-        if given:
-            raise LatentPriorError(f"--latents fits an existing cache, while {' and '.join(given)} encode images: "
-                                   "give --latents alone, or leave it out to encode and fit in one run.")
-        return fit_on_latents(config.fit_config() if hasattr(config, "fit_config") else config)
-    from latent_prior.pipeline import run_pipeline
-
-    return run_pipeline(config, load_adapter(config))
+    return fit(config, lambda: load_adapter(config))
 
 
 def run_sample(config):
-    """`latent-prior sample`: latents to a .safetensors file, or decoded images when --vae is given."""
     from latent_prior.commands.sample import run_sample as sample
 
     return sample(config, load_adapter(config, required=False))
 
 
 def run_eval(config):
-    """`latent-prior eval`: metrics of a prior against a cache (image metrics too when --vae is given)."""
     from latent_prior.commands.eval import run_eval as evaluate
 
     return evaluate(config, load_adapter(config, required=False))
@@ -101,8 +86,8 @@ COMMANDS: dict[str, Command] = {
         "Measure a prior against held-out latents (and images), beside the Gaussian and GMM baselines.",
     ),
     "info": Command(
-        "latent_prior.info:InfoConfig",
-        "latent_prior.info:run_info",
+        "latent_prior.commands.info:InfoConfig",
+        "latent_prior.commands.info:run_info",
         "Describe a latent cache, a latents .safetensors file, an exported prior, or a run folder of `fit`.",
     ),
 }

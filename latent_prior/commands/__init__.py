@@ -1,7 +1,7 @@
-"""The subcommands of `latent-prior` that are not a job of the core: each module holds one command's
-dataclass config and the function that runs it (`latent_prior.cli` routes to them). The jobs themselves
-(encode, fit, the metrics) stay in their own modules, which these call. Here: what `sample` and `eval`
-share (loading a prior for a VAE, the --device flag, the checks on --out).
+"""The subcommands of `latent-prior`, one module each: encode, fit, sample, eval, info (`latent_prior.cli` routes
+to them). A module holds the command's function and, where the config is the command's alone, its dataclass; the
+jobs themselves (encoding, training, the pipeline, the metrics) stay in the core modules, which these call. Here:
+what `sample` and `eval` share (loading a prior for a VAE, the --device flag, the checks on --out).
 """
 
 from __future__ import annotations
