@@ -904,7 +904,7 @@ HOW_TO_READ = """## How to read the tables
   themselves (the floor that two finite samples of one distribution already have); lower is better.
 - **MMD²**: unbiased RBF MMD² (one bandwidth per cell, median heuristic) against the held-out draws.
 - **hole share**: the share of samples whose density under a GMM of the aggregate posterior (fitted on
-  training-posterior draws, not the GMM row's model) falls below the 1st percentile of the held-out draws'
+  the training posteriors with another seed, not the GMM row's model) falls below the 1st percentile of the held-out draws'
   own density. A prior that matches the aggregate posterior gives ≈ 0.01; N(0, I) on a weak-KL VAE puts
   many samples in such holes.
 - **C2ST AUC**: a 5-fold MLP classifier telling samples from held-out draws; 0.5 = indistinguishable.

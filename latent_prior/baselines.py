@@ -10,9 +10,11 @@ Both work in normalized latent space, like the learned prior:
 `temperature` scales the sampling noise's standard deviation (as for the flow): N(0, T²I) for the
 Gaussian, N(μ_k, T²Σ_k) per component for the GMM. `log_prob` is always the untempered density.
 
-Fit the GMM on posterior *samples* z = μ + σ·ε, not on the means: means of a nearly
-deterministic encoder collapse some dimensions, which makes the components singular, while the
-samples give the aggregate posterior the prior is meant to match. The caller draws them.
+The prior is meant to match the aggregate posterior (1/N) Σ_i N(μ_i, diag σ_i²), not the means μ_i alone:
+means of a nearly deterministic encoder collapse some dimensions, which makes the components singular. So
+fit the GMM on the posterior moments, `GMMPrior().fit(means, variances=σ²)`, or, where they are not at hand,
+on posterior samples z = μ + σ·ε, several per item: with few items for the dimension, EM on one draw per
+item overfits the sample (docs/prior-development.md, "The GMM on posterior moments").
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ CONFIG_NAME = "baseline.json"
 WEIGHTS_NAME = "baseline.safetensors"
 
 #: The GMM that the EVaLP prior must beat, and which its flow's base starts from: K components, fitted by EM
-#: on posterior draws of the training items.
+#: on the posterior moments of the training items (`GMMPrior.fit`'s `variances`).
 GMM_COMPONENTS = 10
-#: At most this many training draws go into the GMM's EM (its cost is linear in them), and at most
+#: At most this many training items (or draws) go into the GMM's EM (its cost is linear in them), and at most
 #: GMM_MAX_VALUES latent values in all (the EM holds them in float64: 160 MB).
 GMM_MAX_DRAWS = 20_000
 GMM_MAX_VALUES = 20_000_000
@@ -224,6 +226,7 @@ class GMMPrior(BaselinePrior):
         self.means: torch.Tensor | None = None
         self.covariances: torch.Tensor | None = None
         self._chol: torch.Tensor | None = None
+        self._variances: torch.Tensor | None = None  # the items' posterior variances, during `fit` only
         self.log_likelihood_: list[float] = []
         self.n_iter_, self.converged_, self.fit_seconds_ = 0, False, 0.0
 
@@ -239,19 +242,35 @@ class GMMPrior(BaselinePrior):
         }
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, z: torch.Tensor) -> "GMMPrior":
-        """EM on z (N, *latent_shape); pass posterior samples, not means. Returns self."""
+    def fit(self, z: torch.Tensor, variances: torch.Tensor | None = None) -> "GMMPrior":
+        """EM on z (N, *latent_shape). Returns self.
+
+        With `variances` (N, *latent_shape), z are posterior means μ_i and `variances` the posterior variances σ_i²
+        of the same items, and EM fits their aggregate posterior (1/N) Σ_i N(μ_i, diag σ_i²): every M-step adds the
+        responsibility-weighted mean of diag σ_i² to a component's covariance. That is EM on infinitely many
+        posterior draws per item, for components wide enough that an item's responsibilities are the same for all
+        its draws; it costs what EM on the means costs. Without `variances`, pass posterior samples, not means."""
         start = time.perf_counter()
         x = _as_rows(z)
         n, d = x.shape
         k = self.n_components
         if n < k:
             raise LatentPriorError(f"GMMPrior(n_components={k}) got only {n} latents; pass at least {k} or use fewer components.")
+        self._variances = None
+        if variances is not None:
+            self._variances = _as_rows(variances, "variances")
+            if self._variances.shape != x.shape or bool((self._variances < 0).any()):
+                raise LatentPriorError(f"variances has shape {tuple(variances.shape)} (or negative values): pass the posterior "
+                                       f"variances of the same {n} items as z, shape {tuple(z.shape)}, all ≥ 0.")
         self.latent_shape = tuple(int(s) for s in z.shape[1:])
         generator = torch.Generator().manual_seed(self.seed)
         resp = self._kmeans_responsibilities(x, generator)
         self._m_step(x, resp)
-        collapsed = int((x.var(0) < self.reg_covar).sum()) if n > 1 else d
+        if n > 1:
+            spread = x.var(0) + (0 if self._variances is None else self._variances.mean(0))
+            collapsed = int((spread < self.reg_covar).sum())
+        else:
+            collapsed = d
         if collapsed:
             warnings.warn(
                 f"GMMPrior: {collapsed} of {d} latent dims have (near-)zero variance; their density is set by "
@@ -259,7 +278,7 @@ class GMMPrior(BaselinePrior):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if n / k < d:
+        if n / k < d and self._variances is None:
             warnings.warn(
                 f"GMMPrior: {n} latents for {k} components of {d} dims leaves fewer points than dimensions "
                 f"per component; covariances are regularized by reg_covar={self.reg_covar:g} along the missing "
@@ -277,6 +296,7 @@ class GMMPrior(BaselinePrior):
                 self.converged_ = True
                 break
             self._m_step(x, resp)
+        self._variances = None  # the items' moments are not part of the model
         if not self.converged_:
             warnings.warn(
                 f"GMMPrior: EM did not converge in max_iter={self.max_iter} iterations (last change "
@@ -334,6 +354,8 @@ class GMMPrior(BaselinePrior):
                 cov = torch.diag((resp[:, j, None] * centered.pow(2)).sum(0) / counts[j])
             covs.append(cov + self.reg_covar * eye)
         self.covariances = torch.stack(covs)
+        if self._variances is not None:
+            self.covariances += torch.diag_embed((resp.T @ self._variances) / counts[:, None])
         self._chol = self._cholesky(self.covariances)
 
     def _cholesky(self, covs: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ z = μ + σ·ε of the held-out items (never seen by any fit):
 * precision / recall: k-NN (k = 3) manifold precision and recall, one draw per held-out item against as
   many samples, averaged over the draws.
 * hole share (`metrics.hole_share`): the share of samples whose density under a GMM of the aggregate
-  posterior (fitted on its own training-posterior draws, N/K ≥ 2·D of them, not the GMM row's model) is
+  posterior (fitted on the training posteriors' moments as the GMM row, with another seed, not the row's model) is
   below the 1st percentile of the held-out draws' density; ≈ 0.01 for a prior that matches, ± binomial s.e.
 * C2ST AUC (`metrics.c2st_auc`): 5-fold MLP classifier between the samples and the held-out draws, at most
   C2ST_MAX_PER_CLASS of each, on one CPU thread; 0.5 = indistinguishable, ± the spread over folds.
@@ -55,14 +55,14 @@ import torch
 
 from latent_prior.cache import data_dims as latent_data_dims  # the name `data_dims` is a local figure here
 from latent_prior.errors import LatentPriorError
-from latent_prior.vae import LatentNormalization, VAEAdapter, posterior_draw
+from latent_prior.vae import LatentNormalization, VAEAdapter, posterior_draw, posterior_moments
 
 __all__ = ["latent_report", "latent_table_markdown", "heldout_elbo_gain", "METHODS"]
 
 #: method -> row label. "sampler" is accepted as another name for "evalp".
 METHODS: dict[str, str] = {
     "gaussian": "N(0, I)",
-    "gmm": "GMM ({k} components, {cov} cov, on posterior draws)",
+    "gmm": "GMM ({k} components, {cov} cov, on posterior moments)",
     "evalp": "EVaLP sampler",
     "sir": "EVaLP + SIR (M=100)",
     "langevin": "Langevin (60 steps, s=0.4) on the EVaLP energy",
@@ -117,6 +117,19 @@ def draws_of_items(source: Any, indices: np.ndarray, normalization: LatentNormal
         mean, logvar = source.read(indices[start:start + _READ_BATCH])
         out.append(posterior_draw(mean.float(), None if logvar is None else logvar.float(), generator, normalization=normalization))
     return torch.cat(out)
+
+
+def moments_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalized posterior means and variances (None for a deterministic source) of the items `indices`, each
+    (len(indices), *latent_shape) float32 on the CPU."""
+    means, variances = [], []
+    for start in range(0, len(indices), _READ_BATCH):
+        mean, logvar = source.read(indices[start:start + _READ_BATCH])
+        mean, variance = posterior_moments(mean.float(), None if logvar is None else logvar.float(), normalization=normalization)
+        means.append(mean)
+        variances.append(variance)
+    return torch.cat(means), None if variances[0] is None else torch.cat(variances)
 
 
 def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, batch_size: int = 1024) -> dict[str, Any]:
@@ -195,23 +208,32 @@ def normalize_methods(methods: Sequence[str]) -> list[str]:
 
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
-             generator: torch.Generator, rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
-    """A GMM on posterior DRAWS of the training items, not their means (a nearly deterministic encoder's means
-    make components singular), several per item when the items are few for the dimension (N/K ≥ 2·D)."""
-    from latent_prior.baselines import GMM_COMPONENTS, GMMPrior, gmm_covariance, gmm_fit_draws
+             rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
+    """A GMM on the posterior moments of the training items (a seeded subset of GMM_MAX_DRAWS beyond that): EM
+    fits their aggregate posterior, not the means (`GMMPrior.fit`'s `variances`)."""
+    from latent_prior.baselines import GMM_COMPONENTS, GMM_MAX_DRAWS, GMM_MAX_VALUES, GMMPrior, gmm_covariance
 
-    _, count = gmm_fit_draws(len(train), dims, bool(getattr(train_source, "deterministic", False)))
-    components = min(GMM_COMPONENTS, count)
+    limit = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, dims)))
+    items = train if len(train) <= limit else np.sort(rng.choice(train, size=limit, replace=False))
+    components = min(GMM_COMPONENTS, len(items))
     covariance = gmm_covariance(dims)
-    draws = draws_of_items(train_source, _cycle(train, count, rng), normalization, generator)
+    means, variances = moments_of_items(train_source, items, normalization)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed, n_init=n_init).fit(draws)
+        gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed, n_init=n_init).fit(means, variances)
     seconds = time.perf_counter() - start
-    info = {"components": components, "covariance": covariance, "fit_draws": count, "em_iterations": gmm.n_iter_,
+    info = {"components": components, "covariance": covariance, "fit_items": len(items), "fit_on": "posterior moments"
+            if variances is not None else "means (deterministic latents)", "em_iterations": gmm.n_iter_,
             "converged": gmm.converged_, "warnings": [str(w.message) for w in caught]}
     return gmm, seconds, info
+
+
+def _gmm_fit_data(info: dict[str, Any]) -> str:
+    """What a `_fit_gmm` info says the GMM was fitted on, in words (a result of an earlier version says draws)."""
+    if "fit_items" in info:
+        return f"the {info['fit_on']} of {info['fit_items']} training latents"
+    return f"{info['fit_draws']} training-posterior draws"
 
 
 def _flow_matching_budget(prior: Any, seconds: float | None) -> float:
@@ -337,8 +359,7 @@ def latent_report(
     # The hole-share density: a GMM of its own on other training draws (another seed), not the "gmm" row's
     # model, which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
     hole_rng = np.random.default_rng([int(seed), 0x401E])
-    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, int(seed) + 7919,
-                                                         torch.Generator().manual_seed(int(seed) + 202), hole_rng, n_init=1)
+    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, int(seed) + 7919, hole_rng, n_init=1)
 
     prior_device = prior.device
     batch = min(TIMING_BATCH, samples)
@@ -359,7 +380,7 @@ def latent_report(
             draw_chunk = lambda n, g: fm.sample(n, generator=g).cpu()
             label = METHODS[method].format(steps=fm.solver_steps, nfe=fm.network_evaluations)
         elif method == "gmm":
-            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, generator, rng)
+            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, rng)
             draw_chunk = lambda n, g: gmm.sample(n, generator=g)
             label = METHODS[method].format(k=info["components"], cov=info["covariance"])
         else:
@@ -447,7 +468,7 @@ def latent_report(
         "space": "normalized",
         "holes": {"density": "gmm", "percentile": 1.0, "fit_seconds": hole_fit_seconds, **hole_info,
                   "note": "share of samples below the 1st percentile of the held-out draws' log-density under a GMM "
-                          "fitted on other training-posterior draws than the 'gmm' row's (≈ 0.01 for a perfect prior)"},
+                          "fitted on the training posteriors with another seed than the 'gmm' row's (≈ 0.01 for a perfect prior)"},
         "c2st": {"classifier": "mlp", "folds": 5, "n_per_class": c2st_n,
                  "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the "
                          "spread over folds"},
@@ -497,8 +518,8 @@ def latent_table_markdown(result: dict[str, Any]) -> str:
     if holes and c2st and timing:
         lines.append(
             f"Hole share: the share of samples whose density under a GMM of the aggregate posterior ({holes['components']} "
-            f"components, {holes['covariance']} cov, fitted on {holes['fit_draws']} training-posterior draws apart from the "
-            f"GMM row's) is below the 1st percentile of the held-out draws' (≈ 0.01 when the prior matches; ± binomial s.e.). "
+            f"components, {holes['covariance']} cov, fitted on {_gmm_fit_data(holes)}, with another seed than the GMM "
+            "row's) is below the 1st percentile of the held-out draws' (≈ 0.01 when the prior matches; ± binomial s.e.). "
             f"C2ST AUC: 5-fold MLP classifier, samples vs held-out draws, {c2st['n_per_class']} per class (0.5 = "
             f"indistinguishable; ± spread over folds). ms/1k: sampling time per 1,000 latents in batches of "
             f"{timing['batch_size']}, the fastest of {timing['chunks']} (EVaLP rows on {timing['prior_device']}, N(0, "

