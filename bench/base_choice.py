@@ -35,6 +35,7 @@ from bench.datasets import LatentSet, load_set
 from latent_prior.baselines import GMM_COMPONENTS, GMMPrior
 from latent_prior.fit_config import FD_TOLERANCE, FitConfig, resolve_objective
 from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
+from latent_prior.vae import posterior_moments
 
 SAMPLES = 3000
 
@@ -142,9 +143,7 @@ def heldout_scores(lset: LatentSet, gmm: Any, seed: int, classifier: Any) -> dic
 def suite_gmm(lset: LatentSet, seed: int) -> Any:
     """The suite's GMM row: 10 full-covariance components, the best likelihood of 5 k-means starts, on the training
     items' posterior moments (`evaluate._fit_gmm`)."""
-    norm = lset.normalization
-    means = norm.normalize(lset.train_mean).flatten(1).double()
-    variances = torch.exp(norm.normalize_logvar(lset.train_logvar)).flatten(1).double()
+    means, variances = posterior_moments(lset.train_mean, lset.train_logvar, normalization=lset.normalization)
     return GMMPrior(n_components=GMM_COMPONENTS, covariance="full", seed=seed, n_init=5).fit(means, variances)
 
 

@@ -36,6 +36,7 @@ import torch
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
 from latent_prior.baselines import GMM_COMPONENTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
+from latent_prior.vae import posterior_moments
 
 WAYS = ("draws", "draws x16", "moments")
 FIGURES = (("excess_fd", "excess FD", "+.4f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
@@ -48,8 +49,8 @@ def fit_data(lset: LatentSet, way: str, seed: int) -> tuple[torch.Tensor, torch.
     norm, g = lset.normalization, torch.Generator().manual_seed(3000 + seed)
     n = len(lset.train_mean)
     if way == "moments":
-        return (norm.normalize(lset.train_mean).flatten(1).double(),
-                torch.exp(norm.normalize_logvar(lset.train_logvar)).flatten(1).double())
+        means, variances = posterior_moments(lset.train_mean, lset.train_logvar, normalization=norm)
+        return means.flatten(1).double(), variances.flatten(1).double()
     if way == "draws":
         _, count = gmm_fit_draws(n, lset.dims, False)
         return lset.draws("train", count, g).flatten(1).double(), None

@@ -46,6 +46,12 @@ GMM_MAX_VALUES = 20_000_000
 GMM_FULL_COV_MAX_DIMS = 512
 
 
+def gmm_fit_items(dims: int) -> int:
+    """How many training items (at most) a GMM of `dims`-dim latents is fitted on: GMM_MAX_DRAWS, fewer where their
+    float64 values would pass GMM_MAX_VALUES."""
+    return max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, dims)))
+
+
 def gmm_covariance(dims: int) -> str:
     """"full" up to GMM_FULL_COV_MAX_DIMS latent dims, "diag" above (K·D² values would not fit)."""
     return "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
@@ -226,7 +232,6 @@ class GMMPrior(BaselinePrior):
         self.means: torch.Tensor | None = None
         self.covariances: torch.Tensor | None = None
         self._chol: torch.Tensor | None = None
-        self._variances: torch.Tensor | None = None  # the items' posterior variances, during `fit` only
         self.log_likelihood_: list[float] = []
         self.n_iter_, self.converged_, self.fit_seconds_ = 0, False, 0.0
 
@@ -256,18 +261,17 @@ class GMMPrior(BaselinePrior):
         k = self.n_components
         if n < k:
             raise LatentPriorError(f"GMMPrior(n_components={k}) got only {n} latents; pass at least {k} or use fewer components.")
-        self._variances = None
         if variances is not None:
-            self._variances = _as_rows(variances, "variances")
-            if self._variances.shape != x.shape or bool((self._variances < 0).any()):
+            variances = _as_rows(variances, "variances")
+            if variances.shape != x.shape or bool((variances < 0).any()):
                 raise LatentPriorError(f"variances has shape {tuple(variances.shape)} (or negative values): pass the posterior "
                                        f"variances of the same {n} items as z, shape {tuple(z.shape)}, all ≥ 0.")
         self.latent_shape = tuple(int(s) for s in z.shape[1:])
         generator = torch.Generator().manual_seed(self.seed)
         resp = self._kmeans_responsibilities(x, generator)
-        self._m_step(x, resp)
+        self._m_step(x, resp, variances)
         if n > 1:
-            spread = x.var(0) + (0 if self._variances is None else self._variances.mean(0))
+            spread = x.var(0) + (0 if variances is None else variances.mean(0))
             collapsed = int((spread < self.reg_covar).sum())
         else:
             collapsed = d
@@ -278,7 +282,7 @@ class GMMPrior(BaselinePrior):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if n / k < d and self._variances is None:
+        if n / k < d and variances is None:
             warnings.warn(
                 f"GMMPrior: {n} latents for {k} components of {d} dims leaves fewer points than dimensions "
                 f"per component; covariances are regularized by reg_covar={self.reg_covar:g} along the missing "
@@ -295,8 +299,7 @@ class GMMPrior(BaselinePrior):
             if iteration > 1 and abs(self.log_likelihood_[-1] - self.log_likelihood_[-2]) < self.tol:
                 self.converged_ = True
                 break
-            self._m_step(x, resp)
-        self._variances = None  # the items' moments are not part of the model
+            self._m_step(x, resp, variances)
         if not self.converged_:
             warnings.warn(
                 f"GMMPrior: EM did not converge in max_iter={self.max_iter} iterations (last change "
@@ -339,7 +342,7 @@ class GMMPrior(BaselinePrior):
                 best_labels, best_inertia = labels, inertia
         return torch.nn.functional.one_hot(best_labels, k).to(x.dtype)
 
-    def _m_step(self, x: torch.Tensor, resp: torch.Tensor) -> None:
+    def _m_step(self, x: torch.Tensor, resp: torch.Tensor, variances: torch.Tensor | None = None) -> None:
         n, d = x.shape
         counts = resp.sum(0) + 10 * torch.finfo(x.dtype).eps  # an empty component keeps weight ~0
         self.weights = counts / n
@@ -354,8 +357,8 @@ class GMMPrior(BaselinePrior):
                 cov = torch.diag((resp[:, j, None] * centered.pow(2)).sum(0) / counts[j])
             covs.append(cov + self.reg_covar * eye)
         self.covariances = torch.stack(covs)
-        if self._variances is not None:
-            self.covariances += torch.diag_embed((resp.T @ self._variances) / counts[:, None])
+        if variances is not None:
+            self.covariances += torch.diag_embed((resp.T @ variances) / counts[:, None])
         self._chol = self._cholesky(self.covariances)
 
     def _cholesky(self, covs: torch.Tensor) -> torch.Tensor:

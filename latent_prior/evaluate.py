@@ -209,11 +209,11 @@ def normalize_methods(methods: Sequence[str]) -> list[str]:
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
              rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
-    """A GMM on the posterior moments of the training items (a seeded subset of GMM_MAX_DRAWS beyond that): EM
+    """A GMM on the posterior moments of the training items (a seeded subset of `gmm_fit_items` beyond that): EM
     fits their aggregate posterior, not the means (`GMMPrior.fit`'s `variances`)."""
-    from latent_prior.baselines import GMM_COMPONENTS, GMM_MAX_DRAWS, GMM_MAX_VALUES, GMMPrior, gmm_covariance
+    from latent_prior.baselines import GMM_COMPONENTS, GMMPrior, gmm_covariance, gmm_fit_items
 
-    limit = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, dims)))
+    limit = gmm_fit_items(dims)
     items = train if len(train) <= limit else np.sort(rng.choice(train, size=limit, replace=False))
     components = min(GMM_COMPONENTS, len(items))
     covariance = gmm_covariance(dims)

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latent_prior.baselines import GMM_MAX_DRAWS, GMM_MAX_VALUES, gmm_covariance, gmm_fit_draws
+from latent_prior.baselines import gmm_covariance, gmm_fit_draws, gmm_fit_items
 from latent_prior.cache import data_dims as latent_data_dims
 from latent_prior.checkpoints import (
     EVAL_KEYS,
@@ -505,11 +505,11 @@ class Trainer:
             return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(means, variances)
 
     def _base_moments(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalized posterior means and variances (None for a deterministic cache) of up to GMM_MAX_DRAWS training
+        """Normalized posterior means and variances (None for a deterministic cache) of up to `gmm_fit_items` training
         items, (N, *latent_shape) float64 on the CPU, read once for all of `_choose_base`'s candidates."""
         if self._moments is None:
-            limit = max(2, min(GMM_MAX_DRAWS, GMM_MAX_VALUES // max(1, math.prod(self.shape))))
-            mean, logvar = self.source.read(_subset(self.train_idx, limit, self.config.seed + SEEDS.init_items))
+            items = _subset(self.train_idx, gmm_fit_items(math.prod(self.shape)), self.config.seed + SEEDS.init_items)
+            mean, logvar = self.source.read(items)
             mean, variance = posterior_moments(mean.float(), None if logvar is None else logvar.float(), normalization=self.norm)
             self._moments = (mean.double().cpu(), None if variance is None else variance.double().cpu())
         return self._moments
