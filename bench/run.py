@@ -50,6 +50,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1101,6 +1102,24 @@ def _add_seeds(cell: dict[str, Any], other: dict[str, Any], path: Path) -> None:
     cell.setdefault("more_seeds", []).append({"seeds": other["seeds"], "code": other.get("code")})
 
 
+def _keep_grid(cell: dict[str, Any], grid_dir: Path) -> None:
+    """Point `cell`'s sample grid into `grid_dir`, copying it there; a grid written to a scratch folder that is gone
+    since is taken from `grid_dir` when a copy lies there, else dropped with a warning (never a link to nowhere)."""
+    if not cell.get("grid"):
+        return
+    grid = Path(cell["grid"])
+    kept = grid_dir / grid.name
+    if grid.is_file() and grid.resolve() != kept.resolve():
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, kept)
+    if kept.is_file():
+        cell["grid"] = str(kept)
+    else:
+        warnings.warn(f"--merge: the sample grid of cell {cell['cell']} ({grid}) is gone; the page shows none for it.",
+                      stacklevel=2)
+        cell.pop("grid")
+
+
 def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
     """Add the cells of other runs to the run saved in `into`, and save it back. A cell that is new, or measured again
     with some of the same seeds, is taken whole (its sample grid copied into `grid_dir`); a cell measured with other
@@ -1118,11 +1137,6 @@ def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
                 _add_seeds(present, cell, path)
                 seeded.append(name)
                 continue
-            grid = Path(cell["grid"]) if cell.get("grid") else None
-            if grid is not None and grid.is_file() and grid.resolve().parent != grid_dir.resolve():
-                grid_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(grid, grid_dir / grid.name)
-                cell["grid"] = str(grid_dir / grid.name)
             result["cells"][name] = cell
             whole.append(name)
         what = [f"cells {', '.join(whole)}"] if whole else []
@@ -1132,6 +1146,8 @@ def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
             f"{' and '.join(what)} come from another run: `{other['command']}` ({other['machine']['date']}, "
             f"{other['machine']['code']}, {other.get('total_seconds', float('nan')):.0f} s, load average "
             f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})")
+    for cell in result["cells"].values():
+        _keep_grid(cell, grid_dir)
     into.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 

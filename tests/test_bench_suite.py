@@ -197,6 +197,16 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
     # the merged cell's sample grid is copied beside the page, where its link points
     assert merged["cells"]["other-cell"]["grid"] == str(tmp / "merged" / Path(cell["grid"]).name)
     assert (tmp / "merged" / Path(cell["grid"]).name).is_file()
+    # a grid whose scratch folder is gone: taken from the page's grid folder when a copy lies there, else dropped
+    gone = str(tmp / "gone" / Path(cell["grid"]).name)
+    stale = dict(run, command="python -m bench --sets stale", cells={"kept-cell": dict(cell, cell="kept-cell", grid=gone),
+                                                                    "lost-cell": dict(cell, cell="lost-cell", grid=str(tmp / "gone" / "lost.png"))})
+    (tmp / "stale.json").write_text(json.dumps(stale))
+    with pytest.warns(UserWarning, match="sample grid of cell lost-cell"):
+        assert suite.main(["--merge", str(tmp / "stale.json"), "--json", str(tmp / "merged.json"), "--out", str(tmp / "merged.md")]) == 0
+    merged = json.loads((tmp / "merged.json").read_text())
+    assert merged["cells"]["kept-cell"]["grid"] == str(tmp / "merged" / Path(cell["grid"]).name)
+    assert "grid" not in merged["cells"]["lost-cell"] and str(tmp / "gone") not in (tmp / "merged.md").read_text()
     # a --quick run's cells may not join a full run
     (tmp / "full.json").write_text(json.dumps(dict(run, config=dict(run["config"], quick=False))))
     assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "full.json"), "--out", str(tmp / "full.md")]) == 2
@@ -220,7 +230,7 @@ def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_ru
     assert joined["seeds"] == [*seeds, new_seed] and len(joined["per_seed"]) == len(seeds) + 1
     values = [s["rows"]["evalp"]["excess_fd"] for s in joined["per_seed"]]
     assert joined["methods"]["evalp"]["excess_fd"]["n"] == len(values) and joined["methods"]["evalp"]["excess_fd"]["max"] == max(values)
-    assert joined["grid"] == cell["grid"]  # the grid stays the first seed's
+    assert Path(joined["grid"]).name == Path(cell["grid"]).name and Path(joined["grid"]).is_file()  # the first seed's grid
     page = (tmp / "joined.md").read_text()
     assert f"seeds {', '.join(map(str, [*seeds, new_seed]))}" in page and f"seeds {new_seed} of cells {name}" in page
     # a cell measured with other flags cannot lend it seeds
