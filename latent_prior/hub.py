@@ -59,10 +59,13 @@ class _NotCached(Exception):
 
 def download(repo_id: str, filenames: Sequence[str], *, what: str, subfolder: str | None = None,
              revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-             local_files_only: bool = False) -> Path:
+             local_files_only: bool = False, force_download: bool = False, token: str | bool | None = None) -> Path:
     """The local folder holding `filenames` of the Hub repo `repo_id` (in `subfolder`), from the cache when they
-    are there, else downloaded. `what` names the thing in messages ("prior"). Raises LatentPriorError."""
+    are there (unless force_download), else downloaded. `what` names the thing in messages ("prior"). Raises
+    LatentPriorError."""
     try:
+        if force_download and not (local_files_only or offline_mode()):
+            raise _NotCached("force_download")
         return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=True)
     except _NotCached as missing:
         if local_files_only or offline_mode() or not hub_reachable():
@@ -72,18 +75,20 @@ def download(repo_id: str, filenames: Sequence[str], *, what: str, subfolder: st
                         f"{'is not to be used (HF_HUB_OFFLINE / local_files_only)' if local_files_only or offline_mode() else 'cannot be reached'}; "
                 f"download it while online (`hf download {repo_id}`) or pass the folder that holds it."
             ) from None
-    return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=False)
+    return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=False,
+                  force_download=force_download, token=token)
 
 
 def _fetch(repo_id: str, filenames: Sequence[str], what: str, subfolder: str | None, revision: str | None,
-           cache_dir: str | os.PathLike | None, *, local_files_only: bool) -> Path:
+           cache_dir: str | os.PathLike | None, *, local_files_only: bool, force_download: bool = False,
+           token: str | bool | None = None) -> Path:
     from huggingface_hub import errors, hf_hub_download
 
     folder: Path | None = None
     for name in filenames:
         try:
             path = Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                                        local_files_only=local_files_only))
+                                        local_files_only=local_files_only, force_download=force_download, token=token))
         except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
             if local_files_only:
                 raise _NotCached(f"{name} is missing") from exc
@@ -109,8 +114,10 @@ def _fetch(repo_id: str, filenames: Sequence[str], what: str, subfolder: str | N
 
 
 def upload(folder: str | os.PathLike, repo_id: str, *, what: str, private: bool | None = None,
-           commit_message: str | None = None, token: str | None = None) -> str:
-    """Create `repo_id` on the Hub if needed and upload the files of `folder`; returns the commit URL."""
+           commit_message: str | None = None, token: str | None = None, branch: str | None = None,
+           create_pr: bool | None = None) -> str:
+    """Create `repo_id` on the Hub if needed and upload the files of `folder` (to `branch`, or as a pull request);
+    returns the commit URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -120,7 +127,8 @@ def upload(folder: str | os.PathLike, repo_id: str, *, what: str, private: bool 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or f"Upload {what}")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or f"Upload {what}",
+                                 revision=branch, create_pr=create_pr)
     except OfflineModeIsEnabled as exc:
         raise LatentPriorError(f"push_to_hub: the Hub is offline; upload {folder} later with `hf upload {repo_id} {folder}`.") from exc
     except HfHubHTTPError as exc:

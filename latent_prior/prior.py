@@ -11,8 +11,9 @@
   latents for `vae.decode` and `log_prob` / `energy` take raw latents.
 
 On disk a prior is a folder with `model.safetensors` (every tensor) and `config.json` (how to rebuild
-the networks, log Ẑ, the normalization, the source VAE's provenance, the training config, versions).
-Nothing is ever unpickled.
+the networks, log Ẑ, the normalization, the source VAE's provenance, the training config, versions),
+with a model card (`README.md`). It is a Hub model (huggingface_hub's `ModelHubMixin`): `save_pretrained`,
+`push_to_hub` and `from_pretrained` take a folder or a Hub repo id. Nothing is ever unpickled.
 
 `latent-prior sample` (`latent_prior.commands.sample`) draws from a saved prior on the command line.
 """
@@ -28,10 +29,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from latent_prior.errors import LatentPriorError
-from latent_prior.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from latent_prior.files import atomic_save_safetensors, atomic_write_json
 from latent_prior.sampling import SAMPLERS
 from latent_prior.vae import LatentNormalization, VAEAdapter, parse_dtype
 
@@ -184,7 +186,8 @@ def _check_weight_count(config: dict[str, Any], header: dict[str, tuple[int, ...
             )
 
 
-class LatentPrior(nn.Module):
+class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license="apache-2.0",
+                  tags=["latent-prior", "vae-prior", "energy-based-model"]):
     """An energy-based latent prior p_θ(z) = N(z; 0, I)·exp(−E_θ(z))/Z_θ for one VAE.
 
     Every public method takes and returns latents in the VAE's **raw** latent space (what its
@@ -456,30 +459,70 @@ class LatentPrior(nn.Module):
             "training": self.training_info,
         }
 
-    def save_pretrained(self, directory: str | os.PathLike, *, push_to_hub: bool = False, repo_id: str | None = None,
-                        private: bool | None = None, commit_message: str | None = None, token: str | None = None) -> Path:
-        """Write `model.safetensors`, `config.json` and a model card (`README.md`: the source VAE, the data, the
-        held-out figures) to `directory` (created if needed); returns it. push_to_hub: then upload the folder to
-        the Hub repo `repo_id` (created if needed; `hf auth login` first)."""
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, where: str | os.PathLike = CONFIG_FILE) -> "LatentPrior":
+        """A prior built from its config.json alone (the `config` property's dict), with freshly initialized
+        networks: latent shape, energy and flow configs, normalization, log Ẑ and the records. `where` names the
+        config in errors; a config that cannot be used is one LatentPriorError naming its key."""
+        where = Path(where)
+        config = json.loads(json.dumps(config, default=_json_default))  # the property's tuples as config.json's lists
+        validate_prior_config(config, where)
+        networks = _build_networks(config, where)
+        return cls(
+            networks["energy"],
+            networks["flow"],
+            latent_shape=tuple(config["latent_shape"]),
+            normalization=LatentNormalization.from_recorded(config.get("normalization"), str(where)),
+            log_z=config["log_z"],
+            log_z_info=config.get("log_z_info"),
+            provenance=config.get("provenance"),
+            training=config.get("training"),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None, push_to_hub: bool = False,
+                        model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
+        """Write `model.safetensors`, `config.json` and a model card (`README.md`: the source VAE, its fingerprint, the
+        data, the held-out figures) to `save_directory` (created if needed), as huggingface_hub's ModelHubMixin does;
+        with push_to_hub, then upload it to the Hub repo `repo_id` (created if needed; `hf auth login` first) and
+        return the commit URL. Unlike the mixin, push_to_hub needs repo_id: a fit's folder is named `prior`."""
         if push_to_hub and not repo_id:
             raise LatentPriorError("save_pretrained(push_to_hub=True) needs repo_id='namespace/name'.")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        return super().save_pretrained(save_directory, repo_id=repo_id, push_to_hub=push_to_hub,
+                                       model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})}, **push_to_hub_kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         # clone(): safetensors refuses tensors that share storage.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        atomic_save_safetensors(tensors, directory / MODEL_FILE, {"format": "pt", "format_version": str(FORMAT_VERSION)})
-        atomic_write_json(directory / CONFIG_FILE, self.config, default=_json_default)
-        atomic_write_text(directory / CARD_FILE, model_card(self.config, repo_id))
-        if push_to_hub:
-            from latent_prior.hub import upload
+        atomic_save_safetensors(tensors, save_directory / MODEL_FILE, {"format": "pt", "format_version": str(FORMAT_VERSION)})
+        atomic_write_json(save_directory / CONFIG_FILE, self.config, default=_json_default)
+        # The mixin writes a card only where none is: a card from an earlier save would keep stale figures.
+        (save_directory / CARD_FILE).unlink(missing_ok=True)
 
-            upload(directory, repo_id, what="prior", private=private, commit_message=commit_message, token=token)
-        return directory
+    def generate_model_card(self, repo_id: str | None = None, **_: Any) -> Any:
+        """The Hub model card (`README.md`): the mixin's metadata (library, license, tags) over `model_card`'s text."""
+        from huggingface_hub import ModelCard
+
+        return ModelCard(f"---\n{self._hub_mixin_info.model_card_data.to_yaml()}\n---\n\n{model_card(self.config, repo_id)}")
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    model_card_kwargs: dict[str, Any] | None = None, **_: Any) -> str:
+        """Save the prior to a temporary folder and upload it to the Hub repo `repo_id` (created if needed); returns
+        the commit URL. Offline, or refused by the Hub, it fails in one sentence that says what to do."""
+        import tempfile
+
+        from latent_prior.hub import upload
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "prior"
+            self.save_pretrained(folder, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+            return upload(folder, repo_id, what="prior", private=private, commit_message=commit_message, token=token,
+                          branch=branch, create_pr=create_pr)
 
     @classmethod
     def from_pretrained(
         cls,
-        pretrained: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike,
         *,
         revision: str | None = None,
         subfolder: str | None = None,
@@ -487,14 +530,16 @@ class LatentPrior(nn.Module):
         device: str | torch.device | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        token: str | bool | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> "LatentPrior":
         """Load a prior saved by `save_pretrained`: a local folder (or the --out folder of `latent-prior fit`, whose
         prior/ it reads), or a Hugging Face Hub repo id ("namespace/name"), read from the local Hub cache when it is there.
 
-        revision / subfolder / cache_dir / local_files_only: as in huggingface_hub (a folder ignores revision).
-        torch_dtype (or its alias dtype): e.g. torch.float32 / "bf16" (default float32); device: default CPU.
-        Offline (HF_HUB_OFFLINE=1, or no connection), an id that is not cached fails at once, in one sentence.
+        revision / subfolder / cache_dir / local_files_only / force_download / token: as in huggingface_hub (a folder
+        ignores revision). torch_dtype (or its alias dtype): e.g. torch.float32 / "bf16" (default float32); device:
+        default CPU. Offline (HF_HUB_OFFLINE=1, or no connection), an id that is not cached fails at once, in one sentence.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -502,6 +547,7 @@ class LatentPrior(nn.Module):
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise LatentPriorError(f"from_pretrained: torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; pass one.")
         dtype = torch_dtype if torch_dtype is not None else dtype
+        pretrained = pretrained_model_name_or_path
         directory = Path(pretrained)
         if subfolder:
             directory = directory / subfolder
@@ -511,7 +557,8 @@ class LatentPrior(nn.Module):
             # A missing path that is a valid repo id ("name", "namespace/name"; never "./x", "/x", "a/b/c") is a Hub id.
             if is_repo_id(str(pretrained)):
                 directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
-                                     revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+                                     revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                     force_download=force_download, token=token)
         directory = prior_folder(directory)
         if directory.is_file():
             raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
@@ -530,17 +577,7 @@ class LatentPrior(nn.Module):
             raise LatentPriorError(f"{directory / CONFIG_FILE} is not valid JSON ({exc}); re-export the prior.") from None
         validate_prior_config(config, directory / CONFIG_FILE)
         _check_weight_count(config, _weights_header(directory / MODEL_FILE), directory)
-        networks = _build_networks(config, directory / CONFIG_FILE)
-        prior = cls(
-            networks["energy"],
-            networks["flow"],
-            latent_shape=tuple(config["latent_shape"]),
-            normalization=LatentNormalization.from_recorded(config.get("normalization"), str(directory / CONFIG_FILE)),
-            log_z=config["log_z"],
-            log_z_info=config.get("log_z_info"),
-            provenance=config.get("provenance"),
-            training=config.get("training"),
-        )
+        prior = cls.from_config(config, where=directory / CONFIG_FILE)
         try:
             state = load_file(str(directory / MODEL_FILE))
         except (SafetensorError, OSError) as exc:
@@ -567,7 +604,8 @@ def _figure(value: Any, spec: str) -> str:
 
 
 def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
-    """README.md for a prior folder (Hub model card): what it is, its source VAE, the data and the held-out figures."""
+    """The text of a prior folder's README.md (Hub model card, below its metadata): what it is, its source VAE, the data
+    and the held-out figures."""
     from latent_prior import __version__
 
     provenance = config.get("provenance") or {}
@@ -578,7 +616,6 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     name = repo_id or "PATH_OR_REPO_ID"
     ess = summary.get("log_z_ess_fraction")
     lines = [
-        "---", "library_name: latent-prior", "tags:", "- latent-prior", "- vae-prior", "- energy-based-model", "---", "",
         f"# A latent prior for {source}", "",
         f"An EVaLP prior (energy-based variational latent prior, [latent-prior](https://pypi.org/project/latent-prior/) "
         f"{config.get('latent_prior_version', __version__)}) over {shape} latents: p(z) ∝ N(z; 0, I)·exp(−E(z)), with a "

@@ -68,10 +68,41 @@ def _hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], subfolder: st
         path.write_bytes(data)
 
 
+def test_a_prior_is_built_from_its_config_alone(tmp_path):
+    prior = make_prior(shape=(4, 4, 4), normalization=LatentNormalization(scaling_factor=0.18215))
+    built = LatentPrior.from_config(prior.config)  # fresh networks: other weights, the same tensors
+    assert built.latent_shape == (4, 4, 4) and built.log_z == prior.log_z and built.normalization == prior.normalization
+    assert built.provenance == prior.provenance and built.training_info == prior.training_info
+    fresh, trained = built.state_dict(), prior.state_dict()
+    assert fresh.keys() == trained.keys() and any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+    built.load_state_dict(prior.state_dict())
+    x = torch.randn(5, 4, 4, 4)
+    assert torch.equal(built.log_prob(x), prior.log_prob(x))
+    with pytest.raises(LatentPriorError, match="my.json.*`log_z`"):
+        LatentPrior.from_config(dict(prior.config, log_z="high"), where="my.json")
+
+
+def test_a_prior_is_a_hub_mixin_model_whose_card_is_rewritten_on_every_save(tmp_path, monkeypatch):
+    from huggingface_hub import ModelHubMixin
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prior = make_prior()
+    assert isinstance(prior, ModelHubMixin)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / CARD_FILE).write_text("a stale card")
+    assert prior.save_pretrained(tmp_path / "p") is None  # the mixin's convention: a commit URL only when pushing
+    card = (tmp_path / "p" / CARD_FILE).read_text()
+    assert "stale" not in card and "license: apache-2.0" in card and "- latent-prior" in card
+    assert 'LatentPrior.from_pretrained("PATH_OR_REPO_ID")' in card
+    with pytest.raises(LatentPriorError, match="HF_HUB_OFFLINE is set.*hf upload me/p"):
+        prior.push_to_hub("me/p")
+
+
 def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prior = make_prior()
-    folder = prior.save_pretrained(tmp_path / "p", repo_id="someone/digits-prior")
+    folder = tmp_path / "p"
+    prior.save_pretrained(folder, repo_id="someone/digits-prior")
     files = {name: (folder / name).read_bytes() for name in (CONFIG_FILE, MODEL_FILE, CARD_FILE)}
     cache = tmp_path / "hub"
     _hub_cache(cache, "someone/digits-prior", files)
@@ -103,7 +134,8 @@ def test_the_model_card_and_push_to_hub_offline(tmp_path, monkeypatch):
                                                                              "heldout_fd": 0.0123, "heldout_precision": 0.88,
                                                                              "log_z_ess_fraction": 0.97}}
     prior.provenance = {"source": "stabilityai/sd-vae-ft-mse", "class_name": "AutoencoderKL", "fingerprint": "f00d", "config_hash": "abc"}
-    card = (prior.save_pretrained(tmp_path / "p", repo_id="me/sd-prior") / CARD_FILE).read_text()
+    prior.save_pretrained(tmp_path / "p", repo_id="me/sd-prior")
+    card = (tmp_path / "p" / CARD_FILE).read_text()
     assert card.startswith("---\nlibrary_name: latent-prior\n")
     for text in ("# A latent prior for stabilityai/sd-vae-ft-mse", 'LatentPrior.from_pretrained("me/sd-prior")', "fingerprint `f00d`",
                  "cache/ (1500 latents)", "1350 training latents, 150 held out", "selected step 1750", "+1.250 nats", "0.0123",
