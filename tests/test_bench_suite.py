@@ -238,3 +238,22 @@ def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_ru
     (tmp / "different.json").write_text(json.dumps(different))
     assert suite.main(["--merge", str(tmp / "different.json"), "--json", str(tmp / "joined.json"), "--out", str(tmp / "joined.md")]) == 2
     assert "differs in samples" in capsys.readouterr().err
+
+
+def test_a_spatial_cell_shows_the_decoded_training_posteriors_as_the_fid_floor():
+    """The floor row (decoded posterior draws of training items) sits under the methods' image columns, and the FID
+    targets quote it beside their verdict."""
+    row = {"excess_fd": 0.1, "mmd2": 1e-3, "hole_share": 0.02, "c2st_auc": 0.6, "precision": 0.8, "recall": 0.8,
+           "samples_per_second": 1000.0, "fit_seconds": 1.0}
+    per_seed = [{"rows": {m: dict(row) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
+    image = {"kid": 0.1, "kid_std": None, "n_samples": 200, "n_real": 200, "precision": 0.2, "recall": 0.1}
+    images = {"n_real": 200, "seconds": 1.0, "extractor": "x.pt", "floor": dict(image, fid=250.0),
+              "rows": {"gaussian": dict(image, fid=300.0), "gmm": dict(image, fid=280.0), "evalp": dict(image, fid=270.0)}}
+    cell = {"cell": "photos", "seeds": [0], "methods": suite.aggregate_cell(per_seed, [0]), "images": images,
+            "methods_run": ["gaussian", "gmm", "evalp"], "latent_shape": [4, 8, 8], "n_train": 3000, "spatial": True}
+    floor = next(line for line in suite.cell_table(cell) if "training posteriors, decoded" in line)
+    assert floor.count("|") == suite.cell_table(cell)[0].count("|") and "250.00 (200/200)" in floor
+    result = {"config": {"quick": False}, "machine": {"torch_threads": 1}, "cells": {"photos": cell}}
+    fid = {t["target"]: t for t in suite.evaluate_targets(result) if "FID" in t["target"]}
+    assert fid["FID ≤ GMM's"]["status"] == "pass" and fid["FID ≤ 0.8 × GMM's"]["status"] == "miss"
+    assert all("training posteriors decoded: 250.00" in t["detail"] for t in fid.values())
