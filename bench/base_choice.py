@@ -131,6 +131,8 @@ def heldout_scores(lset: LatentSet, gmm: Any, seed: int, classifier: Any) -> dic
     if threshold is not None:
         truth = true_density_metrics(lset, samples.reshape(-1, *lset.latent_shape), threshold)
         out["true_hole_share"] = truth["true_hole_share"]
+        if "min_mode_ratio" in truth:
+            out["min_mode_ratio"] = truth["min_mode_ratio"]
     if classifier is not None and lset.decode is not None:
         with torch.no_grad():
             raw = lset.normalization.denormalize(samples.reshape(-1, *lset.latent_shape))
@@ -199,8 +201,28 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{np.median(conf) if conf else float('nan'):+.4f} | {max(holes, default=float('nan')):.3f} | "
                      f"{sum(g >= 0 for g in gains)} of {len(gains)} | {np.median(gains) if gains else float('nan'):+.2f} |")
     for title, value, fmt in (("Δ excess FD", versus_gmm("excess_fd"), "+.4f"), ("hole share", figure("true_hole_share"), ".3f"),
+                              ("min mode ratio", figure("min_mode_ratio"), ".2f"),
                               ("Δ conf", versus_gmm("conf"), "+.4f"), ("held-out gain", figure("heldout_gain"), "+.2f")):
         lines += ["", *_per_cell(results, rules, title, value, fmt)]
+    return "\n".join(lines)
+
+
+def candidate_table(results: list[dict[str, Any]]) -> str:
+    """Every candidate of every cell and seed: its validation scores (what the rules see) beside its held-out figures
+    (what the suite would measure), and the GMM row's held-out figures below each cell and seed."""
+    keys = ("excess_fd", "precision", "recall", "true_hole_share", "min_mode_ratio", "conf", "heldout_gain")
+    lines = ["| cell | seed | K | start | val FD | val P | val R | val gain | held-out: excess FD | P | R | hole share | "
+             "min mode ratio | conf | gain (nats) |", "|---|---:|---:|---:|" + "---:|" * 11]
+
+    def held(row: dict[str, Any]) -> str:
+        return " | ".join("—" if _known(row.get(k)) is None else format(row[k], "+.4f" if k == "excess_fd" else ".3f")
+                          for k in keys)
+
+    for r in results:
+        for c in r["candidates"]:
+            lines.append(f"| {r['cell']} | {r['seed']} | {c['components']} | {c['em_seed']} | {c['val_fd']:.3f} | "
+                         f"{c['val_precision']:.3f} | {c['val_recall']:.3f} | {c['val_gain_nats']:+.2f} | {held(c)} |")
+        lines.append(f"| {r['cell']} | {r['seed']} | *GMM row* | | | | | | {held(r['gmm_row'])} |")
     return "\n".join(lines)
 
 
@@ -212,9 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
     parser.add_argument("--rerender", default=None, help="measure nothing: print the tables of these comma-separated "
                         "--json files")
+    parser.add_argument("--candidates", action="store_true", help="also print every candidate's validation scores and "
+                        "held-out figures")
     args = parser.parse_args(argv)
     if args.rerender:
-        print(table([r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]))
+        results = [r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]
+        print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
         return 0
     if not args.sets:
         parser.error("--sets is required (or --rerender FILE)")
@@ -231,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(r).items()), file=sys.stderr, flush=True)
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
-    print(table(results))
+    print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
     return 0
 
 
