@@ -1,1 +1,1 @@
-"""Benchmarks of latent-prior (run from the repo root: `python -m bench.prior`, `python bench/encode.py`)."""
+"""Benchmarks of latent-prior (run from the repo root: `python -m bench`, `python bench/encode.py`)."""

@@ -1,10 +1,11 @@
-"""Does a flow trained by maximum likelihood alone (no energy) match the GMM? Judged like bench/prior.py.
+"""Does a flow trained by maximum likelihood alone (no energy) match the GMM? Judged as the base-choice study judges a
+candidate (`bench.base_choice.heldout_scores`).
 
     python bench/ml_flow_only.py digits-b0.1 rnvp3000 '{"steps": 3000}'
     python bench/ml_flow_only.py digits-b0.1 spline3000 '{"steps": 3000, "kind": "spline"}'
 
-Prints one JSON line: excess FD (mean and sd over 3 sample sets of 3000), MMD², precision/recall, and the
-digit classifier's confidence on digits sets. This experiment is why the trainer starts with a
+Prints one JSON line: excess FD (mean and sd over 3 sample sets of 3000), precision/recall, the held-out gain over
+N(0, I) (nats), and the digit classifier's confidence on digits sets. This experiment is why the trainer starts with a
 maximum-likelihood warm-up of the sampler (docs/prior-development.md, bench/results/prior_sweep4_flowbase.md).
 Keys of the JSON argument: kind, steps, lr, batch, wd (weight decay), ema, seed, and any option of
 `latent_prior.flows.build_flow`.
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import prior as bench_prior  # noqa: E402
+from bench.base_choice import heldout_scores  # noqa: E402
 from bench.datasets import load_set  # noqa: E402
 from latent_prior.flows import build_flow  # noqa: E402
 
@@ -35,7 +36,6 @@ def run(set_name: str, label: str, kind: str = "realnvp", steps: int = 3000, lr:
         from bench.digits import load_digits_split, train_digit_classifier
 
         classifier = train_digit_classifier(load_digits_split(), seed=0)
-    judge = bench_prior.make_judge(lset, 3000, 0, classifier)
     g = torch.Generator().manual_seed(seed)
     flow = build_flow(lset.latent_shape, kind=kind, **flow_options)
     flow.initialize(lset.draws("train", 2048, g))
@@ -59,8 +59,8 @@ def run(set_name: str, label: str, kind: str = "realnvp", steps: int = 3000, lr:
     fit_seconds = time.time() - start
     with torch.no_grad():
         heldout_nll = -ema_flow.log_prob(lset.draws("heldout", 4000, g)).mean().item()
-        sets = [bench_prior.evaluate_samples(ema_flow.sample(3000, generator=torch.Generator().manual_seed(100 + r)), lset, judge)
-                for r in range(3)]
+        scored = ema_flow.double()  # heldout_scores computes log-densities in float64
+        sets = [heldout_scores(lset, scored, 100 + r, classifier) for r in range(3)]
     row = {k: sum(s[k] for s in sets) / len(sets) for k in sets[0]}
     row["fd_sd"] = torch.tensor([s["excess_fd"] for s in sets]).std().item()
     return {"set": set_name, "label": label, "fit_s": fit_seconds, "heldout_nll": heldout_nll, **row}

