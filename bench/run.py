@@ -1189,6 +1189,8 @@ def _keep_grid(cell: dict[str, Any], grid_dir: Path) -> None:
     if not cell.get("grid"):
         return
     grid = Path(cell["grid"])
+    if grid.suffix != ".png":  # a run's grids are PNGs it wrote; nothing else is copied beside the page
+        raise LatentPriorError(f"--merge: cell {cell['cell']}'s grid {grid} is not a .png sample grid; check the JSON.")
     kept = grid_dir / grid.name
     if grid.is_file() and grid.resolve() != kept.resolve():
         grid_dir.mkdir(parents=True, exist_ok=True)

@@ -63,18 +63,21 @@ def download(repo_id: str, filenames: Sequence[str], *, what: str, subfolder: st
     """The local folder holding `filenames` of the Hub repo `repo_id` (in `subfolder`), from the cache when they
     are there (unless force_download), else downloaded. `what` names the thing in messages ("prior"). Raises
     LatentPriorError."""
-    try:
-        if force_download and not (local_files_only or offline_mode()):
-            raise _NotCached("force_download")
-        return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=True)
-    except _NotCached as missing:
-        if local_files_only or offline_mode() or not hub_reachable():
-            raise LatentPriorError(
-                f"{what} {repo_id!r} is neither a local folder nor in the local Hugging Face cache ({missing}), and the "
-                "Hub "
-                        f"{'is not to be used (HF_HUB_OFFLINE / local_files_only)' if local_files_only or offline_mode() else 'cannot be reached'}; "
-                f"download it while online (`hf download {repo_id}`) or pass the folder that holds it."
-            ) from None
+    unusable = local_files_only or offline_mode()
+    if force_download and not unusable:
+        if not hub_reachable():
+            raise LatentPriorError(f"{what} {repo_id!r}: force_download=True, but the Hub cannot be reached; drop "
+                                   "force_download to use the cached copy, or try again when online.")
+    else:
+        try:
+            return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=True)
+        except _NotCached as missing:
+            if unusable or not hub_reachable():
+                raise LatentPriorError(
+                    f"{what} {repo_id!r} is neither a local folder nor in the local Hugging Face cache ({missing}), and the "
+                    f"Hub {'is not to be used (HF_HUB_OFFLINE / local_files_only)' if unusable else 'cannot be reached'}; "
+                    f"download it while online (`hf download {repo_id}`) or pass the folder that holds it."
+                ) from None
     return _fetch(repo_id, filenames, what, subfolder, revision, cache_dir, local_files_only=False,
                   force_download=force_download, token=token)
 

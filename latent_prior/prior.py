@@ -467,6 +467,11 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
         where = Path(where)
         config = json.loads(json.dumps(config, default=_json_default))  # the property's tuples as config.json's lists
         validate_prior_config(config, where)
+        return cls._from_valid_config(config, where)
+
+    @classmethod
+    def _from_valid_config(cls, config: dict[str, Any], where: Path) -> "LatentPrior":
+        """`from_config` on a config that `validate_prior_config` has passed."""
         networks = _build_networks(config, where)
         return cls(
             networks["energy"],
@@ -577,7 +582,7 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
             raise LatentPriorError(f"{directory / CONFIG_FILE} is not valid JSON ({exc}); re-export the prior.") from None
         validate_prior_config(config, directory / CONFIG_FILE)
         _check_weight_count(config, _weights_header(directory / MODEL_FILE), directory)
-        prior = cls.from_config(config, where=directory / CONFIG_FILE)
+        prior = cls._from_valid_config(config, directory / CONFIG_FILE)
         try:
             state = load_file(str(directory / MODEL_FILE))
         except (SafetensorError, OSError) as exc:

@@ -104,7 +104,7 @@ from latent_prior.log import log_result, logger
 from latent_prior.losses import energy_loss, sampler_loss
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 from latent_prior.threads import cpu_threads
-from latent_prior.vae import LatentNormalization, posterior_draw, posterior_moments
+from latent_prior.vae import LatentNormalization, posterior_draw
 
 if TYPE_CHECKING:
     from latent_prior.cache import LatentSource
@@ -507,11 +507,12 @@ class Trainer:
     def _base_moments(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized posterior means and variances (None for a deterministic cache) of up to `gmm_fit_items` training
         items, (N, *latent_shape) float64 on the CPU, read once for all of `_choose_base`'s candidates."""
+        from latent_prior.evaluate import moments_of_items
+
         if self._moments is None:
             items = _subset(self.train_idx, gmm_fit_items(math.prod(self.shape)), self.config.seed + SEEDS.init_items)
-            mean, logvar = self.source.read(items)
-            mean, variance = posterior_moments(mean.float(), None if logvar is None else logvar.float(), normalization=self.norm)
-            self._moments = (mean.double().cpu(), None if variance is None else variance.double().cpu())
+            mean, variance = moments_of_items(self.source, items, self.norm)
+            self._moments = (mean.double(), None if variance is None else variance.double())
         return self._moments
 
     def _build(self) -> None:

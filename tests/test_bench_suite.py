@@ -223,6 +223,12 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
     merged = json.loads((tmp / "merged.json").read_text())
     assert merged["cells"]["kept-cell"]["grid"] == str(tmp / "merged" / Path(cell["grid"]).name)
     assert "grid" not in merged["cells"]["lost-cell"] and str(tmp / "gone") not in (tmp / "merged.md").read_text()
+    # a "grid" that is not a PNG sample grid is never copied beside the page
+    (tmp / "notes.txt").write_text("not a grid")
+    odd = dict(run, cells={"odd-cell": dict(cell, cell="odd-cell", grid=str(tmp / "notes.txt"))})
+    (tmp / "odd.json").write_text(json.dumps(odd))
+    assert suite.main(["--merge", str(tmp / "odd.json"), "--json", str(tmp / "merged.json"), "--out", str(tmp / "merged.md")]) == 2
+    assert "not a .png sample grid" in capsys.readouterr().err and not (tmp / "merged" / "notes.txt").exists()
     # a --quick run's cells may not join a full run
     (tmp / "full.json").write_text(json.dumps(dict(run, config=dict(run["config"], quick=False))))
     assert suite.main(["--merge", str(tmp / "other.json"), "--json", str(tmp / "full.json"), "--out", str(tmp / "full.md")]) == 2

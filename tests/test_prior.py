@@ -98,6 +98,17 @@ def test_a_prior_is_a_hub_mixin_model_whose_card_is_rewritten_on_every_save(tmp_
         prior.push_to_hub("me/p")
 
 
+def test_force_download_with_an_unreachable_hub_says_so(tmp_path, monkeypatch):
+    # Offline mode off, and the Hub endpoint a local port nobody listens on: a real refused connection.
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(LatentPriorError, match="'someone/p': force_download=True, but the Hub cannot be reached"):
+        LatentPrior.from_pretrained("someone/p", force_download=True, cache_dir=tmp_path)
+
+
 def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prior = make_prior()
