@@ -35,7 +35,7 @@ import torch
 
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
-from latent_prior.baselines import GMM_COMPONENTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
+from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
 from latent_prior.vae import posterior_moments
 
 WAYS = ("draws", "draws x16", "moments")
@@ -65,7 +65,7 @@ def measure(name: str, seed: int, cache_dir: str, classifier: Any) -> list[dict[
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # EM's notes on few points per component are the subject here
-            gmm = GMMPrior(n_components=GMM_COMPONENTS, covariance="full", seed=seed, n_init=5).fit(data, variances)
+            gmm = GMMPrior(n_components=GMM_COMPONENTS, covariance="full", seed=seed, n_init=GMM_KMEANS_STARTS).fit(data, variances)
         seconds = time.perf_counter() - start
         scores = heldout_scores(lset, gmm, seed, classifier if lset.decode is not None else None)
         rows.append({"cell": name, "seed": seed, "way": way, "fit_items_or_draws": len(data), "fit_seconds": seconds, **scores})

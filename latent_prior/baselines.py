@@ -38,6 +38,8 @@ WEIGHTS_NAME = "baseline.safetensors"
 #: The GMM that the EVaLP prior must beat, and which its flow's base starts from: K components, fitted by EM
 #: on the posterior moments of the training items (`GMMPrior.fit`'s `variances`).
 GMM_COMPONENTS = 10
+#: k-means starts of that GMM's EM (the lowest within-cluster sum of squares is kept; `GMMPrior`'s `n_init`)
+GMM_KMEANS_STARTS = 5
 #: At most this many training items (or draws) go into the GMM's EM (its cost is linear in them), and at most
 #: GMM_MAX_VALUES latent values in all (the EM holds them in float64: 160 MB).
 GMM_MAX_DRAWS = 20_000

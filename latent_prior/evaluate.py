@@ -208,10 +208,13 @@ def normalize_methods(methods: Sequence[str]) -> list[str]:
 
 
 def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
-             rng: np.random.Generator, n_init: int = 5) -> tuple[Any, float, dict[str, Any]]:
+             rng: np.random.Generator, n_init: int | None = None) -> tuple[Any, float, dict[str, Any]]:
     """A GMM on the posterior moments of the training items (a seeded subset of `gmm_fit_items` beyond that): EM
-    fits their aggregate posterior, not the means (`GMMPrior.fit`'s `variances`)."""
-    from latent_prior.baselines import GMM_COMPONENTS, GMMPrior, gmm_covariance, gmm_fit_items
+    fits their aggregate posterior, not the means (`GMMPrior.fit`'s `variances`), from the best of `n_init`
+    k-means starts (GMM_KMEANS_STARTS by default)."""
+    from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMMPrior, gmm_covariance, gmm_fit_items
+
+    n_init = GMM_KMEANS_STARTS if n_init is None else n_init
 
     limit = gmm_fit_items(dims)
     items = train if len(train) <= limit else np.sort(rng.choice(train, size=limit, replace=False))

@@ -433,17 +433,21 @@ class Trainer:
     def _choose_base(self) -> tuple[int, list[dict[str, Any]], Any]:
         """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
 
-        The candidates are EM GMMs fitted on the training items (`_base_gmm`), one per start in BASE_EM_SEEDS for
-        each K in BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K given. The choice is
-        the candidate whose samples have the highest held-out k-NN precision + recall among those whose held-out
-        FD is within FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's
-        `mixture`), so step 0 is the model that was scored. Why not held-out likelihood, and why several EM
-        starts: docs/prior-development.md ("how the GMM start is chosen"). Each candidate's held-out gain is still
+        The candidates are EM GMMs fitted on the training items (`_base_gmm`): one per k-means start in
+        BASE_EM_SEEDS for each K in BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K
+        given, and the GMM baseline's own estimator (GMM_COMPONENTS components, the best of GMM_KMEANS_STARTS
+        k-means starts seeded by the fit's seed) where that K is among them. The choice is the candidate whose
+        samples have the highest held-out k-NN precision + recall among those whose held-out FD is within
+        FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's `mixture`), so step 0
+        is the model that was scored. Why not held-out likelihood, and why several EM starts:
+        docs/prior-development.md ("how the GMM start is chosen"). Each candidate's held-out gain is still
         recorded (fit_summary.json's `base_choice`: `val_gain_nats`, and `val_gain_gap` ± `val_gain_gap_se` below
-        the best). Chosen on the main process; the others refit the chosen candidate from the broadcast (K, start).
-        A diagonal or k-means base, or too few held-out latents to score, keeps the flow's own initialization
-        (GMM None)."""
+        the best). Chosen on the main process; the others refit the chosen candidate from the broadcast (K, seed,
+        starts). A diagonal or k-means base, or too few held-out latents to score, keeps the flow's own
+        initialization (GMM None)."""
         from accelerate.utils import broadcast
+
+        from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS
 
         c = self.config
         dims = self._base_dims()
@@ -455,42 +459,45 @@ class Trainer:
             choices = [k for k in BASE_COMPONENT_CHOICES if k * dims**2 <= FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
         if choices[0] <= 1 or len(self.eval_val_idx) <= PRECISION_NEIGHBOURS:
             return choices[0], [], None
+        keys = [(k, em_seed, 1) for k in choices for em_seed in BASE_EM_SEEDS]
+        if GMM_COMPONENTS in choices:
+            keys.append((GMM_COMPONENTS, c.seed, GMM_KMEANS_STARTS))
         scores: list[dict[str, Any]] = []
-        fitted: dict[tuple[int, int], Any] = {}
+        fitted: dict[tuple[int, int, int], Any] = {}
         gains: list[torch.Tensor | None] = []
-        chosen = torch.tensor([choices[0], BASE_EM_SEEDS[0]], device=self.device)
+        chosen = torch.tensor(keys[0], device=self.device)
         if self.is_main:
             heldout = None if self.basis is not None else torch.cat(list(self._fixed_draws(self.eval_val_idx))).double().cpu()
-            for k in choices:
-                for em_seed in BASE_EM_SEEDS:
-                    gmm = fitted[k, em_seed] = self._base_gmm(k, em_seed)
-                    gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
-                    samples = gmm.sample(c.fd_samples, generator=gen).flatten(1).float()
-                    if self.basis is not None:
-                        samples = self.basis.lift(samples, gen)
-                    fd, precision, recall = self._sample_scores(samples)
-                    gains.append(self._heldout_gmm_gains(gmm, heldout))
-                    scores.append({"components": k, "em_seed": em_seed, "val_fd": fd, "val_precision": precision, "val_recall": recall,
-                                   "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item()})
+            for key in keys:
+                gmm = fitted[key] = self._base_gmm(*key)
+                gen = torch.Generator().manual_seed(c.seed + SEEDS.eval_sampler_draws)
+                samples = gmm.sample(c.fd_samples, generator=gen).flatten(1).float()
+                if self.basis is not None:
+                    samples = self.basis.lift(samples, gen)
+                fd, precision, recall = self._sample_scores(samples)
+                gains.append(self._heldout_gmm_gains(gmm, heldout))
+                scores.append({"components": key[0], "em_seed": key[1], "em_starts": key[2], "val_fd": fd,
+                               "val_precision": precision, "val_recall": recall,
+                               "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item()})
             _add_gain_gaps(scores, gains)
             fd_limit = (1 + FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
             best = max(admissible or scores[:1], key=lambda r: r["val_precision"] + r["val_recall"])
-            chosen = torch.tensor([best["components"], best["em_seed"]], device=self.device)
+            chosen = torch.tensor([best["components"], best["em_seed"], best["em_starts"]], device=self.device)
         if self.world_size > 1:
             chosen = broadcast(chosen, from_process=0)
-        k, em_seed = (int(v) for v in chosen.tolist())
-        return k, scores, fitted[k, em_seed] if self.is_main else self._base_gmm(k, em_seed)
+        key = tuple(int(v) for v in chosen.tolist())
+        return key[0], scores, fitted[key] if self.is_main else self._base_gmm(*key)
 
     def _base_em_seed(self) -> int | None:
-        """The k-means start of the GMM the base started as; None where the flow initialized its own base."""
+        """The k-means seed of the GMM the base started as; None where the flow initialized its own base."""
         return None if self.base_gmm is None else self.base_gmm.seed
 
-    def _base_gmm(self, components: int, em_seed: int) -> Any:
-        """The GMM baseline's estimator (float64 EM, full covariances) with one k-means start `em_seed`: on the
-        posterior moments of the training items, as the GMM baseline (`GMMPrior.fit`'s `variances`), or for the
-        subspace flow on its leading whitened axes, where the posteriors are not diagonal, on training draws
-        (`_base_fit_draws`, which also initialize the flow's ActNorms)."""
+    def _base_gmm(self, components: int, em_seed: int, em_starts: int = 1) -> Any:
+        """The GMM baseline's estimator (float64 EM, full covariances) from the best of `em_starts` k-means starts
+        seeded by `em_seed`: on the posterior moments of the training items, as the GMM baseline (`GMMPrior.fit`'s
+        `variances`), or for the subspace flow on its leading whitened axes, where the posteriors are not diagonal,
+        on training draws (`_base_fit_draws`, which also initialize the flow's ActNorms)."""
         from latent_prior.baselines import GMMPrior
 
         if self.basis is None:
@@ -502,7 +509,7 @@ class Trainer:
             # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
             # here the held-out scores above and training's model selection judge the result.
             warnings.simplefilter("ignore", RuntimeWarning)
-            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=1).fit(means, variances)
+            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=em_starts).fit(means, variances)
 
     def _base_moments(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized posterior means and variances (None for a deterministic cache) of up to `gmm_fit_items` training
@@ -1051,6 +1058,7 @@ class Trainer:
             "selected_step": chosen_step,
             "base_components": self.base_components,
             "base_em_seed": self._base_em_seed(),
+            "base_em_starts": None if self.base_gmm is None else self.base_gmm.n_init,
             "base_choice": self.base_choice,
             "selection": self._selection_rule(),
             "reference": s.reference,
