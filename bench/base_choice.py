@@ -5,7 +5,7 @@ For every cell and seed, the trainer's own candidates (EM GMMs with K = 10, 20, 
 again on the cell's held-out items, as the suite scores a prior: excess FD of 3000 samples, k-NN precision and
 recall, and on synthetic sets the true-density hole share. Then each selection rule picks a candidate from the
 validation scores alone, and the tables show what its pick scores on the held-out items against the suite's GMM
-row (10 components, the best likelihood of 5 k-means starts on the posterior moments, `evaluate._fit_gmm`): excess FD, the true-density hole
+row (10 components, the best of 5 k-means starts on the posterior moments, `evaluate._fit_gmm`): excess FD, the true-density hole
 share (synthetic sets), the digit classifier's confidence on decoded samples (digits sets), and the pick's held-out
 gain over N(0, I) (nats per item).
 

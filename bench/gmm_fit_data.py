@@ -1,7 +1,7 @@
 """What should the GMM be fitted on: posterior draws or posterior moments? The measurement behind `GMMPrior.fit`'s
 `variances`, which both the GMM baseline and the EVaLP flow's GMM start use.
 
-For every cell and seed, the suite's GMM (10 full-covariance components, the best likelihood of 5 k-means starts) is
+For every cell and seed, the suite's GMM (10 full-covariance components, the best of 5 k-means starts) is
 fitted three ways on the same training items and scored on the held-out items as the suite scores a prior
 (`bench.base_choice.heldout_scores`): excess FD of 3000 samples, k-NN precision and recall, the true-density hole
 share on synthetic sets, the digit classifier's confidence on decoded digits, and the held-out gain over N(0, I)

@@ -1,0 +1,102 @@
+"""How much of a cell's excess FD is the evaluation's own noise? The measurement behind reading the suite's
+"EVaLP ≤ GMM" verdicts.
+
+For every cell and fit seed, one EVaLP fit with FitConfig defaults (as `python -m bench` fits it), then the suite's
+latent metrics (`evaluate.latent_report`, 3000 samples) of the EVaLP sampler and of the GMM row at several
+evaluation seeds: each draws new samples, new held-out and training reference draws, and refits the GMM row with
+that seed, as a suite run with that seed would. The fit stays the same, so the spread over evaluation seeds is what
+one suite figure can move without any change to the prior.
+
+    python -m bench.eval_noise --sets digits-d16-b0.1,syn-knot-d32 --seeds 0 --eval-seeds 0,1,2,3,4
+
+Prints a markdown table (one row per cell and fit seed) and writes every figure to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench.datasets import load_set
+from bench.fits import fit_evalp
+from bench.run import _memory_source
+from latent_prior.evaluate import latent_report
+
+SAMPLES = 3000
+
+
+def measure(name: str, seed: int, eval_seeds: list[int], cache_dir: str) -> dict[str, Any]:
+    """{"cell", "seed", "fit_seconds", "evaluations": [{"eval_seed", "evalp", "gmm"}: excess FD per method]}."""
+    lset = load_set(name, cache_dir=cache_dir, seed=seed, verbose=False)
+    source, train, heldout = _memory_source(lset)
+    with tempfile.TemporaryDirectory() as work:
+        prior, seconds, _ = fit_evalp(lset, Path(work), f"seed{seed}", {"seed": seed})
+    evaluations = []
+    for eval_seed in eval_seeds:
+        report = latent_report(prior, source, heldout, train, samples=SAMPLES, seed=eval_seed, methods=["gmm", "evalp"], gain=False)
+        evaluations.append({"eval_seed": eval_seed, **{r["method"]: r["excess_fd"] for r in report["rows"]}})
+    return {"cell": name, "seed": seed, "fit_seconds": seconds, "evaluations": evaluations}
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return f"{np.mean(values):+.4f} ± {sd:.4f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Per cell and fit seed: each method's excess FD, mean ± s.d. over the evaluation seeds and its range, then the
+    paired difference EVaLP − GMM (mean ± s.d.) and in how many evaluations EVaLP's is at most the GMM's."""
+    lines = ["| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
+             "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        evalp = [e["evalp"] for e in r["evaluations"]]
+        gmm = [e["gmm"] for e in r["evaluations"]]
+        diff = [a - b for a, b in zip(evalp, gmm)]
+        lines.append(f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
+                     f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
+                     f"{sum(d <= 0 for d in diff)} of {len(diff)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default="", help="comma-separated cells of the suite; required unless --rerender")
+    parser.add_argument("--seeds", default="0", help="comma-separated fit seeds (one default fit each)")
+    parser.add_argument("--eval-seeds", default="0,1,2,3,4", help="comma-separated evaluation seeds per fit")
+    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
+    parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
+    parser.add_argument("--rerender", default=None, help="measure nothing: print the table of these comma-separated --json files")
+    args = parser.parse_args(argv)
+    if args.rerender:
+        print(table([r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]))
+        return 0
+    if not args.sets:
+        parser.error("--sets is required (or --rerender FILE)")
+    torch.set_num_threads(1)
+    eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
+    results = []
+    for name in args.sets.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            start = time.perf_counter()
+            results.append(measure(name, seed, eval_seeds, args.cache_dir))
+            print(f"[{time.perf_counter() - start:6.1f} s] {name} seed {seed}", file=sys.stderr, flush=True)
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
