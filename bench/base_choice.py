@@ -110,7 +110,7 @@ def candidates(lset: LatentSet, seed: int) -> list[dict[str, Any]]:
     from accelerate import Accelerator
 
     from latent_prior.cache import EncodedLatents
-    from latent_prior.train import Trainer
+    from latent_prior.trainer import Trainer
 
     source = EncodedLatents(lset.train_mean.float(), lset.train_logvar.float(), normalization=lset.normalization,
                             description=f"<{lset.name}>")

@@ -1,7 +1,7 @@
 """latent-prior: a learned, energy-based prior (EVaLP) for any pretrained VAE.
 
 Data flows one way: images -> adapter (`latent_prior.adapters`) -> cache (`latent_prior.cache`)
--> trainer (`latent_prior.train`) -> prior (`latent_prior.prior`) -> samples.
+-> trainer (`latent_prior.train.fit`, `latent_prior.trainer`) -> prior (`latent_prior.prior`) -> samples.
 
     from latent_prior import fit, LatentPrior
     from latent_prior.adapters import load_vae, wrap
@@ -19,7 +19,7 @@ from latent_prior.vae import LatentNormalization, Posterior, VAEAdapter, VAEProv
 
 # The trainer and the prior pull in accelerate and the networks: import them on first use only.
 _LAZY = {"fit": "latent_prior.api", "encode_latents": "latent_prior.api", "EncodedLatents": "latent_prior.cache",
-         "FitConfig": "latent_prior.train", "LatentPrior": "latent_prior.prior", "open_latents": "latent_prior.cache"}
+         "FitConfig": "latent_prior.fit_config", "LatentPrior": "latent_prior.prior", "open_latents": "latent_prior.cache"}
 
 
 def __getattr__(name: str):

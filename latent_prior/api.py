@@ -325,7 +325,7 @@ def fit(
         * or latents, with `images` left out: a cache folder (`latent-prior encode`), a .safetensors
           file with `mean` (N, *shape) and optional `logvar`, a `LatentSource` / `EncodedLatents`, or a
           tensor (N, *latent_shape) of posterior means (identity normalization, no provenance).
-    config: a `latent_prior.train.FitConfig`; keyword `overrides` replace its fields (steps=500,
+    config: a `latent_prior.FitConfig`; keyword `overrides` replace its fields (steps=500,
         batch_size=128, out="runs/my-fit", quiet=True, ...). Also accepted as the second positional argument
         when fitting on latents, as in `latent_prior.train.fit(latents, config)`.
     resolution, cache, encode_batch_size, encode_workers: how images are encoded (`encode_latents`'s
@@ -342,7 +342,7 @@ def fit(
     if isinstance(images, FitConfig) and config is None:  # fit(latents, FitConfig(...)), train.fit's signature
         images, config = None, images
     if config is not None and not isinstance(config, FitConfig):
-        raise LatentPriorError(f"config is a {type(config).__name__}; pass a latent_prior.train.FitConfig or keyword settings.")
+        raise LatentPriorError(f"config is a {type(config).__name__}; pass a latent_prior.FitConfig or keyword settings.")
     if isinstance(data, VAEAdapter):
         if images is None:
             raise LatentPriorError(

@@ -8,6 +8,7 @@ and RNG files are pickles: a checkpoint is read back without unpickling anything
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from latent_prior.errors import LatentPriorError
 from latent_prior.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------
@@ -160,4 +162,58 @@ class MetricsCSV:
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
 
+
+def check_checkpoint(path: Path, networks: dict[str, nn.Module], world_size: int, rank: int) -> None:
+    """Read every file of the checkpoint a resume starts from and check its weights against `networks` (file stem ->
+    the module it restores: energy, flow, flow_ema), before anything is written: a damaged checkpoint, or one of
+    other networks, is refused here with one sentence instead of failing after fit_config.json was rewritten.
+    `world_size` and `rank`: this run's processes and this one's rank (its RNG files)."""
+    def damaged(name: str, exc: BaseException) -> LatentPriorError:
+        return LatentPriorError(
+            f"{path / name}: the checkpoint is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"delete {path} to resume from the checkpoint before it, or start a new --out."
+        )
+
+    def json_object(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise damaged(name, exc) from None
+        if not isinstance(data, dict):
+            raise damaged(name, ValueError("not a JSON object"))
+        return data
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_tensors(path / name)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a truncated or garbled file
+            raise damaged(name, exc) from None
+
+    state = json_object("state.json")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not isinstance(state.get(key, 0), int) or isinstance(state.get(key, 0), bool) or state.get(key, 0) < 0:
+            raise damaged("state.json", ValueError(f"{key} is {state.get(key)!r}"))
+    if state.get("world_size", 1) != world_size:
+        raise LatentPriorError(
+            f"{path} was written by a run with {state.get('world_size')} processes, this one has {world_size}; "
+            "resume with the same number of processes, or start a new --out."
+        )
+    for name, module in networks.items():
+        stored = {k: tuple(v.shape) for k, v in tensors(f"{name}.safetensors").items()}
+        wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if stored != wanted:
+            first = next((k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)), "")
+            raise LatentPriorError(
+                f"{path} does not fit the networks of this config ({name}.safetensors: `{first}` is {stored.get(first)} in the "
+                f"checkpoint, {wanted.get(first)} here); resume with the architecture flags of the original run (see "
+                "fit_config.json) or start a new --out."
+            )
+    optim = json_object("optim.json")
+    for name in ("energy", "sampler"):
+        meta = optim.get(name)
+        if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
+            raise damaged("optim.json", KeyError(f"no optimizer state for {name}"))
+        tensors(f"optim_{name}.safetensors")
+    tensors(f"rng-rank{rank}.safetensors")
+    json_object(f"rng-rank{rank}.json")
 

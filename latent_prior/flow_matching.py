@@ -270,7 +270,7 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         with `steps` alone the fit is deterministic for a given seed; a time budget makes it depend on the
         machine's speed. `device`: where to train (default CPU); the moments stay where they are and each
         batch is moved. Returns self."""
-        from latent_prior.train import _EMA
+        from latent_prior.ema import EMA
 
         mean, logvar = self._check_moments(mean, logvar)
         if normalization is None:
@@ -297,7 +297,7 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
             torch.manual_seed(seed)
             net = self._build(shape).to(device)
         self.latent_shape = shape
-        ema = _EMA(net, float(self.cfg.ema_decay))
+        ema = EMA(net, float(self.cfg.ema_decay))
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         index_gen = torch.Generator().manual_seed(seed)
         gen = torch.Generator(device=device).manual_seed(seed + 1)

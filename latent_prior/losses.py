@@ -1,4 +1,4 @@
-"""The two losses of EVaLP training, per step (`latent_prior.train` alternates them).
+"""The two losses of EVaLP training, per step (`latent_prior.trainer` alternates them).
 
 * `sampler_loss`, on the flow q_φ:
       E_{z~q}[E(z) + λ·(log q(z) − log p0(z))]  +  w_fwd · E_data[−log q(z_pos)]

@@ -422,9 +422,10 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
 
 
 def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: Any) -> None:
+    from latent_prior.batches import recorded_split
     from latent_prior.cache import open_latents
     from latent_prior.prior import LatentPrior
-    from latent_prior.train import fit, plot_training_curves, recorded_split
+    from latent_prior.train import fit, plot_training_curves
 
     is_main = state.is_main_process
     cache_dir, prior_dir = run_dir / "cache", run_dir / PRIOR_DIR

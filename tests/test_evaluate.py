@@ -124,7 +124,7 @@ def test_latent_report_is_reproducible_and_a_trained_prior_beats_the_gaussian(mi
 def test_heldout_elbo_gain_agrees_with_the_fit_summary(mix):
     path, _, prior = mix
     summary = prior.training_info["summary"]
-    from latent_prior.train import validation_split as _split
+    from latent_prior.batches import validation_split as _split
 
     _, val = _split(600, 0.1, 0)
     gain = heldout_elbo_gain(prior, open_latents(path), val, seed=0, batch_size=16)  # several batches, combined
@@ -138,7 +138,7 @@ def test_heldout_elbo_gain_agrees_with_the_fit_summary(mix):
 
 
 def test_the_prior_records_its_held_out_split_and_an_old_prior_gets_it_rebuilt(mix):
-    from latent_prior.train import recorded_split, validation_split
+    from latent_prior.batches import recorded_split, validation_split
 
     _, prior_dir, prior = mix
     train, val = validation_split(600, 0.1, 0)

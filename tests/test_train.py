@@ -482,7 +482,7 @@ def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_o
     leading whitened axes scored on lifted samples; the exported prior is that flow, its step 0 is the chosen GMM
     times a Gaussian on the other axes, and it reloads with its basis. (Small latents take it when asked for, here.)"""
     from latent_prior.flows import SubspaceFlow
-    from latent_prior.train import Trainer
+    from latent_prior.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     centres = 3.0 * torch.randn(4, 6, generator=g)

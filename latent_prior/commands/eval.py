@@ -138,7 +138,7 @@ class _Training:
 
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) indices exactly as `latent_prior.train.fit` drew them (`recorded_split`)."""
-        from latent_prior.train import recorded_split
+        from latent_prior.batches import recorded_split
 
         return recorded_split(self.info, n)
 
