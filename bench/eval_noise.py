@@ -15,6 +15,7 @@ Prints a markdown table (one row per cell and fit seed) and writes every figure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -41,7 +42,7 @@ def measure(name: str, seed: int, eval_seeds: list[int], cache_dir: str) -> dict
     """{"cell", "seed", "fit_seconds", "evaluations": [{"eval_seed", "evalp", "gmm"}: excess FD per method]}."""
     lset = load_set(name, cache_dir=cache_dir, seed=seed, verbose=False)
     source, train, heldout = _memory_source(lset)
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, contextlib.redirect_stdout(sys.stderr):  # the fit's summary line: not the table's
         prior, seconds, _ = fit_evalp(lset, Path(work), f"seed{seed}", {"seed": seed})
     evaluations = []
     for eval_seed in eval_seeds:
