@@ -16,8 +16,6 @@ Writes markdown tables to stdout and every figure to --json (`--rerender A.json,
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import tempfile
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
+from bench.study import measure_all, stored, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMMPrior
 from latent_prior.fit_config import FD_TOLERANCE, FitConfig, resolve_objective
 from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
@@ -248,35 +247,19 @@ def candidate_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="", help="comma-separated cells of the suite (flat ones: syn-*, digits-*); required unless --rerender")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
-    parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
-    parser.add_argument("--rerender", default=None, help="measure nothing: print the tables of these comma-separated "
-                        "--json files")
+    parser = study_parser(__doc__, seeds="0,1,2")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate's validation scores and "
                         "held-out figures")
     args = parser.parse_args(argv)
-    if args.rerender:
-        results = [r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]
-        print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
-        return 0
-    if not args.sets:
-        parser.error("--sets is required (or --rerender FILE)")
-    torch.set_num_threads(1)
-    from bench.digits import load_digits_split, train_digit_classifier
+    results = stored(args)
+    if results is None:
+        torch.set_num_threads(1)
+        from bench.digits import load_digits_split, train_digit_classifier
 
-    classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
-    results = []
-    for name in args.sets.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(measure(name, seed, args.cache_dir, classifier))
-            r = results[-1]
-            print(f"[{r['seconds']:6.1f} s] {name} seed {seed}: GMM row {r['gmm_row']['excess_fd']:+.4f}; "
-                  + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(r).items()), file=sys.stderr, flush=True)
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
+        classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
+        results = measure_all(args, parser, lambda name, seed: [measure(name, seed, args.cache_dir, classifier)],
+                              lambda rows: f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; "
+                              + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items()))
     print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
     return 0
 

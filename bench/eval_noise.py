@@ -14,13 +14,10 @@ Prints a markdown table (one row per cell and fit seed) and writes every figure 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 from bench.datasets import load_set
 from bench.fits import fit_evalp
 from bench.run import _memory_source
+from bench.study import measure_all, stored, study_parser
 from latent_prior.evaluate import latent_report
 
 SAMPLES = 3000
@@ -72,29 +70,15 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="", help="comma-separated cells of the suite; required unless --rerender")
-    parser.add_argument("--seeds", default="0", help="comma-separated fit seeds (one default fit each)")
+    parser = study_parser(__doc__, seeds="0")
     parser.add_argument("--eval-seeds", default="0,1,2,3,4", help="comma-separated evaluation seeds per fit")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
-    parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
-    parser.add_argument("--rerender", default=None, help="measure nothing: print the table of these comma-separated --json files")
     args = parser.parse_args(argv)
-    if args.rerender:
-        print(table([r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]))
-        return 0
-    if not args.sets:
-        parser.error("--sets is required (or --rerender FILE)")
-    torch.set_num_threads(1)
-    eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
-    results = []
-    for name in args.sets.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            start = time.perf_counter()
-            results.append(measure(name, seed, eval_seeds, args.cache_dir))
-            print(f"[{time.perf_counter() - start:6.1f} s] {name} seed {seed}", file=sys.stderr, flush=True)
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps(results, indent=1))
+    results = stored(args)
+    if results is None:
+        torch.set_num_threads(1)
+        eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
+        results = measure_all(args, parser, lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
+                              lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")
     print(table(results))
     return 0
 

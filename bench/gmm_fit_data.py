@@ -19,8 +19,6 @@ Writes a markdown table to stdout (one row per cell and way, medians over the se
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 import warnings
@@ -35,6 +33,7 @@ import torch
 
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
+from bench.study import measure_all, stored, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
 from latent_prior.vae import posterior_moments
 
@@ -87,31 +86,16 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="", help="comma-separated flat cells of the suite (syn-*, digits-*); required "
-                        "unless --rerender")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
-    parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
-    parser.add_argument("--rerender", default=None, help="measure nothing: print the table of this --json file")
+    parser = study_parser(__doc__, seeds="0,1")
     args = parser.parse_args(argv)
-    if args.rerender:
-        print(table(json.loads(Path(args.rerender).read_text())))
-        return 0
-    if not args.sets:
-        parser.error("--sets is required (or --rerender FILE)")
-    torch.set_num_threads(1)
-    from bench.digits import load_digits_split, train_digit_classifier
+    results = stored(args)
+    if results is None:
+        torch.set_num_threads(1)
+        from bench.digits import load_digits_split, train_digit_classifier
 
-    classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
-    results: list[dict[str, Any]] = []
-    for name in args.sets.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            results += measure(name, seed, args.cache_dir, classifier)
-            print(f"{name} seed {seed}: excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in results[-len(WAYS):]),
-                  file=sys.stderr, flush=True)
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps(results, indent=1))
+        classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
+        results = measure_all(args, parser, lambda name, seed: measure(name, seed, args.cache_dir, classifier),
+                              lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows))
     print(table(results))
     return 0
 

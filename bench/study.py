@@ -1,0 +1,54 @@
+"""What the study scripts of bench/ share (base_choice, gmm_fit_data, eval_noise): their flags, and the loop over
+cells and seeds that writes every figure to --json after each cell and seed, so that a killed study keeps what it
+measured.
+
+    parser = study_parser(__doc__, seeds="0,1")
+    args = parser.parse_args(argv)
+    results = stored(args) or measure_all(args, parser, lambda cell, seed: [...], lambda rows: "excess FD ...")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
+    """--sets, --seeds (default `seeds`), --cache-dir, --json and --rerender, described by the first paragraph of `doc`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--sets", default="", help="comma-separated cells of the suite (python -m bench --help lists them); "
+                        "required unless --rerender")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
+    parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
+    parser.add_argument("--rerender", default=None, help="measure nothing: print the tables of these comma-separated --json files")
+    return parser
+
+
+def stored(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The results of the --rerender files, one list, or None without --rerender."""
+    if not args.rerender:
+        return None
+    return [r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]
+
+
+def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                measure: Callable[[str, int], list[dict[str, Any]]], say: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
+    """measure(cell, seed) for every cell of --sets and seed of --seeds, in order; after each, a progress line
+    (seconds, cell, seed, `say` of its results) on stderr and every result so far to --json."""
+    if not args.sets:
+        parser.error("--sets is required (or --rerender FILE)")
+    results: list[dict[str, Any]] = []
+    for name in args.sets.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            start = time.perf_counter()
+            new = measure(name, seed)
+            results += new
+            print(f"[{time.perf_counter() - start:6.1f} s] {name} seed {seed}: {say(new)}", file=sys.stderr, flush=True)
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
+    return results
