@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
-from bench.study import measure_all, stored, study_parser
+from bench.study import digit_classifier, measure_all, stored, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMMPrior
 from latent_prior.fit_config import FD_TOLERANCE, FitConfig, resolve_objective
 from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = stored(args)
     if results is None:
-        torch.set_num_threads(1)
-        from bench.digits import load_digits_split, train_digit_classifier
-
-        classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
+        classifier = digit_classifier(args.sets)
         results = measure_all(args, parser, lambda name, seed: [measure(name, seed, args.cache_dir, classifier)],
                               lambda rows: f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; "
                               + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items()))

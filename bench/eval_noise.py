@@ -25,7 +25,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 
 from bench.datasets import load_set
 from bench.fits import fit_evalp
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = stored(args)
     if results is None:
-        torch.set_num_threads(1)
         eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
         results = measure_all(args, parser, lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
                               lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")

@@ -33,7 +33,7 @@ import torch
 
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
-from bench.study import measure_all, stored, study_parser
+from bench.study import digit_classifier, measure_all, stored, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
 from latent_prior.vae import posterior_moments
 
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = stored(args)
     if results is None:
-        torch.set_num_threads(1)
-        from bench.digits import load_digits_split, train_digit_classifier
-
-        classifier = train_digit_classifier(load_digits_split(), seed=0).eval() if "digits" in args.sets else None
+        classifier = digit_classifier(args.sets)
         results = measure_all(args, parser, lambda name, seed: measure(name, seed, args.cache_dir, classifier),
                               lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows))
     print(table(results))

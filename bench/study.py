@@ -5,6 +5,8 @@ measured.
     parser = study_parser(__doc__, seeds="0,1")
     args = parser.parse_args(argv)
     results = stored(args) or measure_all(args, parser, lambda cell, seed: [...], lambda rows: "excess FD ...")
+
+A study measures on one torch thread (`measure_all` sets it), so two of them can share the 2 cores.
 """
 
 from __future__ import annotations
@@ -36,12 +38,24 @@ def stored(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     return [r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]
 
 
+def digit_classifier(sets: str) -> Any:
+    """The suite's digit classifier (bench.digits, seed 0, in eval mode) when --sets names a digits cell, else None."""
+    if "digits" not in sets:
+        return None
+    from bench.digits import load_digits_split, train_digit_classifier
+
+    return train_digit_classifier(load_digits_split(), seed=0).eval()
+
+
 def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser,
                 measure: Callable[[str, int], list[dict[str, Any]]], say: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
-    """measure(cell, seed) for every cell of --sets and seed of --seeds, in order; after each, a progress line
-    (seconds, cell, seed, `say` of its results) on stderr and every result so far to --json."""
+    """measure(cell, seed) for every cell of --sets and seed of --seeds, in order, on one torch thread; after each, a
+    progress line (seconds, cell, seed, `say` of its results) on stderr and every result so far to --json."""
+    import torch
+
     if not args.sets:
         parser.error("--sets is required (or --rerender FILE)")
+    torch.set_num_threads(1)
     results: list[dict[str, Any]] = []
     for name in args.sets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
