@@ -134,7 +134,8 @@ SPEEDUP_TARGET = 30.0
 QUICK_SAMPLES = {"flat": 300, "spatial": 200}
 FULL_SAMPLES = {"flat": 3000, "spatial": 1000}
 #: evaluations averaged per fit (`latent_report(evaluations=...)`): the noise study (bench.eval_noise) measured one
-#: evaluation's excess FD moving by 0.01-0.03 s.d. on 16-32-D digit latents; three cut that by √3 at ~1.2× a cell's time
+#: evaluation's excess FD moving by 0.01-0.03 s.d. on 16-32-D digit latents; three cut that by √3. The fits run once,
+#: the sampling and the metrics thrice: the 19 flat cells took about 1.5× as long (docs/prior-development.md)
 EVALUATIONS = 3
 QUICK_IMAGE_SAMPLES = 32
 DEFAULT_OUT = "docs/benchmarks.md"
