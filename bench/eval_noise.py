@@ -10,6 +10,8 @@ one suite figure can move without any change to the prior.
     python -m bench.eval_noise --sets digits-d16-b0.1,syn-knot-d32 --seeds 0 --eval-seeds 0,1,2,3,4
 
 Prints a markdown table (one row per cell and fit seed) and writes every figure to --json.
+bench/results/eval_noise.* were measured before b9bb624, when the evaluation's streams were seeded as `seed + offset`
+(the matched-seed effect of docs/prior-development.md); `latent_report` now hashes them.
 """
 
 from __future__ import annotations
