@@ -75,6 +75,7 @@ from bench.datasets import (
 from bench.fits import QUICK_FIT, QUICK_SPATIAL_STEPS, fit_evalp, parse_variants
 from latent_prior.config import add_arguments, resolve, to_dict
 from latent_prior.errors import LatentPriorError
+from latent_prior.evaluate import check_evaluations
 
 #: The development suite: every cell is one bench set (bench/datasets.py), built offline by the repo's
 #: scripts: 12 flat digits VAEs (d 8-64, KL weight 1-0.01), 7 synthetic sets with a known density (8-64 dims:
@@ -1347,8 +1348,7 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
     if cfg.quick and json_path == Path("bench/results/suite.json"):
         json_path = out.with_suffix(".json")  # never replace the real run's JSON either
     grid_dir = Path(cfg.grids) if cfg.grids else out.parent / out.stem
-    if cfg.evaluations < 1:
-        raise LatentPriorError(f"--evaluations {cfg.evaluations}: pass 1 or more evaluations per fit.")
+    check_evaluations(cfg.evaluations)  # before any fit
     if cfg.jobs < 1:
         raise LatentPriorError(f"--jobs {cfg.jobs}: pass 1 or more cells at once.")
     if cfg.jobs > 1 and len(cells) > 1:

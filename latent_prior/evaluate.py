@@ -191,6 +191,13 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
 # the report
 
 
+def check_evaluations(evaluations: Any) -> None:
+    """Raise a LatentPriorError naming --evaluations unless it is an integer of at least 1 (callers check it before
+    any long work: `latent-prior eval`, `python -m bench`)."""
+    if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1:
+        raise LatentPriorError(f"--evaluations {evaluations!r}: pass an integer of at least 1 (3 averages three measurements).")
+
+
 def _stream_seed(seed: int, stream: str, evaluation: int = 0) -> int:
     """The seed of one of the report's random streams (< 2³²): a hash of the report's seed, the stream's name and the
     evaluation, so no stream shares draws with another, none depends on which methods run, and none can equal a
@@ -381,8 +388,7 @@ def latent_report(
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise LatentPriorError(f"--samples {samples!r}: pass an integer of at least 2 (2000 is a good default).")
-    if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1:
-        raise LatentPriorError(f"--evaluations {evaluations!r}: pass an integer of at least 1.")
+    check_evaluations(evaluations)
     if isinstance(c2st_per_class, bool) or not isinstance(c2st_per_class, int) or c2st_per_class < 10:
         raise LatentPriorError(f"c2st_per_class={c2st_per_class!r}: pass an integer of at least 10 (1000 is a good default).")
     methods = normalize_methods(methods)
@@ -399,18 +405,18 @@ def latent_report(
 
     # Held-out draws, grouped by draw: rows [r·m, (r+1)·m) are draw r of the m evaluated items. Each evaluation
     # draws its own items (when there are more than `samples`), reference and held-out draws.
-    def reference_and_heldout(evaluation: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    m = min(len(heldout), samples)
+    repeats = max(1, round(samples / m))
+
+    def reference_and_heldout(evaluation: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(_stream_seed(seed, "items", evaluation))
         generator = torch.Generator().manual_seed(_stream_seed(seed, "draws", evaluation))
         chosen = heldout if len(heldout) <= samples else np.sort(rng.choice(heldout, size=samples, replace=False))
         reference = draws_of_items(train_source, _cycle(train, samples, rng), norm, generator)
-        repeats = max(1, round(samples / len(chosen)))
-        return reference, torch.cat([draws_of_items(source, chosen, norm, generator) for _ in range(repeats)]), chosen
+        return reference, torch.cat([draws_of_items(source, chosen, norm, generator) for _ in range(repeats)])
 
     per_evaluation = [reference_and_heldout(e) for e in range(evaluations)]
-    m = len(per_evaluation[0][2])
-    repeats = len(per_evaluation[0][1]) // m
-    floors = [frechet_distance(reference, held) for reference, held, _ in per_evaluation]
+    floors = [frechet_distance(reference, held) for reference, held in per_evaluation]
     bandwidth = median_bandwidth(per_evaluation[0][0], per_evaluation[0][1], seed=_stream_seed(seed, "bandwidth"))
     # The hole-share density: a GMM of its own on training moments with its own seed, not the "gmm" row's model,
     # which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
@@ -467,7 +473,7 @@ def latent_report(
         drawn: list[torch.Tensor] = []
         chunk_seconds: list[float] = []
         seconds = 0.0
-        for evaluation, (_, heldout_draws, _) in enumerate(per_evaluation):
+        for evaluation, (_, heldout_draws) in enumerate(per_evaluation):
             # One CPU thread while timing: on a shared CPU, intra-op threads wait for busy cores (measured 4-6x slower
             # and erratic with 2 threads on 2 busy cores), so the timings would measure the machine's load.
             with _one_thread() if gen_device.type == "cpu" else nullcontext():

@@ -189,8 +189,8 @@ def test_variants_are_parsed_against_fitconfig():
 
 
 def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
-    for flag, value in (("--jobs", "0"), ("--image-samples", "-1"), ("--variants", "no-colon"), ("--variants", "a:not_a_field=1"),
-                        ("--variants", "a:seed=2")):
+    for flag, value in (("--jobs", "0"), ("--image-samples", "-1"), ("--evaluations", "0"), ("--variants", "no-colon"),
+                        ("--variants", "a:not_a_field=1"), ("--variants", "a:seed=2")):
         assert suite.main([flag, value, "--out", str(tmp_path / "x.md"), "--json", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr().err
         assert f"{flag} {value}" in err and err.count("error:") == 1

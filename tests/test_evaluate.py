@@ -181,6 +181,15 @@ def test_the_prior_records_its_held_out_split_and_an_old_prior_gets_it_rebuilt(m
     assert [a.tolist() for a in recorded_split(old, 600)] == [train.tolist(), val.tolist()]
 
 
+def test_eval_cli_refuses_zero_evaluations_before_any_work(mix, tmp_path, capsys):
+    path, prior_dir, _ = mix
+    out = tmp_path / "report.json"
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--evaluations", "0", "--quiet",
+                 "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "--evaluations 0: pass an integer of at least 1" in err and not out.exists()
+
+
 def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     out = tmp_path / "report.json"

@@ -31,6 +31,7 @@ from latent_prior.evaluate import (
     ALIASES,
     DEFAULT_METHODS,
     METHODS,
+    check_evaluations,
     image_report,
     image_table_markdown,
     latent_report,
@@ -245,6 +246,7 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
         raise LatentPriorError(f"--data {config.data} needs --vae, the VAE to encode the images with ('default' for the embedded one).")
     if config.batch_size < 1:
         raise LatentPriorError(f"--batch-size {config.batch_size}: pass a positive number of images.")
+    check_evaluations(config.evaluations)
     methods = normalize_methods(config.methods)
     device = resolve_device(config.device)
     extractor, image_note = _open_inception(config, adapter, device)  # before any long work: a bad file fails now
