@@ -230,6 +230,9 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
         flip=config.flip,
     )
     writer.check_compatible()
+    # Every rank checks the folder as it was: without this barrier a slow rank could find the plan.json that
+    # the main process has just written into a new --out, and refuse it as a foreign file.
+    accelerator.wait_for_everyone()
     pending_all: list[int] = []
     if is_main:
         pending_all = writer.prepare()
