@@ -55,14 +55,13 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 #: Latents of at most SUBSPACE_MIN_DIMS dimensions are modelled by the flat networks (MLP energy, RealNVP flow) even
 #: when they are C×H×W: on the embedded default's 4×8×8 latents they reached the GMM's latent FD and the conv /
 #: multi-scale pair did not (docs/prior-development.md).
-#: Latents of more than SUBSPACE_MIN_DIMS and at most SUBSPACE_MAX_DIMS dimensions (4×16×16, 32×8×8, 4×32×32) get
-#: the subspace flow under flow_kind=auto: a full-covariance mixture start and flat networks on their leading
-#: principal axes, a diagonal Gaussian per mixture component on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims
-#: the full-covariance base covers every dimension; above 4096 the D×D basis (64 MB at 4096) and its
-#: eigendecomposition (10 s at 4096 on 2 cores, 8× that per doubling of D) grow too large, and the multi-scale flow
-#: takes over.
+#: Latents of more than SUBSPACE_MIN_DIMS dimensions (4×16×16, 32×8×8, 4×32×32, 4×64×64) get the subspace flow under
+#: flow_kind=auto: a full-covariance mixture start and flat networks on their leading principal axes, a diagonal
+#: Gaussian per mixture component on the rest (`latent_prior.flows.SubspaceFlow`). Up to 512 dims the full-covariance
+#: base covers every dimension. Above 4096 dims its basis keeps 512 principal axes and completes them by Householder
+#: reflectors (`PrincipalBasis`), since the D × D rotation is 1 GB at 4×64×64; the multi-scale flow with the conv
+#: energy, which auto took there before, cost 14.8 s per alternating step already at 4×32×32 (docs/benchmarks-flagship.md).
 SUBSPACE_MIN_DIMS = 512
-SUBSPACE_MAX_DIMS = 4096
 
 
 @dataclass(frozen=True)
@@ -134,14 +133,14 @@ class FitConfig:
             "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
     # -- networks
     energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv beside the multiscale flow, "
-            "i.e. C×H×W latents of more than 4096 dimensions, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
+            "which auto never picks, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
     energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
     energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
     energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
     spectral_norm: bool = field(default=False, metadata={"help": "spectral-normalize the energy's hidden layers"})
     flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (realnvp up to 512 latent dims, "
-            "subspace from 513 to 4096, multiscale above for C×H×W latents), realnvp, spline, multiscale or subspace (a "
-            "realnvp on the latents' leading principal axes, see --flow-subspace-dims)",
+            "subspace above), realnvp, spline, multiscale or subspace (a realnvp on the latents' leading principal axes, "
+            "see --flow-subspace-dims)",
             "choices": ("auto", "realnvp", "spline", "multiscale", "subspace")})
     flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per "
             "scale (multiscale); the flow's default when left out"})
@@ -149,7 +148,7 @@ class FitConfig:
     flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
     flow_subspace_dims: int = field(default=256, metadata={"help": "subspace flow: principal axes of the latents that "
             "the flow and its full-covariance mixture base model (each component has a diagonal Gaussian on the "
-            "rest); flow-kind auto picks the subspace flow for latents of 513 to 4096 dims"})
+            "rest); flow-kind auto picks the subspace flow for latents of more than 512 dims"})
     flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
             "the flow's default when left out"})
     flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "

@@ -14,7 +14,7 @@ in nats per latent (summed over all D dimensions). Three families:
 * `MultiScaleFlow`: spatial latents (C, H, W), RealNVP/Glow multi-scale: at each scale,
   checkerboard affine couplings, squeeze (space-to-depth), ActNorm + invertible 1×1 conv +
   channel-wise affine couplings, then half the channels are factored out to the base.
-* `SubspaceFlow`: many latent dims (4×16×16, 4×32×32): a fixed rotation onto the latents' principal axes
+* `SubspaceFlow`: many latent dims (4×16×16 to 4×64×64): a fixed rotation onto the latents' principal axes
   (`PrincipalBasis`), a `RealNVP` with its mixture base on the leading whitened axes, and a diagonal Gaussian per
   mixture component on the rest.
 
@@ -976,9 +976,16 @@ class MultiScaleFlow(Flow):
 
 
 class PrincipalBasis:
-    """The principal axes of latents (N, D): mean m (D,), orthonormal directions U (D, D) by decreasing variance,
-    and their standard deviations s (D,). `whiten(z) = ((z − m)·U) / s` maps the latents to coordinates with
-    identity covariance, the leading ones carrying the most variance; `unwhiten` inverts it.
+    """The principal axes of latents (N, D): mean m (D,), an orthonormal basis Q of R^D whose columns run by
+    decreasing variance, and the standard deviations s (D,) along them. `whiten(z) = ((z − m)·Q) / s` maps the
+    latents to coordinates with identity covariance, the leading ones carrying the most variance; `unwhiten`
+    inverts it.
+
+    Up to `DENSE_MAX_DIMS` dims Q is stored whole (`directions`, D × D). Above, a D × D matrix is too large to keep
+    or to apply at every step (1 GB at 4×64×64): the basis keeps its `LOW_RANK_AXES` leading axes, completed to an
+    orthonormal basis of R^D by their Householder reflectors (Q = I − V T Vᵀ: `directions` holds V, D × q, and
+    `reflector_t` T, q × q), and the trailing D − q axes share one variance, the mean that the dense basis would give
+    them.
 
     With fewer latents than dims (a deterministic cache of 2,700 items at 4×32×32) the trailing directions have no
     variance in the sample, but held-out latents do: they get the smallest variance the sample does measure (a flat
@@ -986,35 +993,66 @@ class PrincipalBasis:
     floored at `VARIANCE_FLOOR` × their mean (collapsed latent dims)."""
 
     VARIANCE_FLOOR = 1e-3
+    DENSE_MAX_DIMS = 4096
+    LOW_RANK_AXES = 512
 
-    def __init__(self, mean: torch.Tensor, directions: torch.Tensor, log_std: torch.Tensor) -> None:
-        self.mean, self.directions, self.log_std = mean, directions, log_std
+    def __init__(self, mean: torch.Tensor, directions: torch.Tensor, log_std: torch.Tensor,
+                 reflector_t: torch.Tensor | None = None) -> None:
+        self.mean, self.directions, self.log_std, self.reflector_t = mean, directions, log_std, reflector_t
 
     @classmethod
-    def fit(cls, z: torch.Tensor) -> "PrincipalBasis":
-        """From latents z (N, *shape), N >= 2, in float64 (the float32 tensors returned follow z's device)."""
+    def axes_for(cls, dims: int) -> int | None:
+        """The leading axes that a basis of `dims` dims keeps explicitly: None for a dense basis."""
+        return None if dims <= cls.DENSE_MAX_DIMS else min(cls.LOW_RANK_AXES, dims - 1)
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, axes: int | None | str = "auto") -> "PrincipalBasis":
+        """From latents z (N, *shape), N >= 2, in float64 (the float32 tensors returned follow z's device); `axes`: the
+        leading axes of a low-rank basis, None for a dense one, "auto" by the dims (`axes_for`)."""
         x = z.flatten(1).double()
         mean = x.mean(0)
         centered = x - mean
-        variances, directions = torch.linalg.eigh(centered.T @ centered / max(1, len(x) - 1))
-        variances, directions = variances.flip(0), directions.flip(1)
+        dims = x.shape[1]
+        axes = cls.axes_for(dims) if axes == "auto" else axes
+        rank = min(len(x) - 1, dims)
+        if axes is None:
+            variances, directions = torch.linalg.eigh(centered.T @ centered / max(1, len(x) - 1))
+            variances, directions = variances.flip(0), directions.flip(1)
+        else:
+            variances, directions = _leading_axes(centered, axes)
         # A fixed sign per direction (its largest entry positive), so the same latents give the same basis.
         signs = torch.sign(directions.gather(0, directions.abs().argmax(0, keepdim=True)))
         directions = directions * torch.where(signs == 0, torch.ones_like(signs), signs)
-        rank = min(len(x) - 1, len(variances))
+        reflector_t = None
         variances[rank:] = variances[rank - 1]
+        if axes is not None:
+            # The trailing axes share the mean variance that the dense basis would give them.
+            tail = (variances[axes:rank].sum() + (dims - max(rank, axes)) * variances[rank - 1]) / (dims - axes)
+            variances = torch.cat([variances[:axes], tail.expand(dims - axes)])
+            directions, reflector_t = _householder_completion(directions)
         variances = variances.clamp_min(cls.VARIANCE_FLOOR * float(variances.clamp_min(0).mean()) + 1e-12)
-        return cls(mean.float(), directions.float(), 0.5 * variances.log().float())
+        return cls(mean.float(), directions.float(), 0.5 * variances.log().float(),
+                   None if reflector_t is None else reflector_t.float())
+
+    def _rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Rows x (N, D) times Q (or Qᵀ with `transpose`)."""
+        q = self.directions.to(x.dtype)
+        if self.reflector_t is None:
+            return x @ (q.T if transpose else q)
+        t = self.reflector_t.to(x.dtype)
+        return x - ((x @ q) @ (t.T if transpose else t)) @ q.T
 
     def whiten(self, z: torch.Tensor, dims: int | None = None) -> torch.Tensor:
         """The first `dims` (all by default) whitened coordinates of latents z (N, *shape) -> (N, dims)."""
-        u = self.directions if dims is None else self.directions[:, :dims]
-        s = self.log_std if dims is None else self.log_std[:dims]
-        return ((z.flatten(1) - self.mean.to(z.dtype)) @ u.to(z.dtype)) * torch.exp(-s.to(z.dtype))
+        x = z.flatten(1) - self.mean.to(z.dtype)
+        if self.reflector_t is None and dims is not None:  # the leading columns alone suffice
+            return (x @ self.directions[:, :dims].to(z.dtype)) * torch.exp(-self.log_std[:dims].to(z.dtype))
+        y = self._rotate(x) * torch.exp(-self.log_std.to(z.dtype))
+        return y if dims is None else y[:, :dims]
 
     def unwhiten(self, y: torch.Tensor) -> torch.Tensor:
         """Latents (N, D) from all D whitened coordinates y (N, D): the inverse of `whiten`."""
-        return (y * torch.exp(self.log_std.to(y.dtype))) @ self.directions.T.to(y.dtype) + self.mean.to(y.dtype)
+        return self._rotate(y * torch.exp(self.log_std.to(y.dtype)), transpose=True) + self.mean.to(y.dtype)
 
     def lift(self, leading: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, D) whose first r whitened coordinates are `leading` (N, r) and whose others are drawn from
@@ -1022,6 +1060,42 @@ class PrincipalBasis:
         rest = torch.randn(len(leading), self.mean.numel() - leading.shape[1], generator=generator,
                            device=generator.device if generator is not None else leading.device).to(leading)
         return self.unwhiten(torch.cat([leading, rest], dim=1))
+
+
+def _leading_axes(centered: torch.Tensor, axes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal variances (min(N, D),) of centred rows (N, D) by decreasing size, and the orthonormal directions
+    (D, axes) of the `axes` leading ones, from the N × N Gram matrix (N is a few thousand draws at most; the D × D
+    covariance is never formed). Past the sample's rank the directions are completed by a fixed pseudo-random
+    orthonormal set (their variance is then the smallest measured one, as in the dense basis)."""
+    n, dims = centered.shape
+    gram_values, gram_vectors = torch.linalg.eigh(centered @ centered.T)
+    gram_values, gram_vectors = gram_values.flip(0)[:dims], gram_vectors.flip(1)[:, :dims]
+    kept = min(axes, int((gram_values > gram_values[0] * 1e-12).sum()))
+    directions = centered.T @ gram_vectors[:, :kept] / gram_values[:kept].sqrt()
+    if kept < axes:
+        fill = torch.randn(dims, axes - kept, generator=torch.Generator().manual_seed(0), dtype=centered.dtype).to(centered.device)
+        fill = torch.linalg.qr(fill - directions @ (directions.T @ fill))[0]
+        directions = torch.cat([directions, fill], dim=1)
+    variances = torch.zeros(max(axes, len(gram_values)), dtype=centered.dtype, device=centered.device)
+    variances[:len(gram_values)] = gram_values.clamp_min(0) / max(1, n - 1)
+    return variances, directions
+
+
+def _householder_completion(directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For orthonormal columns U (D, q): the Householder vectors V (D, q) and the upper-triangular T (q, q) of
+    Q = I − V T Vᵀ, an orthogonal D × D matrix whose first q columns are U up to their signs (U = Q·R with
+    R = diag(±1)). D·q + q² values instead of D²."""
+    q = directions.shape[1]
+    packed, tau = torch.geqrf(directions)
+    vectors = packed.tril(-1)
+    vectors.diagonal().fill_(1.0)
+    gram = vectors.T @ vectors
+    t = torch.zeros(q, q, dtype=directions.dtype, device=directions.device)
+    for i in range(q):  # LAPACK's larft (forward, columnwise): Q = H_1 ⋯ H_q with H_i = I − τ_i v_i v_iᵀ
+        t[i, i] = tau[i]
+        if i:
+            t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
+    return vectors, t
 
 
 class SubspaceFlow(Flow):
@@ -1040,9 +1114,12 @@ class SubspaceFlow(Flow):
     Why: a full-covariance mixture base costs K·D² values and as many operations per latent (4096² at 4×32×32), and
     a diagonal one loses every correlation between latent pixels; on the leading 256 axes the full-covariance GMM
     start and the flat networks are those that fit the 4×8×8 latents. The basis is fitted by `initialize` (or given
-    to it) and saved with the weights (the buffers `basis_mean`, `basis_directions`, `basis_log_std`: D² values).
+    to it) and saved with the weights (the buffers `basis_mean`, `basis_directions`, `basis_log_std`: D² values, or
+    D·q + q² above `PrincipalBasis.DENSE_MAX_DIMS` with `basis_reflector_t`; `basis_axes` q).
 
-    Args: latent_shape (any shape, D = prod >= 2); subspace_dims r (capped at D); the rest as `RealNVP`.
+    Args: latent_shape (any shape, D = prod >= 2); subspace_dims r (capped at D); basis_axes: the leading axes a
+    low-rank basis keeps (r <= q < D), None for a dense one, "auto" by D (`PrincipalBasis.axes_for`); the rest as
+    `RealNVP`.
     """
 
     #: floor of a component's variance on a trailing whitened axis (whose overall variance is 1)
@@ -1061,6 +1138,7 @@ class SubspaceFlow(Flow):
         base_components: int = 1,
         base_covariance: str = "diag",
         base_init: str = "kmeans",
+        basis_axes: int | None | str = "auto",
     ) -> None:
         super().__init__(latent_shape)
         if self.dim < 2:
@@ -1073,9 +1151,21 @@ class SubspaceFlow(Flow):
         # base (components, weights, per-component standard coordinates) reads it here.
         self.base_components, self.base_covariance, self.base_init = base_components, base_covariance, base_init
         inner = {k: v for k, v in self.inner.config.items() if k not in ("kind", "latent_shape")}
-        self.config = {"kind": "subspace", "latent_shape": list(self.latent_shape), "subspace_dims": self.subspace_dims, **inner}
+        self.basis_axes = PrincipalBasis.axes_for(self.dim) if basis_axes == "auto" else basis_axes
+        if self.basis_axes is not None:
+            self.basis_axes = _positive_int("basis_axes", self.basis_axes, minimum=self.subspace_dims)
+            if self.basis_axes >= self.dim:
+                raise LatentPriorError(f"basis_axes={self.basis_axes}: a low-rank basis keeps fewer axes than the "
+                                       f"{self.dim} latent dims; pass None for a dense one.")
+        self.config = {"kind": "subspace", "latent_shape": list(self.latent_shape), "subspace_dims": self.subspace_dims,
+                       "basis_axes": self.basis_axes, **inner}
         self.register_buffer("basis_mean", torch.zeros(self.dim))
-        self.register_buffer("basis_directions", torch.eye(self.dim))
+        if self.basis_axes is None:
+            self.register_buffer("basis_directions", torch.eye(self.dim))
+            self.basis_reflector_t = None
+        else:  # the identity as Householder reflectors: V = 0 (with T = 0, Q = I − V T Vᵀ = I)
+            self.register_buffer("basis_directions", torch.zeros(self.dim, self.basis_axes))
+            self.register_buffer("basis_reflector_t", torch.zeros(self.basis_axes, self.basis_axes))
         self.register_buffer("basis_log_std", torch.zeros(self.dim))
         rest = self.dim - self.subspace_dims
         if self.base_components > 1:
@@ -1084,7 +1174,7 @@ class SubspaceFlow(Flow):
 
     @property
     def basis(self) -> PrincipalBasis:
-        return PrincipalBasis(self.basis_mean, self.basis_directions, self.basis_log_std)
+        return PrincipalBasis(self.basis_mean, self.basis_directions, self.basis_log_std, self.basis_reflector_t)
 
     @property
     def base_logits(self) -> torch.Tensor:
@@ -1148,9 +1238,14 @@ class SubspaceFlow(Flow):
         if z.shape[0] < 2 or not torch.isfinite(z).all():
             raise LatentPriorError("SubspaceFlow.initialize needs at least 2 finite latents; check the cache for NaN/inf values.")
         device, dtype = self._device_dtype()
-        basis = basis or PrincipalBasis.fit(z)
+        basis = basis or PrincipalBasis.fit(z, axes=self.basis_axes)
+        if basis.directions.shape != self.basis_directions.shape:
+            raise LatentPriorError(f"SubspaceFlow.initialize: a basis with directions {tuple(basis.directions.shape)} does not "
+                                   f"fit a flow whose basis has {tuple(self.basis_directions.shape)}; fit it with PrincipalBasis.fit.")
         self.basis_mean.copy_(basis.mean)
         self.basis_directions.copy_(basis.directions)
+        if self.basis_reflector_t is not None:
+            self.basis_reflector_t.copy_(basis.reflector_t)
         self.basis_log_std.copy_(basis.log_std)
         y = self.basis.whiten(z.to(device=device, dtype=dtype))
         r = self.subspace_dims
@@ -1179,7 +1274,7 @@ def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any
 
     kind: "auto" (RealNVP for flat (D,) latents, MultiScaleFlow for (C, H, W)), "realnvp",
     "spline" (RealNVP with rational-quadratic spline couplings), "multiscale" or "subspace" (`SubspaceFlow`; the
-    trainer's flow_kind=auto takes it for 513 to 4096 latent dims).
+    trainer's flow_kind=auto takes it above 512 latent dims).
     Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`, `SubspaceFlow`).
     """
     shape = _latent_shape(latent_shape)

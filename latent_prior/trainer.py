@@ -89,7 +89,6 @@ from latent_prior.fit_config import (
     PRECISION_NEIGHBOURS,
     PRECISION_TOLERANCE,
     SEEDS,
-    SUBSPACE_MAX_DIMS,
     SUBSPACE_MIN_DIMS,
     FitConfig,
 )
@@ -154,16 +153,11 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _flow_kind(self) -> str:
-        """flow_kind, with auto resolved by size: realnvp up to SUBSPACE_MIN_DIMS, subspace up to SUBSPACE_MAX_DIMS,
-        then multiscale for C×H×W latents and realnvp for flat ones."""
-        kind, dims = self.config.flow_kind, math.prod(self.shape)
+        """flow_kind, with auto resolved by size: realnvp up to SUBSPACE_MIN_DIMS, subspace above."""
+        kind = self.config.flow_kind
         if kind != "auto":
             return kind
-        if dims <= SUBSPACE_MIN_DIMS:
-            return "realnvp"
-        if dims <= SUBSPACE_MAX_DIMS:
-            return "subspace"
-        return "multiscale" if len(self.shape) == 3 else "realnvp"
+        return "realnvp" if math.prod(self.shape) <= SUBSPACE_MIN_DIMS else "subspace"
 
     def _base_dims(self) -> int:
         """Dimensions of the space the mixture base lives in: the subspace flow's leading axes, else all."""

@@ -579,6 +579,67 @@ def test_principal_basis_whitens_and_floors_the_variance_of_unseen_directions():
         assert torch.isfinite(flow.log_prob(z[1000:1010])).all()
 
 
+def test_a_low_rank_basis_keeps_the_leading_axes_and_completes_them_by_householder_reflectors(monkeypatch):
+    """Above DENSE_MAX_DIMS the basis stores q leading axes and their reflectors, not D × D: it still rotates
+    orthogonally (whiten and unwhiten invert each other), its leading axes are the dense basis's (up to sign), and
+    its trailing axes share the dense basis's mean variance there, with fewer latents than dims too."""
+    from latent_prior.flows import PrincipalBasis
+
+    z = correlated_latents(2000)
+    dense = PrincipalBasis.fit(z)
+    monkeypatch.setattr(PrincipalBasis, "DENSE_MAX_DIMS", 32)
+    monkeypatch.setattr(PrincipalBasis, "LOW_RANK_AXES", 16)
+    low = PrincipalBasis.fit(z)
+    assert low.directions.shape == (64, 16) and low.reflector_t.shape == (16, 16)
+    rotation = low.unwhiten(torch.eye(64) * torch.exp(-low.log_std)) - low.mean  # rows: Qᵀ's rows, i.e. Q's columns
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(64), rtol=0, atol=1e-5)
+    leading = (rotation[:16].double() @ dense.directions[:, :16].double()).diagonal().abs()
+    assert leading.min() > 0.999
+    torch.testing.assert_close(low.log_std[:16], dense.log_std[:16], rtol=0, atol=1e-4)
+    dense_tail = torch.exp(2 * dense.log_std[16:].double()).mean()
+    torch.testing.assert_close(torch.exp(2 * low.log_std[16:].double()), dense_tail.expand(48), rtol=1e-4, atol=0)
+    y = low.whiten(z)
+    torch.testing.assert_close(low.unwhiten(y), z.flatten(1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(low.whiten(z, 5), y[:, :5])
+    torch.testing.assert_close(torch.cov(y[:, :16].T.double()), torch.eye(16, dtype=torch.float64), rtol=0, atol=2e-3)
+    few, few_dense = PrincipalBasis.fit(z[:10]), PrincipalBasis.fit(z[:10], axes=None)  # rank 9 < 16 axes
+    assert torch.isfinite(few.log_std).all()
+    torch.testing.assert_close(few.log_std[:16], few_dense.log_std[:16], rtol=0, atol=1e-4)
+    torch.testing.assert_close(few.unwhiten(few.whiten(z[:10])), z[:10].flatten(1), rtol=0, atol=1e-4)
+
+
+def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_reloads():
+    from latent_prior.baselines import GMMPrior
+    from latent_prior.flows import PrincipalBasis
+
+    z = correlated_latents(1000)
+    basis = PrincipalBasis.fit(z, axes=16)
+    flow = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3,
+                      base_covariance="full", base_init="em", basis_axes=16)
+    assert flow.config["basis_axes"] == 16 and flow.basis_directions.shape == (64, 16)
+    gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(basis.whiten(z, 8).double())
+    flow.initialize(z, mixture=gmm, basis=basis)
+    randomize(flow.inner, 0.05)
+    with torch.no_grad():
+        eps, log_det = flow.to_base(z[:64])
+        back, log_det_back = flow.from_base(eps)
+        torch.testing.assert_close(back, z[:64], rtol=0, atol=1e-4)
+        torch.testing.assert_close(log_det + log_det_back, torch.zeros(64), rtol=0, atol=1e-3)
+        samples, log_q = flow.sample_and_log_prob(128, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(log_q, flow.log_prob(samples), rtol=0, atol=1e-3)
+    rebuilt = build_flow(**json.loads(json.dumps(flow.config)))
+    rebuilt.load_state_dict(flow.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.log_prob(z[:32]), flow.log_prob(z[:32]))
+    fresh = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=1, hidden=8, basis_axes=16)
+    fresh.initialize(z)  # fits a basis of its own kind
+    torch.testing.assert_close(fresh.basis_log_std, basis.log_std)
+    with pytest.raises(LatentPriorError, match="does not fit"):
+        build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=1, hidden=8).initialize(z, basis=basis)
+    with pytest.raises(LatentPriorError, match="basis_axes"):
+        build_flow((4, 4, 4), kind="subspace", subspace_dims=8, basis_axes=64)
+
+
 def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_component_on_the_rest_and_inverts():
     """A fresh subspace flow given a GMM of the leading whitened axes has exactly the density
     Σ_k π_k N_k(y_r)·N(y_rest; m_k, diag σ_k²)·|det whiten|, where m_k and σ_k² are the responsibility-weighted

@@ -477,6 +477,27 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     assert fixed["base_components"] == 10 and [r["components"] for r in fixed["base_choice"]] == [10, 10, 10, 10]
 
 
+def test_latents_above_the_dense_basis_limit_fit_on_a_low_rank_basis_and_reload(tmp_path, monkeypatch):
+    """Past PrincipalBasis.DENSE_MAX_DIMS (4096, lowered here) the trainer's subspace flow keeps a low-rank basis:
+    the fit runs through selection and export, and the prior reloads with it."""
+    from latent_prior.flows import PrincipalBasis
+
+    monkeypatch.setattr(PrincipalBasis, "DENSE_MAX_DIMS", 24)
+    monkeypatch.setattr(PrincipalBasis, "LOW_RANK_AXES", 12)
+    g = torch.Generator().manual_seed(0)
+    codes = 3.0 * torch.randn(4, 6, generator=g)[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 6, generator=g)
+    mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
+    path = tmp_path / "wide.safetensors"
+    save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
+    prior = fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
+                steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+    assert prior.flow.basis_axes == 12 and prior.flow.basis_directions.shape == (48, 12)
+    reloaded = LatentPrior.from_pretrained(tmp_path / "p" / "prior")
+    z = prior.sample(16, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
+
+
 def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_of_the_leading_axes(tmp_path):
     """Latents above SUBSPACE_MIN_DIMS: flow-kind auto takes the subspace flow, whose candidates are GMMs of the
     leading whitened axes scored on lifted samples; the exported prior is that flow, its step 0 is the chosen GMM
@@ -503,7 +524,7 @@ def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_o
     z = prior.sample(16, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
     # the automatic choice by size
-    for shape, kind in (((4, 8, 8), "realnvp"), ((4, 16, 16), "subspace"), ((4, 32, 32), "subspace"), ((4, 64, 64), "multiscale")):
+    for shape, kind in (((4, 8, 8), "realnvp"), ((4, 16, 16), "subspace"), ((4, 32, 32), "subspace"), ((4, 64, 64), "subspace")):
         trainer = Trainer.__new__(Trainer)
         trainer.config, trainer.shape = FitConfig(), shape
         assert trainer._flow_kind() == kind, shape
