@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the flagship path, one prepared run of under 10 minutes on one GPU:
-#   1. a fit at 4x32x32 (sd-vae-ft-mse's architecture at 256 px, random weights) in fp32, with the flagship
+#   1. fits at 4x32x32 and 4x64x64 (sd-vae-ft-mse's architecture at 256 and 512 px, random weights) in fp32, with the flagship
 #      columns (encode s/image, s/step at batch 256, peak memory, sampler/SIR/Langevin rates, decode, and
 #      `latent-prior sample --device cuda` from the CLI);
 #   2. the same in bf16 mixed precision;
@@ -32,8 +32,8 @@ if ! "$PY" -c "import latent_prior.adapters, diffusers" 2>/dev/null; then
 fi
 "$PY" -c "import torch, latent_prior; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'gpus', torch.cuda.device_count())"
 
-echo "== 1. fit at 4x32x32, fp32, batch 256"
-"$PY" -m bench.flagship --device "$DEVICE" --resolutions 256 --images "$IMAGES" --fit-steps "$STEPS" --batch-size 256 \
+echo "== 1. fits at 4x32x32 and 4x64x64, fp32, batch 256"
+"$PY" -m bench.flagship --device "$DEVICE" --resolutions 256,512 --images "$IMAGES" --fit-steps "$STEPS" --batch-size 256 \
     --fit-latents 2048 --out "$OUT/flagship-fp32.md"
 cat "$OUT/flagship-fp32.md"
 

@@ -984,8 +984,8 @@ class PrincipalBasis:
     Up to `DENSE_MAX_DIMS` dims Q is stored whole (`directions`, D × D). Above, a D × D matrix is too large to keep
     or to apply at every step (1 GB at 4×64×64): the basis keeps its `LOW_RANK_AXES` leading axes, completed to an
     orthonormal basis of R^D by their Householder reflectors (Q = I − V T Vᵀ: `directions` holds V, D × q, and
-    `reflector_t` T, q × q), and the trailing D − q axes share one variance, the mean that the dense basis would give
-    them.
+    `reflector_t` T, q × q). Its trailing D − q axes are not principal axes but the latent pixels orthogonalized
+    against the leading axes, each with the variance the latents have along it (and a share of the tail below).
 
     With fewer latents than dims (a deterministic cache of 2,700 items at 4×32×32) the trailing directions have no
     variance in the sample, but held-out latents do: they get the smallest variance the sample does measure (a flat
@@ -1026,10 +1026,13 @@ class PrincipalBasis:
         reflector_t = None
         variances[rank:] = variances[rank - 1]
         if axes is not None:
-            # The trailing axes share the mean variance that the dense basis would give them.
-            tail = (variances[axes:rank].sum() + (dims - max(rank, axes)) * variances[rank - 1]) / (dims - axes)
-            variances = torch.cat([variances[:axes], tail.expand(dims - axes)])
             directions, reflector_t = _householder_completion(directions)
+            # Each trailing axis (close to a latent pixel, orthogonalized against the leading axes) gets the variance
+            # that the latents have along it, plus an even share of what the dense basis gives the directions that
+            # the sample does not span: the same total variance on the trailing axes as the dense basis.
+            trailing = cls(mean, directions, torch.zeros(dims, dtype=x.dtype), reflector_t)._rotate(centered)[:, axes:]
+            unspanned = (dims - max(rank, axes)) * variances[rank - 1] / (dims - axes)
+            variances = torch.cat([variances[:axes], trailing.pow(2).sum(0) / max(1, len(x) - 1) + unspanned])
         variances = variances.clamp_min(cls.VARIANCE_FLOOR * float(variances.clamp_min(0).mean()) + 1e-12)
         return cls(mean.float(), directions.float(), 0.5 * variances.log().float(),
                    None if reflector_t is None else reflector_t.float())

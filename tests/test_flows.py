@@ -581,8 +581,9 @@ def test_principal_basis_whitens_and_floors_the_variance_of_unseen_directions():
 
 def test_a_low_rank_basis_keeps_the_leading_axes_and_completes_them_by_householder_reflectors(monkeypatch):
     """Above DENSE_MAX_DIMS the basis stores q leading axes and their reflectors, not D × D: it still rotates
-    orthogonally (whiten and unwhiten invert each other), its leading axes are the dense basis's (up to sign), and
-    its trailing axes share the dense basis's mean variance there, with fewer latents than dims too."""
+    orthogonally (whiten and unwhiten invert each other), its leading axes are the dense basis's (up to sign), every
+    whitened axis has unit variance, and the trailing axes hold the dense basis's total variance there, with fewer
+    latents than dims too (where the directions the sample does not span get the smallest measured variance)."""
     from latent_prior.flows import PrincipalBasis
 
     z = correlated_latents(2000)
@@ -596,16 +597,21 @@ def test_a_low_rank_basis_keeps_the_leading_axes_and_completes_them_by_household
     leading = (rotation[:16].double() @ dense.directions[:, :16].double()).diagonal().abs()
     assert leading.min() > 0.999
     torch.testing.assert_close(low.log_std[:16], dense.log_std[:16], rtol=0, atol=1e-4)
-    dense_tail = torch.exp(2 * dense.log_std[16:].double()).mean()
-    torch.testing.assert_close(torch.exp(2 * low.log_std[16:].double()), dense_tail.expand(48), rtol=1e-4, atol=0)
+    def trailing_total(basis):
+        return torch.exp(2 * basis.log_std[16:].double()).sum()
+
+    torch.testing.assert_close(trailing_total(low), trailing_total(dense), rtol=1e-5, atol=0)
     y = low.whiten(z)
     torch.testing.assert_close(low.unwhiten(y), z.flatten(1), rtol=0, atol=1e-4)
     torch.testing.assert_close(low.whiten(z, 5), y[:, :5])
+    torch.testing.assert_close(torch.cov(y.T.double()).diagonal(), torch.ones(64, dtype=torch.float64), rtol=0, atol=2e-3)
     torch.testing.assert_close(torch.cov(y[:, :16].T.double()), torch.eye(16, dtype=torch.float64), rtol=0, atol=2e-3)
-    few, few_dense = PrincipalBasis.fit(z[:10]), PrincipalBasis.fit(z[:10], axes=None)  # rank 9 < 16 axes
-    assert torch.isfinite(few.log_std).all()
-    torch.testing.assert_close(few.log_std[:16], few_dense.log_std[:16], rtol=0, atol=1e-4)
-    torch.testing.assert_close(few.unwhiten(few.whiten(z[:10])), z[:10].flatten(1), rtol=0, atol=1e-4)
+    for n in (10, 40):  # ranks 9 < q = 16 and 16 < 39 < D = 64
+        few, few_dense = PrincipalBasis.fit(z[:n]), PrincipalBasis.fit(z[:n], axes=None)
+        assert torch.isfinite(few.log_std).all()
+        torch.testing.assert_close(few.log_std[:16], few_dense.log_std[:16], rtol=0, atol=1e-4)
+        torch.testing.assert_close(trailing_total(few), trailing_total(few_dense), rtol=1e-5, atol=0)
+        torch.testing.assert_close(few.unwhiten(few.whiten(z[:n])), z[:n].flatten(1), rtol=0, atol=1e-4)
 
 
 def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_reloads():
