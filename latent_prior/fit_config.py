@@ -132,8 +132,8 @@ class FitConfig:
     objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a "
             "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
     # -- networks
-    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv beside the multiscale flow, "
-            "which auto never picks, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
+    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv beside --flow-kind "
+            "multiscale, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
     energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
     energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
     energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
