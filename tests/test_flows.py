@@ -558,6 +558,19 @@ def correlated_latents(n: int, shape=(4, 4, 4), seed: int = 0) -> torch.Tensor:
     return ((torch.randn(n, dims, generator=g) * scales) @ rotation.T + torch.randn(dims, generator=g)).reshape(n, *shape)
 
 
+def assert_inverts_and_reports_its_density(flow, z: torch.Tensor) -> torch.Tensor:
+    """to_base and from_base invert each other on z[:64] (log-determinants too), and samples carry the density that
+    log_prob gives them; returns the base points of z[:64]."""
+    with torch.no_grad():
+        eps, log_det = flow.to_base(z[:64])
+        back, log_det_back = flow.from_base(eps)
+        torch.testing.assert_close(back, z[:64], rtol=0, atol=1e-4)
+        torch.testing.assert_close(log_det + log_det_back, torch.zeros(64), rtol=0, atol=1e-3)
+        samples, log_q = flow.sample_and_log_prob(128, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(log_q, flow.log_prob(samples), rtol=0, atol=1e-3)
+    return eps
+
+
 def test_principal_basis_whitens_and_floors_the_variance_of_unseen_directions():
     from latent_prior.flows import PrincipalBasis
 
@@ -626,13 +639,7 @@ def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_rel
     gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(basis.whiten(z, 8).double())
     flow.initialize(z, mixture=gmm, basis=basis)
     randomize(flow.inner, 0.05)
-    with torch.no_grad():
-        eps, log_det = flow.to_base(z[:64])
-        back, log_det_back = flow.from_base(eps)
-        torch.testing.assert_close(back, z[:64], rtol=0, atol=1e-4)
-        torch.testing.assert_close(log_det + log_det_back, torch.zeros(64), rtol=0, atol=1e-3)
-        samples, log_q = flow.sample_and_log_prob(128, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(log_q, flow.log_prob(samples), rtol=0, atol=1e-3)
+    assert_inverts_and_reports_its_density(flow, z)
     rebuilt = build_flow(**json.loads(json.dumps(flow.config)))
     rebuilt.load_state_dict(flow.state_dict())
     with torch.no_grad():
@@ -671,13 +678,8 @@ def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_comp
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(z[:200]).double(), expected, rtol=0, atol=2e-3)
     randomize(flow.inner, 0.05)
+    eps = assert_inverts_and_reports_its_density(flow, z)
     with torch.no_grad():
-        eps, log_det = flow.to_base(z[:64])
-        back, log_det_back = flow.from_base(eps)
-        torch.testing.assert_close(back, z[:64], rtol=0, atol=1e-4)
-        torch.testing.assert_close(log_det + log_det_back, torch.zeros(64), rtol=0, atol=1e-3)
-        samples, log_q = flow.sample_and_log_prob(128, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(log_q, flow.log_prob(samples), rtol=0, atol=1e-3)
         k = flow.sample_components(32, generator=torch.Generator().manual_seed(2))
         xi = torch.randn(32, 64)
         torch.testing.assert_close(flow.to_standard(flow.from_standard(xi, k), k), xi, rtol=0, atol=1e-4)
