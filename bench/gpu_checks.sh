@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the flagship path, one prepared run of under 10 minutes on one GPU:
-#   1. fits at 4x32x32 and 4x64x64 (sd-vae-ft-mse's architecture at 256 and 512 px, random weights) in fp32, with the flagship
-#      columns (encode s/image, s/step at batch 256, peak memory, sampler/SIR/Langevin rates, decode, and
-#      `latent-prior sample --device cuda` from the CLI);
+#   1. fits at 4x32x32 and 4x64x64 (sd-vae-ft-mse's architecture at 256 and 512 px, random weights) in fp32,
+#      with the flagship columns (encode s/image, s/step at batch 256, peak memory, sampler/SIR/Langevin rates,
+#      decode, and `latent-prior sample --device cuda` from the CLI);
 #   2. the same in bf16 mixed precision;
 #   3. `accelerate launch --multi_gpu` on the embedded default, where the machine has more than one GPU.
 # Each report goes to $OUT (default /tmp/gpu-checks): flagship-fp32.md/.json, flagship-bf16.md/.json, multi-gpu.log.
