@@ -285,9 +285,13 @@ class InvertibleLinear(nn.Module):
     def _log_det(self, x: torch.Tensor) -> torch.Tensor:
         return (self.log_s.sum() * math.prod(x.shape[2:])).expand(x.shape[0])
 
+    def _perm_index(self) -> torch.Tensor:
+        # P·M = M[index] and M·Pᵀ = M[:, index]: a gather instead of a product with a 0/1 matrix (the same values).
+        return self.perm.argmax(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lower, upper = self._factors()
-        return self._mix(x, self.perm @ lower @ upper), self._log_det(x)
+        return self._mix(x, (lower @ upper)[self._perm_index()]), self._log_det(x)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # W⁻¹ = U⁻¹ L⁻¹ Pᵀ by triangular solves, in float32 at least (solves do not run in half).
@@ -296,7 +300,7 @@ class InvertibleLinear(nn.Module):
         eye = self.eye.to(dtype)
         lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return self._mix(y, upper_inv @ lower_inv @ self.perm.to(dtype).T), -self._log_det(y)
+        return self._mix(y, (upper_inv @ lower_inv)[:, self._perm_index()]), -self._log_det(y)
 
 
 def _mlp(in_features: int, out_features: int, hidden: int, num_layers: int) -> nn.Sequential:
