@@ -1212,9 +1212,10 @@ class SubspaceFlow(Flow):
         t = float(temperature)
         r = self.subspace_dims
         log_scales = self.rest_log_scales + math.log(t)  # (K, D − r)
-        # Σ_j (ε_j − m_kj)² / σ_kj² expanded into three products, in float64 against cancellation: no (N, K, D − r)
-        # tensor, which at 4×32×32 was a quarter of an alternating step's time.
-        e, means, precision = eps[:, r:].double(), self.rest_means.double(), torch.exp(-2 * log_scales.double())
+        # Σ_j (ε_j − m_kj)² / σ_kj² expanded into three products, in float64 against cancellation (Apple's MPS has
+        # none: float32 there): no (N, K, D − r) tensor, which at 4×32×32 was a quarter of an alternating step's time.
+        wide = torch.float32 if eps.device.type == "mps" else torch.float64
+        e, means, precision = eps[:, r:].to(wide), self.rest_means.to(wide), torch.exp(-2 * log_scales.to(wide))
         maha = (e * e) @ precision.T - 2 * e @ (means * precision).T + (means * means * precision).sum(1)[None]
         rest = -0.5 * maha.clamp_min(0).to(eps.dtype) - log_scales.sum(1)[None] - 0.5 * (self.dim - r) * _LOG_2PI
         return self.inner.component_log_probs(eps[:, :r], t) + rest
