@@ -1,10 +1,11 @@
 """Does the subspace flow lose quality when its principal basis is low-rank (the form it takes above 4096 dims)?
 
-Above `PrincipalBasis.DENSE_MAX_DIMS` the basis keeps `LOW_RANK_AXES` leading axes and the trailing ones share one
-variance. No suite cell is that large, so this study shrinks the scale: on a cell's latents it fits the subspace flow
-twice per seed with the same flags (`--flow-subspace-dims`, FitConfig defaults otherwise, `--steps` long), once on a
-dense basis and once on a low-rank basis that keeps `--axes` leading axes, and scores both with the suite's latent
-metrics (`evaluate.latent_report`, 3,000 samples, 3 evaluations): excess FD, k-NN precision and recall, held-out gain.
+Above `PrincipalBasis.DENSE_MAX_DIMS` the basis keeps `LOW_RANK_AXES` leading principal axes, and its trailing axes are
+latent pixels orthogonalized against them rather than principal axes. No suite cell is that large, so this study shrinks
+the scale: on a cell's latents it fits the subspace flow twice per seed with the same flags (`--flow-subspace-dims`,
+FitConfig defaults otherwise, `--steps` long), once on a dense basis and once on a low-rank basis that keeps `--axes`
+leading axes, and scores both with the suite's latent metrics (`evaluate.latent_report`, 3,000 samples, 3 evaluations):
+excess FD, k-NN precision and recall, held-out gain.
 
     python -m bench.lowrank_basis --sets default-vae --seeds 0,1 --subspace-dims 64 --axes 128 --json /tmp/lowrank.json
 

@@ -477,6 +477,19 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     assert fixed["base_components"] == 10 and [r["components"] for r in fixed["base_choice"]] == [10, 10, 10, 10]
 
 
+def fit_wide_latents(tmp_path):
+    """A tiny subspace-flow fit (6 leading axes, 4 components) on 600 latents of 3×4×4 that lie near 4 clusters of a
+    6-D subspace, into tmp_path/p."""
+    g = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(4, 6, generator=g)
+    codes = centres[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 6, generator=g)
+    mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
+    path = tmp_path / "wide.safetensors"
+    save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
+    return fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
+               steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+
+
 def test_latents_above_the_dense_basis_limit_fit_on_a_low_rank_basis_and_reload(tmp_path, monkeypatch):
     """Past PrincipalBasis.DENSE_MAX_DIMS (4096, lowered here) the trainer's subspace flow keeps a low-rank basis:
     the fit runs through selection and export, and the prior reloads with it."""
@@ -484,13 +497,7 @@ def test_latents_above_the_dense_basis_limit_fit_on_a_low_rank_basis_and_reload(
 
     monkeypatch.setattr(PrincipalBasis, "DENSE_MAX_DIMS", 24)
     monkeypatch.setattr(PrincipalBasis, "LOW_RANK_AXES", 12)
-    g = torch.Generator().manual_seed(0)
-    codes = 3.0 * torch.randn(4, 6, generator=g)[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 6, generator=g)
-    mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
-    path = tmp_path / "wide.safetensors"
-    save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
-    prior = fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
-                steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+    prior = fit_wide_latents(tmp_path)
     assert prior.flow.basis_axes == 12 and prior.flow.basis_directions.shape == (48, 12)
     reloaded = LatentPrior.from_pretrained(tmp_path / "p" / "prior")
     z = prior.sample(16, generator=torch.Generator().manual_seed(1))
@@ -505,14 +512,7 @@ def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_o
     from latent_prior.flows import SubspaceFlow
     from latent_prior.trainer import Trainer
 
-    g = torch.Generator().manual_seed(0)
-    centres = 3.0 * torch.randn(4, 6, generator=g)
-    codes = centres[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 6, generator=g)
-    mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
-    path = tmp_path / "wide.safetensors"
-    save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
-    prior = fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
-                steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+    prior = fit_wide_latents(tmp_path)
     assert isinstance(prior.flow, SubspaceFlow) and prior.flow.subspace_dims == 6 and prior.flow.base_components == 4
     summary = prior.training_info["summary"]
     assert [r["components"] for r in summary["base_choice"]] == [4, 4, 4]
