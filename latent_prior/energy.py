@@ -186,17 +186,25 @@ class FlowBasedEnergy(nn.Module):
         self.config = {"kind": "flow_based", "latent_shape": list(self.latent_shape),
                        "residual": dict(residual.config), "base": dict(base.config)}
 
-    def base_energy(self, z: torch.Tensor) -> torch.Tensor:
-        """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats."""
-        return log_standard_normal(z) - self.base.log_prob(z)
+    def base_energy(self, z: torch.Tensor, whitened: torch.Tensor | None = None) -> torch.Tensor:
+        """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats. `whitened`: z's
+        coordinates in the base's principal basis (N, D), when the caller holds them (see `forward`)."""
+        log_q = self.base.log_prob(z) if whitened is None else self.base.whitened_log_prob(whitened)
+        return log_standard_normal(z) - log_q
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, whitened: torch.Tensor | None = None) -> torch.Tensor:
+        """E(z) (N,) nats. `whitened` (N, D): z's whitened coordinates in the base's principal basis, from a sampler
+        that shares it (`SubspaceFlow.shares_basis`); the base then skips its D × D rotation of z."""
         # The base term is a difference of two large log-densities: keep it out of bf16 autocast, and run it
         # in the base's own dtype (float32 unless the whole prior was cast, e.g. from_pretrained(dtype=bf16)).
         dtype = next(self.base.parameters()).dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
-            base = self.base_energy(z.to(dtype))
+            base = self.base_energy(z.to(dtype), None if whitened is None else whitened.to(dtype))
         return base.float() + self.residual(z).float()
+
+    def shares_basis(self, flow: nn.Module) -> bool:
+        """Whether `flow`'s whitened coordinates are the base's own (`forward`'s `whitened` may come from it)."""
+        return hasattr(self.base, "shares_basis") and self.base.shares_basis(flow)
 
 
 def build_energy(

@@ -1188,16 +1188,55 @@ class SubspaceFlow(Flow):
         return self.inner.base_logits
 
     def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.basis.whiten(z)
+        return self.whitened_to_base(self.basis.whiten(z))
+
+    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, log_det = self.base_to_whitened(eps)
+        return self.basis.unwhiten(y).view(-1, *self.latent_shape), log_det
+
+    # The whitened coordinates y = basis.whiten(z) (N, D) are the flow's own coordinates: the two methods below are
+    # `to_base` / `from_base` without the D × D rotation, for a caller that already holds y (`whitened_log_prob`).
+    def whitened_to_base(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε (N, D), log|det ∂ε/∂z|) from the whitened coordinates y of latents z."""
         r = self.subspace_dims
         eps, log_det = self.inner.to_base(y[:, :r])
         return torch.cat([eps, y[:, r:]], dim=1), log_det - self.basis_log_std.sum().to(log_det.dtype)
 
-    def from_base(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def base_to_whitened(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (N, D), log|det ∂z/∂ε|): the whitened coordinates of the latents z that base noise ε maps to."""
         r = self.subspace_dims
         leading, log_det = self.inner.from_base(eps[:, :r])
-        z = self.basis.unwhiten(torch.cat([leading.flatten(1), eps[:, r:]], dim=1))
-        return z.view(-1, *self.latent_shape), log_det + self.basis_log_std.sum().to(log_det.dtype)
+        return torch.cat([leading.flatten(1), eps[:, r:]], dim=1), log_det + self.basis_log_std.sum().to(log_det.dtype)
+
+    def whitened_log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """log q(z) (N,) nats of the latents z whose whitened coordinates are y (N, D): `log_prob` without the
+        rotation."""
+        eps, log_det = self.whitened_to_base(y)
+        return self.base_log_prob(eps) + log_det
+
+    def sample_whitened_and_log_prob(self, n: int, *, generator: torch.Generator | None = None,
+                                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_and_log_prob` in whitened coordinates: (y (n, D), log q (n,) nats of z = basis.unwhiten(y))."""
+        n = _positive_int("n", n, minimum=0)
+        t = self._check_temperature(temperature)
+        eps = self.sample_base(n, generator=generator, temperature=t)
+        y, log_det = self.base_to_whitened(eps)
+        return y, self.base_log_prob(eps, t) - log_det
+
+    def sample_and_log_prob(self, n: int, *, generator: torch.Generator | None = None,
+                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        y, log_q = self.sample_whitened_and_log_prob(n, generator=generator, temperature=temperature)
+        return self.basis.unwhiten(y).view(-1, *self.latent_shape), log_q
+
+    def shares_basis(self, other: nn.Module) -> bool:
+        """Whether `other` is a SubspaceFlow on the same principal basis (its whitened coordinates are ours)."""
+        if not isinstance(other, SubspaceFlow) or other.basis_directions.shape != self.basis_directions.shape:
+            return False
+        pairs = [(self.basis_mean, other.basis_mean), (self.basis_log_std, other.basis_log_std),
+                 (self.basis_directions, other.basis_directions)]
+        if self.basis_reflector_t is not None:
+            pairs.append((self.basis_reflector_t, other.basis_reflector_t))
+        return all(a.device == b.device and torch.equal(a, b) for a, b in pairs)
 
     def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         t = float(temperature)

@@ -21,18 +21,19 @@ from torch import nn
 
 def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float, forward_kl_weight: float,
                  z_pos: torch.Tensor | None, generator: torch.Generator | None,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                 shared_basis: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The sampler's loss, its parts (per-sample means, nats) and its n samples.
 
     loss = E_q[E(z) + λ·(log q(z) − log p0(z))] + w_fwd·E_data[−log q(z_pos)],  z ~ q reparameterised.
+    `shared_basis`: the energy's flow base and the sampler are subspace flows on one principal basis, decided once by
+    the caller (`latent_prior.sampling.propose`: the base then skips its rotation of the samples).
     Returns (loss, {"sampler_loss", "log_z_bound" = E_q[−E − log q + log p0] (≤ log Z), "forward_kl"}, z detached
     (n, *latent_shape)): the trainer reuses z as the energy's negatives.
     """
-    from latent_prior.sampling import log_standard_normal
+    from latent_prior.sampling import log_standard_normal, propose
 
-    z, log_q = flow.sample_and_log_prob(n, generator=generator)
-    with autocast():
-        e = energy(z)
+    z, log_q, e = propose(energy, flow, n, generator=generator, shared_basis=shared_basis, autocast=autocast)
     e = e.float()
     log_ratio = log_q - log_standard_normal(z)
     loss = (e + kl_weight * log_ratio).mean()

@@ -322,6 +322,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
         self.state = RunState(world_size=self.world_size)
         self.ema: EMA | None = None
+        self.shared_basis = False  # set by _note_shared_basis
         # Our own autocast rather than Accelerator(mixed_precision=...): Accelerate fixes the precision once per
         # process, so a second fit in a notebook could not choose another one.
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
@@ -425,6 +426,7 @@ class Trainer:
             self.energy.load_state_dict(load_tensors(path / "energy.safetensors", self.device))
             self.flow.load_state_dict(load_tensors(path / "flow.safetensors", self.device))
             self.ema.module.load_state_dict(load_tensors(path / "flow_ema.safetensors", self.device))
+            self._note_shared_basis()
         except RuntimeError as exc:
             raise LatentPriorError(
                 f"{path} does not fit the networks of this config ({str(exc).splitlines()[0]}); resume with the architecture "
@@ -643,8 +645,17 @@ class Trainer:
         if hasattr(self.energy, "base"):
             self.energy.base.load_state_dict(self.ema.module.state_dict())
         self.flow.load_state_dict(self.ema.module.state_dict())
+        self._note_shared_basis()
         if self.is_main and self.state.warmup_steps > 0:
             self._warn_if_not_invertible()
+
+    def _note_shared_basis(self) -> None:
+        """Whether the energy's flow base and the sampler share their principal basis (subspace flows: the base is
+        the warmed-up sampler), so that the sampler loss may hand the base its whitened coordinates; after every
+        change of either network's buffers (the end of the warm-up, a resume)."""
+        from latent_prior.sampling import shares_basis
+
+        self.shared_basis = shares_basis(self.energy, self.flow)
 
     @torch.no_grad()
     def _warn_if_not_invertible(self, n: int = 512) -> None:
@@ -685,7 +696,8 @@ class Trainer:
         for _ in range(c.sampler_steps_per_energy_step):
             self.opt_sampler.zero_grad(set_to_none=True)
             loss, sampler_parts, z_neg = sampler_loss(self.energy, self.flow, n, kl_weight=c.kl_weight, forward_kl_weight=c.forward_kl_weight,
-                                                      z_pos=z_pos, generator=self.generator, autocast=self.autocast)
+                                                      z_pos=z_pos, generator=self.generator, autocast=self.autocast,
+                                                      shared_basis=self.shared_basis)
             loss.backward()
             stats = torch.stack([sampler_parts[k] for k in ("sampler_loss", "log_z_bound", "forward_kl")]).float()
             stats = all_reduce_grads_and_stats(list(self.flow.parameters()), stats, self.acc)

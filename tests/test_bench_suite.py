@@ -280,3 +280,16 @@ def test_a_spatial_cell_shows_the_decoded_training_posteriors_as_the_fid_floor()
     fid = {t["target"]: t for t in suite.evaluate_targets(result) if "FID" in t["target"]}
     assert fid["FID ≤ GMM's"]["status"] == "pass" and fid["FID ≤ 0.8 × GMM's"]["status"] == "miss"
     assert all("training posteriors decoded: 250.00" in t["detail"] for t in fid.values())
+
+
+def test_the_flagship_step_rates_leave_out_the_evaluation_that_ends_the_warm_up(tmp_path):
+    """metrics.csv's clock is read before a step's evaluation, so the held-out evaluation at the end of the warm-up
+    lands in the next logged row: the alternating rate starts after it, and reads the steps alone."""
+    from bench.flagship import _step_seconds
+
+    # warm-up 0.1 s/step to step 10, an evaluation of 2 s, then 0.3 s/step logged every 2 steps
+    rows = [(0, 0.0), (5, 0.5), (10, 1.0)] + [(s, 1.0 + 2.0 + 0.3 * (s - 10)) for s in range(12, 21, 2)]
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,seconds\n" + "".join(f"{s},{t}\n" for s, t in rows))
+    warmup, alternating = _step_seconds(csv, warmup=10)
+    assert warmup == pytest.approx(0.1) and alternating == pytest.approx(0.3)

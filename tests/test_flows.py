@@ -653,6 +653,49 @@ def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_rel
         build_flow((4, 4, 4), kind="subspace", subspace_dims=8, basis_axes=64)
 
 
+@pytest.mark.parametrize("basis_axes", [None, 16], ids=["dense", "low-rank"])
+def test_an_energy_whose_flow_base_shares_the_samplers_basis_reads_its_whitened_coordinates(basis_axes):
+    """The sampler loss with `shared_basis` (the energy's flow base reads the sampler's whitened coordinates instead of
+    rotating its samples back into them) gives the loss, the samples and the sampler's gradients of the plain path,
+    and so does log Z's importance sampling; `shares_basis` holds for a copy of the sampler and not for a flow on
+    another basis."""
+    import copy
+
+    from latent_prior.energy import FlowBasedEnergy, build_energy
+    from latent_prior.losses import sampler_loss
+    from latent_prior.sampling import estimate_log_z
+
+    z = correlated_latents(600)
+    sampler = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=2,
+                         base_covariance="full", base_init="em", basis_axes=basis_axes)
+    sampler.initialize(z)
+    energy = FlowBasedEnergy(randomize(build_energy((4, 4, 4), kind="mlp", hidden=16, depth=2), 0.1), copy.deepcopy(sampler))
+    randomize(sampler, 0.02, seed=1)  # the sampler moves on from its frozen copy; the basis (buffers) stays
+    assert energy.shares_basis(sampler)
+    other = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, basis_axes=basis_axes)
+    other.initialize(correlated_latents(600, seed=1))
+    assert not energy.shares_basis(other) and not energy.shares_basis(build_flow((64,), kind="realnvp"))
+
+    results = []
+    for shared in (False, True):
+        sampler.zero_grad()
+        loss, parts, samples = sampler_loss(energy, sampler, 32, kl_weight=1.0, forward_kl_weight=0.5, z_pos=z[:32],
+                                            generator=torch.Generator().manual_seed(3), shared_basis=shared)
+        loss.backward()
+        results.append((loss.detach(), parts, samples, [p.grad.clone() for p in sampler.parameters()]))
+    (loss0, parts0, samples0, grads0), (loss1, parts1, samples1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(parts1["log_z_bound"], parts0["log_z_bound"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(samples1, samples0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-4)
+    # log Z and SIR take the same path by themselves; a plain callable (no `shares_basis`) takes the rotation
+    with torch.no_grad():
+        shared = estimate_log_z(energy, sampler, 256, batch_size=64, generator=torch.Generator().manual_seed(4))
+        plain = estimate_log_z(lambda x: energy(x), sampler, 256, batch_size=64, generator=torch.Generator().manual_seed(4))
+    assert shared.log_z == pytest.approx(plain.log_z, abs=1e-4) and shared.ess == pytest.approx(plain.ess, rel=1e-4)
+
+
 def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_component_on_the_rest_and_inverts():
     """A fresh subspace flow given a GMM of the leading whitened axes has exactly the density
     Σ_k π_k N_k(y_r)·N(y_rest; m_k, diag σ_k²)·|det whiten|, where m_k and σ_k² are the responsibility-weighted
