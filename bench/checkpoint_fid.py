@@ -1,0 +1,101 @@
+"""Does training improve on the start where model selection keeps the start? Every kept checkpoint of a default fit,
+scored on held-out latents and decoded images.
+
+A default fit (`latent_prior.fit`, FitConfig defaults but --checkpoint-every and --keep-checkpoints) of one cell's
+training latents is written to --run (or read from it, when it holds one already); then the EMA sampler of every
+checkpoint it kept is scored like the suite scores a prior: excess latent FD against held-out posterior draws (3,000
+samples, the mean of 3 evaluations), and FID of --images decoded samples against as many held-out images (the
+suite's Inception-v3 and image order). Beside them, the held-out figures that model selection saw (train/metrics.csv):
+validation gain, FD, k-NN precision and the ESS of log Z.
+
+    python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16fit --checkpoint-every 125 --images 500
+    python -m bench.checkpoint_fid --set default-vae --run /tmp/dvfit --keep-checkpoints 20 --images 297
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+SAMPLES = 3000
+EVALUATIONS = 3
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _number(row: dict[str, str], key: str) -> float:
+    return float(row.get(key) or "nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_fid", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="photos-16", help="a cell of the suite with a decoder (default-vae, photos, photos-16, ...)")
+    parser.add_argument("--run", required=True, help="the fit's output folder: fitted here unless it holds prior/ already")
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="the fit's --checkpoint-every")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="the fit's --keep-checkpoints")
+    parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
+    parser.add_argument("--cache-dir", default="/tmp/bench/cache", help="the suite's cache of trained VAEs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from bench.datasets import load_set
+    from bench.run import CellImages
+    from latent_prior.checkpoints import load_tensors
+    from latent_prior.image_metrics import (
+        features_of,
+        find_offline_inception,
+        frechet_inception_distance,
+        load_inception,
+    )
+    from latent_prior.metrics import frechet_distance
+    from latent_prior.prior import LatentPrior
+    from latent_prior.train import fit
+
+    start = time.perf_counter()
+    lset = load_set(args.set, cache_dir=args.cache_dir, verbose=False)
+    run = Path(args.run)
+    if not (run / "prior").is_dir():
+        run.mkdir(parents=True, exist_ok=True)
+        fit(str(lset.save_train(run / "train.safetensors")), out=str(run), quiet=True, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints)
+        print(f"fitted in {time.perf_counter() - start:.0f} s", flush=True)
+    references = []
+    for e in range(EVALUATIONS):
+        held = lset.draws("heldout", SAMPLES, _seeded(100 + e)).flatten(1).double()
+        references.append((held, frechet_distance(lset.draws("train", SAMPLES, _seeded(200 + e)).flatten(1).double(), held)))
+    prior = LatentPrior.from_pretrained(str(run / "prior")).eval()
+    images = CellImages(lset)
+    extractor = load_inception(find_offline_inception())
+    order = torch.randperm(len(images.real), generator=_seeded(0x1A6E))[:args.images]
+    real = features_of(extractor, images.real[order], batch_size=50)
+    with (run / "train" / "metrics.csv").open(newline="") as f:
+        seen = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
+    kept = sorted(int(p.name.split("-")[1]) for p in (run / "train" / "checkpoints").iterdir())
+    print("step | test excess FD (3 evaluations) | FID | validation gain | validation FD | validation precision | ESS")
+    for step in kept:
+        prior.flow.load_state_dict(load_tensors(run / "train" / "checkpoints" / f"step-{step:07d}" / "flow_ema.safetensors"))
+        with torch.no_grad():
+            fds = [frechet_distance(prior.flow.sample(SAMPLES, generator=_seeded(300 + e)).flatten(1).double(), held) - ref
+                   for e, (held, ref) in enumerate(references)]
+            z = prior.flow.sample(args.images, generator=_seeded(5))
+        fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
+        row = seen.get(step, {})
+        print(f"{step} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
+              f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
+              f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}", flush=True)
+    print(f"{args.set}: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
