@@ -1,15 +1,15 @@
 """Does training improve on the start where model selection keeps the start? Every kept checkpoint of a default fit,
 scored on held-out latents and decoded images.
 
-A default fit (`latent_prior.fit`, FitConfig defaults but --checkpoint-every and --keep-checkpoints) of one cell's
-training latents is written to --run (or read from it, when it holds one already); then the EMA sampler of every
+A fit (`latent_prior.fit`, FitConfig defaults but the --fit overrides) of one cell's training latents is written to
+--run (or read from it, when it holds one already); then the EMA sampler of every
 checkpoint it kept is scored like the suite scores a prior: excess latent FD against held-out posterior draws (3,000
 samples, the mean of 3 evaluations), and FID of --images decoded samples against as many held-out images (the
 suite's Inception-v3 and image order). Beside them, the held-out figures that model selection saw (train/metrics.csv):
 validation gain, FD, k-NN precision and the ESS of log Z.
 
-    python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16fit --checkpoint-every 125 --images 500
-    python -m bench.checkpoint_fid --set default-vae --run /tmp/dvfit --keep-checkpoints 20 --images 297
+    python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16fit --fit checkpoint_every=125 --images 500
+    python -m bench.checkpoint_fid --set default-vae --run /tmp/dvfit --fit keep_checkpoints=20 --images 297
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a cell of the suite with a decoder (default-vae, photos, photos-16, ...)")
     parser.add_argument("--run", required=True, help="the fit's output folder: fitted here unless it holds prior/ already")
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="the fit's --checkpoint-every")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="the fit's --keep-checkpoints")
+    parser.add_argument("--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. "
+                        "keep_checkpoints=20,lr_sampler=2e-4)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
     parser.add_argument("--cache-dir", default="/tmp/bench/cache", help="the suite's cache of trained VAEs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from bench.datasets import load_set
+    from bench.fits import parse_overrides
     from bench.run import CellImages
     from latent_prior.checkpoints import load_tensors
     from latent_prior.image_metrics import (
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from latent_prior.prior import LatentPrior
     from latent_prior.train import fit
 
+    overrides = parse_overrides(args.fit, "--fit")
     start = time.perf_counter()
     lset = load_set(args.set, cache_dir=args.cache_dir, verbose=False)
     run = Path(args.run)
     if not (run / "prior").is_dir():
         run.mkdir(parents=True, exist_ok=True)
-        fit(str(lset.save_train(run / "train.safetensors")), out=str(run), quiet=True, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints)
+        fit(str(lset.save_train(run / "train.safetensors")), out=str(run), **{"quiet": True, **overrides})
         print(f"fitted in {time.perf_counter() - start:.0f} s", flush=True)
     references = []
     for e in range(EVALUATIONS):
