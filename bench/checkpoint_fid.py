@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. "
                         "keep_checkpoints=20,lr_sampler=2e-4)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
-    parser.add_argument("--cache-dir", default="/tmp/bench/cache", help="the suite's cache of trained VAEs")
+    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ fits, without training anything,
 and scores 2,000 samples of each by excess latent FD against 2,000 held-out draws, and the first --images of them,
 decoded, by FID against as many held-out crops (the suite's Inception-v3 and crop order).
 
-    python -m bench.gaussian_fid --set photos-16 --images 500 --json /tmp/gaussian_fid.json
+    python -m bench.gaussian_fid --set photos-16 --images 500 --cache-dir /tmp/bench/cache --json /tmp/gaussian_fid.json
 
 Prints one row per model and writes them to --json.
 """
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gaussian_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a spatial cell of the suite (photos, photos-16, ...)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per model, against as many held-out images")
-    parser.add_argument("--cache-dir", default="/tmp/bench/cache", help="the suite's cache of trained VAEs")
+    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write every figure here")
     args = parser.parse_args(argv)
