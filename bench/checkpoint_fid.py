@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.datasets import load_set
     from bench.fits import parse_overrides
-    from bench.run import CellImages
+    from bench.run import CellImages, heldout_image_features
     from latent_prior.checkpoints import load_tensors
     from latent_prior.image_metrics import (
         features_of,
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     prior = LatentPrior.from_pretrained(str(run / "prior")).eval()
     images = CellImages(lset)
     extractor = load_inception(find_offline_inception())
-    order = torch.randperm(len(images.real), generator=_seeded(0x1A6E))[:args.images]
-    real = features_of(extractor, images.real[order], batch_size=50)
+    real = heldout_image_features(extractor, images, args.images)
     with (run / "train" / "metrics.csv").open(newline="") as f:
         seen = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
     kept = sorted(int(p.name.split("-")[1]) for p in (run / "train" / "checkpoints").iterdir())

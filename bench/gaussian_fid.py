@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from bench.datasets import load_set
-    from bench.run import CellImages
+    from bench.run import CellImages, heldout_image_features
     from latent_prior.image_metrics import (
         features_of,
         find_offline_inception,
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = latent_models(lset, train)
     images = CellImages(lset)
     extractor = load_inception(find_offline_inception())
-    order = torch.randperm(len(images.real), generator=torch.Generator().manual_seed(0x1A6E))[:args.images]
-    real = features_of(extractor, images.real[order], batch_size=50)
+    real = heldout_image_features(extractor, images, args.images)
     rows = {}
     for name, z in samples.items():
         decoded = images.decode(lset.normalization.denormalize(z[:args.images].float().reshape(-1, *lset.latent_shape)))

@@ -570,6 +570,14 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
     return {"rows": rows, "fits": fits}, kept
 
 
+def heldout_image_features(extractor: Any, images: CellImages, count: int) -> Any:
+    """Inception features of `count` of the cell's held-out real images, a seeded subset (the same for every run)."""
+    from latent_prior.image_metrics import features_of
+
+    order = torch.randperm(len(images.real), generator=torch.Generator().manual_seed(0x1A6E))[:count]
+    return features_of(extractor, images.real[order], batch_size=50)
+
+
 def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """FID, KID and image precision / recall of each method's first `count` decoded samples against as many
@@ -584,9 +592,7 @@ def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dic
     )
 
     start = time.perf_counter()
-    real_all = images.real
-    order = torch.randperm(len(real_all), generator=torch.Generator().manual_seed(0x1A6E))[:count]
-    real = features_of(extractor, real_all[order], batch_size=50)
+    real = heldout_image_features(extractor, images, count)
     log(f"  image metrics: {len(real)} real held-out images done ({time.perf_counter() - start:.0f} s)")
 
     def score(name: str, z: torch.Tensor) -> dict[str, Any]:

@@ -1223,11 +1223,6 @@ class SubspaceFlow(Flow):
         y, log_det = self.base_to_whitened(eps)
         return y, self.base_log_prob(eps, t) - log_det
 
-    def sample_and_log_prob(self, n: int, *, generator: torch.Generator | None = None,
-                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        y, log_q = self.sample_whitened_and_log_prob(n, generator=generator, temperature=temperature)
-        return self.basis.unwhiten(y).view(-1, *self.latent_shape), log_q
-
     def shares_basis(self, other: nn.Module) -> bool:
         """Whether `other` is a SubspaceFlow on the same principal basis (its whitened coordinates are ours)."""
         if not isinstance(other, SubspaceFlow) or other.basis_directions.shape != self.basis_directions.shape:
