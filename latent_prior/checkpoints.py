@@ -50,10 +50,13 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     groups = meta["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(len(g["params"]) != len(c["params"]) for g, c in zip(groups, opt.param_groups)):
+        raise LatentPriorError(
+            f"the checkpoint's optimizer has {len(groups)} parameter group(s), this run's {len(opt.param_groups)}: it was written "
+            "with another --lr-linear-power (runs before it existed: 0); resume with that setting or start a new --out.")
     for group, current in zip(groups, opt.param_groups):
         # The run may resume with new settings (e.g. a lower lr after a divergence): those win.
-        for key in ("lr", "betas"):
-            group[key] = current[key]
+        group.update({key: current[key] for key in ("lr", "betas", "lr_scale") if key in current})
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

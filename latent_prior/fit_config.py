@@ -33,6 +33,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
         "forward_kl_weight": 0.5,
         "lr_energy": 1e-3,
         "lr_sampler": 1e-3,
+        "lr_linear_power": 0.0,
         "sampler_steps_per_energy_step": 1,
     },
     "evalp-code": {
@@ -48,6 +49,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
         "forward_kl_weight": 0.0,
         "lr_energy": 5e-4,
         "lr_sampler": 5e-4,
+        "lr_linear_power": 0.0,
         "sampler_steps_per_energy_step": 1,
     },
 }
@@ -180,6 +182,9 @@ class FitConfig:
             "term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight")})
     lr_energy: float | None = field(default=None, metadata={"help": "Adam learning rate of the energy; " + _objective_help("lr_energy")})
     lr_sampler: float | None = field(default=None, metadata={"help": "Adam learning rate of the sampler flow; " + _objective_help("lr_sampler")})
+    lr_linear_power: float | None = field(default=None, metadata={"help": "the sampler's D×D factors (its invertible "
+            "linear maps, its full-covariance base) learn at lr_sampler × D^-power, since Adam moves a D×D matrix by "
+            "about lr·√D per step (0: at lr_sampler); " + _objective_help("lr_linear_power")})
     sampler_steps_per_energy_step: int | None = field(default=None, metadata={"help": "sampler updates before each energy update; "
             + _objective_help("sampler_steps_per_energy_step")})
     lr_final_fraction: float = field(default=0.05, metadata={"help": "both learning rates follow a cosine from their "
@@ -268,6 +273,7 @@ def check_config(config: FitConfig) -> None:
     need(0.0 <= c.validation_fraction < 1.0, "validation_fraction", c.validation_fraction, "pass a fraction in [0, 1), e.g. 0.1")
     need(0.0 <= c.ema_decay < 1.0, "ema_decay", c.ema_decay, "pass a decay in [0, 1), e.g. 0.995")
     need(c.lr_energy > 0 and c.lr_sampler > 0, "lr_energy/--lr-sampler", (c.lr_energy, c.lr_sampler), "learning rates must be positive")
+    need(c.lr_linear_power >= 0, "lr_linear_power", c.lr_linear_power, "pass 0 (no scaling) or a positive power, e.g. 0.5")
     need(0.0 < c.lr_final_fraction <= 1.0, "lr_final_fraction", c.lr_final_fraction, "pass a fraction in (0, 1]")
     need(len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas), "betas", c.betas, "pass two Adam betas in [0, 1), e.g. 0.5 0.999")
     need(c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, "pass 0 (no warm-up) or a number of steps")

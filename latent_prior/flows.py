@@ -45,7 +45,8 @@ from torch.nn import functional as F
 from latent_prior.errors import LatentPriorError
 from latent_prior.sampling import log_standard_normal
 
-__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "SubspaceFlow", "PrincipalBasis", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear"]
+__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "SubspaceFlow", "PrincipalBasis", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear",
+           "optimizer_groups"]
 
 FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale", "subspace")
 #: Covariances of a mixture base's components, and how the mixture is initialized from the `initialize`
@@ -1312,6 +1313,28 @@ class SubspaceFlow(Flow):
 
 
 _FLOW_CLASSES: dict[str, type[Flow]] = {"realnvp": RealNVP, "multiscale": MultiScaleFlow, "subspace": SubspaceFlow}
+
+
+def optimizer_groups(flow: nn.Module, linear_power: float) -> list[dict[str, Any]]:
+    """The flow's parameters as Adam parameter groups, each with an `lr_scale` that multiplies the learning rate.
+
+    The D×D factors (the invertible linear maps' LU factors, the full-covariance base's A_k) get
+    D^(−linear_power), the rest 1. Adam moves each entry by about the learning rate per step whatever its
+    gradient, so a D×D factor moves by about lr·√D in norm per step, enough to wreck a 256-dim flow that starts
+    as a fitted GMM within a few steps (docs/prior-development.md). `linear_power=0` gives one group.
+    """
+    if linear_power == 0:
+        return [{"params": list(flow.parameters()), "lr_scale": 1.0}]
+    factors: dict[int, list[nn.Parameter]] = {}
+    for module in flow.modules():
+        if isinstance(module, InvertibleLinear):
+            factors.setdefault(module.lower.shape[-1], []).extend([module.lower, module.upper])
+        elif isinstance(module, Flow) and isinstance(getattr(module, "base_tril", None), nn.Parameter):
+            factors.setdefault(module.base_tril.shape[-1], []).append(module.base_tril)
+    chosen = {id(p) for ps in factors.values() for p in ps}
+    groups = [{"params": [p for p in flow.parameters() if id(p) not in chosen], "lr_scale": 1.0}]
+    groups += [{"params": ps, "lr_scale": float(dim) ** -linear_power} for dim, ps in sorted(factors.items())]
+    return groups
 
 
 def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any) -> Flow:

@@ -294,7 +294,7 @@ class Trainer:
 
     def _build(self) -> None:
         from latent_prior.energy import FlowBasedEnergy, build_energy
-        from latent_prior.flows import build_flow
+        from latent_prior.flows import build_flow, optimizer_groups
 
         c = self.config
         torch.manual_seed(c.seed)  # same initial weights on every rank (and rank 0's are broadcast anyway)
@@ -316,7 +316,8 @@ class Trainer:
         # foreach: one kernel per step for all tensors instead of a Python loop over them (the loop was 10 % of a
         # CPU fit on the digits latents); the arithmetic is Adam's either way.
         self.opt_energy = torch.optim.Adam(self.trainable_energy.parameters(), lr=c.lr_energy, betas=tuple(c.betas), foreach=True)
-        self.opt_sampler = torch.optim.Adam(self.flow.parameters(), lr=c.lr_sampler, betas=tuple(c.betas), foreach=True)
+        self.opt_sampler = torch.optim.Adam(optimizer_groups(self.flow, c.lr_linear_power), lr=c.lr_sampler, betas=tuple(c.betas),
+                                            foreach=True)
         # One generator per rank drives every random draw of training (posterior noise, flow noise,
         # interpolates), so its state in the checkpoint is all a resume needs.
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
@@ -678,7 +679,7 @@ class Trainer:
         factor = c.lr_final_fraction + (1 - c.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
         for opt, lr in ((self.opt_energy, c.lr_energy), (self.opt_sampler, c.lr_sampler)):
             for group in opt.param_groups:
-                group["lr"] = lr * factor
+                group["lr"] = lr * factor * group.get("lr_scale", 1.0)
 
     def _step(self, stream: BatchStream) -> dict[str, float]:
         c = self.config

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,3 +294,26 @@ def test_the_flagship_step_rates_leave_out_the_evaluation_that_ends_the_warm_up(
     csv.write_text("step,seconds\n" + "".join(f"{s},{t}\n" for s, t in rows))
     warmup, alternating = _step_seconds(csv, warmup=10)
     assert warmup == pytest.approx(0.1) and alternating == pytest.approx(0.3)
+
+
+@pytest.mark.slow  # two 25-step fits (~30 s)
+def test_the_warmup_shock_study_freezes_the_named_parameters_and_only_those(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from bench import warmup_shock
+
+    assert warmup_shock.main(["--set", "syn-aniso4-d8", "--run", str(tmp_path), "--variants", "default,frozen linear maps",
+                              "--steps", "25", "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" (")[0] for r in rows] == ["| default", "| frozen linear maps"]
+    assert "(0 values frozen" in rows[0] and "(1,088 values frozen" in rows[1]  # 8 maps of 8×8: L, U, log s
+
+    def flow(variant: str, step: int) -> dict:
+        return load_file(str(tmp_path / variant / "train" / "checkpoints" / f"step-{step:07d}" / "flow.safetensors"))
+
+    for variant, linear_moved in (("default", True), ("frozen-linear-maps", False)):
+        start, end = flow(variant, 0), flow(variant, 25)
+        moved = {k for k in start if not k.endswith(("perm", "sign_s", "initialized")) and not torch.equal(start[k], end[k])}
+        linear = {k for k in start if k.endswith((".lower", ".upper", ".log_s"))}
+        assert linear and bool(moved & linear) == linear_moved
+        assert moved - linear  # the couplings train in both

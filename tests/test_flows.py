@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.datasets import make_moons
 
 from latent_prior.errors import LatentPriorError
-from latent_prior.flows import ActNorm, MultiScaleFlow, RealNVP, build_flow
+from latent_prior.flows import ActNorm, InvertibleLinear, MultiScaleFlow, RealNVP, build_flow, optimizer_groups
 
 
 def randomize(flow: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
@@ -415,6 +415,39 @@ def test_an_em_initialized_full_covariance_base_is_the_gmm_baseline():
     k = flow.sample_components(64, generator=torch.Generator().manual_seed(3))
     xi = torch.randn(64, 6, generator=g)
     torch.testing.assert_close(flow.to_standard(flow.from_standard(xi, k), k), xi, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: build_flow((6,), num_blocks=3, hidden=16, base_components=4, base_covariance="full", base_init="em"),
+    lambda: tiny_multiscale((2, 4, 4)),
+])
+def test_optimizer_groups_slow_the_dense_factors_by_their_dimension(make):
+    """Adam moves each entry of a D×D factor by about the learning rate per step, so the invertible linear maps
+    and the full-covariance base's A_k learn at lr·D^-power: every parameter in exactly one group, each factor
+    in the group of its own D, and one Adam step moves its entries by that much (Adam's first step is lr·sign)."""
+    flow = make()
+    groups = optimizer_groups(flow, 0.5)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in flow.parameters())
+    factors = {id(m.lower): m.lower.shape[-1] for m in flow.modules() if isinstance(m, InvertibleLinear)}
+    factors |= {id(m.upper): m.upper.shape[-1] for m in flow.modules() if isinstance(m, InvertibleLinear)}
+    if hasattr(flow, "base_tril"):
+        factors[id(flow.base_tril)] = flow.base_tril.shape[-1]
+    assert factors
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr_scale"] == pytest.approx(factors[id(p)] ** -0.5 if id(p) in factors else 1.0)
+    assert len({factors[id(p)] for g in groups[1:] for p in g["params"]}) == len(groups) - 1  # one group per D
+
+    before = {id(p): p.detach().clone() for p in flow.parameters()}
+    opt = torch.optim.Adam([{**g, "lr": 1e-3 * g["lr_scale"]} for g in groups], lr=1e-3)
+    for p in flow.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in flow.parameters():
+        moved = (p.detach() - before[id(p)]).abs().max()
+        assert float(moved) == pytest.approx(1e-3 * (factors[id(p)] ** -0.5 if id(p) in factors else 1.0), rel=1e-3)
+    assert len(optimizer_groups(flow, 0.0)) == 1
 
 
 @pytest.mark.parametrize("kind, shape", [("realnvp", (6,)), ("realnvp", (2, 2, 2)), ("multiscale", (2, 2, 2))])

@@ -215,6 +215,20 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     assert [r.split(",")[3:] for r in a_rows] == [r.split(",")[3:] for r in b_rows]  # same values (seconds differ)
 
 
+def test_the_flows_dense_factors_learn_slower_and_a_resume_with_another_power_is_refused(latents, tmp_path, capsys):
+    out = tmp_path / "run"
+    power = ["--lr-final-fraction", "1", "--lr-linear-power", "0.5"]
+    assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4", *power) == 0
+    groups = json.loads((out / "train" / "checkpoints" / "step-0000004" / "optim.json").read_text())["sampler"]["param_groups"]
+    # the 2-D latents' invertible linear maps (D = 2) at lr / sqrt(2), the rest at lr
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3 / 2**0.5])
+    capsys.readouterr()
+    # the default (0) keeps one group, so a run of 0.5 does not resume under it
+    assert fit_cli(latents, out, "--steps", "8", "--checkpoint-every", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--lr-linear-power" in err and "new --out" in err
+
+
 def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, tmp_path):
     args = ["--steps", "200", "--checkpoint-every", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
