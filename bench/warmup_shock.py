@@ -11,10 +11,12 @@ precision of the EMA sampler at steps 0 (the GMM start), 25, 50, 100, 200 and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -34,6 +36,28 @@ VARIANTS: dict[str, tuple[str | None, dict[str, float]]] = {
 SHOWN_STEPS = (0, 25, 50, 100, 200)
 
 
+@contextlib.contextmanager
+def frozen_flow_parameters(pattern: str | None) -> Iterator[list[int]]:
+    """Within it, every fit's sampler flow gets zero gradients for the parameters whose names match `pattern`; yields
+    [how many values that froze], filled in when the fit builds its networks. The trainer is restored on exit."""
+    from latent_prior.trainer import Trainer
+
+    build, frozen_values = Trainer._build, [0]
+
+    def build_and_freeze(self: Trainer) -> None:
+        build(self)
+        for name, p in self.flow.named_parameters():
+            if pattern and re.search(pattern, name):
+                p.register_hook(torch.zeros_like)
+                frozen_values[0] += p.numel()
+
+    Trainer._build = build_and_freeze
+    try:
+        yield frozen_values
+    finally:
+        Trainer._build = build
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.warmup_shock", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="default-vae", help="a cell of the suite (python -m bench --sets)")
@@ -47,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     from bench.datasets import load_set
-    from latent_prior import trainer
     from latent_prior.train import fit
 
     torch.set_num_threads(1)
@@ -55,26 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.run)
     root.mkdir(parents=True, exist_ok=True)
     latents = str(lset.save_train(root / "train.safetensors"))
-    build = trainer.Trainer._build
-    frozen: list[str | None] = [None]
-    frozen_values = [0]
-
-    def build_and_freeze(self: trainer.Trainer) -> None:
-        build(self)
-        frozen_values[0] = 0
-        for name, p in self.flow.named_parameters():
-            if frozen[0] and re.search(frozen[0], name):
-                p.register_hook(torch.zeros_like)
-                frozen_values[0] += p.numel()
-
-    trainer.Trainer._build = build_and_freeze
     steps = sorted({s for s in SHOWN_STEPS if s < args.steps} | {args.steps})
     print(f"{args.set}: held-out gain / training gain (nats), held-out FD, precision at steps {', '.join(map(str, steps))}")
     for name in args.variants.split(","):
-        frozen[0], overrides = VARIANTS[name]
+        pattern, overrides = VARIANTS[name]
         out = root / re.sub(r"[^a-z0-9_.=]+", "-", name)
         start = time.perf_counter()
-        fit(latents, out=str(out), quiet=True, steps=args.steps, warmup_steps=args.steps, checkpoint_every=25, **overrides)
+        with frozen_flow_parameters(pattern) as frozen_values:
+            fit(latents, out=str(out), quiet=True, steps=args.steps, warmup_steps=args.steps, checkpoint_every=25, **overrides)
         with (out / "train" / "metrics.csv").open(newline="") as f:
             rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
         shown = [rows[s] for s in steps if s in rows]

@@ -301,12 +301,15 @@ def test_the_warmup_shock_study_freezes_the_named_parameters_and_only_those(tmp_
     from safetensors.torch import load_file
 
     from bench import warmup_shock
+    from latent_prior.trainer import Trainer
 
+    build = Trainer._build
     assert warmup_shock.main(["--set", "syn-aniso4-d8", "--run", str(tmp_path), "--variants", "default,frozen linear maps",
                               "--steps", "25", "--cache-dir", str(tmp_path / "cache")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" (")[0] for r in rows] == ["| default", "| frozen linear maps"]
     assert "(0 values frozen" in rows[0] and "(1,088 values frozen" in rows[1]  # 8 maps of 8×8: L, U, log s
+    assert Trainer._build is build  # later fits in this process freeze nothing
 
     def flow(variant: str, step: int) -> dict:
         return load_file(str(tmp_path / variant / "train" / "checkpoints" / f"step-{step:07d}" / "flow.safetensors"))
