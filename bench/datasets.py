@@ -43,6 +43,8 @@ Real sets (built by `load_set`, each cached under `cache_dir` where that saves t
   trained once into `cache_dir`, then reloaded. No decoder hook (the classifier judges digits only).
 * `photos-16`: the same architecture on 64-px crops of the photos resized to a 384-px short side:
   4×16×16 latents, KL weight 1e-6 (SD's order, so its posteriors are nearly deterministic), 6 epochs.
+* `photos-c32`: photos-16's crops and KL weight, a VAE with a third downsampling and 32 latent channels: 32×8×8
+  latents (2048 dims), the shape of a high-channel image autoencoder rather than SD's 4 channels.
 * `photos-32`: the photos-16 VAE on 128-px crops of the photos resized to a 768-px short side: 4×32×32 latents,
   the shape `stabilityai/sd-vae-ft-mse` gives at 256 px, from a VAE used at twice the resolution it was trained at
   (as SD's VAE is at 512 px).
@@ -636,11 +638,16 @@ def load_default_vae_set(verbose: bool = True) -> LatentSet:
 #: "photos": 32-px crops, 4×8×8 latents, KL weight 1e-5. "photos-16": 64-px crops of the photos resized to a
 #: 384-px short side (so a crop covers about the same share of a photo as a 32-px crop at 256 px, and there are
 #: 12-15 tiles per photo to split), 4×16×16 latents, KL weight 1e-6 (SD's order: nearly deterministic posteriors).
+#: "photos-c32": the same crops, 32×8×8 latents (three downsamplings, 32 channels).
 PHOTO_SETS: dict[str, dict[bool, dict[str, Any]]] = {
     "photos": {False: dict(epochs=8, num_train=3000, num_heldout=500),
                True: dict(epochs=2, num_train=600, num_heldout=200)},
     "photos-16": {False: dict(epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6),
                   True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6)},
+    "photos-c32": {False: dict(epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6,
+                               latent_channels=32, downsamplings=3),
+                   True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6,
+                              latent_channels=32, downsamplings=3)},
 }
 PHOTOS_SETTINGS = PHOTO_SETS["photos"]  # the earlier name
 #: Sets that encode larger crops with the VAE of a PHOTO_SETS entry: name -> (that entry, the crops' settings, full
@@ -655,17 +662,21 @@ def photo_vae_dir(cache_dir: str | Path, quick: bool = False, name: str = "photo
     s = PHOTO_SETS[name][quick]
     if name == "photos":
         return Path(cache_dir) / f"photo_vae_n{s['num_train']}_h{s['num_heldout']}_e{s['epochs']}"
+    shape = f"_ch{s['latent_channels']}_ds{s['downsamplings']}" if "latent_channels" in s else ""
     return Path(cache_dir) / (f"photo_vae_c{s['crop_size']}_side{s['photo_side']}_kl{s['kl_weight']:g}_n{s['num_train']}"
-                              f"_h{s['num_heldout']}_e{s['epochs']}")
+                              f"_h{s['num_heldout']}_e{s['epochs']}{shape}")
 
 
-def _cached_photo_vae(directory: Path, wanted: dict[str, Any], architecture: dict[str, Any]) -> dict[str, Any] | None:
-    """The training summary of a complete folder trained with the `wanted` config, else None."""
+def _cached_photo_vae(directory: Path, wanted: dict[str, Any], defaults: dict[str, Any],
+                      architecture: dict[str, Any]) -> dict[str, Any] | None:
+    """The training summary of a complete folder trained with the `wanted` config, else None (a field the folder's
+    summary lacks was added to the script later: the folder was trained with its default)."""
     try:
         summary = json.loads((directory / "training_summary.json").read_text())
     except (OSError, ValueError):
         return None
-    same = all(summary.get("train_config", {}).get(k) == v for k, v in wanted.items() if k not in ("output_dir", "quiet", "threads"))
+    trained = {**defaults, **summary.get("train_config", {})}
+    same = all(trained.get(k) == v for k, v in wanted.items() if k not in ("output_dir", "quiet", "threads"))
     return summary if same and summary.get("architecture") == json.loads(json.dumps(architecture)) else None
 
 
@@ -680,7 +691,7 @@ def build_photo_vae(name: str, cache_dir: str | Path, quick: bool = False, verbo
     script = import_repo_script("train_photo_vae")
     directory = photo_vae_dir(cache_dir, quick, name)
     cfg = script.TrainPhotoVAEConfig(output_dir=str(directory), quiet=not verbose, **PHOTO_SETS[name][quick])
-    summary = _cached_photo_vae(directory, to_dict(cfg), script.photo_vae_architecture(cfg.crop_size))
+    summary = _cached_photo_vae(directory, to_dict(cfg), to_dict(script.TrainPhotoVAEConfig()), script.architecture_of(cfg))
     if summary is None:
         if verbose:
             print(f"[{name}] training the photo AutoencoderKL ({cfg.epochs} epochs on {cfg.num_train} {cfg.crop_size}-px crops, "
@@ -695,7 +706,7 @@ def load_photos_set(cache_dir: str | Path, quick: bool = False, verbose: bool = 
     The VAE is trained on demand by `scripts/train_photo_vae.py` (`build_photo_vae`) and reused while its
     recorded config matches; the crops are rebuilt (deterministically) and encoded by
     `latent_prior.adapters.load_vae(folder)`, so the set carries the adapter's normalization (the fitted
-    `scaling_factor`). Moments are raw, float32, (N, 4, crop/4, crop/4).
+    `scaling_factor`). Moments are raw, float32, (N, C, h, w) (photos: 4 × crop/4 × crop/4).
     """
     from bench.photos import make_patches
     from latent_prior.adapters import load_vae

@@ -15,6 +15,7 @@ Cells (bench/datasets.py builds each from data that ships offline; the VAEs are 
   default-vae  the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)
   photos       an AutoencoderKL trained on 32-px crops of the bundled photos (4×8×8)
   photos-16    an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops (4×16×16, nearly deterministic posteriors)
+  photos-c32   an AutoencoderKL with SD's KL weight on 64-px crops, 32 latent channels (32×8×8, 2048 dims)
   photos-32    the photos-16 AutoencoderKL on 128-px crops (4×32×32, the shape of sd-vae-ft-mse at 256 px)
 
 Methods: N(0, I), a GMM, the EVaLP sampler, EVaLP + SIR, Langevin(60) on the EVaLP energy, a latent flow-matching
@@ -96,6 +97,8 @@ def cell_description(cell: str) -> str:
     return {"default-vae": "the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)",
             "photos": "an AutoencoderKL trained by the repo on 32-px crops of the bundled photos (4×8×8)",
             "photos-16": "an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops of the bundled photos (4×16×16)",
+            "photos-c32": "an AutoencoderKL with SD's KL weight (1e-6) and 32 latent channels on 64-px crops of the bundled "
+                          "photos (32×8×8)",
             "photos-32": "the photos-16 AutoencoderKL on 128-px crops of the bundled photos (4×32×32)"}.get(cell, cell)
 
 
@@ -172,7 +175,7 @@ class SuiteConfig:
     seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the "
             "draws); figures are medians over them"})
     spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, "
-            "photos-16, photos-32): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
+            "photos-16, photos-c32, photos-32): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
     samples: int | None = field(default=None, metadata={"help": "latent samples per method and seed (flat "
             f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
             f"{QUICK_SAMPLES['spatial']})"})

@@ -57,20 +57,24 @@ from latent_prior.errors import LatentPriorError  # noqa: E402
 _default_vae = import_repo_script("train_default_vae")  # its `train` loop and `measure` figures
 
 
-def photo_vae_architecture(crop_size: int = CROP_SIZE) -> dict[str, Any]:
-    """The AutoencoderKL config: 3 blocks (2 downsamplings), so latents are 4 × crop/4 × crop/4.
+def photo_vae_architecture(crop_size: int = CROP_SIZE, latent_channels: int = 4, downsamplings: int = 2) -> dict[str, Any]:
+    """The AutoencoderKL config: `downsamplings` + 1 blocks, so latents are latent_channels × crop/2^downsamplings
+    × crop/2^downsamplings (by default 4 × crop/4 × crop/4).
 
     Narrow channels and no mid-block attention: 0.35-0.45 s per step of 64 crops on one thread of
-    busy shared cores, so the default 8 epochs of 3000 crops (376 steps) train in under 3 minutes.
+    busy shared cores, so the default 8 epochs of 3000 crops (376 steps) train in under 3 minutes. A third
+    downsampling adds a block of 64 channels (e.g. 32 × 8 × 8 latents of 64-px crops, the shape of a
+    high-channel image autoencoder).
     """
+    blocks = downsamplings + 1
     return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        block_out_channels=[16, 32, 32, 64, 64][:blocks],
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         mid_block_add_attention=False,
         sample_size=crop_size,
@@ -91,7 +95,10 @@ class TrainPhotoVAEConfig:
     )
     num_train: int = field(default=NUM_TRAIN, metadata={"help": "training crops"})
     num_heldout: int = field(default=NUM_HELDOUT, metadata={"help": "held-out crops (from image tiles no training crop touches)"})
-    crop_size: int = field(default=CROP_SIZE, metadata={"help": "crop side in pixels; latents are 4 x crop/4 x crop/4"})
+    crop_size: int = field(default=CROP_SIZE, metadata={"help": "crop side in pixels; latents are latent_channels x "
+            "crop/2^downsamplings x crop/2^downsamplings"})
+    latent_channels: int = field(default=4, metadata={"help": "channels of the latents"})
+    downsamplings: int = field(default=2, metadata={"help": "the encoder's downsamplings by 2 (2 to 4)"})
     photo_side: int = field(default=PHOTO_SIDE, metadata={"help": "each photo is resized so its shorter side has this "
             "many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)"})
     seed: int = field(default=0, metadata={"help": "seed of the crops, the initialisation, the batches and the posterior draws"})
@@ -100,20 +107,27 @@ class TrainPhotoVAEConfig:
     quiet: bool = field(default=False, metadata={"help": "print nothing"})
 
 
-def build_photo_vae(seed: int, crop_size: int = CROP_SIZE):
+def architecture_of(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
+    return photo_vae_architecture(cfg.crop_size, cfg.latent_channels, cfg.downsamplings)
+
+
+def build_photo_vae(cfg: TrainPhotoVAEConfig):
     """A freshly initialised (seeded) AutoencoderKL of `photo_vae_architecture`."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(**photo_vae_architecture(crop_size))
+    torch.manual_seed(cfg.seed)
+    return AutoencoderKL(**architecture_of(cfg))
 
 
 def _check(cfg: TrainPhotoVAEConfig) -> None:
-    for name in ("epochs", "batch_size", "num_train", "num_heldout"):
+    for name in ("epochs", "batch_size", "num_train", "num_heldout", "latent_channels"):
         if getattr(cfg, name) < 1:
             raise LatentPriorError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: give a positive integer.")
-    if cfg.crop_size % 4:
-        raise LatentPriorError(f"--crop-size {cfg.crop_size}: give a multiple of 4 (the VAE downsamples twice).")
+    if cfg.downsamplings not in (2, 3, 4):
+        raise LatentPriorError(f"--downsamplings {cfg.downsamplings}: give 2, 3 or 4.")
+    if cfg.crop_size % 2**cfg.downsamplings:
+        raise LatentPriorError(f"--crop-size {cfg.crop_size}: give a multiple of {2**cfg.downsamplings} (the VAE downsamples "
+                               f"{cfg.downsamplings} times).")
     if cfg.photo_side < 4 * cfg.crop_size:
         raise LatentPriorError(f"--photo-side {cfg.photo_side}: give at least 4 x --crop-size = {4 * cfg.crop_size} (each photo "
                                "is cut into tiles of 2 x crop size, and both splits need one).")
@@ -135,7 +149,7 @@ def train_photo_vae(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
     x, held = patches.train, patches.heldout
     say(f"{len(x)} training / {len(held)} held-out crops {tuple(x.shape[1:])} from {len(patches.photos)} photos")
 
-    vae = build_photo_vae(cfg.seed, cfg.crop_size)
+    vae = build_photo_vae(cfg)
     parameters = sum(p.numel() for p in vae.parameters())
     steps = cfg.epochs * math.ceil(cfg.num_train / cfg.batch_size)
     say(f"AutoencoderKL with {parameters:,} parameters, {cfg.epochs} epochs = {steps} steps of {cfg.batch_size}")
@@ -159,7 +173,7 @@ def train_photo_vae(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
         "train_config": to_dict(cfg),
         "patches": patches.config,
         "photos": list(patches.photos),
-        "architecture": photo_vae_architecture(cfg.crop_size),
+        "architecture": architecture_of(cfg),
         "parameters": parameters,
         "latent_shape": list(vae.encode(held[:1]).latent_dist.mean.shape[1:]),
         "epochs": cfg.epochs,
