@@ -10,14 +10,22 @@ validation gain, FD, k-NN precision and the ESS of log Z.
 
     python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16fit --fit checkpoint_every=125 --images 500
     python -m bench.checkpoint_fid --set default-vae --run /tmp/dvfit --fit keep_checkpoints=20 --images 297
+    python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16noise --noise 0.2 --steps 0,1000,2000
+
+--noise σ trains on noise-augmented latents, as TarFlow / STARFlow do: every training step's posterior draws (both
+phases; not the held-out evaluations) get N(0, σ²I) added in the normalized latent space, so the prior models the
+latents convolved with that noise. Each checkpoint is then also scored after one score step of the sampler's own
+density, x ← x + σ²∇log q(x) (Tweedie's estimate of the clean latent), in a second row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -37,12 +45,52 @@ def _number(row: dict[str, str], key: str) -> float:
     return float(row.get(key) or "nan")
 
 
+@contextlib.contextmanager
+def noise_augmented_training(sigma: float) -> Iterator[None]:
+    """Within it, the posterior draws of every training step (`Trainer._step`, both phases) get N(0, σ²I) added (in
+    the normalized space, drawn from the trainer's own generator, so a run is reproducible); the held-out
+    evaluations still see clean draws. The trainer is restored on exit."""
+    import latent_prior.trainer as trainer
+
+    step, draw = trainer.Trainer._step, trainer.posterior_draw
+
+    def noisy_draw(*args, **kwargs):
+        z = draw(*args, **kwargs)
+        return z + sigma * torch.randn(z.shape, generator=args[2], device=z.device, dtype=z.dtype)
+
+    def noisy_step(self, stream):
+        trainer.posterior_draw = noisy_draw
+        try:
+            return step(self, stream)
+        finally:
+            trainer.posterior_draw = draw
+
+    trainer.Trainer._step = noisy_step
+    try:
+        yield
+    finally:
+        trainer.Trainer._step = step
+
+
+def score_step(flow: torch.nn.Module, z: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Tweedie's estimate of the clean latents of noisy samples z (N, *shape): z + σ²∇log q(z), in chunks."""
+    parts = []
+    for chunk in z.split(500):
+        x = chunk.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(flow.log_prob(x).sum(), x)
+        parts.append((chunk + sigma**2 * grad).detach())
+    return torch.cat(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a cell of the suite with a decoder (default-vae, photos, photos-16, ...)")
     parser.add_argument("--run", required=True, help="the fit's output folder: fitted here unless it holds prior/ already")
     parser.add_argument("--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. "
                         "keep_checkpoints=20,lr_sampler=2e-4)")
+    parser.add_argument("--noise", type=float, default=0.0, help="σ of the noise added to the training draws (0: none); "
+                        "checkpoints are also scored after a score step")
+    parser.add_argument("--steps", default="", help="comma-separated checkpoint steps to score (default: every kept one)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
     args = parser.parse_args(argv)
@@ -68,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     if not (run / "prior").is_dir():
         run.mkdir(parents=True, exist_ok=True)
-        fit(str(lset.save_train(run / "train.safetensors")), out=str(run), **{"quiet": True, **overrides})
+        if args.noise > 0 and args.steps:  # keep the checkpoints to score
+            overrides.setdefault("keep_checkpoints", 100)
+        with noise_augmented_training(args.noise) if args.noise > 0 else contextlib.nullcontext():
+            fit(str(lset.save_train(run / "train.safetensors")), out=str(run), **{"quiet": True, **overrides})
         print(f"fitted in {time.perf_counter() - start:.0f} s", flush=True)
     references = []
     for e in range(EVALUATIONS):
@@ -81,18 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     with (run / "train" / "metrics.csv").open(newline="") as f:
         seen = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
     kept = sorted(int(p.name.split("-")[1]) for p in (run / "train" / "checkpoints").iterdir())
+    if args.steps:
+        kept = [s for s in kept if s in {int(v) for v in args.steps.split(",")}]
     print("step | test excess FD (3 evaluations) | FID | validation gain | validation FD | validation precision | ESS")
     for step in kept:
         prior.flow.load_state_dict(load_tensors(run / "train" / "checkpoints" / f"step-{step:07d}" / "flow_ema.safetensors"))
-        with torch.no_grad():
-            fds = [frechet_distance(prior.flow.sample(SAMPLES, generator=_seeded(300 + e)).flatten(1).double(), held) - ref
-                   for e, (held, ref) in enumerate(references)]
-            z = prior.flow.sample(args.images, generator=_seeded(5))
-        fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
         row = seen.get(step, {})
-        print(f"{step} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
-              f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
-              f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}", flush=True)
+        for label, denoise in [("", None)] + ([(f" + score step (σ = {args.noise:g})", args.noise)] if args.noise > 0 else []):
+            def draw(n: int, seed: int) -> torch.Tensor:
+                with torch.no_grad():
+                    z = prior.flow.sample(n, generator=_seeded(seed))
+                return z if denoise is None else score_step(prior.flow, z, denoise)
+
+            fds = [frechet_distance(draw(SAMPLES, 300 + e).flatten(1).double(), held) - ref for e, (held, ref) in enumerate(references)]
+            z = draw(args.images, 5)
+            with torch.no_grad():
+                fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
+            print(f"{step}{label} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
+                  f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
+                  f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}", flush=True)
     print(f"{args.set}: {time.perf_counter() - start:.0f} s")
     return 0
 
