@@ -1,6 +1,7 @@
-"""Which of the sampler flow's parameters wreck its GMM start in the warm-up's first steps? Short warm-up-only fits
-of one cell, some with a group of the flow's parameters frozen (their gradients zeroed, so Adam never moves them) or
-slowed (`lr_linear_power`), each scored by the trainer's own held-out evaluation every 25 steps.
+"""Which of the sampler flow's parameters wreck its GMM start in the warm-up's first steps? Short fits of one cell
+(--steps; the trainer makes the first half the warm-up, the rest alternating steps), some with a group of the flow's
+parameters frozen (their gradients zeroed, so Adam never moves them) or slowed (`lr_linear_power`), each scored by
+the trainer's own held-out evaluation every 25 steps.
 
     python -m bench.warmup_shock --set default-vae --run /tmp/shock --cache-dir /tmp/bench/cache
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="default-vae", help="a cell of the suite (python -m bench --sets)")
     parser.add_argument("--run", required=True, help="folder for the fits, one subfolder per variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=300, help="warm-up steps of each fit (all of its steps)")
+    parser.add_argument("--steps", type=int, default=300, help="steps of each fit (the first half is the "
+                        "warm-up: the trainer caps warmup_steps at steps / 2)")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
