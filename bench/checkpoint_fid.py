@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a cell of the suite with a decoder (default-vae, photos, photos-16, ...)")
     parser.add_argument("--run", required=True, help="the fit's output folder: fitted here unless it holds prior/ already")
-    parser.add_argument("--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. "
-                        "keep_checkpoints=20,lr_sampler=2e-4)")
+    parser.add_argument(
+        "--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. keep_checkpoints=20,lr_sampler=2e-4)"
+    )
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
+    parser.add_argument(
+        "--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -85,14 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     for step in kept:
         prior.flow.load_state_dict(load_tensors(run / "train" / "checkpoints" / f"step-{step:07d}" / "flow_ema.safetensors"))
         with torch.no_grad():
-            fds = [frechet_distance(prior.flow.sample(SAMPLES, generator=_seeded(300 + e)).flatten(1).double(), held) - ref
-                   for e, (held, ref) in enumerate(references)]
+            fds = [
+                frechet_distance(prior.flow.sample(SAMPLES, generator=_seeded(300 + e)).flatten(1).double(), held) - ref
+                for e, (held, ref) in enumerate(references)
+            ]
             z = prior.flow.sample(args.images, generator=_seeded(5))
         fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
         row = seen.get(step, {})
-        print(f"{step} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
-              f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
-              f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}", flush=True)
+        print(
+            f"{step} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
+            f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
+            f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}",
+            flush=True,
+        )
     print(f"{args.set}: {time.perf_counter() - start:.0f} s")
     return 0
 

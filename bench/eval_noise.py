@@ -58,15 +58,20 @@ def _mean_sd(values: list[float]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """Per cell and fit seed: each method's excess FD, mean ± s.d. over the evaluation seeds and its range, then the
     paired difference EVaLP − GMM (mean ± s.d.) and in how many evaluations EVaLP's is at most the GMM's."""
-    lines = ["| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
-             "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
+        "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         evalp = [e["evalp"] for e in r["evaluations"]]
         gmm = [e["gmm"] for e in r["evaluations"]]
         diff = [a - b for a, b in zip(evalp, gmm)]
-        lines.append(f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
-                     f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
-                     f"{sum(d <= 0 for d in diff)} of {len(diff)} |")
+        lines.append(
+            f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
+            f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
+            f"{sum(d <= 0 for d in diff)} of {len(diff)} |"
+        )
     return "\n".join(lines)
 
 
@@ -77,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     results = stored(args)
     if results is None:
         eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
-        results = measure_all(args, parser, lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
-                              lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")
+        results = measure_all(
+            args,
+            parser,
+            lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
+            lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s",
+        )
     print(table(results))
     return 0
 

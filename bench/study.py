@@ -22,8 +22,9 @@ from typing import Any, Callable
 def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
     """--sets, --seeds (default `seeds`), --cache-dir, --json and --rerender, described by the first paragraph of `doc`."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--sets", default="", help="comma-separated cells of the suite (python -m bench --help lists them); "
-                        "required unless --rerender")
+    parser.add_argument(
+        "--sets", default="", help="comma-separated cells of the suite (python -m bench --help lists them); required unless --rerender"
+    )
     parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
@@ -47,8 +48,12 @@ def digit_classifier(sets: str) -> Any:
     return train_digit_classifier(load_digits_split(), seed=0).eval()
 
 
-def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                measure: Callable[[str, int], list[dict[str, Any]]], say: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
+def measure_all(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    measure: Callable[[str, int], list[dict[str, Any]]],
+    say: Callable[[list[dict[str, Any]]], str],
+) -> list[dict[str, Any]]:
     """measure(cell, seed) for every cell of --sets and seed of --seeds, in order, on one torch thread; after each, a
     progress line (seconds, cell, seed, `say` of its results) on stderr and every result so far to --json."""
     import torch

@@ -89,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         with (out / "train" / "metrics.csv").open(newline="") as f:
             rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
         shown = [rows[s] for s in steps if s in rows]
-        print(f"| {name} ({frozen_values[0]:,} values frozen; {time.perf_counter() - start:.0f} s) | " + " | ".join(
-            f"{float(r['val_gain_nats']):.2f} / {float(r['train_gain_nats']):.2f}, FD {float(r['val_fd']):.3g}, "
-            f"p {float(r['val_precision']):.2f}" for r in shown) + " |", flush=True)
+        print(
+            f"| {name} ({frozen_values[0]:,} values frozen; {time.perf_counter() - start:.0f} s) | "
+            + " | ".join(
+                f"{float(r['val_gain_nats']):.2f} / {float(r['train_gain_nats']):.2f}, FD {float(r['val_fd']):.3g}, "
+                f"p {float(r['val_precision']):.2f}"
+                for r in shown
+            )
+            + " |",
+            flush=True,
+        )
     return 0
 
 

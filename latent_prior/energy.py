@@ -183,8 +183,12 @@ class FlowBasedEnergy(nn.Module):
         self.residual, self.base = residual, base
         self.base.requires_grad_(False)
         self.latent_shape = tuple(residual.latent_shape)
-        self.config = {"kind": "flow_based", "latent_shape": list(self.latent_shape),
-                       "residual": dict(residual.config), "base": dict(base.config)}
+        self.config = {
+            "kind": "flow_based",
+            "latent_shape": list(self.latent_shape),
+            "residual": dict(residual.config),
+            "base": dict(base.config),
+        }
 
     def base_energy(self, z: torch.Tensor, whitened: torch.Tensor | None = None) -> torch.Tensor:
         """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats. `whitened`: z's

@@ -73,9 +73,7 @@ class TrainDefaultVAEConfig:
     steps: int = field(default=400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "images per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate (cosine decay to lr/20)"})
-    kl_weight: float = field(
-        default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"}
-    )
+    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"})
     seed: int = field(default=0, metadata={"help": "seed for init, batches and posterior draws"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
 
@@ -198,8 +196,12 @@ def measure(vae, x: torch.Tensor, seed: int, batch_size: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainDefaultVAEConfig, argv, description=__doc__.split("\n\n")[0],
-                       epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.")
+    cfg = parse_config(
+        TrainDefaultVAEConfig,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.",
+    )
     torch.set_num_threads(cfg.threads)
     data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
 

@@ -322,9 +322,7 @@ class MLPVAE(torch.nn.Module):
     def __init__(self, latent_dim: int = 8) -> None:
         super().__init__()
         self.encoder = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2 * latent_dim))
-        self.decoder = torch.nn.Sequential(
-            torch.nn.Linear(latent_dim, 32), torch.nn.SiLU(), torch.nn.Linear(32, 64), torch.nn.Tanh()
-        )
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent_dim, 32), torch.nn.SiLU(), torch.nn.Linear(32, 64), torch.nn.Tanh())
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images.flatten(1)).chunk(2, dim=1)
@@ -504,4 +502,3 @@ def test_pickled_weights_are_refused(tmp_path):
     _tiny_kl().save_pretrained(tmp_path / "bin", safe_serialization=False)
     with pytest.raises(LatentPriorError, match="pickled .bin"):
         load_vae(tmp_path / "bin")
-
