@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from _cli import argv
 from _encode_helpers import make_tiny_vae, sample_photos, write_images
 from safetensors.torch import load_file
 
@@ -198,25 +199,7 @@ def test_a_prior_saved_by_the_api_samples_in_the_cli(tmp_path, kl_dir):
 def test_a_prior_fitted_by_the_cli_loads_in_the_api_and_the_api_reuses_the_cli_cache(tmp_path, kl_dir):
     write_images(tmp_path / "img", 40, size=(24, 20))
     cache, prior_dir = tmp_path / "cache", tmp_path / "prior"
-    assert (
-        main(
-            [
-                "encode",
-                "--vae",
-                str(kl_dir),
-                "--data",
-                str(tmp_path / "img"),
-                "--out",
-                str(cache),
-                "--resolution",
-                "16",
-                "--num-workers",
-                "0",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(argv("encode --vae", kl_dir, "--data", tmp_path / "img", "--out", cache, "--resolution 16 --num-workers 0 --quiet")) == 0
     assert main(["fit", "--latents", str(cache), "--out", str(prior_dir), *SPATIAL_FLAGS, "--batch-size", "16"]) == 0
     from_cli = LatentPrior.from_pretrained(prior_dir)
     adapter = load_vae(kl_dir)

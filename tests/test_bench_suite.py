@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import argv as cli_words  # `argv` names the bench's own command lines here
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,25 +26,8 @@ from bench import run as suite  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("suite")
-    argv = [
-        "--quick",
-        "--sets",
-        "digits-flat",
-        "--seeds",
-        "0",
-        "--methods",
-        ",".join(suite.METHODS),
-        "--variants",
-        "narrow:flow_hidden=32",
-        "--out",
-        str(tmp / "b.md"),
-        "--json",
-        str(tmp / "s.json"),
-        "--threads",
-        "1",
-        "--cache-dir",
-        str(tmp / "cache"),
-    ]
+    argv = cli_words("--quick --sets digits-flat --seeds 0 --methods", ",".join(suite.METHODS), "--variants narrow:flow_hidden=32")
+    argv += cli_words("--out", tmp / "b.md", "--json", tmp / "s.json", "--threads 1 --cache-dir", tmp / "cache")
     assert suite.main(argv) == 0
     return tmp, argv
 
@@ -226,28 +210,8 @@ def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
     _, argv = quick_run
     cache = argv[argv.index("--cache-dir") + 1]
     out = tmp_path / "jobs.md"
-    assert (
-        suite.main(
-            [
-                "--quick",
-                "--sets",
-                "digits-flat,digits-flat-b1",
-                "--seeds",
-                "0",
-                "--image-samples",
-                "4",
-                "--jobs",
-                "2",
-                "--cache-dir",
-                cache,
-                "--out",
-                str(out),
-                "--json",
-                str(tmp_path / "jobs.json"),
-            ]
-        )
-        == 0
-    )
+    cells = "--quick --sets digits-flat,digits-flat-b1 --seeds 0 --image-samples 4 --jobs 2"
+    assert suite.main(cli_words(cells, ["--cache-dir", cache], "--out", out, "--json", tmp_path / "jobs.json")) == 0
     result = json.loads((tmp_path / "jobs.json").read_text())
     assert set(result["cells"]) == {"digits-d8-b0.1", "digits-d8-b1"}  # the earlier names are aliases
     assert all("error" not in cell and cell["methods"]["evalp"]["excess_fd"]["median"] is not None for cell in result["cells"].values())
@@ -417,23 +381,8 @@ def test_the_warmup_shock_study_freezes_the_named_parameters_and_only_those(tmp_
     from latent_prior.trainer import Trainer
 
     build = Trainer._build
-    assert (
-        warmup_shock.main(
-            [
-                "--set",
-                "syn-aniso4-d8",
-                "--run",
-                str(tmp_path),
-                "--variants",
-                "default,frozen linear maps",
-                "--steps",
-                "25",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-            ]
-        )
-        == 0
-    )
+    variants = ["--variants", "default,frozen linear maps"]  # one word, with a space in it
+    assert warmup_shock.main(cli_words("--set syn-aniso4-d8 --run", tmp_path, variants, "--steps 25 --cache-dir", tmp_path / "cache")) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" (")[0] for r in rows] == ["| default", "| frozen linear maps"]
     assert "(0 values frozen" in rows[0] and "(1,088 values frozen" in rows[1]  # 8 maps of 8×8: L, U, log s

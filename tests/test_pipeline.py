@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _cli import argv
 from _launch import run_two_gloo_processes
 from PIL import Image
 
@@ -37,31 +38,10 @@ from latent_prior.train import FitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 #: Tiny networks and budgets: a whole run (encode 64 images, fit, decode, report) takes a few seconds.
-TINY = [
-    "--batch-size",
-    "16",
-    "--checkpoint-every",
-    "10",
-    "--energy-channels",
-    "8",
-    "--energy-depth",
-    "1",
-    "--flow-channels",
-    "8",
-    "--flow-blocks",
-    "1",
-    "--eval-samples",
-    "64",
-    "--eval-latents",
-    "64",
-    "--log-z-samples",
-    "128",
-    "--report-samples",
-    "100",
-    "--encode-workers",
-    "0",
-    "--quiet",
-]
+TINY = argv(
+    "--batch-size 16 --checkpoint-every 10 --energy-channels 8 --energy-depth 1 --flow-channels 8 --flow-blocks 1",
+    "--eval-samples 64 --eval-latents 64 --log-z-samples 128 --report-samples 100 --encode-workers 0 --quiet",
+)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import argv
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -316,25 +317,7 @@ def test_sample_cli_writes_raw_latents_with_metadata(tmp_path, capsys):
     out = tmp_path / "z.safetensors"
     assert (
         main(
-            [
-                "sample",
-                "--prior",
-                str(tmp_path / "p"),
-                "-n",
-                "37",
-                "--out",
-                str(out),
-                "--method",
-                "sir",
-                "--seed",
-                "5",
-                "--proposals",
-                "4",
-                "--temperature",
-                "0.9",
-                "--device",
-                "cpu",
-            ]
+            argv("sample --prior", tmp_path / "p", "-n 37 --out", out, "--method sir --seed 5 --proposals 4 --temperature 0.9 --device cpu")
         )
         == 0
     )

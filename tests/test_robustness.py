@@ -24,6 +24,7 @@ from typing import Callable
 
 import pytest
 import torch
+from _cli import argv
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cache import open_latents
@@ -32,27 +33,10 @@ from latent_prior.pipeline import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 #: The tiny fit of conftest's `default_vae_prior`, as flags: a --resume of it must pass the same architecture.
-FIT_FLAGS = [
-    "--checkpoint-every",
-    "5",
-    "--batch-size",
-    "32",
-    "--energy-channels",
-    "8",
-    "--energy-depth",
-    "1",
-    "--flow-blocks",
-    "1",
-    "--flow-channels",
-    "8",
-    "--eval-samples",
-    "64",
-    "--eval-latents",
-    "64",
-    "--log-z-samples",
-    "128",
-    "--quiet",
-]
+FIT_FLAGS = argv(
+    "--checkpoint-every 5 --batch-size 32 --energy-channels 8 --energy-depth 1 --flow-blocks 1",
+    "--flow-channels 8 --eval-samples 64 --eval-latents 64 --log-z-samples 128 --quiet",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,19 +751,7 @@ def test_opting_in_still_works(made, tmp_path):
     assert code == 0, err
     assert not torch.equal(load_file(str(out))["latents"], first)
     code, _, err = run_cli(
-        [
-            "sample",
-            "--prior",
-            made["prior"],
-            "-n",
-            "2",
-            "--vae",
-            made["finetuned"],
-            "--out",
-            tmp_path / "g.png",
-            "--allow-finetuned-vae",
-            "--quiet",
-        ]
+        argv("sample --prior", made["prior"], "-n 2 --vae", made["finetuned"], "--out", tmp_path / "g.png", "--allow-finetuned-vae --quiet")
     )
     assert code == 0, err
     assert (tmp_path / "g.png").stat().st_size > 0

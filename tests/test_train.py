@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import argv
 from _launch import run_two_gloo_processes
 from safetensors.torch import load_file, save_file
 
@@ -27,27 +28,10 @@ from latent_prior.train import FitConfig, fit
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny networks, cheap evaluations: seconds per fit.
-TINY = [
-    "--energy-hidden",
-    "32",
-    "--energy-depth",
-    "2",
-    "--flow-blocks",
-    "2",
-    "--flow-hidden",
-    "16",
-    "--batch-size",
-    "32",
-    "--eval-samples",
-    "256",
-    "--eval-latents",
-    "128",
-    "--log-z-samples",
-    "512",
-    "--log-every",
-    "5",
-    "--quiet",
-]
+TINY = argv(
+    "--energy-hidden 32 --energy-depth 2 --flow-blocks 2 --flow-hidden 16 --batch-size 32",
+    "--eval-samples 256 --eval-latents 128 --log-z-samples 512 --log-every 5 --quiet",
+)
 TINY_KW = dict(
     energy_hidden=32,
     energy_depth=2,
