@@ -11,6 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+#: A real AutoencoderKL config at its smallest: two blocks (2x downsampling), 4 latent channels.
+TINY_KL_CONFIG = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=4,
+    latent_channels=4,
+)
+
 
 def make_tiny_vae(folder: Path, seed: int = 0, edit=None, **config) -> Path:
     """Save a real diffusers AutoencoderKL with a tiny config (2x downsampling) to `folder`.
@@ -20,16 +29,7 @@ def make_tiny_vae(folder: Path, seed: int = 0, edit=None, **config) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    options = dict(
-        block_out_channels=[8, 16],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=32,
-    )
-    options.update(config)
-    vae = AutoencoderKL(**options)
+    vae = AutoencoderKL(**{**TINY_KL_CONFIG, "sample_size": 32, **config})
     if edit is not None:
         with torch.no_grad():
             edit(vae)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from _cli import argv
 from _encode_helpers import make_tiny_vae, sample_photos, write_images
+from _tiny import FLAT_NETS, SPATIAL_NETS
 from safetensors.torch import load_file
 
 from latent_prior import EncodedLatents, LatentPriorError, encode_latents, fit, open_latents
@@ -21,34 +22,9 @@ from latent_prior.cli import main
 from latent_prior.prior import LatentPrior
 from latent_prior.train import FitConfig
 
-SPATIAL = dict(
-    steps=20,
-    checkpoint_every=10,
-    batch_size=32,
-    energy_channels=8,
-    energy_depth=1,
-    flow_blocks=1,
-    flow_channels=8,
-    eval_samples=128,
-    eval_latents=64,
-    log_z_samples=256,
-    log_every=5,
-    quiet=True,
-)
-FLAT = dict(
-    steps=20,
-    checkpoint_every=10,
-    batch_size=32,
-    energy_hidden=32,
-    energy_depth=2,
-    flow_blocks=2,
-    flow_hidden=16,
-    eval_samples=128,
-    eval_latents=64,
-    log_z_samples=256,
-    log_every=5,
-    quiet=True,
-)
+BUDGET = dict(steps=20, checkpoint_every=10, batch_size=32, eval_samples=128, eval_latents=64, log_z_samples=256, log_every=5, quiet=True)
+SPATIAL = {**BUDGET, **SPATIAL_NETS}
+FLAT = {**BUDGET, **FLAT_NETS}
 # The same settings as flags, for the command line.
 SPATIAL_FLAGS = [tok for k, v in SPATIAL.items() if k != "quiet" for tok in (f"--{k.replace('_', '-')}", str(v))] + ["--quiet"]
 

@@ -165,17 +165,8 @@ def test_report_measures_the_other_methods_when_one_fails(quick_run):
 
     tmp, _ = quick_run
     lset = load_set("digits-b0.1", cache_dir=tmp / "cache", quick=True, verbose=False)  # the VAE the quick run trained
-    prior = fit(
-        str(lset.save_train(tmp / "train.safetensors")),
-        out=str(tmp / "tiny-prior"),
-        steps=20,
-        checkpoint_every=10,
-        batch_size=128,
-        eval_samples=256,
-        eval_latents=256,
-        log_z_samples=512,
-        quiet=True,
-    )
+    budget = dict(steps=20, checkpoint_every=10, batch_size=128, eval_samples=256, eval_latents=256, log_z_samples=512, quiet=True)
+    prior = fit(str(lset.save_train(tmp / "train.safetensors")), out=str(tmp / "tiny-prior"), **budget)
     source, train, heldout = suite._memory_source(lset)
     kept = {}
     report, errors = suite._report(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _cli import argv
+from _encode_helpers import TINY_KL_CONFIG
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -289,15 +290,7 @@ def test_check_compatible_with_shapes_and_a_real_vae():
         prior.check_compatible((4, 4, 4), LatentNormalization(scaling_factor=0.13025))
 
     torch.manual_seed(0)
-    tiny = dict(
-        block_out_channels=[8, 16],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=4,
-        latent_channels=4,
-        layers_per_block=1,
-        scaling_factor=0.18215,
-    )
+    tiny = dict(TINY_KL_CONFIG, layers_per_block=1, scaling_factor=0.18215)
     adapter = DiffusersKLAdapter(AutoencoderKL(**tiny).eval())
     prior.provenance = None
     prior.check_compatible(adapter, resolution=8)  # 2x downsampling: 8 px -> 4x4

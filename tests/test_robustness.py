@@ -24,7 +24,7 @@ from typing import Callable
 
 import pytest
 import torch
-from _cli import argv
+from _tiny import DEFAULT_VAE_FIT, flags
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cache import open_latents
@@ -33,10 +33,7 @@ from latent_prior.pipeline import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 #: The tiny fit of conftest's `default_vae_prior`, as flags: a --resume of it must pass the same architecture.
-FIT_FLAGS = argv(
-    "--checkpoint-every 5 --batch-size 32 --energy-channels 8 --energy-depth 1 --flow-blocks 1",
-    "--flow-channels 8 --eval-samples 64 --eval-latents 64 --log-z-samples 128 --quiet",
-)
+FIT_FLAGS = flags(DEFAULT_VAE_FIT)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import argv
 from _launch import run_two_gloo_processes
+from _tiny import FLAT_NETS, flags
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
@@ -28,22 +28,8 @@ from latent_prior.train import FitConfig, fit
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny networks, cheap evaluations: seconds per fit.
-TINY = argv(
-    "--energy-hidden 32 --energy-depth 2 --flow-blocks 2 --flow-hidden 16 --batch-size 32",
-    "--eval-samples 256 --eval-latents 128 --log-z-samples 512 --log-every 5 --quiet",
-)
-TINY_KW = dict(
-    energy_hidden=32,
-    energy_depth=2,
-    flow_blocks=2,
-    flow_hidden=16,
-    batch_size=32,
-    eval_samples=256,
-    eval_latents=128,
-    log_z_samples=512,
-    log_every=5,
-    quiet=True,
-)
+TINY_KW = dict(**FLAT_NETS, batch_size=32, eval_samples=256, eval_latents=128, log_z_samples=512, log_every=5, quiet=True)
+TINY = flags(TINY_KW)
 CENTRES = torch.tensor([[2.5, 0.0], [-2.5, 0.0], [0.0, 2.5]])
 
 
