@@ -109,20 +109,10 @@ def _fetch(
     from huggingface_hub import errors, hf_hub_download
 
     folder: Path | None = None
+    options = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token)
     for name in filenames:
         try:
-            path = Path(
-                hf_hub_download(
-                    repo_id,
-                    name,
-                    subfolder=subfolder,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    force_download=force_download,
-                    token=token,
-                )
-            )
+            path = Path(hf_hub_download(repo_id, name, local_files_only=local_files_only, **options))
         except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
             if local_files_only:
                 raise _NotCached(f"{name} is missing") from exc

@@ -606,17 +606,10 @@ class LatentPrior(
 
             # A missing path that is a valid repo id ("name", "namespace/name"; never "./x", "/x", "a/b/c") is a Hub id.
             if is_repo_id(str(pretrained)):
-                directory = download(
-                    str(pretrained),
-                    (CONFIG_FILE, MODEL_FILE),
-                    what="prior",
-                    subfolder=subfolder,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    force_download=force_download,
-                    token=token,
+                hub = dict(
+                    revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download, token=token
                 )
+                directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder, **hub)
         directory = prior_folder(directory)
         if directory.is_file():
             raise LatentPriorError(
