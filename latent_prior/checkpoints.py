@@ -129,38 +129,14 @@ class RunState:
 # ----------------------------------------------------------------------------------------------
 # metrics.csv
 
-CSV_COLUMNS = (
-    "step",
-    "epoch",
-    "seconds",
-    "e_pos",
-    "e_neg",
-    "energy_loss",
-    "sampler_loss",
-    "log_z_bound",
-    "forward_kl",
-    "energy_grad_norm",
-    "sampler_grad_norm",
-    "val_gain_nats",
-    "train_gain_nats",
-    "log_z_is",
-    "ess_fraction",
-    "lr_sampler",
-    "val_fd",
-    "val_precision",
-)
-EVAL_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "val_fd", "val_precision")
-STAT_KEYS = (
-    "e_pos",
-    "e_neg",
-    "energy_loss",
-    "sampler_loss",
-    "log_z_bound",
-    "forward_kl",
-    "energy_grad_norm",
-    "sampler_grad_norm",
-    "max_abs_energy",
-)
+#: the trainer's per-step losses and gradient norms
+LOSS_KEYS = ("e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm")
+#: the validation figures of an evaluation step: the ELBO gain and its log Z estimate, then the sample fidelity
+GAIN_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction")
+FIDELITY_KEYS = ("val_fd", "val_precision")
+EVAL_KEYS = GAIN_KEYS + FIDELITY_KEYS
+CSV_COLUMNS = ("step", "epoch", "seconds", *LOSS_KEYS, *GAIN_KEYS, "lr_sampler", *FIDELITY_KEYS)
+STAT_KEYS = (*LOSS_KEYS, "max_abs_energy")
 
 
 class MetricsCSV:

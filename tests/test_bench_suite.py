@@ -121,19 +121,22 @@ def test_gpu_profile_names_what_is_missing(tmp_path, capsys):
     assert err.count("error:") == 1 and not (tmp_path / "g.md").exists()
 
 
+#: one seed's figures for a method that ran well, as `suite.aggregate_cell` takes them
+ROW = {
+    "excess_fd": 0.1,
+    "mmd2": 1e-3,
+    "hole_share": 0.02,
+    "c2st_auc": 0.6,
+    "precision": 0.8,
+    "recall": 0.8,
+    "samples_per_second": 1000.0,
+    "fit_seconds": 1.0,
+}
+
+
 def test_a_failed_method_is_a_table_cell_not_a_crash():
     """Langevin diverging on every seed: its row and the speed target say so; the other rows stay."""
-    row = {
-        "excess_fd": 0.1,
-        "mmd2": 1e-3,
-        "hole_share": 0.02,
-        "c2st_auc": 0.6,
-        "precision": 0.8,
-        "recall": 0.8,
-        "samples_per_second": 1000.0,
-        "fit_seconds": 1.0,
-    }
-    per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(row)) for m in suite.METHODS}, "fits": {}} for _ in (0, 1)]
+    per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(ROW)) for m in suite.METHODS}, "fits": {}} for _ in (0, 1)]
     cell = {
         "cell": "photos",
         "seeds": [0, 1],
@@ -314,17 +317,7 @@ def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_ru
 def test_a_spatial_cell_shows_the_decoded_training_posteriors_as_the_fid_floor():
     """The floor row (decoded posterior draws of training items) sits under the methods' image columns, and the FID
     targets quote it beside their verdict."""
-    row = {
-        "excess_fd": 0.1,
-        "mmd2": 1e-3,
-        "hole_share": 0.02,
-        "c2st_auc": 0.6,
-        "precision": 0.8,
-        "recall": 0.8,
-        "samples_per_second": 1000.0,
-        "fit_seconds": 1.0,
-    }
-    per_seed = [{"rows": {m: dict(row) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
+    per_seed = [{"rows": {m: dict(ROW) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
     image = {"kid": 0.1, "kid_std": None, "n_samples": 200, "n_real": 200, "precision": 0.2, "recall": 0.1}
     images = {
         "n_real": 200,

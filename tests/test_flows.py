@@ -606,6 +606,10 @@ def test_spline_realnvp_fits_two_moons():
 # the subspace flow (many latent dims)
 
 
+#: a subspace flow of 8 leading axes with a full-covariance mixture base fitted by EM (add base_components, basis_axes)
+SUBSPACE_EM = dict(kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_covariance="full", base_init="em")
+
+
 def correlated_latents(n: int, shape=(4, 4, 4), seed: int = 0) -> torch.Tensor:
     """Latents whose variance is concentrated on a few directions, like neighbouring latent pixels'."""
     g = torch.Generator().manual_seed(seed)
@@ -691,17 +695,7 @@ def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_rel
 
     z = correlated_latents(1000)
     basis = PrincipalBasis.fit(z, axes=16)
-    flow = build_flow(
-        (4, 4, 4),
-        kind="subspace",
-        subspace_dims=8,
-        num_blocks=2,
-        hidden=16,
-        base_components=3,
-        base_covariance="full",
-        base_init="em",
-        basis_axes=16,
-    )
+    flow = build_flow((4, 4, 4), base_components=3, basis_axes=16, **SUBSPACE_EM)
     assert flow.config["basis_axes"] == 16 and flow.basis_directions.shape == (64, 16)
     gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(basis.whiten(z, 8).double())
     flow.initialize(z, mixture=gmm, basis=basis)
@@ -733,17 +727,7 @@ def test_an_energy_whose_flow_base_shares_the_samplers_basis_reads_its_whitened_
     from latent_prior.sampling import estimate_log_z
 
     z = correlated_latents(600)
-    sampler = build_flow(
-        (4, 4, 4),
-        kind="subspace",
-        subspace_dims=8,
-        num_blocks=2,
-        hidden=16,
-        base_components=2,
-        base_covariance="full",
-        base_init="em",
-        basis_axes=basis_axes,
-    )
+    sampler = build_flow((4, 4, 4), base_components=2, basis_axes=basis_axes, **SUBSPACE_EM)
     sampler.initialize(z)
     energy = FlowBasedEnergy(randomize(build_energy((4, 4, 4), kind="mlp", hidden=16, depth=2), 0.1), copy.deepcopy(sampler))
     randomize(sampler, 0.02, seed=1)  # the sampler moves on from its frozen copy; the basis (buffers) stays

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _launch import run_two_gloo_processes
-from _tiny import FLAT_NETS, flags
+from _tiny import DEFAULT_VAE_FIT, FLAT_NETS, flags
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
@@ -96,18 +96,9 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
     )
     rows = (out / "train" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for column in (
-        "e_pos",
-        "e_neg",
-        "sampler_loss",
-        "log_z_bound",
-        "forward_kl",
-        "energy_grad_norm",
-        "sampler_grad_norm",
-        "val_gain_nats",
-        "val_fd",
-        "val_precision",
-    ):
+    for (
+        column
+    ) in "e_pos e_neg sampler_loss log_z_bound forward_kl energy_grad_norm sampler_grad_norm val_gain_nats val_fd val_precision".split():
         assert column in header
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10", "15", "20"]
 
@@ -346,19 +337,10 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_pat
 
 def test_divergence_before_the_first_periodic_checkpoint_names_the_initial_one(latents, tmp_path):
     # The initialized model is evaluated and checkpointed before the first step, so there is always one to resume from.
+    # an energy learning rate that makes the first steps diverge, and nothing to hold it back
+    diverging = dict(lr_energy=1e4, energy_magnitude_penalty=0.0, grad_penalty=0.0, divergence_threshold=1e3, warmup_steps=0)
     with pytest.raises(LatentPriorError, match=r"diverged at step \d+ .*the last good checkpoint is .*step-0000000"):
-        fit(
-            latents,
-            out=str(tmp_path / "x"),
-            steps=50,
-            checkpoint_every=100,
-            lr_energy=1e4,
-            energy_magnitude_penalty=0.0,
-            grad_penalty=0.0,
-            divergence_threshold=1e3,
-            warmup_steps=0,
-            **TINY_KW,
-        )
+        fit(latents, out=str(tmp_path / "x"), steps=50, checkpoint_every=100, **diverging, **TINY_KW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,23 +408,8 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
         metadata={"normalization": json.dumps({"scaling_factor": 0.5, "shift_factor": 10.0}), "provenance": json.dumps(provenance)},
     )
     # explicit kinds: "auto" flattens latents this small (see SUBSPACE_MIN_DIMS)
-    prior = fit(
-        str(path),
-        out=str(tmp_path / "p"),
-        steps=4,
-        checkpoint_every=2,
-        batch_size=32,
-        energy_channels=8,
-        energy_depth=1,
-        energy_kind="conv",
-        flow_kind="multiscale",
-        flow_channels=8,
-        flow_blocks=1,
-        eval_samples=64,
-        eval_latents=64,
-        log_z_samples=128,
-        quiet=True,
-    )
+    tiny = {**DEFAULT_VAE_FIT, "checkpoint_every": 2}  # conftest's tiny spatial networks and evaluations
+    prior = fit(str(path), out=str(tmp_path / "p"), steps=4, energy_kind="conv", flow_kind="multiscale", **tiny)
     config = json.loads((tmp_path / "p" / "prior" / "config.json").read_text())
     energy = config["energy"]
     assert energy["kind"] == "flow_based" and energy["residual"]["kind"] == "conv" and energy["base"]["kind"] == "multiscale"
@@ -486,19 +453,9 @@ def _energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_fitted_prior_beats_the_gaussian_on_a_separated_mixture(tmp_path):
     data = write_latents(tmp_path / "train.safetensors", n=1500, seed=0)
     heldout = mixture(1000, seed=99)
-    prior = fit(
-        str(data),
-        out=str(tmp_path / "p"),
-        steps=200,
-        checkpoint_every=50,
-        batch_size=128,
-        energy_hidden=64,
-        flow_hidden=32,
-        flow_blocks=4,
-        eval_samples=1024,
-        log_z_samples=4096,
-        quiet=True,
-    )
+    networks = dict(energy_hidden=64, flow_hidden=32, flow_blocks=4)
+    budget = dict(steps=200, checkpoint_every=50, batch_size=128, eval_samples=1024, log_z_samples=4096, quiet=True)
+    prior = fit(str(data), out=str(tmp_path / "p"), **networks, **budget)
     gaussian = _energy_distance(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1)), heldout)
     g = torch.Generator().manual_seed(2)
     flow_samples = prior.sample(1000, generator=g)
@@ -603,17 +560,8 @@ def fit_wide_latents(tmp_path):
     mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
     path = tmp_path / "wide.safetensors"
     save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
-    return fit(
-        str(path),
-        out=str(tmp_path / "p"),
-        flow_kind="subspace",
-        flow_subspace_dims=6,
-        flow_base_components=4,
-        steps=4,
-        warmup_steps=2,
-        checkpoint_every=2,
-        **TINY_KW,
-    )
+    subspace = dict(flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4)
+    return fit(str(path), out=str(tmp_path / "p"), steps=4, warmup_steps=2, checkpoint_every=2, **subspace, **TINY_KW)
 
 
 def test_latents_above_the_dense_basis_limit_fit_on_a_low_rank_basis_and_reload(tmp_path, monkeypatch):
