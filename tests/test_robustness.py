@@ -24,6 +24,7 @@ from typing import Callable
 
 import pytest
 import torch
+from _cli import argv
 from _tiny import DEFAULT_VAE_FIT, flags
 from safetensors.torch import load_file, save_file
 
@@ -740,11 +741,11 @@ def test_opting_in_still_works(made, tmp_path):
     """Items 3 and 11: --overwrite replaces a sample file the user named, --allow-finetuned-vae decodes with a
     fine-tune; nothing else in the folder changes."""
     out = tmp_path / "z.safetensors"
-    argv = ["sample", "--prior", made["prior"], "-n", "3", "--out", out, "--seed", "1", "--device", "cpu"]
-    assert run_cli(argv)[0] == 0
+    command = ["sample", "--prior", made["prior"], "-n", "3", "--out", out, "--seed", "1", "--device", "cpu"]
+    assert run_cli(command)[0] == 0
     first = load_file(str(out))["latents"]
-    assert run_cli(argv)[0] == 2  # refused: the file exists
-    code, _, err = run_cli([*argv[:-4], "--seed", "2", "--device", "cpu", "--overwrite"])
+    assert run_cli(command)[0] == 2  # refused: the file exists
+    code, _, err = run_cli([*command[:-4], "--seed", "2", "--device", "cpu", "--overwrite"])
     assert code == 0, err
     assert not torch.equal(load_file(str(out))["latents"], first)
     code, _, err = run_cli(
