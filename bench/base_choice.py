@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
-from bench.study import digit_classifier, measure_all, stored, study_parser
+from bench.study import digit_classifier, stored_or_measured, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMMPrior
 from latent_prior.fit_config import FD_TOLERANCE, FitConfig, resolve_objective
 from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
@@ -266,18 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0,1,2")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate's validation scores and held-out figures")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        classifier = digit_classifier(args.sets)
-        results = measure_all(
-            args,
-            parser,
-            lambda name, seed: [measure(name, seed, args.cache_dir, classifier)],
-            lambda rows: (
-                f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; "
-                + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items())
-            ),
-        )
+
+    def say(rows: list[dict]) -> str:
+        picked = "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items())
+        return f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; {picked}"
+
+    measure_cell = lambda name, seed: [measure(name, seed, args.cache_dir, digit_classifier(args.sets))]
+    results = stored_or_measured(args, parser, measure_cell, say)
     print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
     return 0
 

@@ -31,7 +31,7 @@ import numpy as np
 from bench.datasets import load_set
 from bench.fits import fit_evalp
 from bench.run import _memory_source
-from bench.study import measure_all, stored, study_parser
+from bench.study import stored_or_measured, study_parser
 from latent_prior.evaluate import latent_report
 
 SAMPLES = 3000
@@ -79,15 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0")
     parser.add_argument("--eval-seeds", default="0,1,2,3,4", help="comma-separated evaluation seeds per fit")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
-        results = measure_all(
-            args,
-            parser,
-            lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
-            lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s",
-        )
+    eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
+    measure_cell = lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)]
+    results = stored_or_measured(args, parser, measure_cell, lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")
     print(table(results))
     return 0
 

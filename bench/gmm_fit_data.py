@@ -33,7 +33,7 @@ import torch
 
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
-from bench.study import digit_classifier, measure_all, stored, study_parser
+from bench.study import digit_classifier, stored_or_measured, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
 from latent_prior.vae import posterior_moments
 
@@ -96,15 +96,12 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0,1")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        classifier = digit_classifier(args.sets)
-        results = measure_all(
-            args,
-            parser,
-            lambda name, seed: measure(name, seed, args.cache_dir, classifier),
-            lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows),
-        )
+    results = stored_or_measured(
+        args,
+        parser,
+        lambda name, seed: measure(name, seed, args.cache_dir, digit_classifier(args.sets)),
+        lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows),
+    )
     print(table(results))
     return 0
 

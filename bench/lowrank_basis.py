@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 from bench.datasets import load_set
 from bench.fits import fit_evalp
 from bench.run import _memory_source
-from bench.study import measure_all, stored, study_parser
+from bench.study import stored_or_measured, study_parser
 from latent_prior.evaluate import latent_report
 from latent_prior.flows import PrincipalBasis
 
@@ -89,14 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--axes", type=int, default=128, help="leading axes of the low-rank basis (at least --subspace-dims)")
     parser.add_argument("--steps", type=int, default=500, help="fit steps, half of them warm-up")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        results = measure_all(
-            args,
-            parser,
-            lambda name, seed: measure(name, seed, args.cache_dir, args.subspace_dims, args.axes, args.steps),
-            lambda rows: ", ".join(f"{r['basis']}: {r['excess_fd']:+.4f}" for r in rows),
-        )
+    measure_cell = lambda name, seed: measure(name, seed, args.cache_dir, args.subspace_dims, args.axes, args.steps)
+    results = stored_or_measured(args, parser, measure_cell, lambda rows: ", ".join(f"{r['basis']}: {r['excess_fd']:+.4f}" for r in rows))
     print(table(results))
     return 0
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, checked_kind
 from latent_prior.sampling import log_standard_normal
 
 __all__ = [
@@ -1168,18 +1168,10 @@ class SubspaceFlow(Flow):
         if self.dim < 2:
             raise LatentPriorError(f"SubspaceFlow needs at least 2 latent dimensions, latent_shape={self.latent_shape} has {self.dim}.")
         self.subspace_dims = min(_positive_int("subspace_dims", subspace_dims, minimum=2), self.dim)
-        self.inner = RealNVP(
-            (self.subspace_dims,),
-            num_blocks=num_blocks,
-            hidden=hidden,
-            num_layers=num_layers,
-            coupling=coupling,
-            num_bins=num_bins,
-            tail_bound=tail_bound,
-            base_components=base_components,
-            base_covariance=base_covariance,
-            base_init=base_init,
-        )
+        # The flow on the leading axes: a RealNVP with this flow's couplings and mixture base.
+        couplings = dict(num_blocks=num_blocks, hidden=hidden, num_layers=num_layers, coupling=coupling, num_bins=num_bins)
+        base = dict(base_components=base_components, base_covariance=base_covariance, base_init=base_init)
+        self.inner = RealNVP((self.subspace_dims,), **couplings, tail_bound=tail_bound, **base)
         # The mixture base is the inner flow's, extended to the trailing axes: what the trainer and Langevin read of a
         # base (components, weights, per-component standard coordinates) reads it here.
         self.base_components, self.base_covariance, self.base_init = base_components, base_covariance, base_init
@@ -1384,18 +1376,7 @@ def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any
     Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`, `SubspaceFlow`).
     """
     shape = _latent_shape(latent_shape)
-    if kind not in FLOW_KINDS:
-        raise LatentPriorError(f"flow kind={kind!r} is unknown; choose one of {', '.join(FLOW_KINDS)}.")
-    if kind == "auto":
-        if len(shape) == 1:
-            kind = "realnvp"
-        elif len(shape) == 3:
-            kind = "multiscale"
-        else:
-            raise LatentPriorError(
-                f"latent_shape={shape} has {len(shape)} dimensions; flows support flat (D,) or spatial (C, H, W) "
-                "latents (pass kind='realnvp' to flatten other shapes)."
-            )
+    kind = checked_kind(kind, FLOW_KINDS, shape, what="flow", flat="realnvp", spatial="multiscale", supported_by="flows support")
     if kind == "spline":
         if kwargs.get("coupling", "spline") != "spline":
             raise LatentPriorError(

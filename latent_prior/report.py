@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,26 +97,15 @@ def plot_training(metrics_csv: str | os.PathLike, png: str | os.PathLike, select
     return png
 
 
-def heldout_metrics(
-    prior: Any,
-    source: Any,
-    heldout: np.ndarray,
-    train: np.ndarray,
-    *,
-    samples: int = 2000,
-    seed: int = 0,
-    methods: Sequence[str] = ("gaussian", "gmm", "evalp"),
-    progress: bool = False,
-) -> tuple[dict[str, Any], str]:
+def heldout_metrics(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, **options: Any) -> tuple[dict[str, Any], str]:
     """Gaussian / GMM / EVaLP against posterior draws of the held-out items (normalized latent space).
 
-    Returns (`latent_prior.evaluate.latent_report`'s dict, its markdown table).
+    options: `latent_prior.evaluate.latent_report`'s (samples=2000, seed=0, methods: gaussian, gmm and evalp,
+    progress=False, ...). Returns (`latent_report`'s dict, its markdown table).
     """
     from latent_prior.evaluate import latent_report, latent_table_markdown
 
-    result = latent_report(
-        prior, source, np.asarray(heldout), np.asarray(train), samples=samples, seed=seed, methods=methods, progress=progress
-    )
+    result = latent_report(prior, source, np.asarray(heldout), np.asarray(train), **options)
     return result, latent_table_markdown(result)
 
 

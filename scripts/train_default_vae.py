@@ -196,12 +196,8 @@ def measure(vae, x: torch.Tensor, seed: int, batch_size: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(
-        TrainDefaultVAEConfig,
-        argv,
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.",
-    )
+    what_it_does = "Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE."
+    cfg = parse_config(TrainDefaultVAEConfig, argv, description=__doc__.split("\n\n")[0], epilog=what_it_does)
     torch.set_num_threads(cfg.threads)
     data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
 
