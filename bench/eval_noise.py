@@ -55,24 +55,26 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):+.4f} ± {sd:.4f}"
 
 
+def _row(r: dict[str, Any]) -> str:
+    evalp = [e["evalp"] for e in r["evaluations"]]
+    gmm = [e["gmm"] for e in r["evaluations"]]
+    diff = [a - b for a, b in zip(evalp, gmm)]
+    return (
+        f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
+        f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
+        f"{sum(d <= 0 for d in diff)} of {len(diff)} |"
+    )
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Per cell and fit seed: each method's excess FD, mean ± s.d. over the evaluation seeds and its range, then the
     paired difference EVaLP − GMM (mean ± s.d.) and in how many evaluations EVaLP's is at most the GMM's."""
-    lines = [
+    header = [
         "| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
         "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        evalp = [e["evalp"] for e in r["evaluations"]]
-        gmm = [e["gmm"] for e in r["evaluations"]]
-        diff = [a - b for a, b in zip(evalp, gmm)]
-        lines.append(
-            f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
-            f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
-            f"{sum(d <= 0 for d in diff)} of {len(diff)} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(header + [_row(r) for r in results])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,19 +380,8 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
     )
     if extractor is not None:
         labels = {r["method"]: r["label"] for r in result["rows"]}
-        result["image_metrics"] = image_report(
-            extractor,
-            adapter,
-            prior.normalization,
-            config.data,
-            resolution,
-            kept,
-            labels,
-            count=config.image_samples,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            quiet=config.quiet,
-        )
+        options = dict(count=config.image_samples, batch_size=config.batch_size, seed=config.seed, quiet=config.quiet)
+        result["image_metrics"] = image_report(extractor, adapter, prior.normalization, config.data, resolution, kept, labels, **options)
     else:
         result["image_metrics"] = image_note
     result.update(
