@@ -48,29 +48,22 @@ def square_latent_shape(channels: int, factor: int, resolution: int, source: str
     return (channels, resolution // factor, resolution // factor)
 
 
-class DiffusersKLAdapter(TorchVAEAdapter):
-    """A diffusers `AutoencoderKL`.
+class DiffusersAdapter(TorchVAEAdapter):
+    """What the diffusers adapters share: the latent normalization, provenance and channels from the model's config,
+    and diffusers' slicing / tiling switches. Subclasses set `deterministic` and `default_scaling_factor`.
 
     Args:
-        vae: the loaded model (weights in float32 preferably; see `fingerprint` below).
-        dtype: "fp32" | "fp16" | "bf16" (or a torch.dtype): the precision encode/decode run in.
-        device: where to run.
-        force_upcast: None follows `vae.config.force_upcast`. When it is set and `dtype` is fp16, the
-            whole VAE (encoder and decoder) runs in **fp32**, as diffusers pipelines do, because VAEs
-            such as SD-XL's overflow to NaN in fp16; `self.dtype` then reports float32 and
-            `self.requested_dtype` float16. Pass False to really run in fp16 (fp16-fixed VAEs).
-            bf16 has fp32's range, so it is never upcast.
+        vae: the loaded model.
+        dtype, device: the precision encode/decode run in, and where.
         enable_slicing: encode/decode one image at a time (lower peak memory).
         enable_tiling: encode/decode large images in overlapping tiles (diffusers' tiled VAE; the
             result differs slightly from untiled encoding).
         source, revision, subfolder: recorded in the provenance (source defaults to the config's
             `_name_or_path`, else the class name).
-
-    The provenance fingerprint is taken from the weights as passed, before the dtype cast, so
-    `load_vae` (which loads float32) gives the same fingerprint for every `dtype`.
     """
 
-    deterministic = False
+    deterministic: bool
+    default_scaling_factor: float
 
     def __init__(
         self,
@@ -78,7 +71,6 @@ class DiffusersKLAdapter(TorchVAEAdapter):
         *,
         dtype: str | torch.dtype = "fp32",
         device: torch.device | str = "cpu",
-        force_upcast: bool | None = None,
         enable_slicing: bool = False,
         enable_tiling: bool = False,
         source: str | None = None,
@@ -86,22 +78,16 @@ class DiffusersKLAdapter(TorchVAEAdapter):
         subfolder: str | None = None,
     ) -> None:
         config = vae.config
-        self.requested_dtype = parse_dtype(dtype)
-        upcast = config.get("force_upcast", True) if force_upcast is None else force_upcast
-        self.upcast = bool(upcast) and self.requested_dtype == torch.float16
-        blocks = config.get("block_out_channels")
-        # diffusers pipelines use the same rule: one 2x downsampling between consecutive blocks.
-        self.downsample_factor = 2 ** (len(blocks) - 1)
         self.latent_channels = int(config.get("latent_channels"))
         super().__init__(
             vae,
-            normalization=diffusers_normalization(config, DEFAULT_SCALING_FACTOR),
+            normalization=diffusers_normalization(config, self.default_scaling_factor),
             source=source or config.get("_name_or_path") or type(vae).__name__,
-            deterministic=False,
+            deterministic=self.deterministic,
             image_channels=int(config.get("in_channels", 3)),
             config=dict(config),
             device=device,
-            dtype=torch.float32 if self.upcast else self.requested_dtype,
+            dtype=dtype,
             revision=revision,
             subfolder=subfolder,
         )
@@ -110,16 +96,48 @@ class DiffusersKLAdapter(TorchVAEAdapter):
         if enable_tiling:
             vae.enable_tiling()
 
-    def run_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.module.encode(images).latent_dist
-        return dist.mean, dist.logvar
-
     def run_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         return self.module.decode(latents).sample
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(latent_channels, r / f, r / f) with f = 2 ** (len(block_out_channels) - 1), e.g. 4x32x32 at 256 px."""
+        """(latent_channels, r / f, r / f) with f the subclass's `downsample_factor`, e.g. 4x32x32 at 256 px for SD's VAE."""
         return square_latent_shape(self.latent_channels, self.downsample_factor, resolution, self._source)
+
+
+class DiffusersKLAdapter(DiffusersAdapter):
+    """A diffusers `AutoencoderKL`.
+
+    Args:
+        vae: the loaded model (weights in float32 preferably; see `fingerprint` below).
+        dtype: "fp32" | "fp16" | "bf16" (or a torch.dtype): the precision encode/decode run in.
+        force_upcast: None follows `vae.config.force_upcast`. When it is set and `dtype` is fp16, the
+            whole VAE (encoder and decoder) runs in **fp32**, as diffusers pipelines do, because VAEs
+            such as SD-XL's overflow to NaN in fp16; `self.dtype` then reports float32 and
+            `self.requested_dtype` float16. Pass False to really run in fp16 (fp16-fixed VAEs).
+            bf16 has fp32's range, so it is never upcast.
+        device, enable_slicing, enable_tiling, source, revision, subfolder: as in `DiffusersAdapter`.
+
+    The provenance fingerprint is taken from the weights as passed, before the dtype cast, so
+    `load_vae` (which loads float32) gives the same fingerprint for every `dtype`.
+    """
+
+    deterministic = False
+    default_scaling_factor = DEFAULT_SCALING_FACTOR
+
+    def __init__(
+        self, vae: torch.nn.Module, *, dtype: str | torch.dtype = "fp32", force_upcast: bool | None = None, **options: Any
+    ) -> None:
+        self.requested_dtype = parse_dtype(dtype)
+        upcast = vae.config.get("force_upcast", True) if force_upcast is None else force_upcast
+        self.upcast = bool(upcast) and self.requested_dtype == torch.float16
+        blocks = vae.config.get("block_out_channels")
+        # diffusers pipelines use the same rule: one 2x downsampling between consecutive blocks.
+        self.downsample_factor = 2 ** (len(blocks) - 1)
+        super().__init__(vae, dtype=torch.float32 if self.upcast else self.requested_dtype, **options)
+
+    def run_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.module.encode(images).latent_dist
+        return dist.mean, dist.logvar
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

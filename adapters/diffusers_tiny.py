@@ -18,59 +18,26 @@ import torch
 
 from latent_prior.errors import LatentPriorError
 
-from .diffusers_kl import diffusers_normalization, square_latent_shape
-from .torch_vae import TorchVAEAdapter
+from .diffusers_kl import DiffusersAdapter
 
 # `AutoencoderTiny.__init__`'s default scaling factor.
 DEFAULT_TINY_SCALING_FACTOR = 1.0
 
 
-class DiffusersTinyAdapter(TorchVAEAdapter):
+class DiffusersTinyAdapter(DiffusersAdapter):
     """A diffusers `AutoencoderTiny`; deterministic (`Posterior.logvar` is None).
 
-    Args mirror `DiffusersKLAdapter` (dtype, device, enable_slicing, enable_tiling, source, revision,
-    subfolder). AutoencoderTiny's config always has `force_upcast=False`, so fp16 runs in fp16.
+    Args are `DiffusersAdapter`'s (dtype, device, enable_slicing, enable_tiling, source, revision, subfolder).
+    AutoencoderTiny's config always has `force_upcast=False`, so fp16 runs in fp16. `latent_shape` is
+    (latent_channels, r / f, r / f); f = 8 for TAESD.
     """
 
     deterministic = True
-
-    def __init__(
-        self,
-        vae: torch.nn.Module,
-        *,
-        dtype: str | torch.dtype = "fp32",
-        device: torch.device | str = "cpu",
-        enable_slicing: bool = False,
-        enable_tiling: bool = False,
-        source: str | None = None,
-        revision: str | None = None,
-        subfolder: str | None = None,
-    ) -> None:
-        config = vae.config
-        self.latent_channels = int(config.get("latent_channels"))
-        self._factor: int | None = None
-        super().__init__(
-            vae,
-            normalization=diffusers_normalization(config, DEFAULT_TINY_SCALING_FACTOR),
-            source=source or config.get("_name_or_path") or type(vae).__name__,
-            deterministic=True,
-            image_channels=int(config.get("in_channels", 3)),
-            config=dict(config),
-            device=device,
-            dtype=dtype,
-            revision=revision,
-            subfolder=subfolder,
-        )
-        if enable_slicing:
-            vae.enable_slicing()
-        if enable_tiling:
-            vae.enable_tiling()
+    default_scaling_factor = DEFAULT_TINY_SCALING_FACTOR
+    _factor: int | None = None  # downsample_factor, once measured
 
     def run_encoder(self, images: torch.Tensor) -> torch.Tensor:
         return self.module.encode(images).latents
-
-    def run_decoder(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(latents).sample
 
     @property
     def downsample_factor(self) -> int:
@@ -88,7 +55,3 @@ class DiffusersTinyAdapter(TorchVAEAdapter):
                 )
             self._factor = probe // side
         return self._factor
-
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(latent_channels, r / f, r / f); f = 8 for TAESD."""
-        return square_latent_shape(self.latent_channels, self.downsample_factor, resolution, self._source)

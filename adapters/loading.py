@@ -74,8 +74,7 @@ def load_vae(
     parse_dtype(dtype)  # refuse a bad --dtype before any loading
     if kind is not None and kind not in ("kl", "tiny"):
         raise LatentPriorError(f"kind={kind!r} is not a VAE kind; use 'kl' (AutoencoderKL) or 'tiny' (AutoencoderTiny).")
-    options = dict(dtype=dtype, device=device, enable_slicing=enable_slicing, enable_tiling=enable_tiling,
-                   force_upcast=force_upcast)
+    options = dict(dtype=dtype, device=device, enable_slicing=enable_slicing, enable_tiling=enable_tiling, force_upcast=force_upcast)
     if spec is None or os.fspath(spec) == EMBEDDED_DEFAULT:
         return _from_folder(_embedded_default_dir(), subfolder=None, kind=kind, options=options)
     text = os.fspath(spec)
@@ -130,9 +129,7 @@ def choose_kind(config: dict[str, Any], kind: str | None, where: str) -> str:
             return "tiny"
         if "block_out_channels" in config:
             return "kl"
-        raise LatentPriorError(
-            f"{where} has no _class_name and does not look like a diffusers VAE config; pass kind='kl' or 'tiny'."
-        )
+        raise LatentPriorError(f"{where} has no _class_name and does not look like a diffusers VAE config; pass kind='kl' or 'tiny'.")
     found = CLASS_KINDS.get(class_name)
     if found is None:
         raise LatentPriorError(
@@ -186,9 +183,7 @@ def _from_folder(folder: Path, *, subfolder: str | None, kind: str | None, optio
             target, torch_dtype=torch.float32, use_safetensors=True, local_files_only=True, variant=variant
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise LatentPriorError(
-            f"VAE folder {target} could not be loaded ({_first_line(exc)}); re-save it with save_pretrained."
-        ) from exc
+        raise LatentPriorError(f"VAE folder {target} could not be loaded ({_first_line(exc)}); re-save it with save_pretrained.") from exc
     return _adapter(vae, kind, options, source=str(folder.resolve()), subfolder=subfolder)
 
 
@@ -197,8 +192,9 @@ def _weights_variant(folder: Path) -> str | None:
     names = {p.name for p in folder.glob("*.safetensors*")}
     if f"{WEIGHTS_NAME}.safetensors" in names or f"{WEIGHTS_NAME}.safetensors.index.json" in names:
         return None
-    variants = sorted(n[len(WEIGHTS_NAME) + 1 : -len(".safetensors")] for n in names
-                      if n.startswith(WEIGHTS_NAME + ".") and n.endswith(".safetensors"))
+    variants = sorted(
+        n[len(WEIGHTS_NAME) + 1 : -len(".safetensors")] for n in names if n.startswith(WEIGHTS_NAME + ".") and n.endswith(".safetensors")
+    )
     if variants:
         return variants[0]
     if any(folder.glob("*.bin")):
@@ -211,7 +207,11 @@ def _weights_variant(folder: Path) -> str | None:
 
 # ---- single-file checkpoints ------------------------------------------------------------------------
 def _from_single_file(
-    path: Path, *, config: str | os.PathLike | None, kind: str | None, cache_dir: str | os.PathLike | None,
+    path: Path,
+    *,
+    config: str | os.PathLike | None,
+    kind: str | None,
+    cache_dir: str | os.PathLike | None,
     options: dict[str, Any],
 ) -> VAEAdapter:
     suffix = path.suffix.lower()
@@ -220,9 +220,7 @@ def _from_single_file(
             f"VAE checkpoint {path} is a pickle ({suffix}), which we do not load for safety; convert it to .safetensors."
         )
     if suffix != ".safetensors":
-        raise LatentPriorError(
-            f"VAE file {path} is not a .safetensors checkpoint; pass a .safetensors file or a diffusers folder."
-        )
+        raise LatentPriorError(f"VAE file {path} is not a .safetensors checkpoint; pass a .safetensors file or a diffusers folder.")
 
     config_dir: Path | None = None
     if config is not None:
@@ -248,9 +246,7 @@ def _from_single_file(
         return _adapter(vae, kind, options, source=source)
 
     if kind == "tiny":
-        raise LatentPriorError(
-            f"AutoencoderTiny checkpoint {path} needs its config; put config.json beside it or pass config=FOLDER."
-        )
+        raise LatentPriorError(f"AutoencoderTiny checkpoint {path} needs its config; put config.json beside it or pass config=FOLDER.")
     # No local config: diffusers picks a Hub config from the checkpoint's keys (cache first, then the Hub).
     hub_config = None if config is None else os.fspath(config)
     try:
@@ -278,9 +274,7 @@ def _kl_from_single_file(path: Path, *, config: str | None, local_files_only: bo
     except OSError as exc:
         if local_files_only and (config is None or not Path(config).is_dir()):
             raise _NotCached() from exc
-        raise LatentPriorError(
-            f"single-file VAE {path} could not be loaded ({_first_line(exc)}); check the file and its config."
-        ) from exc
+        raise LatentPriorError(f"single-file VAE {path} could not be loaded ({_first_line(exc)}); check the file and its config.") from exc
     except (ValueError, RuntimeError, KeyError) as exc:
         raise LatentPriorError(
             f"single-file VAE {path} does not match its config ({_first_line(exc)}); pass the config it was trained with."
@@ -318,8 +312,13 @@ def _offline_error(repo_id: str, detail: str = "not in the local Hugging Face ca
 
 
 def _from_hub(
-    repo_id: str, *, subfolder: str | None, revision: str | None, kind: str | None,
-    cache_dir: str | os.PathLike | None, options: dict[str, Any],
+    repo_id: str,
+    *,
+    subfolder: str | None,
+    revision: str | None,
+    kind: str | None,
+    cache_dir: str | os.PathLike | None,
+    options: dict[str, Any],
 ) -> VAEAdapter:
     try:
         return _hub_attempt(repo_id, subfolder, revision, kind, cache_dir, options, local_files_only=True)
@@ -330,15 +329,26 @@ def _from_hub(
 
 
 def _hub_attempt(
-    repo_id: str, subfolder: str | None, revision: str | None, kind: str | None, cache_dir: Any,
-    options: dict[str, Any], *, local_files_only: bool,
+    repo_id: str,
+    subfolder: str | None,
+    revision: str | None,
+    kind: str | None,
+    cache_dir: Any,
+    options: dict[str, Any],
+    *,
+    local_files_only: bool,
 ) -> VAEAdapter:
     config_file, subfolder = _hub_config(repo_id, subfolder, revision, cache_dir, local_files_only)
     kind = choose_kind(_read_config(Path(config_file)), kind, f"{repo_id}/{subfolder + '/' if subfolder else ''}config.json")
     try:
         vae = _model_class(kind).from_pretrained(
-            repo_id, subfolder=subfolder, revision=revision, cache_dir=cache_dir, torch_dtype=torch.float32,
-            use_safetensors=True, local_files_only=local_files_only,
+            repo_id,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            torch_dtype=torch.float32,
+            use_safetensors=True,
+            local_files_only=local_files_only,
         )
     except (OSError, ValueError) as exc:
         if local_files_only:
@@ -368,8 +378,9 @@ def _hub_config(
     candidates = [subfolder] if subfolder is not None else [None, "vae"]
     for candidate in candidates:
         try:
-            path = hf_hub_download(repo_id, "config.json", subfolder=candidate, revision=revision,
-                                   cache_dir=cache_dir, local_files_only=local_files_only)
+            path = hf_hub_download(
+                repo_id, "config.json", subfolder=candidate, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            )
             return path, candidate
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
             if local_files_only:

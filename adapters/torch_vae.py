@@ -144,8 +144,11 @@ class TorchVAEAdapter(VAEAdapter):
             }
         self._source = source or type(module).__name__
         self._provenance_fields = dict(
-            source=self._source, class_name=type(module).__name__, config_hash=hash_config(config),
-            revision=revision, subfolder=subfolder,
+            source=self._source,
+            class_name=type(module).__name__,
+            config_hash=hash_config(config),
+            revision=revision,
+            subfolder=subfolder,
         )
         self._provenance: VAEProvenance | None = None
 
@@ -184,8 +187,7 @@ class TorchVAEAdapter(VAEAdapter):
             posterior = as_posterior(self.run_encoder(images.to(self._device, self._dtype)))
         if posterior.logvar is None and not self.deterministic:
             raise LatentPriorError(
-                f"the encoder of {self._source} returned no log-variance; pass deterministic=True "
-                "if it has none, or return (mean, logvar)."
+                f"the encoder of {self._source} returned no log-variance; pass deterministic=True if it has none, or return (mean, logvar)."
             )
         if posterior.logvar is not None and self.deterministic:
             raise LatentPriorError(
@@ -248,10 +250,7 @@ class TorchVAEAdapter(VAEAdapter):
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.image_channels:
-            raise LatentPriorError(
-                f"{self._source} encodes images of shape (N, {self.image_channels}, H, W); "
-                f"got {tuple(images.shape)}."
-            )
+            raise LatentPriorError(f"{self._source} encodes images of shape (N, {self.image_channels}, H, W); got {tuple(images.shape)}.")
         if images.numel() and images.detach().abs().amax().item() > _PIXEL_LIMIT:
             raise LatentPriorError(
                 f"images for {self._source} must be scaled to [-1, 1] (x / 127.5 - 1 for uint8); "

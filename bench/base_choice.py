@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench.datasets import LatentSet, load_set
-from bench.study import digit_classifier, measure_all, stored, study_parser
+from bench.study import digit_classifier, stored_or_measured, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMMPrior
 from latent_prior.fit_config import FD_TOLERANCE, FitConfig, resolve_objective
 from latent_prior.metrics import excess_frechet_distance, precision_recall_knn
@@ -72,8 +72,9 @@ def _baseline_unless_better(rows: list[dict[str, Any]], margin: float) -> dict[s
     """The GMM row's estimator, unless an FD-admissible candidate with FD no worse than its own has a P+R above its
     own by more than `margin`: then the best such P+R."""
     base = _baseline_estimator(rows)
-    rivals = [r for r in _admissible(rows, FD_TOLERANCE) if r["val_fd"] <= (1 + FD_TOLERANCE) * base["val_fd"]
-              and _pr(r) > _pr(base) + margin]
+    rivals = [
+        r for r in _admissible(rows, FD_TOLERANCE) if r["val_fd"] <= (1 + FD_TOLERANCE) * base["val_fd"] and _pr(r) > _pr(base) + margin
+    ]
     return max(rivals, key=_pr) if rivals else base
 
 
@@ -111,8 +112,9 @@ def candidates(lset: LatentSet, seed: int) -> list[dict[str, Any]]:
     from latent_prior.cache import EncodedLatents
     from latent_prior.trainer import Trainer
 
-    source = EncodedLatents(lset.train_mean.float(), lset.train_logvar.float(), normalization=lset.normalization,
-                            description=f"<{lset.name}>")
+    source = EncodedLatents(
+        lset.train_mean.float(), lset.train_logvar.float(), normalization=lset.normalization, description=f"<{lset.name}>"
+    )
     fitted: dict[tuple[int, int, int], Any] = {}
     original = Trainer._base_gmm
 
@@ -182,8 +184,9 @@ def _known(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def _per_cell(results: list[dict[str, Any]], rules: list[str], title: str, figure: Callable[[int, str], float | None],
-              fmt: str) -> list[str]:
+def _per_cell(
+    results: list[dict[str, Any]], rules: list[str], title: str, figure: Callable[[int, str], float | None], fmt: str
+) -> list[str]:
     """One row per cell: the median over seeds of `figure(result index, rule)` for each rule (cells where it is None
     for every seed are left out)."""
     lines = [f"| cell | seeds | {title}: " + " | ".join(rules) + " |", "|---|---:|" + "---:|" * len(rules)]
@@ -209,19 +212,28 @@ def table(results: list[dict[str, Any]]) -> str:
     def versus_gmm(key: str) -> Callable[[int, str], float | None]:
         return lambda i, rule: None if (v := figure(key)(i, rule)) is None else v - results[i]["gmm_row"][key]
 
-    lines = ["| rule | excess FD ≤ GMM row | conf ≥ GMM row − 0.005 | median Δ conf | worst hole share "
-             "| held-out gain ≥ 0 | median held-out gain (nats) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rule | excess FD ≤ GMM row | conf ≥ GMM row − 0.005 | median Δ conf | worst hole share "
+        "| held-out gain ≥ 0 | median held-out gain (nats) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for rule in rules:
         fd = [versus_gmm("excess_fd")(i, rule) <= 0 for i in range(len(results))]
         conf = [v for i in range(len(results)) if (v := versus_gmm("conf")(i, rule)) is not None]
         holes = [v for i in range(len(results)) if (v := figure("true_hole_share")(i, rule)) is not None]
         gains = [v for i in range(len(results)) if (v := figure("heldout_gain")(i, rule)) is not None]
-        lines.append(f"| {rule} | {sum(fd)} of {len(fd)} | {sum(c >= -0.005 for c in conf)} of {len(conf)} | "
-                     f"{np.median(conf) if conf else float('nan'):+.4f} | {max(holes, default=float('nan')):.3f} | "
-                     f"{sum(g >= 0 for g in gains)} of {len(gains)} | {np.median(gains) if gains else float('nan'):+.2f} |")
-    for title, value, fmt in (("Δ excess FD", versus_gmm("excess_fd"), "+.4f"), ("hole share", figure("true_hole_share"), ".3f"),
-                              ("min mode ratio", figure("min_mode_ratio"), ".2f"),
-                              ("Δ conf", versus_gmm("conf"), "+.4f"), ("held-out gain", figure("heldout_gain"), "+.2f")):
+        lines.append(
+            f"| {rule} | {sum(fd)} of {len(fd)} | {sum(c >= -0.005 for c in conf)} of {len(conf)} | "
+            f"{np.median(conf) if conf else float('nan'):+.4f} | {max(holes, default=float('nan')):.3f} | "
+            f"{sum(g >= 0 for g in gains)} of {len(gains)} | {np.median(gains) if gains else float('nan'):+.2f} |"
+        )
+    for title, value, fmt in (
+        ("Δ excess FD", versus_gmm("excess_fd"), "+.4f"),
+        ("hole share", figure("true_hole_share"), ".3f"),
+        ("min mode ratio", figure("min_mode_ratio"), ".2f"),
+        ("Δ conf", versus_gmm("conf"), "+.4f"),
+        ("held-out gain", figure("heldout_gain"), "+.2f"),
+    ):
         lines += ["", *_per_cell(results, rules, title, value, fmt)]
     return "\n".join(lines)
 
@@ -230,33 +242,37 @@ def candidate_table(results: list[dict[str, Any]]) -> str:
     """Every candidate of every cell and seed: its validation scores (what the rules see) beside its held-out figures
     (what the suite would measure), and the GMM row's held-out figures below each cell and seed."""
     keys = ("excess_fd", "precision", "recall", "true_hole_share", "min_mode_ratio", "conf", "heldout_gain")
-    lines = ["| cell | seed | K | start | val FD | val P | val R | val gain | held-out: excess FD | P | R | hole share | "
-             "min mode ratio | conf | gain (nats) |", "|---|---:|---:|---:|" + "---:|" * 11]
+    lines = [
+        "| cell | seed | K | start | val FD | val P | val R | val gain | held-out: excess FD | P | R | hole share | "
+        "min mode ratio | conf | gain (nats) |",
+        "|---|---:|---:|---:|" + "---:|" * 11,
+    ]
 
     def held(row: dict[str, Any]) -> str:
-        return " | ".join("—" if _known(row.get(k)) is None else format(row[k], "+.4f" if k == "excess_fd" else ".3f")
-                          for k in keys)
+        return " | ".join("—" if _known(row.get(k)) is None else format(row[k], "+.4f" if k == "excess_fd" else ".3f") for k in keys)
 
     for r in results:
         for c in r["candidates"]:
             start = f"{c['em_seed']}" + (f" (best of {c['em_starts']})" if c.get("em_starts", 1) > 1 else "")
-            lines.append(f"| {r['cell']} | {r['seed']} | {c['components']} | {start} | {c['val_fd']:.3f} | "
-                         f"{c['val_precision']:.3f} | {c['val_recall']:.3f} | {c['val_gain_nats']:+.2f} | {held(c)} |")
+            lines.append(
+                f"| {r['cell']} | {r['seed']} | {c['components']} | {start} | {c['val_fd']:.3f} | "
+                f"{c['val_precision']:.3f} | {c['val_recall']:.3f} | {c['val_gain_nats']:+.2f} | {held(c)} |"
+            )
         lines.append(f"| {r['cell']} | {r['seed']} | *GMM row* | | | | | | {held(r['gmm_row'])} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0,1,2")
-    parser.add_argument("--candidates", action="store_true", help="also print every candidate's validation scores and "
-                        "held-out figures")
+    parser.add_argument("--candidates", action="store_true", help="also print every candidate's validation scores and held-out figures")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        classifier = digit_classifier(args.sets)
-        results = measure_all(args, parser, lambda name, seed: [measure(name, seed, args.cache_dir, classifier)],
-                              lambda rows: f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; "
-                              + "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items()))
+
+    def say(rows: list[dict]) -> str:
+        picked = "; ".join(f"{rule} {p['excess_fd']:+.4f}" for rule, p in picks(rows[0]).items())
+        return f"GMM row {rows[0]['gmm_row']['excess_fd']:+.4f}; {picked}"
+
+    measure_cell = lambda name, seed: [measure(name, seed, args.cache_dir, digit_classifier(args.sets))]
+    results = stored_or_measured(args, parser, measure_cell, say)
     print(table(results) + ("\n\n" + candidate_table(results) if args.candidates else ""))
     return 0
 

@@ -86,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a cell of the suite with a decoder (default-vae, photos, photos-16, ...)")
     parser.add_argument("--run", required=True, help="the fit's output folder: fitted here unless it holds prior/ already")
-    parser.add_argument("--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. "
-                        "keep_checkpoints=20,lr_sampler=2e-4)")
-    parser.add_argument("--noise", type=float, default=0.0, help="σ of the noise added to the training draws (0: none); "
-                        "checkpoints are also scored after a score step")
+    parser.add_argument(
+        "--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. keep_checkpoints=20,lr_sampler=2e-4)"
+    )
+    parser.add_argument("--noise", type=float, default=0.0, help="σ of noise on the training draws; also scores after a score step")
     parser.add_argument("--steps", default="", help="comma-separated checkpoint steps to score (default: every kept one)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
+    parser.add_argument(
+        "--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         prior.flow.load_state_dict(load_tensors(run / "train" / "checkpoints" / f"step-{step:07d}" / "flow_ema.safetensors"))
         row = seen.get(step, {})
         for label, denoise in [("", None)] + ([(f" + score step (σ = {args.noise:g})", args.noise)] if args.noise > 0 else []):
+
             def draw(n: int, seed: int) -> torch.Tensor:
                 with torch.no_grad():
                     z = prior.flow.sample(n, generator=_seeded(seed))
@@ -148,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             z = draw(args.images, 5)
             with torch.no_grad():
                 fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
-            print(f"{step}{label} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
-                  f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
-                  f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}", flush=True)
+            print(
+                f"{step}{label} | {sum(fds) / len(fds):+.4f} ({', '.join(f'{v:+.4f}' for v in fds)}) | "
+                f"{frechet_inception_distance(fake, real)['fid']:.1f} | {_number(row, 'val_gain_nats'):.2f} | "
+                f"{_number(row, 'val_fd'):.4f} | {_number(row, 'val_precision'):.3f} | {_number(row, 'ess_fraction'):.3f}",
+                flush=True,
+            )
     print(f"{args.set}: {time.perf_counter() - start:.0f} s")
     return 0
 

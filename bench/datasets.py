@@ -138,10 +138,12 @@ class LatentSet:
         from safetensors.torch import save_file
 
         path = Path(path)
-        save_file({"mean": self.train_mean.contiguous().float(), "logvar": self.train_logvar.contiguous().float()}, str(path),
-                  metadata={"normalization": json.dumps(self.normalization.to_dict())})
+        save_file(
+            {"mean": self.train_mean.contiguous().float(), "logvar": self.train_logvar.contiguous().float()},
+            str(path),
+            metadata={"normalization": json.dumps(self.normalization.to_dict())},
+        )
         return path
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,8 +159,7 @@ class MixtureDensity:
     curve is a run of consecutive small components). Without `modes`, every component is its own mode.
     """
 
-    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor,
-                 modes: torch.Tensor | None = None) -> None:
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor, modes: torch.Tensor | None = None) -> None:
         self.weights = weights.double() / weights.double().sum()
         self.means = means.double()
         self.covariances = covariances.double()
@@ -296,8 +297,9 @@ def _centres(k: int, d: int, weights: torch.Tensor, g: torch.Generator, per_dim_
     return centres - (w[:, None] * centres).sum(0)
 
 
-def _covariance(kind: str, d: int, g: torch.Generator, *, std: float = 0.35, lo: float = 0.05, hi: float = 0.6,
-                rank: int = 3, floor: float = 0.03) -> torch.Tensor:
+def _covariance(
+    kind: str, d: int, g: torch.Generator, *, std: float = 0.35, lo: float = 0.05, hi: float = 0.6, rank: int = 3, floor: float = 0.03
+) -> torch.Tensor:
     """A (d, d) mode covariance: "iso" std²·I; "aniso" R·diag(λ)·Rᵀ with per-axis stds log-uniform in [lo, hi]
     and a random rotation R (condition number (hi/lo)²); "lowrank" a pancake of `rank` random orthonormal axes
     with stds uniform in [lo, hi], plus floor²·I across the other axes."""
@@ -373,8 +375,7 @@ def _heavy6_d16(seed: int) -> MixtureDensity:
     return MixtureDensity(torch.stack(weights), torch.stack(means), torch.stack(covs), torch.tensor(modes))
 
 
-def _curve_density(points: torch.Tensor, d: int, components: int, regions: int, tube_std: float,
-                   g: torch.Generator) -> MixtureDensity:
+def _curve_density(points: torch.Tensor, d: int, components: int, regions: int, tube_std: float, g: torch.Generator) -> MixtureDensity:
     """A noisy curve in d dims: `components` isotropic Gaussians (std tube_std) at equal arc-length steps along
     the polyline `points` (P, q), embedded by q orthonormal columns of a random rotation, centred; the
     components are grouped into `regions` consecutive arcs of equal length (the set's "modes")."""
@@ -427,33 +428,74 @@ class SyntheticSpec:
 
 
 SYNTHETIC: dict[str, SyntheticSpec] = {
-    "mixture": SyntheticSpec(_mixture_means_density, (8,), 0.05, "8-D mixture of 8 well-separated Gaussians (modes 3.5 apart, std 0.35)",
-                             "mixture", True, 3000, 1000),
+    "mixture": SyntheticSpec(
+        _mixture_means_density,
+        (8,),
+        0.05,
+        "8-D mixture of 8 well-separated Gaussians (modes 3.5 apart, std 0.35)",
+        "mixture",
+        True,
+        3000,
+        1000,
+    ),
     "ring": SyntheticSpec(_ring_means_density, (2,), 0.05, "2-D ring, radius 1.5, radial std ≈ 0.11", "ring", False, 3000, 1000),
-    "spatial": SyntheticSpec(_spatial_means_density, SPATIAL_SHAPE, 0.1,
-                             "4×8×8: an 8-mode mixture in a 4-D subspace on smooth spatial patterns, + noise 0.25", "spatial", True,
-                             3000, 1000),
-    "syn-mix8-d16": SyntheticSpec(_mix8_d16, (16,), 0.05, "16-D: 8 equal, well-separated isotropic modes (std 0.35, ≈ 5 apart)",
-                                  "mixture", True),
-    "syn-aniso4-d8": SyntheticSpec(_aniso4_d8, (8,), 0.05, "8-D: 4 anisotropic modes (per-axis stds 0.03-0.7, "
-            "rotated), weights 0.4/0.3/0.2/0.1",
-                                   "mixture", True),
-    "syn-lowrank12-d32": SyntheticSpec(_lowrank12_d32, (32,), 0.05,
-                                       "32-D: 12 rank-3 pancakes (stds 0.4-1.0 along 3 axes, 0.03 across), weights 6:1 geometric",
-                                       "mixture", True),
-    "syn-mix20-d64": SyntheticSpec(_mix20_d64, (64,), 0.05,
-                                   "64-D: 20 modes, isotropic / anisotropic / rank-4 in turn, weights 1 → 0.25 (smallest 2 %)",
-                                   "mixture", True),
-    "syn-heavy6-d16": SyntheticSpec(_heavy6_d16, (16,), 0.05,
-                                    "16-D: 6 heavy-tailed modes, each a Gaussian scale mixture (stds ×0.6/1/1.8/3.2, 5 % in the widest) "
-                                    "of an anisotropic covariance; weights 0.25 … 0.1", "heavy-tailed", True),
-    "syn-spiral-d16": SyntheticSpec(_spiral_d16, (16,), 0.05,
-                                    "16-D: a 1.5-turn 2-D spiral embedded by a random rotation, tube std 0.07 (256 "
-                                            "components; 8 arcs as regions)",
-                                    "manifold", False),
-    "syn-knot-d32": SyntheticSpec(_knot_d32, (32,), 0.05,
-                                  "32-D: a trefoil knot embedded by a random rotation, tube std 0.08 (384 components; 6 arcs as regions)",
-                                  "manifold", False),
+    "spatial": SyntheticSpec(
+        _spatial_means_density,
+        SPATIAL_SHAPE,
+        0.1,
+        "4×8×8: an 8-mode mixture in a 4-D subspace on smooth spatial patterns, + noise 0.25",
+        "spatial",
+        True,
+        3000,
+        1000,
+    ),
+    "syn-mix8-d16": SyntheticSpec(
+        _mix8_d16, (16,), 0.05, "16-D: 8 equal, well-separated isotropic modes (std 0.35, ≈ 5 apart)", "mixture", True
+    ),
+    "syn-aniso4-d8": SyntheticSpec(
+        _aniso4_d8, (8,), 0.05, "8-D: 4 anisotropic modes (per-axis stds 0.03-0.7, rotated), weights 0.4/0.3/0.2/0.1", "mixture", True
+    ),
+    "syn-lowrank12-d32": SyntheticSpec(
+        _lowrank12_d32,
+        (32,),
+        0.05,
+        "32-D: 12 rank-3 pancakes (stds 0.4-1.0 along 3 axes, 0.03 across), weights 6:1 geometric",
+        "mixture",
+        True,
+    ),
+    "syn-mix20-d64": SyntheticSpec(
+        _mix20_d64,
+        (64,),
+        0.05,
+        "64-D: 20 modes, isotropic / anisotropic / rank-4 in turn, weights 1 → 0.25 (smallest 2 %)",
+        "mixture",
+        True,
+    ),
+    "syn-heavy6-d16": SyntheticSpec(
+        _heavy6_d16,
+        (16,),
+        0.05,
+        "16-D: 6 heavy-tailed modes, each a Gaussian scale mixture (stds ×0.6/1/1.8/3.2, 5 % in the widest) "
+        "of an anisotropic covariance; weights 0.25 … 0.1",
+        "heavy-tailed",
+        True,
+    ),
+    "syn-spiral-d16": SyntheticSpec(
+        _spiral_d16,
+        (16,),
+        0.05,
+        "16-D: a 1.5-turn 2-D spiral embedded by a random rotation, tube std 0.07 (256 components; 8 arcs as regions)",
+        "manifold",
+        False,
+    ),
+    "syn-knot-d32": SyntheticSpec(
+        _knot_d32,
+        (32,),
+        0.05,
+        "32-D: a trefoil knot embedded by a random rotation, tube std 0.08 (384 components; 6 arcs as regions)",
+        "manifold",
+        False,
+    ),
 }
 SYNTHETIC_SETS = tuple(SYNTHETIC)
 #: the synthetic sets of the wide suite: 8-64 dims, known density
@@ -484,18 +526,25 @@ def make_synthetic(name: str, n_train: int | None = None, n_heldout: int | None 
     return LatentSet(
         name=name,
         description=f"{spec.description}; posterior std {sigma:g}; {n_train} train / {n_heldout} held-out items",
-        train_mean=means[:n_train], train_logvar=logvar[:n_train],
-        heldout_mean=means[n_train:], heldout_logvar=logvar[n_train:],
+        train_mean=means[:n_train],
+        train_logvar=logvar[:n_train],
+        heldout_mean=means[n_train:],
+        heldout_logvar=logvar[n_train:],
         true_log_prob=aggregate.log_prob,
         true_mode_of=aggregate.mode_of if has_modes else None,
         true_mode_weights=aggregate.mode_weights if has_modes else None,
         true_density=aggregate,
         multimodal=spec.multimodal,
         kind="synthetic",
-        info={"posterior_std": sigma, "components": len(aggregate.weights), "modes": aggregate.num_modes,
-              "synthetic_kind": spec.kind, "multimodal": spec.multimodal, "density_seed": seed},
+        info={
+            "posterior_std": sigma,
+            "components": len(aggregate.weights),
+            "modes": aggregate.num_modes,
+            "synthetic_kind": spec.kind,
+            "multimodal": spec.multimodal,
+            "density_seed": seed,
+        },
     )
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,16 +568,18 @@ def digits_vae_dir(cache_dir: Path, beta: float, epochs: int, latent_dim: int = 
     return Path(cache_dir) / f"digits_vae_d{latent_dim}_beta{beta:g}_epochs{epochs}"
 
 
-def build_digits_vae(latent_dim: int, beta: float, cache_dir: str | Path, epochs: int = DIGITS_EPOCHS,
-                     verbose: bool = True) -> Path:
+def build_digits_vae(latent_dim: int, beta: float, cache_dir: str | Path, epochs: int = DIGITS_EPOCHS, verbose: bool = True) -> Path:
     """Train the digits VAE (d, β) into `cache_dir` unless a complete folder is there; returns the folder."""
     from bench import digits
 
     directory = digits_vae_dir(Path(cache_dir), beta, epochs, latent_dim)
     if not (directory / "heldout_latents.safetensors").is_file():
         if verbose:
-            print(f"[digits-d{latent_dim}-b{beta:g}] training the digits VAE (d={latent_dim}, beta={beta:g}, {epochs} epochs) "
-                  f"into {directory} ...", flush=True)
+            print(
+                f"[digits-d{latent_dim}-b{beta:g}] training the digits VAE (d={latent_dim}, beta={beta:g}, {epochs} epochs) "
+                f"into {directory} ...",
+                flush=True,
+            )
         model, split = digits.train_digits_vae(beta, latent_dim=latent_dim, seed=0, epochs=epochs)
         digits.save_digits_vae(model, split, directory)
     return directory
@@ -555,15 +606,26 @@ def load_digits_set(name: str, cache_dir: str | Path, epochs: int = DIGITS_EPOCH
     return LatentSet(
         name=name,
         description=f"bench.digits flat VAE, d={latent_dim}, beta={beta:g} ({epochs} epochs); 1500 train / 297 held-out digits",
-        train_mean=latents["train"]["mean"], train_logvar=latents["train"]["logvar"],
-        heldout_mean=latents["heldout"]["mean"], heldout_logvar=latents["heldout"]["logvar"],
+        train_mean=latents["train"]["mean"],
+        train_logvar=latents["train"]["logvar"],
+        heldout_mean=latents["heldout"]["mean"],
+        heldout_logvar=latents["heldout"]["logvar"],
         decode=decode,
         kind="digits",
-        info={"vae_dir": str(directory), "vae_metrics": metrics, "latent_dim": latent_dim, "beta": beta, "vae_epochs": epochs,
-              "heldout_recon_nats": held.get("recon_nats"), "heldout_kl_nats": held.get("kl_nats"),
-              "heldout_recon_mse": held.get("mse_of_mean_decode"), "vae_train_seconds": metrics.get("train_seconds"),
-              "data_dims": 64},
+        info={
+            "vae_dir": str(directory),
+            "vae_metrics": metrics,
+            "latent_dim": latent_dim,
+            "beta": beta,
+            "vae_epochs": epochs,
+            "heldout_recon_nats": held.get("recon_nats"),
+            "heldout_kl_nats": held.get("kl_nats"),
+            "heldout_recon_mse": held.get("mse_of_mean_decode"),
+            "vae_train_seconds": metrics.get("train_seconds"),
+            "data_dims": 64,
+        },
     )
+
 
 _INDEX = re.compile(r"(\d+)\.png$")
 
@@ -620,17 +682,19 @@ def load_default_vae_set(verbose: bool = True) -> LatentSet:
 
     return LatentSet(
         name="default-vae",
-        description=(f"embedded default AutoencoderKL, latents {tuple(mean.shape[1:])} at {defaults.DEFAULT_RESOLUTION} px, "
-                     f"bundled digits; {int((~held).sum())} train / {int(held.sum())} held-out"),
-        train_mean=mean[~held], train_logvar=logvar[~held],
-        heldout_mean=mean[held], heldout_logvar=logvar[held],
+        description=(
+            f"embedded default AutoencoderKL, latents {tuple(mean.shape[1:])} at {defaults.DEFAULT_RESOLUTION} px, "
+            f"bundled digits; {int((~held).sum())} train / {int(held.sum())} held-out"
+        ),
+        train_mean=mean[~held],
+        train_logvar=logvar[~held],
+        heldout_mean=mean[held],
+        heldout_logvar=logvar[held],
         normalization=normalization,
         decode=decode,
         kind="digits-spatial",
         info={"vae_dir": str(vae_dir), "normalization": normalization.to_dict(), "data_dims": 3 * defaults.DEFAULT_RESOLUTION**2},
     )
-
-
 
 
 #: scripts/train_photo_vae.py settings of the photo sets (the rest are the script's defaults), full and --quick;
@@ -640,21 +704,28 @@ def load_default_vae_set(verbose: bool = True) -> LatentSet:
 #: 12-15 tiles per photo to split), 4×16×16 latents, KL weight 1e-6 (SD's order: nearly deterministic posteriors).
 #: "photos-c32": the same crops, 32×8×8 latents (three downsamplings, 32 channels).
 PHOTO_SETS: dict[str, dict[bool, dict[str, Any]]] = {
-    "photos": {False: dict(epochs=8, num_train=3000, num_heldout=500),
-               True: dict(epochs=2, num_train=600, num_heldout=200)},
-    "photos-16": {False: dict(epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6),
-                  True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6)},
-    "photos-c32": {False: dict(epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6,
-                               latent_channels=32, downsamplings=3),
-                   True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6,
-                              latent_channels=32, downsamplings=3)},
+    "photos": {False: dict(epochs=8, num_train=3000, num_heldout=500), True: dict(epochs=2, num_train=600, num_heldout=200)},
+    "photos-16": {
+        False: dict(epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6),
+        True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6),
+    },
+    "photos-c32": {
+        False: dict(
+            epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6, latent_channels=32, downsamplings=3
+        ),
+        True: dict(
+            epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6, latent_channels=32, downsamplings=3
+        ),
+    },
 }
 PHOTOS_SETTINGS = PHOTO_SETS["photos"]  # the earlier name
 #: Sets that encode larger crops with the VAE of a PHOTO_SETS entry: name -> (that entry, the crops' settings, full
 #: and --quick). Each 128-px crop at a 768-px short side covers the share of a photo that a 64-px crop does at 384 px.
 REENCODED_PHOTO_SETS: dict[str, tuple[str, dict[bool, dict[str, Any]]]] = {
-    "photos-32": ("photos-16", {False: dict(crop_size=128, photo_side=768),
-                                True: dict(crop_size=128, photo_side=768, num_train=400, num_heldout=150)}),
+    "photos-32": (
+        "photos-16",
+        {False: dict(crop_size=128, photo_side=768), True: dict(crop_size=128, photo_side=768, num_train=400, num_heldout=150)},
+    ),
 }
 
 
@@ -663,12 +734,15 @@ def photo_vae_dir(cache_dir: str | Path, quick: bool = False, name: str = "photo
     if name == "photos":
         return Path(cache_dir) / f"photo_vae_n{s['num_train']}_h{s['num_heldout']}_e{s['epochs']}"
     shape = f"_ch{s['latent_channels']}_ds{s['downsamplings']}" if "latent_channels" in s else ""
-    return Path(cache_dir) / (f"photo_vae_c{s['crop_size']}_side{s['photo_side']}_kl{s['kl_weight']:g}_n{s['num_train']}"
-                              f"_h{s['num_heldout']}_e{s['epochs']}{shape}")
+    return Path(cache_dir) / (
+        f"photo_vae_c{s['crop_size']}_side{s['photo_side']}_kl{s['kl_weight']:g}_n{s['num_train']}"
+        f"_h{s['num_heldout']}_e{s['epochs']}{shape}"
+    )
 
 
-def _cached_photo_vae(directory: Path, wanted: dict[str, Any], defaults: dict[str, Any],
-                      architecture: dict[str, Any]) -> dict[str, Any] | None:
+def _cached_photo_vae(
+    directory: Path, wanted: dict[str, Any], defaults: dict[str, Any], architecture: dict[str, Any]
+) -> dict[str, Any] | None:
     """The training summary of a complete folder trained with the `wanted` config, else None (a field the folder's
     summary lacks was added to the script later: the folder was trained with its default)."""
     try:
@@ -694,8 +768,11 @@ def build_photo_vae(name: str, cache_dir: str | Path, quick: bool = False, verbo
     summary = _cached_photo_vae(directory, to_dict(cfg), to_dict(script.TrainPhotoVAEConfig()), script.architecture_of(cfg))
     if summary is None:
         if verbose:
-            print(f"[{name}] training the photo AutoencoderKL ({cfg.epochs} epochs on {cfg.num_train} {cfg.crop_size}-px crops, "
-                  f"KL weight {cfg.kl_weight:g}) into {directory} ...", flush=True)
+            print(
+                f"[{name}] training the photo AutoencoderKL ({cfg.epochs} epochs on {cfg.num_train} {cfg.crop_size}-px crops, "
+                f"KL weight {cfg.kl_weight:g}) into {directory} ...",
+                flush=True,
+            )
         summary = script.train_photo_vae(cfg)
     return directory, summary
 
@@ -727,19 +804,31 @@ def load_photos_set(cache_dir: str | Path, quick: bool = False, verbose: bool = 
     kl_weight = summary["train_config"]["kl_weight"]
     return LatentSet(
         name=name,
-        description=(f"small AutoencoderKL (scripts/train_photo_vae.py, KL weight {kl_weight:g}, {summary['epochs']} epochs, "
-                     f"held-out recon MSE {summary['heldout_recon_mse']:.4f} vs {summary['heldout_mean_image_mse']:.4f} for the "
-                     f"mean crop), latents {tuple(moments['train'][0].shape[1:])} at {crop} px; crops of {len(patches.photos)} "
-                     f"scikit-image / scikit-learn photos (short side {summary['patches']['photo_side']} px), {n_train} train / "
-                     f"{n_held} held-out (by image region)"),
-        train_mean=moments["train"][0], train_logvar=moments["train"][1],
-        heldout_mean=moments["heldout"][0], heldout_logvar=moments["heldout"][1],
+        description=(
+            f"small AutoencoderKL (scripts/train_photo_vae.py, KL weight {kl_weight:g}, {summary['epochs']} epochs, "
+            f"held-out recon MSE {summary['heldout_recon_mse']:.4f} vs {summary['heldout_mean_image_mse']:.4f} for the "
+            f"mean crop), latents {tuple(moments['train'][0].shape[1:])} at {crop} px; crops of {len(patches.photos)} "
+            f"scikit-image / scikit-learn photos (short side {summary['patches']['photo_side']} px), {n_train} train / "
+            f"{n_held} held-out (by image region)"
+        ),
+        train_mean=moments["train"][0],
+        train_logvar=moments["train"][1],
+        heldout_mean=moments["heldout"][0],
+        heldout_logvar=moments["heldout"][1],
         normalization=normalization,
         kind="photos",
-        info={"vae_dir": str(directory), "normalization": normalization.to_dict(), "patches": summary["patches"],
-              "kl_weight": kl_weight, "vae_train_seconds": summary["train_seconds"], "vae_epochs": summary["epochs"],
-              "heldout_recon_mse": summary["heldout_recon_mse"], "heldout_mean_image_mse": summary["heldout_mean_image_mse"],
-              "posterior_std_mean": summary["heldout"].get("posterior_std_mean"), "data_dims": 3 * crop * crop},
+        info={
+            "vae_dir": str(directory),
+            "normalization": normalization.to_dict(),
+            "patches": summary["patches"],
+            "kl_weight": kl_weight,
+            "vae_train_seconds": summary["train_seconds"],
+            "vae_epochs": summary["epochs"],
+            "heldout_recon_mse": summary["heldout_recon_mse"],
+            "heldout_mean_image_mse": summary["heldout_mean_image_mse"],
+            "posterior_std_mean": summary["heldout"].get("posterior_std_mean"),
+            "data_dims": 3 * crop * crop,
+        },
     )
 
 
@@ -748,8 +837,9 @@ REAL_SETS = (*DIGITS_SETS, *SPATIAL_VAE_SETS)
 ALL_SETS = (*SYNTHETIC_SETS, *REAL_SETS)
 
 
-def load_set(name: str, *, cache_dir: str | Path, quick: bool = False, seed: int = 0, vae_epochs: int | None = None,
-             verbose: bool = True) -> LatentSet:
+def load_set(
+    name: str, *, cache_dir: str | Path, quick: bool = False, seed: int = 0, vae_epochs: int | None = None, verbose: bool = True
+) -> LatentSet:
     """Build the latent set `name` (one of ALL_SETS). quick: smaller synthetic sets and VAE training.
     `vae_epochs` applies to the flat digits VAEs only (the photo VAEs' epochs are PHOTO_SETS).
     `seed` seeds a synthetic set's density and items; the VAE sets do not depend on it."""

@@ -147,8 +147,12 @@ def evaluate_vae(model: DigitsVAE, x: torch.Tensor, seed: int = 0) -> dict[str, 
     recon, kl = model.loss_terms(x, torch.Generator().manual_seed(seed))
     mean, _ = model.encode(x)
     mse = F.mse_loss(model.decode(mean), x).item()
-    return {"recon_nats": recon.mean().item(), "kl_nats": kl.mean().item(),
-            "neg_elbo_nats": (recon + kl).mean().item(), "mse_of_mean_decode": mse}
+    return {
+        "recon_nats": recon.mean().item(),
+        "kl_nats": kl.mean().item(),
+        "neg_elbo_nats": (recon + kl).mean().item(),
+        "mse_of_mean_decode": mse,
+    }
 
 
 def train_digits_vae(
@@ -192,8 +196,11 @@ def train_digits_vae(
     seconds = time.perf_counter() - start
     model.eval()
     model.config = config
-    model.metrics = {"train": evaluate_vae(model, split.train_x, seed), "heldout": evaluate_vae(model, split.heldout_x, seed),
-                     "train_seconds": seconds}
+    model.metrics = {
+        "train": evaluate_vae(model, split.train_x, seed),
+        "heldout": evaluate_vae(model, split.heldout_x, seed),
+        "train_seconds": seconds,
+    }
     return model, split
 
 
@@ -210,11 +217,22 @@ def save_digits_vae(model: DigitsVAE, split: DigitsSplit, directory: str | Path)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    meta = {"config": asdict(model.config), "metrics": getattr(model, "metrics", None),
-            "decoder": "bernoulli", "pixels": "(N, 64) in [0, 1] = sklearn load_digits().data / 16"}
+    meta = {
+        "config": asdict(model.config),
+        "metrics": getattr(model, "metrics", None),
+        "decoder": "bernoulli",
+        "pixels": "(N, 64) in [0, 1] = sklearn load_digits().data / 16",
+    }
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    save_file({"train_index": split.train_index, "train_labels": split.train_y,
-               "heldout_index": split.heldout_index, "heldout_labels": split.heldout_y}, str(directory / "split.safetensors"))
+    save_file(
+        {
+            "train_index": split.train_index,
+            "train_labels": split.train_y,
+            "heldout_index": split.heldout_index,
+            "heldout_labels": split.heldout_y,
+        },
+        str(directory / "split.safetensors"),
+    )
     for name, x in (("train", split.train_x), ("heldout", split.heldout_x)):
         mean, logvar = encode_moments(model, x)
         save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, str(directory / f"{name}_latents.safetensors"))

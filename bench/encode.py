@@ -47,7 +47,7 @@ def write_images(folder: Path, count: int, seed: int = 0) -> None:
         h, w = int(rng.integers(160, 300)), int(rng.integers(160, 300))
         h, w = min(h, photo.shape[0]), min(w, photo.shape[1])
         top, left = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
-        image = Image.fromarray(photo[top:top + h, left:left + w])
+        image = Image.fromarray(photo[top : top + h, left : left + w])
         sub = folder / f"part{i % 4}"
         sub.mkdir(parents=True, exist_ok=True)
         image.save(sub / (f"{i:04d}.jpg" if i % 2 else f"{i:04d}.png"), quality=92)
@@ -60,7 +60,7 @@ def bare_loop(vae, files: list[Path], resolution: int, batch_size: int, device, 
     means, logvars = [], []
     for start in range(0, len(files), batch_size):
         batch = []
-        for path in files[start:start + batch_size]:
+        for path in files[start : start + batch_size]:
             with Image.open(path) as image:
                 image = image.convert("RGB")
             w, h = image.size
@@ -102,21 +102,30 @@ def main() -> None:
     dtype = parse_dtype(args.dtype)
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     try:
         torch.manual_seed(0)
-        config = dict(ARCHS[args.arch], down_block_types=["DownEncoderBlock2D"] * 4,
-                      up_block_types=["UpDecoderBlock2D"] * 4, sample_size=args.resolution, force_upcast=False)
+        config = dict(
+            ARCHS[args.arch],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            sample_size=args.resolution,
+            force_upcast=False,
+        )
         AutoencoderKL(**config).save_pretrained(work / "vae")
         write_images(work / "images", args.images)
         files = sorted(p for p in (work / "images").rglob("*") if p.is_file())
         params = sum(p.numel() for p in AutoencoderKL.from_pretrained(work / "vae").parameters())
-        print(f"model: AutoencoderKL {ARCHS[args.arch]['block_out_channels']} ({params / 1e6:.2f}M parameters), "
-              f"{args.images} images at {args.resolution} px, batch {args.batch_size}, {args.dtype}, {device.type}, "
-              f"num_workers {args.num_workers}")
+        print(
+            f"model: AutoencoderKL {ARCHS[args.arch]['block_out_channels']} ({params / 1e6:.2f}M parameters), "
+            f"{args.images} images at {args.resolution} px, batch {args.batch_size}, {args.dtype}, {device.type}, "
+            f"num_workers {args.num_workers}"
+        )
 
         vae = AutoencoderKL.from_pretrained(work / "vae").to(device=device, dtype=dtype).eval()
         adapter = load_vae(work / "vae", dtype=args.dtype, device=str(device))
@@ -144,8 +153,16 @@ def main() -> None:
         def run_ours() -> None:
             out = work / "cache"
             shutil.rmtree(out, ignore_errors=True)
-            cfg = EncodeConfig(vae=str(work / "vae"), data=str(work / "images"), out=str(out), resolution=args.resolution,
-                               batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers, quiet=True)
+            cfg = EncodeConfig(
+                vae=str(work / "vae"),
+                data=str(work / "images"),
+                out=str(out),
+                resolution=args.resolution,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                num_workers=args.num_workers,
+                quiet=True,
+            )
             assert encode_images(adapter, cfg)["count"] == len(files)
 
         runs = {"bare diffusers loop": [], "latent-prior encode": []}
@@ -159,8 +176,10 @@ def main() -> None:
         for name, (wall, cpu) in best.items():
             print(f"| {name} | {len(files) / wall:.2f} | {wall:.2f} | {cpu:.2f} |")
         bare, ours = best["bare diffusers loop"][0], best["latent-prior encode"][0]
-        print(f"\nwall-time overhead of latent-prior encode: {(ours / bare - 1) * 100:+.1f}% "
-              f"(negative = faster); one-time VAE fingerprint: {fingerprint_s:.2f} s (not in the table)")
+        print(
+            f"\nwall-time overhead of latent-prior encode: {(ours / bare - 1) * 100:+.1f}% "
+            f"(negative = faster); one-time VAE fingerprint: {fingerprint_s:.2f} s (not in the table)"
+        )
         print("all runs (wall s): " + "; ".join(f"{name}: {', '.join('%.2f' % w for w, _ in r)}" for name, r in runs.items()))
         print(f"load average during the run: {os.getloadavg()[0]:.1f} (1 min)")
     finally:

@@ -31,7 +31,7 @@ import numpy as np
 from bench.datasets import load_set
 from bench.fits import fit_evalp
 from bench.run import _memory_source
-from bench.study import measure_all, stored, study_parser
+from bench.study import stored_or_measured, study_parser
 from latent_prior.evaluate import latent_report
 
 SAMPLES = 3000
@@ -55,30 +55,35 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):+.4f} ± {sd:.4f}"
 
 
+def _row(r: dict[str, Any]) -> str:
+    evalp = [e["evalp"] for e in r["evaluations"]]
+    gmm = [e["gmm"] for e in r["evaluations"]]
+    diff = [a - b for a, b in zip(evalp, gmm)]
+    return (
+        f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
+        f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
+        f"{sum(d <= 0 for d in diff)} of {len(diff)} |"
+    )
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Per cell and fit seed: each method's excess FD, mean ± s.d. over the evaluation seeds and its range, then the
     paired difference EVaLP − GMM (mean ± s.d.) and in how many evaluations EVaLP's is at most the GMM's."""
-    lines = ["| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
-             "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        evalp = [e["evalp"] for e in r["evaluations"]]
-        gmm = [e["gmm"] for e in r["evaluations"]]
-        diff = [a - b for a, b in zip(evalp, gmm)]
-        lines.append(f"| {r['cell']} | {r['seed']} | {len(evalp)} | {_mean_sd(evalp)} | {min(evalp):+.4f} .. {max(evalp):+.4f} | "
-                     f"{_mean_sd(gmm)} | {min(gmm):+.4f} .. {max(gmm):+.4f} | {_mean_sd(diff)} | "
-                     f"{sum(d <= 0 for d in diff)} of {len(diff)} |")
-    return "\n".join(lines)
+    header = [
+        "| cell | fit seed | evaluations | EVaLP: mean ± s.d. | EVaLP range | GMM row: mean ± s.d. | GMM range | "
+        "EVaLP − GMM: mean ± s.d. | EVaLP ≤ GMM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(header + [_row(r) for r in results])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0")
     parser.add_argument("--eval-seeds", default="0,1,2,3,4", help="comma-separated evaluation seeds per fit")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
-        results = measure_all(args, parser, lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)],
-                              lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")
+    eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
+    measure_cell = lambda name, seed: [measure(name, seed, eval_seeds, args.cache_dir)]
+    results = stored_or_measured(args, parser, measure_cell, lambda rows: f"fitted in {rows[0]['fit_seconds']:.0f} s")
     print(table(results))
     return 0
 

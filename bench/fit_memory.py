@@ -52,8 +52,9 @@ def main(sizes: list[int]) -> None:
         for n in sizes:
             path = Path(tmp) / f"latents-{n}.safetensors"
             subprocess.run([sys.executable, "-c", WRITE, str(n), str(path)], check=True)
-            result = subprocess.run([sys.executable, "-c", FIT, str(path), str(Path(tmp) / f"fit-{n}")], check=True,
-                                    capture_output=True, text=True, cwd=root)
+            result = subprocess.run(
+                [sys.executable, "-c", FIT, str(path), str(Path(tmp) / f"fit-{n}")], check=True, capture_output=True, text=True, cwd=root
+            )
             size_mb = path.stat().st_size / 2**20
             print(f"{n:>9,} latents ({size_mb:.0f} MB file): {result.stdout.strip().splitlines()[-1]}", flush=True)
             path.unlink()

@@ -78,8 +78,10 @@ def parse_variants(variants: tuple[str, ...] | list[str]) -> dict[str, dict[str,
         label, sep, rest = spec.partition(":")
         label = label.strip()
         if not sep or not label or not all(c.isalnum() or c in "-_." for c in label):
-            raise LatentPriorError(f"--variants {spec}: write LABEL:key=value,key=value with a label of letters, digits, "
-                                   "'-', '_' or '.', e.g. fkl1:forward_kl_weight=1.0.")
+            raise LatentPriorError(
+                f"--variants {spec}: write LABEL:key=value,key=value with a label of letters, digits, "
+                "'-', '_' or '.', e.g. fkl1:forward_kl_weight=1.0."
+            )
         if label in out:
             raise LatentPriorError(f"--variants {spec}: the label {label!r} is given twice.")
         out[label] = parse_overrides(rest, f"--variants {spec}:")

@@ -54,8 +54,9 @@ def latent_models(lset, train: torch.Tensor) -> dict[str, torch.Tensor]:
         basis = PrincipalBasis.fit(train)
         for r in (256, 512):
             gmm = GMMPrior(10, "full", seed=0, n_init=1).fit(basis.whiten(train, r).double())
-            flow = build_flow(lset.latent_shape, kind="subspace", subspace_dims=r, base_components=10, base_covariance="full",
-                              base_init="em")
+            flow = build_flow(
+                lset.latent_shape, kind="subspace", subspace_dims=r, base_components=10, base_covariance="full", base_init="em"
+            )
             flow.initialize(train, mixture=gmm, basis=basis)
             with torch.no_grad():
                 samples[f"subspace-r{r}"] = flow.sample(DRAWS, generator=_seeded(5)).double()
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gaussian_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="photos-16", help="a spatial cell of the suite (photos, photos-16, ...)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per model, against as many held-out images")
-    parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)")
+    parser.add_argument(
+        "--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write every figure here")
     args = parser.parse_args(argv)
@@ -96,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     real = heldout_image_features(extractor, images, args.images)
     rows = {}
     for name, z in samples.items():
-        decoded = images.decode(lset.normalization.denormalize(z[:args.images].float().reshape(-1, *lset.latent_shape)))
+        decoded = images.decode(lset.normalization.denormalize(z[: args.images].float().reshape(-1, *lset.latent_shape)))
         fake = features_of(extractor, decoded, batch_size=50)
-        rows[name] = {"excess_fd": frechet_distance(z.flatten(1), held) - reference,
-                      "fid": frechet_inception_distance(fake, real)["fid"], "images": len(fake)}
-        print(f"{name:14s} latent excess FD {rows[name]['excess_fd']:+8.2f}   FID {rows[name]['fid']:6.1f} "
-              f"({len(fake)} / {len(real)} images)", flush=True)
+        rows[name] = {
+            "excess_fd": frechet_distance(z.flatten(1), held) - reference,
+            "fid": frechet_inception_distance(fake, real)["fid"],
+            "images": len(fake),
+        }
+        print(
+            f"{name:14s} latent excess FD {rows[name]['excess_fd']:+8.2f}   FID {rows[name]['fid']:6.1f} "
+            f"({len(fake)} / {len(real)} images)",
+            flush=True,
+        )
     print(f"{args.set}: {time.perf_counter() - start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"set": args.set, "images": args.images, "rows": rows}, indent=2) + "\n")

@@ -39,10 +39,13 @@ def main(argv: list[str] | None = None, cache_dir: str = "runs/bench_prior") -> 
             seconds = time.perf_counter() - start
             samples = gmm.sample(len(held), generator=torch.Generator().manual_seed(1)).flatten(1)
             m = len(lset.heldout_mean)
-            precision = [precision_recall_knn(held[r * m:(r + 1) * m], samples[r * m:(r + 1) * m], k=3).precision
-                         for r in range(len(held) // m)]
-            line = (f"{name} K={k} {cov} draws={count} fit {seconds:.1f}s held-out log-lik {gmm.log_prob(held).mean():.3f} "
-                    f"excess FD {frechet_distance(samples, held) - floor:+.4f} precision {sum(precision) / len(precision):.3f}")
+            precision = [
+                precision_recall_knn(held[r * m : (r + 1) * m], samples[r * m : (r + 1) * m], k=3).precision for r in range(len(held) // m)
+            ]
+            line = (
+                f"{name} K={k} {cov} draws={count} fit {seconds:.1f}s held-out log-lik {gmm.log_prob(held).mean():.3f} "
+                f"excess FD {frechet_distance(samples, held) - floor:+.4f} precision {sum(precision) / len(precision):.3f}"
+            )
             if lset.true_log_prob is not None:
                 line += f" true log p {lset.true_log_prob(samples.reshape(-1, *lset.latent_shape)).mean():.3f}"
             print(line, flush=True)

@@ -33,14 +33,20 @@ import torch
 
 from bench.base_choice import heldout_scores
 from bench.datasets import LatentSet, load_set
-from bench.study import digit_classifier, measure_all, stored, study_parser
+from bench.study import digit_classifier, stored_or_measured, study_parser
 from latent_prior.baselines import GMM_COMPONENTS, GMM_KMEANS_STARTS, GMM_MAX_DRAWS, GMMPrior, gmm_fit_draws
 from latent_prior.vae import posterior_moments
 
 WAYS = ("draws", "draws x16", "moments")
-FIGURES = (("excess_fd", "excess FD", "+.4f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
-           ("conf", "digit conf", ".4f"), ("true_hole_share", "hole share", ".3f"), ("heldout_gain", "held-out gain", "+.2f"),
-           ("fit_seconds", "fit s", ".1f"))
+FIGURES = (
+    ("excess_fd", "excess FD", "+.4f"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("conf", "digit conf", ".4f"),
+    ("true_hole_share", "hole share", ".3f"),
+    ("heldout_gain", "held-out gain", "+.2f"),
+    ("fit_seconds", "fit s", ".1f"),
+)
 
 
 def fit_data(lset: LatentSet, way: str, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,8 +78,10 @@ def measure(name: str, seed: int, cache_dir: str, classifier: Any) -> list[dict[
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| cell | seeds | fitted on | " + " | ".join(title for _, title, _ in FIGURES) + " |",
-             "|---|---:|---|" + "---:|" * len(FIGURES)]
+    lines = [
+        "| cell | seeds | fitted on | " + " | ".join(title for _, title, _ in FIGURES) + " |",
+        "|---|---:|---|" + "---:|" * len(FIGURES),
+    ]
     for cell in dict.fromkeys(r["cell"] for r in results):
         for way in WAYS:
             rows = [r for r in results if r["cell"] == cell and r["way"] == way]
@@ -88,11 +96,12 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, seeds="0,1")
     args = parser.parse_args(argv)
-    results = stored(args)
-    if results is None:
-        classifier = digit_classifier(args.sets)
-        results = measure_all(args, parser, lambda name, seed: measure(name, seed, args.cache_dir, classifier),
-                              lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows))
+    results = stored_or_measured(
+        args,
+        parser,
+        lambda name, seed: measure(name, seed, args.cache_dir, digit_classifier(args.sets)),
+        lambda rows: "excess FD " + ", ".join(f"{r['way']} {r['excess_fd']:+.4f}" for r in rows),
+    )
     print(table(results))
     return 0
 

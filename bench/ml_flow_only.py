@@ -27,8 +27,18 @@ from bench.datasets import load_set  # noqa: E402
 from latent_prior.flows import build_flow  # noqa: E402
 
 
-def run(set_name: str, label: str, kind: str = "realnvp", steps: int = 3000, lr: float = 1e-3, batch: int = 256,
-        wd: float = 0.0, ema: float = 0.995, seed: int = 0, **flow_options) -> dict:
+def run(
+    set_name: str,
+    label: str,
+    kind: str = "realnvp",
+    steps: int = 3000,
+    lr: float = 1e-3,
+    batch: int = 256,
+    wd: float = 0.0,
+    ema: float = 0.995,
+    seed: int = 0,
+    **flow_options,
+) -> dict:
     torch.manual_seed(seed)
     lset = load_set(set_name, cache_dir="runs/bench_prior", seed=0, verbose=False)
     classifier = None

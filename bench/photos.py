@@ -41,8 +41,16 @@ from latent_prior.errors import LatentPriorError
 
 #: (name, loader) of the photos, in the order crops cycle through them.
 PHOTO_NAMES = (
-    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-    "stereo_motorcycle_left", "china", "flower",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "stereo_motorcycle_left",
+    "china",
+    "flower",
 )
 NUM_TRAIN = 3000
 NUM_HELDOUT = 500
@@ -108,6 +116,7 @@ def make_patches(
     heldout_fraction: float = HELDOUT_FRACTION,
 ) -> PhotoPatches:
     """Random crops of the photos (see the module docstring); the same arguments give the same tensors."""
+    config = dict(locals())  # the arguments, as PhotoPatches.config records them
     if num_train < 1 or num_heldout < 1:
         raise LatentPriorError(f"make_patches: num_train={num_train} and num_heldout={num_heldout} must both be at least 1.")
     if not 0.0 < heldout_fraction < 1.0:
@@ -145,8 +154,6 @@ def make_patches(
 
     train, train_photo, train_origin = crops("train", num_train, 1)
     heldout, heldout_photo, heldout_origin = crops("heldout", num_heldout, 2)
-    config = dict(num_train=num_train, num_heldout=num_heldout, crop_size=crop_size, seed=seed, photo_side=photo_side,
-                  heldout_fraction=heldout_fraction)
     return PhotoPatches(train, train_photo, train_origin, heldout, heldout_photo, heldout_origin, tuple(photos), config)
 
 

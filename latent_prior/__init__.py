@@ -18,8 +18,14 @@ from latent_prior.errors import LatentPriorError
 from latent_prior.vae import LatentNormalization, Posterior, VAEAdapter, VAEProvenance
 
 # The trainer and the prior pull in accelerate and the networks: import them on first use only.
-_LAZY = {"fit": "latent_prior.api", "encode_latents": "latent_prior.api", "EncodedLatents": "latent_prior.cache",
-         "FitConfig": "latent_prior.fit_config", "LatentPrior": "latent_prior.prior", "open_latents": "latent_prior.cache"}
+_LAZY = {
+    "fit": "latent_prior.api",
+    "encode_latents": "latent_prior.api",
+    "EncodedLatents": "latent_prior.cache",
+    "FitConfig": "latent_prior.fit_config",
+    "LatentPrior": "latent_prior.prior",
+    "open_latents": "latent_prior.cache",
+}
 
 
 def __getattr__(name: str):
@@ -30,5 +36,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'latent_prior' has no attribute {name!r}")
 
 
-__all__ = ["LatentPriorError", "LatentNormalization", "Posterior", "VAEAdapter", "VAEProvenance", "__version__",
-           *_LAZY]
+__all__ = ["LatentPriorError", "LatentNormalization", "Posterior", "VAEAdapter", "VAEProvenance", "__version__", *_LAZY]

@@ -61,7 +61,7 @@ def _image_batches(images: Any, batch_size: int) -> tuple[Iterator[torch.Tensor]
             raise LatentPriorError(
                 f"images has shape {tuple(images.shape)}; pass a batch (N, C, H, W), e.g. images.unsqueeze(0) for one image."
             )
-        return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), len(images)
+        return (images[i : i + batch_size] for i in range(0, len(images), batch_size)), len(images)
     if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
         raise LatentPriorError(
             f"images of type {type(images).__name__}: pass a tensor (N, C, H, W) in [-1, 1], a DataLoader (or any "
@@ -80,8 +80,10 @@ def _image_batches(images: Any, batch_size: int) -> tuple[Iterator[torch.Tensor]
             if isinstance(batch, dict):
                 key = next((k for k in IMAGE_KEYS if k in batch), None)
                 if key is None:
-                    raise LatentPriorError(f"images: batch {position} is a dict without any of the keys {', '.join(IMAGE_KEYS)}; "
-                                           "yield image tensors, (tensor, label) pairs, or dicts with an 'image' key.")
+                    raise LatentPriorError(
+                        f"images: batch {position} is a dict without any of the keys {', '.join(IMAGE_KEYS)}; "
+                        "yield image tensors, (tensor, label) pairs, or dicts with an 'image' key."
+                    )
                 batch = batch[key]
             elif isinstance(batch, (tuple, list)):  # (images, labels), or [images] from a TensorDataset
                 if not batch:
@@ -90,8 +92,10 @@ def _image_batches(images: Any, batch_size: int) -> tuple[Iterator[torch.Tensor]
             elif hasattr(batch, "images") and isinstance(getattr(batch, "images"), torch.Tensor):  # latent_prior.data.ImageBatch
                 batch = batch.images
             if not isinstance(batch, torch.Tensor):
-                raise LatentPriorError(f"images: batch {position} holds a {type(batch).__name__}, not a tensor; "
-                                       "yield tensors (N, C, H, W) in [-1, 1] (e.g. add torchvision's ToTensor and x * 2 - 1).")
+                raise LatentPriorError(
+                    f"images: batch {position} holds a {type(batch).__name__}, not a tensor; "
+                    "yield tensors (N, C, H, W) in [-1, 1] (e.g. add torchvision's ToTensor and x * 2 - 1)."
+                )
             yield batch
 
     return unpack(), total
@@ -154,17 +158,23 @@ def _default_resolution(adapter: VAEAdapter) -> int:
     return DEFAULT_USER_RESOLUTION
 
 
-def _encode_folder(adapter: VAEAdapter, folder: Path, cache: Path, *, resolution: int | None, batch_size: int,
-                   num_workers: int, quiet: bool) -> LatentSource:
+def _encode_folder(
+    adapter: VAEAdapter, folder: Path, cache: Path, *, resolution: int | None, batch_size: int, num_workers: int, quiet: bool
+) -> LatentSource:
     """Encode an image folder into the cache folder `cache` (resumed when it holds the same run)."""
     from latent_prior.cache import open_latents
     from latent_prior.encode import EncodeConfig, encode_images
 
     provenance = adapter.provenance
     config = EncodeConfig(
-        vae=provenance.source, data=str(folder), out=str(cache),
+        vae=provenance.source,
+        data=str(folder),
+        out=str(cache),
         resolution=int(resolution) if resolution is not None else _default_resolution(adapter),
-        batch_size=batch_size, dtype=_encoder_dtype_name(adapter), num_workers=num_workers, quiet=quiet,
+        batch_size=batch_size,
+        dtype=_encoder_dtype_name(adapter),
+        num_workers=num_workers,
+        quiet=quiet,
     )
     encode_images(adapter, config)
     return open_latents(cache)
@@ -208,11 +218,14 @@ def encode_latents(
     if isinstance(images, (str, os.PathLike)):
         folder = Path(images)
         if not folder.is_dir():
-            raise LatentPriorError(f"images={str(folder)!r}: no such folder; pass a folder of .jpg/.jpeg/.png/.webp images, "
-                                   "a tensor (N, C, H, W) in [-1, 1] or a DataLoader.")
+            raise LatentPriorError(
+                f"images={str(folder)!r}: no such folder; pass a folder of .jpg/.jpeg/.png/.webp images, "
+                "a tensor (N, C, H, W) in [-1, 1] or a DataLoader."
+            )
         if cache is not None:
-            return _encode_folder(adapter, folder, Path(cache), resolution=resolution, batch_size=batch_size,
-                                  num_workers=num_workers, quiet=quiet)
+            return _encode_folder(
+                adapter, folder, Path(cache), resolution=resolution, batch_size=batch_size, num_workers=num_workers, quiet=quiet
+            )
         if _world_size() > 1:
             # Every process would make its own temporary folder, and the ranks would never meet.
             raise LatentPriorError(
@@ -220,13 +233,19 @@ def encode_latents(
                 "can reach, so that they share one cache."
             )
         with tempfile.TemporaryDirectory(prefix="latent-prior-encode-") as tmp:
-            source = _encode_folder(adapter, folder, Path(tmp) / "cache", resolution=resolution, batch_size=batch_size,
-                                    num_workers=num_workers, quiet=quiet)
+            source = _encode_folder(
+                adapter, folder, Path(tmp) / "cache", resolution=resolution, batch_size=batch_size, num_workers=num_workers, quiet=quiet
+            )
             mean, logvar = source.read(np.arange(len(source)))
             manifest = dict(source.manifest or {})
-            return EncodedLatents(mean, logvar, normalization=source.normalization, provenance=source.provenance,
-                                  manifest={k: manifest[k] for k in ("count", "resolution", "image_channels", "data") if k in manifest},
-                                  description=f"<{len(mean)} images of {folder} encoded in memory>")
+            return EncodedLatents(
+                mean,
+                logvar,
+                normalization=source.normalization,
+                provenance=source.provenance,
+                manifest={k: manifest[k] for k in ("count", "resolution", "image_channels", "data") if k in manifest},
+                description=f"<{len(mean)} images of {folder} encoded in memory>",
+            )
     if cache is not None:
         raise LatentPriorError(
             "cache= applies to an image folder (a resumable on-disk cache); for a tensor or DataLoader, keep the "
@@ -254,8 +273,7 @@ def encode_latents(
                 if image_shape is None:
                     image_shape = tuple(batch.shape[1:])
                     if float(batch.amin()) >= 0.0 and float(batch.amax()) <= 1.0:
-                        warnings.warn("images lie in [0, 1]; VAEs expect [-1, 1] (use x * 2 - 1), so check the scaling.",
-                                      stacklevel=3)
+                        warnings.warn("images lie in [0, 1]; VAEs expect [-1, 1] (use x * 2 - 1), so check the scaling.", stacklevel=3)
                 posterior = adapter.encode(batch)
                 rows = ~torch.isfinite(posterior.mean.flatten(1)).all(dim=1)
                 if posterior.logvar is not None:
@@ -282,8 +300,11 @@ def encode_latents(
     if height == width:
         manifest["resolution"] = height  # lets the trainer report the gain in bits per image dimension
     return EncodedLatents(
-        torch.cat(means), torch.cat(logvars) if logvars else None,
-        normalization=adapter.normalization, provenance=provenance, manifest=manifest,
+        torch.cat(means),
+        torch.cat(logvars) if logvars else None,
+        normalization=adapter.normalization,
+        provenance=provenance,
+        manifest=manifest,
         description=f"<{count} images {tuple(image_shape)} encoded in memory by {provenance.get('source')}>",
     )
 
@@ -298,7 +319,7 @@ def _not_an_adapter(obj: Any) -> LatentPriorError:
         return LatentPriorError(
             f"got a torch module ({name}), not a VAEAdapter; wrap it first: adapter = latent_prior.adapters.wrap(my_vae, "
             "encode=lambda m, x: ..., decode=lambda m, z: ...) (or latent_prior.adapters.DiffusersKLAdapter(vae) for "
-                    "a diffusers AutoencoderKL)."
+            "a diffusers AutoencoderKL)."
         )
     return LatentPriorError(f"got a {name}, not a VAEAdapter; load one with latent_prior.adapters.load_vae(...) or wrap(...).")
 
@@ -351,8 +372,9 @@ def fit(
             )
         quiet = bool(overrides.get("quiet", config.quiet if config is not None else False))
         _check_overrides(overrides)
-        latents = encode_latents(data, images, batch_size=encode_batch_size, quiet=quiet, resolution=resolution,
-                                 cache=cache, num_workers=encode_workers)
+        latents = encode_latents(
+            data, images, batch_size=encode_batch_size, quiet=quiet, resolution=resolution, cache=cache, num_workers=encode_workers
+        )
         return fit_latents(latents, config, decode=data.decode, **overrides)
     if isinstance(data, torch.nn.Module):
         raise _not_an_adapter(data)

@@ -55,7 +55,7 @@ def gmm_fit_items(dims: int) -> int:
 
 
 def gmm_covariance(dims: int) -> str:
-    """"full" up to GMM_FULL_COV_MAX_DIMS latent dims, "diag" above (K·D² values would not fit)."""
+    """ "full" up to GMM_FULL_COV_MAX_DIMS latent dims, "diag" above (K·D² values would not fit)."""
     return "full" if dims <= GMM_FULL_COV_MAX_DIMS else "diag"
 
 
@@ -266,8 +266,10 @@ class GMMPrior(BaselinePrior):
         if variances is not None:
             variances = _as_rows(variances, "variances")
             if variances.shape != x.shape or bool((variances < 0).any()):
-                raise LatentPriorError(f"variances has shape {tuple(variances.shape)} (or negative values): pass the posterior "
-                                       f"variances of the same {n} items as z, shape {tuple(z.shape)}, all ≥ 0.")
+                raise LatentPriorError(
+                    f"variances has shape {tuple(variances.shape)} (or negative values): pass the posterior "
+                    f"variances of the same {n} items as z, shape {tuple(z.shape)}, all ≥ 0."
+                )
         self.latent_shape = tuple(int(s) for s in z.shape[1:])
         generator = torch.Generator().manual_seed(self.seed)
         resp = self._kmeans_responsibilities(x, generator)
@@ -416,8 +418,9 @@ class GMMPrior(BaselinePrior):
         self._check_fitted()
         self._check_sample_args(n, temperature)
         if generator is not None and generator.device.type != "cpu":
-            raise LatentPriorError("GMMPrior.sample: pass a CPU torch.Generator (the mixture lives on the CPU); move "
-                    "the samples afterwards.")
+            raise LatentPriorError(
+                "GMMPrior.sample: pass a CPU torch.Generator (the mixture lives on the CPU); move the samples afterwards."
+            )
         components = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
         z = torch.empty_like(eps)

@@ -1,8 +1,8 @@
 """The items a fit trains and validates on, and the stream of training batches each rank reads.
 
-    train, val = validation_split(len(source), 0.1, seed)      # index arrays, the same on every rank
-    stream = BatchStream(source, train, 256, seed=0, rank=0, world_size=1, num_workers=0)
-    mean, logvar = stream.next()                                # (256, *latent_shape) each; logvar None if exact
+train, val = validation_split(len(source), 0.1, seed)      # index arrays, the same on every rank
+stream = BatchStream(source, train, 256, seed=0, rank=0, world_size=1, num_workers=0)
+mean, logvar = stream.next()                                # (256, *latent_shape) each; logvar None if exact
 """
 
 from __future__ import annotations
@@ -36,13 +36,11 @@ def recorded_split(training_info: dict[str, Any] | None, n: int) -> tuple[np.nda
     return validation_split(n, float(config.get("validation_fraction", 0.0)), int(config.get("seed", 0)))
 
 
-
 def subset(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """A fixed random subset of at most `limit` of `indices`, sorted."""
     if len(indices) <= limit:
         return indices
     return np.sort(np.random.default_rng([int(seed), 0xE7A1]).choice(indices, size=limit, replace=False))
-
 
 
 class Prefetcher:
@@ -97,8 +95,19 @@ class BatchStream:
     the epoch's deterministic order and skips the batches already used.
     """
 
-    def __init__(self, source: Any, indices: np.ndarray, batch_size: int, *, seed: int, rank: int, world_size: int,
-                 num_workers: int, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        source: Any,
+        indices: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        epoch: int = 0,
+        batch_in_epoch: int = 0,
+    ) -> None:
         self.source, self.indices, self.batch_size = source, indices, batch_size
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.batches_per_epoch = len(indices) // (batch_size * world_size)
@@ -108,8 +117,16 @@ class BatchStream:
     def _open(self) -> None:
         self.close()
         it: Iterator = islice(
-            self.source.iter_moments(self.batch_size, indices=self.indices, shuffle=True, seed=self.seed, epoch=self.epoch,
-                                     rank=self.rank, world_size=self.world_size, drop_last=True),
+            self.source.iter_moments(
+                self.batch_size,
+                indices=self.indices,
+                shuffle=True,
+                seed=self.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                drop_last=True,
+            ),
             self.batches_per_epoch,
         )
         if self.num_workers > 0:
@@ -132,4 +149,3 @@ class BatchStream:
         if isinstance(self._it, Prefetcher):
             self._it.close()
         self._it = None
-

@@ -204,8 +204,7 @@ class CacheWriter:
                 )
         elif self.out.is_dir() and any(self.out.glob("shard-*.safetensors")):
             raise LatentPriorError(
-                f"--out {self.out} holds shards but no {PLAN}, so they cannot be checked; "
-                "choose a new --out or delete that folder."
+                f"--out {self.out} holds shards but no {PLAN}, so they cannot be checked; choose a new --out or delete that folder."
             )
         elif self.out.is_dir():
             # Not a cache of ours: a folder we would write manifest.json and shards into must be empty, so
@@ -370,14 +369,22 @@ class CacheWriter:
                 meta = f.metadata()
             count = len(json.loads(meta["files"]))
             skipped.extend(json.loads(meta["skipped"]))
-            shards.append({"file": shard_name(k), "count": count, "rank": int(meta["rank"]),
-                           "world_size": int(meta["world_size"]), "sha256": file_sha256(self.shard_path(k))})
+            shards.append(
+                {
+                    "file": shard_name(k),
+                    "count": count,
+                    "rank": int(meta["rank"]),
+                    "world_size": int(meta["world_size"]),
+                    "sha256": file_sha256(self.shard_path(k)),
+                }
+            )
         if not sum(s["count"] for s in shards):
             # An empty cache marked complete would only fail later, in `fit`, far from the cause; and kept
             # incomplete, its shards (all "skipped") would be reused after the images are fixed. So it goes.
             self._discard()
             shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) + (
-                f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+                f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+            )
             raise LatentPriorError(
                 f"{'--data ' + str(info['data']) if 'data' in info else 'the images'}: none of the {len(self.files)} image "
                 f"files could be read ({shown}), so no cache was written; fix or remove those files and run the same "
@@ -469,8 +476,10 @@ class LatentSource:
         return self._length
 
     def __repr__(self) -> str:
-        return (f"LatentSource({str(self.path)!r}, items={len(self)}, latent_shape={self.latent_shape}, "
-                f"deterministic={self.deterministic}, include_flips={self.include_flips})")
+        return (
+            f"LatentSource({str(self.path)!r}, items={len(self)}, latent_shape={self.latent_shape}, "
+            f"deterministic={self.deterministic}, include_flips={self.include_flips})"
+        )
 
     @property
     def item_bytes(self) -> int:
@@ -650,7 +659,7 @@ class LatentSource:
                     tensor_slice = f.get_slice(key)
                     count, first = 0, None
                     for a in range(0, segment.rows, step):
-                        block = tensor_slice[a:min(a + step, segment.rows)]
+                        block = tensor_slice[a : min(a + step, segment.rows)]
                         bad = ~torch.isfinite(block.reshape(len(block), -1))
                         n_bad = int(bad.sum())
                         if n_bad:
@@ -703,8 +712,10 @@ class EncodedLatents:
             bad = None if values is None else ~torch.isfinite(values.reshape(len(values), -1))
             if bad is not None and bad.any():
                 first = int(torch.nonzero(bad.any(dim=1))[0, 0])
-                raise LatentPriorError(f"{description or 'EncodedLatents'}: {int(bad.sum())} non-finite values (NaN or inf) in "
-                                       f"`{key}`, first at item {first}; drop or fix those items.")
+                raise LatentPriorError(
+                    f"{description or 'EncodedLatents'}: {int(bad.sum())} non-finite values (NaN or inf) in "
+                    f"`{key}`, first at item {first}; drop or fix those items."
+                )
         self.latent_shape: tuple[int, ...] = tuple(self.mean.shape[1:])
         self.normalization = normalization or LatentNormalization()
         self.provenance = provenance
@@ -717,8 +728,11 @@ class EncodedLatents:
 
     def __repr__(self) -> str:
         source = (self.provenance or {}).get("source")
-        return (f"EncodedLatents(items={len(self)}, latent_shape={self.latent_shape}, deterministic={self.deterministic}"
-                + (f", vae={source!r}" if source else "") + ")")
+        return (
+            f"EncodedLatents(items={len(self)}, latent_shape={self.latent_shape}, deterministic={self.deterministic}"
+            + (f", vae={source!r}" if source else "")
+            + ")"
+        )
 
     def read(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Items `indices` -> (mean, logvar | None), each (len(indices), *latent_shape) float32."""
@@ -727,9 +741,19 @@ class EncodedLatents:
             raise LatentPriorError(f"EncodedLatents.read: indices must lie in [0, {len(self)}); got {int(idx.min())}..{int(idx.max())}.")
         return self.mean[idx], None if self.logvar is None else self.logvar[idx]
 
-    def iter_moments(self, batch_size: int, *, indices: Sequence[int] | np.ndarray | None = None, shuffle: bool = True,
-                     seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                     with_indices: bool = False) -> Iterator[tuple]:
+    def iter_moments(
+        self,
+        batch_size: int,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        with_indices: bool = False,
+    ) -> Iterator[tuple]:
         """One epoch of (mean, logvar | None) batches, with the semantics of `LatentSource.iter_moments`:
         the order is a permutation seeded by (seed, epoch), cut into global batches of
         batch_size * world_size of which rank r takes the r-th slice; the last partial global batch is
@@ -762,7 +786,7 @@ def rank_shares(items: np.ndarray, batch_size: int, rank: int, world_size: int, 
     streamed window and the rows carried past the last one."""
     global_batch = batch_size * world_size
     full = len(items) // global_batch * global_batch
-    shares = [items[g + rank * batch_size: g + (rank + 1) * batch_size] for g in range(0, full, global_batch)]
+    shares = [items[g + rank * batch_size : g + (rank + 1) * batch_size] for g in range(0, full, global_batch)]
     if full < len(items) and not drop_last:
         share = np.array_split(items[full:], world_size)[rank]
         if len(share):
@@ -829,7 +853,16 @@ def _open_bare_file(path: Path, include_flips: bool, buffer_bytes: int) -> Laten
     if include_flips:
         segments.append(_Segment(path, "mean_flip", None if deterministic else "logvar_flip", shape[0], shape[0]))
     return LatentSource(
-        path, segments, tuple(shape[1:]), norm, provenance, deterministic, None, has_flips, include_flips, buffer_bytes,
+        path,
+        segments,
+        tuple(shape[1:]),
+        norm,
+        provenance,
+        deterministic,
+        None,
+        has_flips,
+        include_flips,
+        buffer_bytes,
     )
 
 
@@ -847,13 +880,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"cache {path} is incomplete (no {MANIFEST} yet: the encode was interrupted or is still running); "
                 "rerun `latent-prior encode` with the same arguments to resume it."
             )
-        raise LatentPriorError(f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior "
-                "encode` or a .safetensors file.")
+        raise LatentPriorError(
+            f"{path}: not a latent cache (no {MANIFEST}); point at a folder made by `latent-prior encode` or a .safetensors file."
+        )
     manifest = _read_json(manifest_path, "cache manifest")
     version = manifest.get("format_version")
     if not _is_int(version) or version < 1:
-        raise LatentPriorError(f"{manifest_path}: missing or unknown format_version {version!r}; it was not written "
-                "by `latent-prior encode`.")
+        raise LatentPriorError(
+            f"{manifest_path}: missing or unknown format_version {version!r}; it was not written by `latent-prior encode`."
+        )
     if version > FORMAT_VERSION:
         raise LatentPriorError(
             f"{manifest_path}: cache format {version} is newer than this latent-prior reads ({FORMAT_VERSION}); "
@@ -861,8 +896,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     # Caches written before the checksum existed have none; everything below is still checked for them.
     if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
-        raise LatentPriorError(f"{manifest_path}: was edited after `latent-prior encode` wrote it (its checksum does "
-                f"not match); {_REPAIR}.")
+        raise LatentPriorError(
+            f"{manifest_path}: was edited after `latent-prior encode` wrote it (its checksum does not match); {_REPAIR}."
+        )
 
     def malformed(what: str) -> LatentPriorError:
         return LatentPriorError(f"{manifest_path}: malformed manifest ({what}); {_REPAIR}.")
@@ -879,9 +915,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest["count"] == 0:
         raise LatentPriorError(f"cache {path} holds no latents (every image was skipped); check the skipped list in {manifest_path}.")
     shards, skipped = manifest.get("shards"), manifest.get("skipped", [])
-    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                               and _is_int(e.get("count")) and e["count"] >= 0 for e in shards):
-        raise malformed("shards is not a list of {\"file\", \"count\"} entries")
+    if not isinstance(shards, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and _is_int(e.get("count")) and e["count"] >= 0 for e in shards
+    ):
+        raise malformed('shards is not a list of {"file", "count"} entries')
     if not isinstance(skipped, list):
         raise malformed("skipped is not a list")
     # The plan fixes the shard list: chunk k of the sorted files is shard-0000k, once each, in order. So a
@@ -890,9 +927,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     listed = [e["file"] for e in shards]
     if listed != expected:
         odd = next((name for name in listed if name not in expected or listed.count(name) > 1), None)
-        what = (f"it lists {odd!r}, which is not one of this cache's own shard files" if odd is not None and odd not in expected
-                else f"it lists {odd} twice" if odd is not None else f"it lists {len(listed)} shards instead of "
-                        f"{expected[0]} … {expected[-1]}")
+        what = (
+            f"it lists {odd!r}, which is not one of this cache's own shard files"
+            if odd is not None and odd not in expected
+            else f"it lists {odd} twice"
+            if odd is not None
+            else f"it lists {len(listed)} shards instead of {expected[0]} … {expected[-1]}"
+        )
         raise malformed(what)
     if sum(e["count"] for e in shards) != manifest["count"] or manifest["count"] + len(skipped) != manifest["num_files"]:
         raise malformed(f"count {manifest['count']} does not add up with the shards' counts and the skipped files")
@@ -927,12 +968,13 @@ def check_shards(path: Path, manifest: dict[str, Any], *, verify: bool = False) 
         if not shard.is_file():
             raise LatentPriorError(
                 f"cache {path} is missing {entry['file']}, listed in its manifest; rerun `latent-prior encode` with "
-                        "the same arguments to re-create it."
+                "the same arguments to re-create it."
             )
         if shard.is_symlink() or shard.resolve().parent != root:
             # encode never writes links: one would let a cache read (and train on) a file outside its folder.
-            raise LatentPriorError(f"{shard}: is a link to {shard.resolve()}, but a cache reads only the shard files in its own "
-                                   f"folder; {_REPAIR}.")
+            raise LatentPriorError(
+                f"{shard}: is a link to {shard.resolve()}, but a cache reads only the shard files in its own folder; {_REPAIR}."
+            )
         keys, shapes, meta = _shard_header(shard)
 
         def mismatch(what: str) -> LatentPriorError:
@@ -952,8 +994,9 @@ def check_shards(path: Path, manifest: dict[str, Any], *, verify: bool = False) 
             if shapes[key] != (rows, *latent_shape):
                 raise mismatch(f"`{key}` has shape {shapes[key]} where the manifest implies {(rows, *latent_shape)}")
         if verify and "sha256" in entry and file_sha256(shard) != entry["sha256"]:
-            raise LatentPriorError(f"{shard}: its bytes changed since `latent-prior encode` wrote it (sha256 does not match "
-                                   f"the manifest); {_REPAIR}.")
+            raise LatentPriorError(
+                f"{shard}: its bytes changed since `latent-prior encode` wrote it (sha256 does not match the manifest); {_REPAIR}."
+            )
 
 
 def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int, verify: bool) -> LatentSource:
@@ -974,9 +1017,16 @@ def _open_cache_dir(path: Path, include_flips: bool, buffer_bytes: int, verify: 
                 segments.append(_Segment(path / entry["file"], mean_key, logvar_key, start, entry["count"]))
                 start += entry["count"]
     return LatentSource(
-        path, segments, latent_shape,
+        path,
+        segments,
+        latent_shape,
         LatentNormalization.from_recorded(manifest.get("normalization"), str(path / MANIFEST), channels=latent_shape[0]),
-        manifest.get("vae"), deterministic, manifest, has_flips, include_flips, buffer_bytes,
+        manifest.get("vae"),
+        deterministic,
+        manifest,
+        has_flips,
+        include_flips,
+        buffer_bytes,
     )
 
 

@@ -53,7 +53,8 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     if len(groups) != len(opt.param_groups) or any(len(g["params"]) != len(c["params"]) for g, c in zip(groups, opt.param_groups)):
         raise LatentPriorError(
             f"the checkpoint's optimizer has {len(groups)} parameter group(s), this run's {len(opt.param_groups)}: it was written "
-            "with another --lr-linear-power (runs before it existed: 0); resume with that setting or start a new --out.")
+            "with another --lr-linear-power (runs before it existed: 0); resume with that setting or start a new --out."
+        )
     for group, current in zip(groups, opt.param_groups):
         # The run may resume with new settings (e.g. a lower lr after a divergence): those win.
         group.update({key: current[key] for key in ("lr", "betas", "lr_scale") if key in current})
@@ -102,8 +103,8 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").is_file():
-                found.append((int(p.name[len(STEP_PREFIX):]), p))
+            if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit() and (p / "state.json").is_file():
+                found.append((int(p.name[len(STEP_PREFIX) :]), p))
     return sorted(found)
 
 
@@ -128,14 +129,14 @@ class RunState:
 # ----------------------------------------------------------------------------------------------
 # metrics.csv
 
-CSV_COLUMNS = (
-    "step", "epoch", "seconds", "e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl",
-    "energy_grad_norm", "sampler_grad_norm", "val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "lr_sampler",
-    "val_fd", "val_precision",
-)
-EVAL_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction", "val_fd", "val_precision")
-STAT_KEYS = ("e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm",
-              "sampler_grad_norm", "max_abs_energy")
+#: the trainer's per-step losses and gradient norms
+LOSS_KEYS = ("e_pos", "e_neg", "energy_loss", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm")
+#: the validation figures of an evaluation step: the ELBO gain and its log Z estimate, then the sample fidelity
+GAIN_KEYS = ("val_gain_nats", "train_gain_nats", "log_z_is", "ess_fraction")
+FIDELITY_KEYS = ("val_fd", "val_precision")
+EVAL_KEYS = GAIN_KEYS + FIDELITY_KEYS
+CSV_COLUMNS = ("step", "epoch", "seconds", *LOSS_KEYS, *GAIN_KEYS, "lr_sampler", *FIDELITY_KEYS)
+STAT_KEYS = (*LOSS_KEYS, "max_abs_energy")
 
 
 class MetricsCSV:
@@ -171,6 +172,7 @@ def check_checkpoint(path: Path, networks: dict[str, nn.Module], world_size: int
     the module it restores: energy, flow, flow_ema), before anything is written: a damaged checkpoint, or one of
     other networks, is refused here with one sentence instead of failing after fit_config.json was rewritten.
     `world_size` and `rank`: this run's processes and this one's rank (its RNG files)."""
+
     def damaged(name: str, exc: BaseException) -> LatentPriorError:
         return LatentPriorError(
             f"{path / name}: the checkpoint is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -219,4 +221,3 @@ def check_checkpoint(path: Path, networks: dict[str, nn.Module], world_size: int
         tensors(f"optim_{name}.safetensors")
     tensors(f"rng-rank{rank}.safetensors")
     json_object(f"rng-rank{rank}.json")
-

@@ -33,8 +33,12 @@ def load_adapter(config, *, required: bool = True):
         return None  # before the import: it pulls in diffusers
     from latent_prior.adapters import load_vae
 
-    return load_vae(spec, dtype=getattr(config, "dtype", "fp32"), subfolder=getattr(config, "subfolder", None),
-                    revision=getattr(config, "revision", None))
+    return load_vae(
+        spec,
+        dtype=getattr(config, "dtype", "fp32"),
+        subfolder=getattr(config, "subfolder", None),
+        revision=getattr(config, "revision", None),
+    )
 
 
 def run_encode(config):
@@ -114,8 +118,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Command, ty
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = _available_commands()
     for name, (cmd, config_cls, _) in commands.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(p, config_cls)
     return parser, commands
 
@@ -150,8 +153,7 @@ def runtime_failure(exc: BaseException) -> str | None:
     memory), or None for anything else."""
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        return (f"{where}{exc.strerror or exc}; check that path, its permissions and the free disk space, then run "
-                "the same command again.")
+        return f"{where}{exc.strerror or exc}; check that path, its permissions and the free disk space, then run the same command again."
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "out of memory; lower --batch-size (or --resolution, -n) and run the same command again."
     return None

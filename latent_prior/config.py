@@ -1,8 +1,8 @@
 """Dataclass configs shared by the CLI, the Python API and the saved JSON.
 
 A command's config is one flat dataclass. Each field carries its help text in
-`field(metadata={"help": ...})` (and optionally `"flags": ("-n",)` for extra short flags,
-`"choices": (...)`, or `"positional": True` to also accept the value as a positional argument).
+`field(metadata={"help": ...})`, written `option(default, help)` (and optionally `flags=("-n",)` for extra short
+flags, `choices=(...)`, or `positional=True` to also accept the value as a positional argument).
 `add_arguments` turns the fields into argparse flags with the same names (`batch_size` <->
 `--batch-size`), and `resolve` merges defaults < `--config FILE` < flags.
 """
@@ -23,6 +23,11 @@ from typing import Any, TypeVar
 from latent_prior.errors import LatentPriorError
 
 C = TypeVar("C")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field: `dataclasses.field(default=default, metadata={"help": help, **metadata})`."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -59,7 +64,7 @@ def _class_body(klass: type) -> list[str] | None:
     if start is None:
         return None
     end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()), len(lines))
-    return [line.rstrip("\n") for line in lines[start + 1:end]]
+    return [line.rstrip("\n") for line in lines[start + 1 : end]]
 
 
 def field_groups(cls: type) -> dict[str, str]:
@@ -108,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = f.metadata["choices"]
         if f.metadata.get("positional"):
             # Also accepted as an optional positional argument (`latent-prior info DIR` = `--path DIR`).
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=kwargs.get("metavar", f.name.upper()),
-                                help=f"same as {flags[-1]}")
+            parser.add_argument(
+                f.name, nargs="?", default=argparse.SUPPRESS, metavar=kwargs.get("metavar", f.name.upper()), help=f"same as {flags[-1]}"
+            )
         title = groups.get(f.name)
         if title is not None and len(set(groups.values())) > 1 and title not in sections:
             sections[title] = parser.add_argument_group(title)
@@ -131,8 +137,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise LatentPriorError(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as a UTF-8 "
-                               "YAML or JSON file.") from None
+        raise LatentPriorError(
+            f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as a UTF-8 YAML or JSON file."
+        ) from None
     except OSError as exc:
         raise LatentPriorError(f"--config {path}: cannot be read ({exc.strerror or exc}); check the file and its permissions.") from None
     try:
@@ -161,8 +168,15 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
     return f"{value!r} ({kind})"
 
 
@@ -227,9 +241,7 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise LatentPriorError(
-            f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(names))}."
-        )
+        raise LatentPriorError(f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(names))}.")
     data = check_types(cls, data, source)
     try:
         return cls(**data)

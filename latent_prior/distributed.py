@@ -23,7 +23,7 @@ def all_reduce_grads_and_stats(params: Sequence[nn.Parameter], stats: torch.Tens
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
         offset += n
     return flat[offset:]
 
@@ -37,4 +37,3 @@ def broadcast_module(module: nn.Module, accelerator: Any) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             t.copy_(broadcast(t.detach().clone(), from_process=0))
-

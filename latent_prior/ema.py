@@ -31,7 +31,9 @@ class EMA:
             ema_t.copy_(t)
         self.updates += 1
 
-    def _pairs(self, module: nn.Module) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    def _pairs(
+        self, module: nn.Module
+    ) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """((EMA floats, source floats), (EMA others, source others)), built once per source module: state_dict
         tensors keep their identity (load_state_dict copies into them), and rebuilding these lists at every step
         cost more than the averaging itself on small flows."""
@@ -41,4 +43,3 @@ class EMA:
             self._others = ([e for e, _ in pairs if not e.is_floating_point()], [t for e, t in pairs if not e.is_floating_point()])
             self._source = module
         return self._floats, self._others
-

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latent_prior.cache import CacheWriter, shard_name
+from latent_prior.config import option
 from latent_prior.data import ImageFolder, image_loader, list_images
 from latent_prior.errors import LatentPriorError
 from latent_prior.log import log_result, logger
@@ -35,22 +36,24 @@ DEFAULT_USER_RESOLUTION = 256
 class EncodeConfig:
     """`latent-prior encode`: the fields are the CLI flags (`shard_size` <-> `--shard-size`)."""
 
-    vae: str | None = field(default=None, metadata={"help": "VAE to encode with: a hub id, a local save_pretrained or "
-            "pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE"})
-    data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched "
-            "recursively); leave out for the bundled digits"})
-    out: str | None = field(default=None, metadata={"help": "cache folder to write (rerun the same command to resume "
-            "it)", "required": True})
-    resolution: int | None = field(default=None, metadata={"help": "square image size in pixels (shorter side "
-            "resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"})
-    batch_size: int = field(default=8, metadata={"help": "images per encoder call"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the encoder", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    flip: bool = field(default=False, metadata={"help": "also store the moments of horizontally flipped images (mean_flip / logvar_flip)"})
-    num_workers: int = field(default=2, metadata={"help": "background processes decoding images (0 = decode in the main process)"})
-    shard_size: int = field(default=1024, metadata={"help": "images per safetensors shard: the unit of streaming writes and of resume"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar and no per-file notes (the summary line is still printed)"})
+    vae: str | None = option(
+        None,
+        "VAE to encode with: a hub id, a local save_pretrained or "
+        "pipeline folder, or a .safetensors file; leave out for the embedded default digits VAE",
+    )
+    data: str | None = option(None, "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits")
+    out: str | None = option(None, "cache folder to write (rerun the same command to resume it)", required=True)
+    resolution: int | None = option(
+        None, "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
+    )
+    batch_size: int = option(8, "images per encoder call")
+    dtype: str = option("fp32", "precision of the encoder", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    flip: bool = option(False, "also store the moments of horizontally flipped images (mean_flip / logvar_flip)")
+    num_workers: int = option(2, "background processes decoding images (0 = decode in the main process)")
+    shard_size: int = option(1024, "images per safetensors shard: the unit of streaming writes and of resume")
+    quiet: bool = option(False, "no progress bar and no per-file notes (the summary line is still printed)")
 
 
 def _uses_embedded_default(config: EncodeConfig) -> bool:
@@ -102,11 +105,15 @@ def _raise_nonfinite(rows: torch.Tensor, paths: list[str], data_dir: Path, dtype
     names = [paths[int(i)] for i in rows]
     shown = ", ".join(str(data_dir / n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     if dtype == torch.float16:
-        remedy = (f"fp16 overflowed, so rerun with --dtype fp32 or --dtype bf16 (or a VAE whose config sets force_upcast) "
-                  f"into a new --out or after deleting {out}, since a cache keeps the dtype it was started with")
+        remedy = (
+            f"fp16 overflowed, so rerun with --dtype fp32 or --dtype bf16 (or a VAE whose config sets force_upcast) "
+            f"into a new --out or after deleting {out}, since a cache keeps the dtype it was started with"
+        )
     else:
-        remedy = (f"this happened in {str(dtype).removeprefix('torch.')}, so check the VAE's weights for NaN/inf "
-                  "(or try --dtype fp32 with a new --out)")
+        remedy = (
+            f"this happened in {str(dtype).removeprefix('torch.')}, so check the VAE's weights for NaN/inf "
+            "(or try --dtype fp32 with a new --out)"
+        )
     raise LatentPriorError(
         f"the VAE gave NaN/inf latents for {len(names)} image(s){what} ({shown}) and this shard was not written; {remedy}."
     )
@@ -219,8 +226,7 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
         shard_size=config.shard_size,
         identity={
             # Not the source path: the same weights under another path or hub id are the same VAE.
-            "vae": {"class_name": provenance.class_name, "config_hash": provenance.config_hash,
-                    "fingerprint": provenance.fingerprint},
+            "vae": {"class_name": provenance.class_name, "config_hash": provenance.config_hash, "fingerprint": provenance.fingerprint},
             "resolution": resolution,
             "dtype": str(dtype).removeprefix("torch."),
             "image_channels": int(adapter.image_channels),
@@ -249,8 +255,7 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
             batches.append(range(b, min(b + config.batch_size, end)))
             batch_chunk.append(k)
     # Nothing left to encode (a finished cache run again): do not start worker processes for nothing.
-    loader = image_loader(dataset, batches, num_workers=config.num_workers,
-                          pin_memory=accelerator.device.type == "cuda") if batches else []
+    loader = image_loader(dataset, batches, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda") if batches else []
     show = is_main and not config.quiet
     desc = "encode" if world_size == 1 else f"encode (rank 0 of {world_size})"
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=desc, disable=not show, dynamic_ncols=True)
@@ -281,10 +286,13 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
         bar.update(len(batch.indices) + len(batch.skipped))
         if i + 1 == len(batches) or batch_chunk[i + 1] != k:  # last batch of chunk k: write its shard
             empty = torch.empty(0, *latent_shape)
-            tensors = {key: torch.cat(rows[key]) if key in rows else empty
-                       for key in ("mean", "logvar", "mean_flip", "logvar_flip")}
+            tensors = {key: torch.cat(rows[key]) if key in rows else empty for key in ("mean", "logvar", "mean_flip", "logvar_flip")}
             writer.write_shard(
-                k, files=chunk_paths, skipped=chunk_skipped, rank=rank, world_size=world_size,
+                k,
+                files=chunk_paths,
+                skipped=chunk_skipped,
+                rank=rank,
+                world_size=world_size,
                 mean=tensors["mean"],
                 logvar=None if adapter.deterministic else tensors["logvar"],
                 mean_flip=tensors["mean_flip"] if config.flip else None,
@@ -297,32 +305,36 @@ def encode_images(adapter: VAEAdapter, config: EncodeConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"rank": rank, "world_size": world_size, "encoded_by_this_rank": encoded_here}
     if is_main:
-        manifest = writer.finalize({
-            "latent_prior_version": __version__,
-            "vae": provenance.to_dict(),
-            "normalization": adapter.normalization.to_dict(),
-            "resolution": resolution,
-            "dtype": str(dtype).removeprefix("torch."),
-            "compute_dtype": str(adapter.dtype).removeprefix("torch."),
-            "image_channels": int(adapter.image_channels),
-            "data": str(data_dir.resolve()),
-            "world_size": world_size,
-        })
+        manifest = writer.finalize(
+            {
+                "latent_prior_version": __version__,
+                "vae": provenance.to_dict(),
+                "normalization": adapter.normalization.to_dict(),
+                "resolution": resolution,
+                "dtype": str(dtype).removeprefix("torch."),
+                "compute_dtype": str(adapter.dtype).removeprefix("torch."),
+                "image_channels": int(adapter.image_channels),
+                "data": str(data_dir.resolve()),
+                "world_size": world_size,
+            }
+        )
         by_chunk = {s["file"]: s["count"] for s in manifest["shards"]}
         encoded = sum(by_chunk[shard_name(k)] for k in pending_all)
         seconds = time.perf_counter() - start_time
         size_mb = _cache_size_bytes(out) / 1e6
-        summary.update({
-            "out": str(out),
-            "count": manifest["count"],
-            "encoded": encoded,
-            "shards": writer.num_chunks,
-            "reused_shards": writer.num_chunks - len(pending_all),
-            "skipped": manifest["skipped"],
-            "seconds": seconds,
-            "size_mb": size_mb,
-            "images_per_second": encoded / seconds if seconds > 0 else float("nan"),
-        })
+        summary.update(
+            {
+                "out": str(out),
+                "count": manifest["count"],
+                "encoded": encoded,
+                "shards": writer.num_chunks,
+                "reused_shards": writer.num_chunks - len(pending_all),
+                "skipped": manifest["skipped"],
+                "seconds": seconds,
+                "size_mb": size_mb,
+                "images_per_second": encoded / seconds if seconds > 0 else float("nan"),
+            }
+        )
         reused = f", {summary['reused_shards']} of {writer.num_chunks} shards reused" if summary["reused_shards"] else ""
         log_result(
             f"latent-prior encode: {encoded} images encoded ({manifest['count']} in cache{reused}), "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, checked_kind
 from latent_prior.sampling import log_standard_normal
 
 __all__ = ["MLPEnergy", "ConvEnergy", "FlowBasedEnergy", "build_energy", "ENERGY_KINDS"]
@@ -183,8 +183,12 @@ class FlowBasedEnergy(nn.Module):
         self.residual, self.base = residual, base
         self.base.requires_grad_(False)
         self.latent_shape = tuple(residual.latent_shape)
-        self.config = {"kind": "flow_based", "latent_shape": list(self.latent_shape),
-                       "residual": dict(residual.config), "base": dict(base.config)}
+        self.config = {
+            "kind": "flow_based",
+            "latent_shape": list(self.latent_shape),
+            "residual": dict(residual.config),
+            "base": dict(base.config),
+        }
 
     def base_energy(self, z: torch.Tensor, whitened: torch.Tensor | None = None) -> torch.Tensor:
         """log p0(z) − log q_base(z): the energy of q_base relative to N(0, I), in nats. `whitened`: z's
@@ -233,18 +237,7 @@ def build_energy(
         residual_net = build_energy(**{"latent_shape": shape, **residual})
         base_flow = build_flow(**{"latent_shape": shape, **base})
         return FlowBasedEnergy(residual_net, base_flow)
-    if kind not in ENERGY_KINDS:
-        raise LatentPriorError(f"energy kind={kind!r} is unknown; choose one of {', '.join(ENERGY_KINDS)}.")
-    if kind == "auto":
-        if len(shape) == 1:
-            kind = "mlp"
-        elif len(shape) == 3:
-            kind = "conv"
-        else:
-            raise LatentPriorError(
-                f"latent_shape={shape} has {len(shape)} dimensions; the energy supports flat (D,) or spatial (C, H, W) "
-                "latents (pass kind='mlp' to flatten other shapes)."
-            )
+    kind = checked_kind(kind, ENERGY_KINDS, shape, what="energy", flat="mlp", spatial="conv", supported_by="the energy supports")
     if kind == "mlp":
         return MLPEnergy(shape, hidden=hidden, depth=depth, spectral_norm=spectral_norm)
     return ConvEnergy(shape, channels=channels, depth=depth, spectral_norm=spectral_norm)

@@ -28,3 +28,21 @@ def read_json_object(path, what: str, remedy: str) -> dict:
     if not isinstance(data, dict):
         raise LatentPriorError(f"{path}: the {what} is not a JSON object; {remedy}.")
     return data
+
+
+def checked_kind(
+    kind: str, kinds: tuple[str, ...], shape: tuple[int, ...], *, what: str, flat: str, spatial: str, supported_by: str
+) -> str:
+    """A network's `kind`, refused unless one of `kinds` (which hold "auto"); "auto" becomes `flat` for flat (D,) latents
+    and `spatial` for (C, H, W) ones, and is refused for other shapes, naming `flat` as the kind that flattens them.
+    `what` names the network in the messages ("energy"), `supported_by` the subject of "... support(s) flat"."""
+    if kind not in kinds:
+        raise LatentPriorError(f"{what} kind={kind!r} is unknown; choose one of {', '.join(kinds)}.")
+    if kind != "auto":
+        return kind
+    if len(shape) not in (1, 3):
+        raise LatentPriorError(
+            f"latent_shape={shape} has {len(shape)} dimensions; {supported_by} flat (D,) or spatial (C, H, W) "
+            f"latents (pass kind={flat!r} to flatten other shapes)."
+        )
+    return flat if len(shape) == 1 else spatial

@@ -110,24 +110,22 @@ def _cycle(items: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarra
     return np.concatenate([rng.permutation(items) for _ in range(reps)])[:count]
 
 
-def draws_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization,
-                   generator: torch.Generator) -> torch.Tensor:
+def draws_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization, generator: torch.Generator) -> torch.Tensor:
     """One reparameterised draw z = μ + σ·ε per entry of `indices` (repeats allowed), in normalized
     space: (len(indices), *latent_shape) float32 on the CPU (the means for a deterministic source)."""
     out = []
     for start in range(0, len(indices), _READ_BATCH):
-        mean, logvar = source.read(indices[start:start + _READ_BATCH])
+        mean, logvar = source.read(indices[start : start + _READ_BATCH])
         out.append(posterior_draw(mean.float(), None if logvar is None else logvar.float(), generator, normalization=normalization))
     return torch.cat(out)
 
 
-def moments_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def moments_of_items(source: Any, indices: np.ndarray, normalization: LatentNormalization) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalized posterior means and variances (None for a deterministic source) of the items `indices`, each
     (len(indices), *latent_shape) float32 on the CPU."""
     means, variances = [], []
     for start in range(0, len(indices), _READ_BATCH):
-        mean, logvar = source.read(indices[start:start + _READ_BATCH])
+        mean, logvar = source.read(indices[start : start + _READ_BATCH])
         mean, variance = posterior_moments(mean.float(), None if logvar is None else logvar.float(), normalization=normalization)
         means.append(mean)
         variances.append(variance)
@@ -155,13 +153,20 @@ def heldout_elbo_gain(prior: Any, source: Any, indices: Any, *, seed: int = 0, b
     try:
         with torch.no_grad():
             for start in range(0, len(idx), batch_size):
-                mean, logvar = source.read(idx[start:start + batch_size])
+                mean, logvar = source.read(idx[start : start + batch_size])
                 mean = norm.normalize(mean.float()).to(prior.device, prior.dtype)
                 if logvar is not None:
                     logvar = norm.normalize_logvar(logvar.float()).to(prior.device, prior.dtype)
                 deterministic = deterministic or logvar is None
-                part = elbo_gain(prior.energy_net, mean, logvar, prior.log_z, generator=generator, batch_size=batch_size,
-                                 data_dims=latent_data_dims(source))
+                part = elbo_gain(
+                    prior.energy_net,
+                    mean,
+                    logvar,
+                    prior.log_z,
+                    generator=generator,
+                    batch_size=batch_size,
+                    data_dims=latent_data_dims(source),
+                )
                 n, m = part["num_items"], part["gain_nats"]
                 sd = part["std_err_nats"] * math.sqrt(n) if n > 1 else 0.0
                 count, total, total_sq = count + n, total + n * m, total_sq + (n - 1) * sd**2 + n * m**2
@@ -206,8 +211,17 @@ def _stream_seed(seed: int, stream: str, evaluation: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
-def _sample_metrics(z: torch.Tensor, heldout_draws: torch.Tensor, floor: float, items: int, repeats: int, bandwidth: float,
-                    hole_density: Any, c2st_per_class: int, seed: int) -> dict[str, Any]:
+def _sample_metrics(
+    z: torch.Tensor,
+    heldout_draws: torch.Tensor,
+    floor: float,
+    items: int,
+    repeats: int,
+    bandwidth: float,
+    hole_density: Any,
+    c2st_per_class: int,
+    seed: int,
+) -> dict[str, Any]:
     """One evaluation of one method's samples `z` against `heldout_draws` (`repeats` draws of `items` held-out
     items, grouped by draw): the row's metrics, FDs and MMD² in squared normalized units."""
     from latent_prior.metrics import c2st_auc, frechet_distance, hole_share, mmd_rbf, precision_recall_knn
@@ -218,12 +232,22 @@ def _sample_metrics(z: torch.Tensor, heldout_draws: torch.Tensor, floor: float, 
     if min(len(z), len(heldout_draws)) >= 10:  # 5 folds of at least 2 per class
         with _one_thread():  # the C2ST's small matmuls run ~10x faster on one thread of a busy CPU
             c2st = c2st_auc(z[:c2st_per_class], heldout_draws[:c2st_per_class], seed=seed)
-    out: dict[str, Any] = {"excess_fd": fd - floor, "fd": fd, "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
-                           "precision": None, "recall": None, "hole_share": holes["share"], "hole_share_se": holes["share_se"],
-                           "c2st_auc": c2st["auc"], "c2st_auc_std": c2st["auc_std"]}
+    out: dict[str, Any] = {
+        "excess_fd": fd - floor,
+        "fd": fd,
+        "mmd2": mmd_rbf(z, heldout_draws, bandwidth=bandwidth),
+        "precision": None,
+        "recall": None,
+        "hole_share": holes["share"],
+        "hole_share_se": holes["share_se"],
+        "c2st_auc": c2st["auc"],
+        "c2st_auc_std": c2st["auc_std"],
+    }
     if items > PR_NEIGHBOURS:
-        pr = [precision_recall_knn(heldout_draws[r * items:(r + 1) * items], z[r * items:(r + 1) * items], k=PR_NEIGHBOURS)
-              for r in range(max(1, min(repeats, len(z) // items)))]
+        pr = [
+            precision_recall_knn(heldout_draws[r * items : (r + 1) * items], z[r * items : (r + 1) * items], k=PR_NEIGHBOURS)
+            for r in range(max(1, min(repeats, len(z) // items)))
+        ]
         out["precision"] = sum(p.precision for p in pr) / len(pr)
         out["recall"] = sum(p.recall for p in pr) / len(pr)
     return out
@@ -248,7 +272,7 @@ def _mean_of_evaluations(measured: list[dict[str, Any]]) -> dict[str, Any]:
 
 def normalize_methods(methods: Sequence[str]) -> list[str]:
     out: list[str] = []
-    for m in ([methods] if isinstance(methods, str) else methods):
+    for m in [methods] if isinstance(methods, str) else methods:
         key = ALIASES.get(m, m)
         if key not in METHODS:
             raise LatentPriorError(f"--methods {m!r}: choose from {', '.join([*METHODS, *ALIASES])}.")
@@ -259,8 +283,15 @@ def normalize_methods(methods: Sequence[str]) -> list[str]:
     return out
 
 
-def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormalization, dims: int, seed: int,
-             rng: np.random.Generator, n_init: int | None = None) -> tuple[Any, float, dict[str, Any]]:
+def _fit_gmm(
+    train_source: Any,
+    train: np.ndarray,
+    normalization: LatentNormalization,
+    dims: int,
+    seed: int,
+    rng: np.random.Generator,
+    n_init: int | None = None,
+) -> tuple[Any, float, dict[str, Any]]:
     """A GMM on the posterior moments of the training items (a seeded subset of `gmm_fit_items` beyond that): EM
     fits their aggregate posterior, not the means (`GMMPrior.fit`'s `variances`), from the best of `n_init`
     k-means starts (GMM_KMEANS_STARTS by default)."""
@@ -278,9 +309,15 @@ def _fit_gmm(train_source: Any, train: np.ndarray, normalization: LatentNormaliz
         warnings.simplefilter("always")
         gmm = GMMPrior(n_components=components, covariance=covariance, seed=seed, n_init=n_init).fit(means, variances)
     seconds = time.perf_counter() - start
-    info = {"components": components, "covariance": covariance, "fit_items": len(items), "fit_on": "posterior moments"
-            if variances is not None else "means (deterministic latents)", "em_iterations": gmm.n_iter_,
-            "converged": gmm.converged_, "warnings": [str(w.message) for w in caught]}
+    info = {
+        "components": components,
+        "covariance": covariance,
+        "fit_items": len(items),
+        "fit_on": "posterior moments" if variances is not None else "means (deterministic latents)",
+        "em_iterations": gmm.n_iter_,
+        "converged": gmm.converged_,
+        "warnings": [str(w.message) for w in caught],
+    }
     return gmm, seconds, info
 
 
@@ -295,18 +332,22 @@ def _flow_matching_budget(prior: Any, seconds: float | None) -> float:
     """The flow-matching row's fit budget: `seconds` when given, else the EVaLP prior's recorded fit time."""
     if seconds is not None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
-            raise LatentPriorError(f"flow_matching_seconds={seconds!r}: pass a positive number of seconds (or None for the "
-                                   "EVaLP prior's own fit time).")
+            raise LatentPriorError(
+                f"flow_matching_seconds={seconds!r}: pass a positive number of seconds (or None for the EVaLP prior's own fit time)."
+            )
         return float(seconds)
     recorded = ((prior.training_info or {}).get("summary") or {}).get("seconds")
     if not isinstance(recorded, (int, float)) or not recorded > 0:
-        raise LatentPriorError("the flow-matching row trains for as long as the prior's fit took, which this prior does not "
-                               "record; pass flow_matching_seconds.")
+        raise LatentPriorError(
+            "the flow-matching row trains for as long as the prior's fit took, which this prior does not "
+            "record; pass flow_matching_seconds."
+        )
     return float(recorded)
 
 
-def _fit_flow_matching(train_source: Any, train: np.ndarray, normalization: LatentNormalization, seed: int, seconds: float,
-                       device: torch.device) -> tuple[Any, dict[str, Any]]:
+def _fit_flow_matching(
+    train_source: Any, train: np.ndarray, normalization: LatentNormalization, seed: int, seconds: float, device: torch.device
+) -> tuple[Any, dict[str, Any]]:
     """The flow-matching baseline (`latent_prior.flow_matching`) on the posterior moments of the training items
     (the GMM row's items; a seeded subset beyond FLOW_MATCHING_MAX_VALUES), fresh draws at every step, for
     `seconds` of wall time on `device` (one thread on a CPU, as the EVaLP fit and the timings)."""
@@ -319,17 +360,31 @@ def _fit_flow_matching(train_source: Any, train: np.ndarray, normalization: Late
         items = np.sort(np.random.default_rng([int(seed), 0xF10E]).choice(items, size=limit, replace=False))
     means, logvars = [], []
     for start in range(0, len(items), _READ_BATCH):
-        mean, logvar = train_source.read(items[start:start + _READ_BATCH])
+        mean, logvar = train_source.read(items[start : start + _READ_BATCH])
         means.append(mean.float())
         if logvar is not None:
             logvars.append(logvar.float())
     fm = FlowMatchingPrior()
     with _one_thread() if device.type == "cpu" else nullcontext():
-        fm.fit(torch.cat(means), torch.cat(logvars) if logvars else None, normalization=normalization, seconds=seconds,
-               seed=int(seed), device=device)
-    info = {"solver": "heun", "solver_steps": fm.solver_steps, "network_evaluations": fm.network_evaluations,
-            "fit_steps": fm.steps_done_, "fit_seconds": fm.fit_seconds_, "budget_seconds": seconds, "fit_items": int(len(items)),
-            "net": fm.kind_, "time_sampling": fm.cfg.time_sampling}
+        fm.fit(
+            torch.cat(means),
+            torch.cat(logvars) if logvars else None,
+            normalization=normalization,
+            seconds=seconds,
+            seed=int(seed),
+            device=device,
+        )
+    info = {
+        "solver": "heun",
+        "solver_steps": fm.solver_steps,
+        "network_evaluations": fm.network_evaluations,
+        "fit_steps": fm.steps_done_,
+        "fit_seconds": fm.fit_seconds_,
+        "budget_seconds": seconds,
+        "fit_items": int(len(items)),
+        "net": fm.kind_,
+        "time_sampling": fm.cfg.time_sampling,
+    }
     return fm, info
 
 
@@ -420,8 +475,15 @@ def latent_report(
     bandwidth = median_bandwidth(per_evaluation[0][0], per_evaluation[0][1], seed=_stream_seed(seed, "bandwidth"))
     # The hole-share density: a GMM of its own on training moments with its own seed, not the "gmm" row's model,
     # which would judge its own samples. One k-means start: it is a density estimate, not a baseline.
-    hole_density, hole_fit_seconds, hole_info = _fit_gmm(train_source, train, norm, dims, _stream_seed(seed, "hole-gmm"),
-                                                         np.random.default_rng(_stream_seed(seed, "hole-gmm-items")), n_init=1)
+    hole_density, hole_fit_seconds, hole_info = _fit_gmm(
+        train_source,
+        train,
+        norm,
+        dims,
+        _stream_seed(seed, "hole-gmm"),
+        np.random.default_rng(_stream_seed(seed, "hole-gmm-items")),
+        n_init=1,
+    )
 
     prior_device = prior.device
     batch = min(TIMING_BATCH, samples)
@@ -442,8 +504,9 @@ def latent_report(
             draw_chunk = lambda n, g: fm.sample(n, generator=g).cpu()
             label = METHODS[method].format(steps=fm.solver_steps, nfe=fm.network_evaluations)
         elif method == "gmm":
-            gmm, fit_seconds, info = _fit_gmm(train_source, train, norm, dims, _stream_seed(seed, "gmm"),
-                                              np.random.default_rng(_stream_seed(seed, "gmm-items")))
+            gmm, fit_seconds, info = _fit_gmm(
+                train_source, train, norm, dims, _stream_seed(seed, "gmm"), np.random.default_rng(_stream_seed(seed, "gmm-items"))
+            )
             draw_chunk = lambda n, g: gmm.sample(n, generator=g)
             label = METHODS[method].format(k=info["components"], cov=info["covariance"])
         else:
@@ -480,11 +543,24 @@ def latent_report(
                 if evaluation == 0:
                     draw(min(16, samples), torch.Generator(device=gen_device).manual_seed(1))  # warm-up, not timed
                 start = time.perf_counter()
-                z, chunks = draw(samples, torch.Generator(device=gen_device).manual_seed(_stream_seed(seed, f"samples:{method}", evaluation)))
+                z, chunks = draw(
+                    samples, torch.Generator(device=gen_device).manual_seed(_stream_seed(seed, f"samples:{method}", evaluation))
+                )
                 seconds += time.perf_counter() - start
             chunk_seconds += chunks
-            measured.append(_sample_metrics(z, heldout_draws, floors[evaluation], m, repeats, bandwidth, hole_density,
-                                            c2st_per_class, _stream_seed(seed, f"metrics:{method}", evaluation)))
+            measured.append(
+                _sample_metrics(
+                    z,
+                    heldout_draws,
+                    floors[evaluation],
+                    m,
+                    repeats,
+                    bandwidth,
+                    hole_density,
+                    c2st_per_class,
+                    _stream_seed(seed, f"metrics:{method}", evaluation),
+                )
+            )
             drawn.append(z)
         row: dict[str, Any] = {
             "method": method,
@@ -523,17 +599,29 @@ def latent_report(
         "mmd_bandwidth": bandwidth,
         "latent_shape": list(shape),
         "space": "normalized",
-        "holes": {"density": "gmm", "percentile": 1.0, "fit_seconds": hole_fit_seconds, **hole_info,
-                  "note": "share of samples below the 1st percentile of the held-out draws' log-density under a GMM "
-                          "fitted on the training posteriors with another seed than the 'gmm' row's (≈ 0.01 for a perfect prior)"},
-        "c2st": {"classifier": "mlp", "folds": 5, "n_per_class": c2st_n,
-                 "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the "
-                         "spread over folds"},
-        "timing": {"batch_size": batch, "chunks": evaluations * (samples // batch), "prior_device": str(prior_device),
-                   "note": "ms_per_1000: the fastest of the measured samples' chunks of batch_size latents, after a warm-up; "
-                           "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU, flow matching on the "
-                           "prior's device; CPU draws run on "
-                           "one thread"},
+        "holes": {
+            "density": "gmm",
+            "percentile": 1.0,
+            "fit_seconds": hole_fit_seconds,
+            **hole_info,
+            "note": "share of samples below the 1st percentile of the held-out draws' log-density under a GMM "
+            "fitted on the training posteriors with another seed than the 'gmm' row's (≈ 0.01 for a perfect prior)",
+        },
+        "c2st": {
+            "classifier": "mlp",
+            "folds": 5,
+            "n_per_class": c2st_n,
+            "note": "5-fold AUC of an MLP telling samples from held-out draws; 0.5 = indistinguishable; ± is the spread over folds",
+        },
+        "timing": {
+            "batch_size": batch,
+            "chunks": evaluations * (samples // batch),
+            "prior_device": str(prior_device),
+            "note": "ms_per_1000: the fastest of the measured samples' chunks of batch_size latents, after a warm-up; "
+            "samples_per_second: all of them; N(0, I) and the GMM sample on the CPU, flow matching on the "
+            "prior's device; CPU draws run on "
+            "one thread",
+        },
     }
     if gain:
         result["elbo_gain"] = heldout_elbo_gain(prior, source, heldout, seed=_stream_seed(seed, "elbo-gain"))
@@ -570,8 +658,11 @@ def latent_table_markdown(result: dict[str, Any]) -> str:
         f"{result.get('heldout_draws', '?')} posterior draws of {result.get('heldout_items_measured', result['n_heldout'])} "
         f"held-out latents; FD floor (training-posterior draws vs the held-out draws, {result['n_train']} training "
         f"latents) {result['fd_floor']:.4f}; seed {result['seed']}"
-        + (f"; every figure the mean of {result['evaluations']} evaluations (new samples and draws each)."
-           if result.get("evaluations", 1) > 1 else "."),
+        + (
+            f"; every figure the mean of {result['evaluations']} evaluations (new samples and draws each)."
+            if result.get("evaluations", 1) > 1
+            else "."
+        ),
     ]
     holes, c2st, timing = result.get("holes"), result.get("c2st"), result.get("timing")
     if holes and c2st and timing:
@@ -582,7 +673,7 @@ def latent_table_markdown(result: dict[str, Any]) -> str:
             f"C2ST AUC: 5-fold MLP classifier, samples vs held-out draws, {c2st['n_per_class']} per class (0.5 = "
             f"indistinguishable; ± spread over folds). ms/1k: sampling time per 1,000 latents in batches of "
             f"{timing['batch_size']}, the fastest of {timing['chunks']} (EVaLP rows on {timing['prior_device']}, N(0, "
-                    "I) and the GMM on the CPU; "
+            "I) and the GMM on the CPU; "
             "CPU draws on one thread); "
             "× sampler: that time over the EVaLP sampler's."
         )
@@ -615,26 +706,31 @@ def _gain_sentence(gain: dict[str, Any]) -> str:
         ess = f", ESS {gain['log_z_ess']:,.0f} of {gain['log_z_samples']:,} flow proposals"
         if gain.get("log_z_ess_fraction") is not None:
             ess += f" ({100 * gain['log_z_ess_fraction']:.1f}%)"
-    what = ("the prior term only: the encoder is deterministic, so there is no ELBO, and this is the change of "
-            "log p(z) at its latents" if gain.get("deterministic") else
-            "the ELBO's only term that changes, with the encoder and decoder frozen")
-    return (f"ELBO gain over N(0, I) on these {gain['num_items']} latents (estimate): E_q[−E] − log Ẑ ≈ {gain['gain_nats']:+.4f} "
-            f"± {gain['std_err_nats']:.4f} nats per item ({bits}); {what}. log Ẑ = {gain['log_z']:.4f} nats is an "
-            f"importance-sampling estimate{ess}; it is biased low, so the gain is optimistic.")
+    what = (
+        "the prior term only: the encoder is deterministic, so there is no ELBO, and this is the change of log p(z) at its latents"
+        if gain.get("deterministic")
+        else "the ELBO's only term that changes, with the encoder and decoder frozen"
+    )
+    return (
+        f"ELBO gain over N(0, I) on these {gain['num_items']} latents (estimate): E_q[−E] − log Ẑ ≈ {gain['gain_nats']:+.4f} "
+        f"± {gain['std_err_nats']:.4f} nats per item ({bits}); {what}. log Ẑ = {gain['log_z']:.4f} nats is an "
+        f"importance-sampling estimate{ess}; it is biased low, so the gain is optimistic."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # image metrics of decoded samples (`latent-prior eval --data`)
 
 
-def _decoded_features(extractor: Any, adapter: VAEAdapter, normalization: LatentNormalization, z: torch.Tensor,
-                      batch_size: int, bar: Any) -> torch.Tensor:
+def _decoded_features(
+    extractor: Any, adapter: VAEAdapter, normalization: LatentNormalization, z: torch.Tensor, batch_size: int, bar: Any
+) -> torch.Tensor:
     """(n, 2048) float64 Inception features of the images decoded from normalized latents z, batch by batch."""
     from latent_prior.image_metrics import features_of
 
     feats = []
     for start in range(0, len(z), batch_size):
-        images = adapter.decode(normalization.denormalize(z[start:start + batch_size]).to(adapter.device, adapter.dtype))
+        images = adapter.decode(normalization.denormalize(z[start : start + batch_size]).to(adapter.device, adapter.dtype))
         feats.append(features_of(extractor, images.float(), batch_size=batch_size))
         bar.update(len(images))
     return torch.cat(feats)
@@ -647,7 +743,7 @@ def _real_features(extractor: Any, dataset: Any, data: str, count: int, batch_si
     from latent_prior.image_metrics import features_of
 
     chosen = np.sort(np.random.default_rng([int(seed), 0x1A6E]).permutation(len(dataset))[:count]).tolist()
-    batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
     feats = []
     for batch in image_loader(dataset, batches, num_workers=0):
         if batch.indices:
@@ -658,9 +754,20 @@ def _real_features(extractor: Any, dataset: Any, data: str, count: int, batch_si
     return torch.cat(feats)
 
 
-def image_report(extractor: Any, adapter: VAEAdapter, normalization: LatentNormalization, data: str, resolution: int,
-                 samples: dict[str, torch.Tensor], labels: dict[str, str], *, count: int, batch_size: int = 32,
-                 seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+def image_report(
+    extractor: Any,
+    adapter: VAEAdapter,
+    normalization: LatentNormalization,
+    data: str,
+    resolution: int,
+    samples: dict[str, torch.Tensor],
+    labels: dict[str, str],
+    *,
+    count: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """FID, KID and k-NN precision / recall (Inception-v3 features) of each method's decoded samples against up to
     `count` real images of `data`. samples: method -> (n, *latent_shape) NORMALIZED latents (the first `count`
     are decoded). Returns {"rows": [{"method", "label", "fid", "kid", "kid_std", "precision", "recall",
@@ -675,17 +782,26 @@ def image_report(extractor: Any, adapter: VAEAdapter, normalization: LatentNorma
     n_fake = {method: min(count, len(z)) for method, z in samples.items()}
     total = sum(n_fake.values()) + min(count, len(dataset))
     rows = []
-    with tqdm(total=total, desc="image metrics (decode + Inception)", unit="img", disable=quiet, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=total, desc="image metrics (decode + Inception)", unit="img", disable=quiet, dynamic_ncols=True, file=sys.stderr
+    ) as bar:
         real = _real_features(extractor, dataset, data, count, batch_size, seed, bar)
         for method, z in samples.items():
             bar.set_postfix_str(method)
-            fake = _decoded_features(extractor, adapter, normalization, z[:n_fake[method]], batch_size, bar)
+            fake = _decoded_features(extractor, adapter, normalization, z[: n_fake[method]], batch_size, bar)
             fid = frechet_inception_distance(fake, real)
             kid = kernel_inception_distance(fake, real, seed=seed)
-            row = {"method": method, "label": labels[method], "fid": fid["fid"], "kid": kid["kid"],
-                   "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None,  # one subset: no spread
-                   "precision": None, "recall": None, "n_samples": len(fake), "n_real": len(real)}
+            row = {
+                "method": method,
+                "label": labels[method],
+                "fid": fid["fid"],
+                "kid": kid["kid"],
+                "kid_std": kid["kid_std"] if kid["subsets"] > 1 else None,  # one subset: no spread
+                "precision": None,
+                "recall": None,
+                "n_samples": len(fake),
+                "n_real": len(real),
+            }
             if min(len(fake), len(real)) > PR_NEIGHBOURS:
                 pr = image_precision_recall(real, fake, k=PR_NEIGHBOURS)
                 row["precision"], row["recall"] = pr["precision"], pr["recall"]
@@ -699,9 +815,11 @@ def image_report(extractor: Any, adapter: VAEAdapter, normalization: LatentNorma
         "extractor_kind": extractor.kind,
         "resolution": resolution,
         "seconds": time.perf_counter() - start,
-        "note": (f"decoded samples vs real images of --data at {resolution} px, Inception-v3 pool features ({extractor.kind}); "
-                 "FID is biased upwards by O(2048 / n): compare FIDs only at equal n"
-                 + (", and below n ≈ 2048 read them as a ranking, not as absolute values" if min(n, len(real)) < 2048 else "")),
+        "note": (
+            f"decoded samples vs real images of --data at {resolution} px, Inception-v3 pool features ({extractor.kind}); "
+            "FID is biased upwards by O(2048 / n): compare FIDs only at equal n"
+            + (", and below n ≈ 2048 read them as a ranking, not as absolute values" if min(n, len(real)) < 2048 else "")
+        ),
     }
 
 
@@ -716,6 +834,8 @@ def image_table_markdown(image: dict[str, Any] | str) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in image["rows"]:
-        lines.append(f"| {r['label']} | {_fmt(r['fid'], '.2f')} ({r['n_samples']} / {r['n_real']}) | "
-                     f"{_pm(r['kid'], r['kid_std'], '.4f')} | {_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} |")
+        lines.append(
+            f"| {r['label']} | {_fmt(r['fid'], '.2f')} ({r['n_samples']} / {r['n_real']}) | "
+            f"{_pm(r['kid'], r['kid_std'], '.4f')} | {_fmt(r['precision'], '.3f')} | {_fmt(r['recall'], '.3f')} |"
+        )
     return "\n".join(lines)

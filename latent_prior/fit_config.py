@@ -10,9 +10,10 @@ measurements that chose the defaults.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError
 
 #: Defaults that depend on the objective. "vml": variational maximum likelihood (λ = 1), with the
@@ -121,113 +122,168 @@ class FitConfig:
     `flow_kind`); docs/prior-development.md records the measurements that chose them.
     """
 
-    latents: str | None = field(default=None, metadata={"help": "latent cache folder (from `latent-prior encode`) or "
-            "a .safetensors file with `mean` (N, *shape) and optional `logvar`", "required": True})
-    out: str | None = field(default=None, metadata={"help": "output folder: receives the exported prior in prior/ "
-            "(config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, "
-            "metrics.csv, fit_config.json, fit_summary.json, training.png)", "required": True})
+    latents: str | None = option(
+        None,
+        "latent cache folder (from `latent-prior encode`) or a .safetensors file with `mean` (N, *shape) and optional `logvar`",
+        required=True,
+    )
+    out: str | None = option(
+        None,
+        "output folder: receives the exported prior in prior/ "
+        "(config.json, model.safetensors, README.md) and the training records in train/ (checkpoints/, "
+        "metrics.csv, fit_config.json, fit_summary.json, training.png)",
+        required=True,
+    )
     # -- length, seed and objective
-    steps: int = field(default=2000, metadata={"help": "training steps (one energy update, preceded by the sampler updates, per step)"})
-    seed: int = field(default=0, metadata={"help": "random seed (initialization, data order, posterior draws, validation split)"})
-    batch_size: int = field(default=256, metadata={"help": "latents per step and process (positives; as many "
-            "negatives are drawn from the sampler)"})
-    objective: str = field(default="vml", metadata={"help": "vml: variational maximum likelihood (lambda=1, a "
-            "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)", "choices": tuple(OBJECTIVES)})
+    steps: int = option(2000, "training steps (one energy update, preceded by the sampler updates, per step)")
+    seed: int = option(0, "random seed (initialization, data order, posterior draws, validation split)")
+    batch_size: int = option(256, "latents per step and process (positives; as many negatives are drawn from the sampler)")
+    objective: str = option(
+        "vml",
+        "vml: variational maximum likelihood (lambda=1, a "
+        "normalized prior); evalp-code: the authors' WGAN-GP critic with a tiny KL weight (for comparison)",
+        choices=tuple(OBJECTIVES),
+    )
     # -- networks
-    energy_kind: str = field(default="auto", metadata={"help": "energy network: auto (conv beside --flow-kind "
-            "multiscale, else mlp), mlp or conv", "choices": ("auto", "mlp", "conv")})
-    energy_hidden: int = field(default=256, metadata={"help": "MLP energy: hidden width"})
-    energy_depth: int = field(default=3, metadata={"help": "energy: hidden layers (MLP) or residual stages (conv)"})
-    energy_channels: int = field(default=32, metadata={"help": "conv energy: channels"})
-    spectral_norm: bool = field(default=False, metadata={"help": "spectral-normalize the energy's hidden layers"})
-    flow_kind: str = field(default="auto", metadata={"help": "sampler flow: auto (realnvp up to 512 latent dims, "
-            "subspace above), realnvp, spline, multiscale or subspace (a realnvp on the latents' leading principal axes, "
-            "see --flow-subspace-dims)",
-            "choices": ("auto", "realnvp", "spline", "multiscale", "subspace")})
-    flow_blocks: int | None = field(default=None, metadata={"help": "flow couplings (realnvp/spline) or blocks per "
-            "scale (multiscale); the flow's default when left out"})
-    flow_hidden: int = field(default=128, metadata={"help": "realnvp/spline: width of the couplings' MLP conditioners"})
-    flow_channels: int = field(default=32, metadata={"help": "multiscale: channels of the couplings' conv conditioners"})
-    flow_subspace_dims: int = field(default=256, metadata={"help": "subspace flow: principal axes of the latents that "
-            "the flow and its full-covariance mixture base model (each component has a diagonal Gaussian on the "
-            "rest); flow-kind auto picks the subspace flow for latents of more than 512 dims"})
-    flow_layers: int | None = field(default=None, metadata={"help": "realnvp/spline: hidden layers per conditioner; "
-            "the flow's default when left out"})
-    flow_base_components: int | None = field(default=None, metadata={"help": "components of the flow's base "
-            "distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit "
-            "classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the "
-            "held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² "
-            "values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components")})
-    flow_base_covariance: str | None = field(default=None, metadata={"help": "covariances of the mixture base's "
-            "components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); "
-            + _objective_help("flow_base_covariance"), "choices": ("auto", "full", "diag")})
-    flow_base_init: str | None = field(default=None, metadata={"help": "how the mixture base starts: em (the GMM that "
-            "EM fits to the posterior moments of the training latents, so training starts at the GMM baseline) or kmeans "
-            "(diagonal components from k-means); " + _objective_help("flow_base_init"), "choices": ("em", "kmeans")})
+    energy_kind: str = option(
+        "auto", "energy network: auto (conv beside --flow-kind multiscale, else mlp), mlp or conv", choices=("auto", "mlp", "conv")
+    )
+    energy_hidden: int = option(256, "MLP energy: hidden width")
+    energy_depth: int = option(3, "energy: hidden layers (MLP) or residual stages (conv)")
+    energy_channels: int = option(32, "conv energy: channels")
+    spectral_norm: bool = option(False, "spectral-normalize the energy's hidden layers")
+    flow_kind: str = option(
+        "auto",
+        "sampler flow: auto (realnvp up to 512 latent dims, "
+        "subspace above), realnvp, spline, multiscale or subspace (a realnvp on the latents' leading principal axes, "
+        "see --flow-subspace-dims)",
+        choices=("auto", "realnvp", "spline", "multiscale", "subspace"),
+    )
+    flow_blocks: int | None = option(
+        None, "flow couplings (realnvp/spline) or blocks per scale (multiscale); the flow's default when left out"
+    )
+    flow_hidden: int = option(128, "realnvp/spline: width of the couplings' MLP conditioners")
+    flow_channels: int = option(32, "multiscale: channels of the couplings' conv conditioners")
+    flow_subspace_dims: int = option(
+        256,
+        "subspace flow: principal axes of the latents that "
+        "the flow and its full-covariance mixture base model (each component has a diagonal Gaussian on the "
+        "rest); flow-kind auto picks the subspace flow for latents of more than 512 dims",
+    )
+    flow_layers: int | None = option(None, "realnvp/spline: hidden layers per conditioner; the flow's default when left out")
+    flow_base_components: int | None = option(
+        None,
+        "components of the flow's base "
+        "distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit "
+        "classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the "
+        "held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² "
+        "values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components"),
+    )
+    flow_base_covariance: str | None = option(
+        None,
+        "covariances of the mixture base's "
+        "components: full, diag, or auto (full up to 512 latent dims, diag above, as the GMM baseline); "
+        + _objective_help("flow_base_covariance"),
+        choices=("auto", "full", "diag"),
+    )
+    flow_base_init: str | None = option(
+        None,
+        "how the mixture base starts: em (the GMM that "
+        "EM fits to the posterior moments of the training latents, so training starts at the GMM baseline) or kmeans "
+        "(diagonal components from k-means); " + _objective_help("flow_base_init"),
+        choices=("em", "kmeans"),
+    )
     # -- the energy's base and the warm-up (None = from --objective)
-    energy_base: str | None = field(default=None, metadata={"help": "flow: E(z) = log p0(z) - log q_base(z) + "
-            "E_res(z), where q_base is the sampler flow frozen after its maximum-likelihood warm-up, so the energy "
-            "only corrects what the flow gets wrong; gaussian: E = E_res on top of N(0, I) alone (the paper's form); "
-            + _objective_help("energy_base"), "choices": ("flow", "gaussian")})
-    warmup_steps: int | None = field(default=None, metadata={"help": "first steps that train only the sampler, by "
-            "maximum likelihood on posterior draws (capped at half of --steps); " + _objective_help("warmup_steps")})
+    energy_base: str | None = option(
+        None,
+        "flow: E(z) = log p0(z) - log q_base(z) + "
+        "E_res(z), where q_base is the sampler flow frozen after its maximum-likelihood warm-up, so the energy "
+        "only corrects what the flow gets wrong; gaussian: E = E_res on top of N(0, I) alone (the paper's form); "
+        + _objective_help("energy_base"),
+        choices=("flow", "gaussian"),
+    )
+    warmup_steps: int | None = option(
+        None,
+        "first steps that train only the sampler, by "
+        "maximum likelihood on posterior draws (capped at half of --steps); " + _objective_help("warmup_steps"),
+    )
     # -- losses and optimisation (None = from --objective)
-    kl_weight: float | None = field(default=None, metadata={"help": "lambda in the sampler loss E_q[E] + "
-            "lambda*KL(q||p0); 1 is maximum likelihood; " + _objective_help("kl_weight")})
-    energy_magnitude_penalty: float | None = field(default=None, metadata={"help": "alpha in alpha*(E_pos^2 + E_neg^2); "
-            + _objective_help("energy_magnitude_penalty")})
-    grad_penalty: float | None = field(default=None, metadata={"help": "gamma in gamma*0.5*|grad E(z_pos)|^2; " + _objective_help("grad_penalty")})
-    wgan_gp_weight: float | None = field(default=None, metadata={"help": "weight of (|grad E(interpolate)| - 1)^2; " + _objective_help("wgan_gp_weight")})
-    forward_kl_weight: float | None = field(default=None, metadata={"help": "weight of the flow's maximum-likelihood "
-            "term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight")})
-    lr_energy: float | None = field(default=None, metadata={"help": "Adam learning rate of the energy; " + _objective_help("lr_energy")})
-    lr_sampler: float | None = field(default=None, metadata={"help": "Adam learning rate of the sampler flow; " + _objective_help("lr_sampler")})
-    lr_linear_power: float | None = field(default=None, metadata={"help": "the sampler's D×D factors (its invertible "
-            "linear maps, its full-covariance base) learn at lr_sampler × D^-power, since Adam moves a D×D matrix by "
-            "about lr·√D per step (0: at lr_sampler); " + _objective_help("lr_linear_power")})
-    sampler_steps_per_energy_step: int | None = field(default=None, metadata={"help": "sampler updates before each energy update; "
-            + _objective_help("sampler_steps_per_energy_step")})
-    lr_final_fraction: float = field(default=0.05, metadata={"help": "both learning rates follow a cosine from their "
-            "value at step 0 down to this fraction of it at the last step (1 keeps them constant); the decay "
-            "sharpened the digits decoded from the sampler"})
-    betas: tuple[float, ...] = field(default=(0.5, 0.999), metadata={"help": "Adam betas of both optimizers"})
-    clip_grad_norm: float = field(default=10.0, metadata={"help": "clip each network's gradient norm to this (0 disables)"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the sampler's weights (the exported flow "
-            "is the EMA); 0 disables"})
+    kl_weight: float | None = option(
+        None, "lambda in the sampler loss E_q[E] + lambda*KL(q||p0); 1 is maximum likelihood; " + _objective_help("kl_weight")
+    )
+    energy_magnitude_penalty: float | None = option(
+        None, "alpha in alpha*(E_pos^2 + E_neg^2); " + _objective_help("energy_magnitude_penalty")
+    )
+    grad_penalty: float | None = option(None, "gamma in gamma*0.5*|grad E(z_pos)|^2; " + _objective_help("grad_penalty"))
+    wgan_gp_weight: float | None = option(None, "weight of (|grad E(interpolate)| - 1)^2; " + _objective_help("wgan_gp_weight"))
+    forward_kl_weight: float | None = option(
+        None,
+        "weight of the flow's maximum-likelihood term -E_data[log q(z_pos)] in the sampler loss; " + _objective_help("forward_kl_weight"),
+    )
+    lr_energy: float | None = option(None, "Adam learning rate of the energy; " + _objective_help("lr_energy"))
+    lr_sampler: float | None = option(None, "Adam learning rate of the sampler flow; " + _objective_help("lr_sampler"))
+    lr_linear_power: float | None = option(
+        None,
+        "the sampler's D×D factors (its invertible "
+        "linear maps, its full-covariance base) learn at lr_sampler × D^-power, since Adam moves a D×D matrix by "
+        "about lr·√D per step (0: at lr_sampler); " + _objective_help("lr_linear_power"),
+    )
+    sampler_steps_per_energy_step: int | None = option(
+        None, "sampler updates before each energy update; " + _objective_help("sampler_steps_per_energy_step")
+    )
+    lr_final_fraction: float = option(
+        0.05,
+        "both learning rates follow a cosine from their "
+        "value at step 0 down to this fraction of it at the last step (1 keeps them constant); the decay "
+        "sharpened the digits decoded from the sampler",
+    )
+    betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of both optimizers")
+    clip_grad_norm: float = option(10.0, "clip each network's gradient norm to this (0 disables)")
+    ema_decay: float = option(0.995, "EMA decay of the sampler's weights (the exported flow is the EMA); 0 disables")
     # -- validation, checkpoints, model selection
-    validation_fraction: float = field(default=0.1, metadata={"help": "fraction of latents held out to evaluate the "
-            "ELBO gain and select the checkpoint (0: no split, keep the last)"})
-    checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint and evaluate on the held-out "
-            "latents every N steps (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints to keep, besides the best one"})
-    early_stop_patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better candidate by --select-by's rule (0: never)"})
-    min_ess_fraction: float = field(default=0.01, metadata={"help": "checkpoints whose importance-sampling ESS "
-            "fraction is below this cannot be selected (their log Z is unreliable)"})
-    select_by: str = field(default="gain_and_fd", metadata={"help": "model selection on the held-out latents: "
-            "gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the "
-            "latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest "
-            "held-out gain)", "choices": ("gain_and_fd", "gain")})
-    fd_samples: int = field(default=2048, metadata={"help": "sampler draws for the held-out latent FD at each evaluation"})
-    eval_samples: int = field(default=4096, metadata={"help": "importance samples for log Z at each evaluation"})
-    eval_latents: int = field(default=4096, metadata={"help": "at most this many held-out (and training) latents per evaluation"})
-    log_z_samples: int = field(default=32768, metadata={"help": "importance samples for the exported log Z"})
-    divergence_threshold: float = field(default=1e4, metadata={"help": "stop when |E| exceeds this many nats (or any loss is NaN/inf)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint (also "
-            "accepts changed settings, e.g. a lower lr after a divergence)"})
+    validation_fraction: float = option(
+        0.1, "fraction of latents held out to evaluate the ELBO gain and select the checkpoint (0: no split, keep the last)"
+    )
+    checkpoint_every: int = option(250, "write a checkpoint and evaluate on the held-out latents every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "most recent checkpoints to keep, besides the best one")
+    early_stop_patience: int = option(0, "stop after N evaluations without a better candidate by --select-by's rule (0: never)")
+    min_ess_fraction: float = option(
+        0.01, "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"
+    )
+    select_by: str = option(
+        "gain_and_fd",
+        "model selection on the held-out latents: "
+        "gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the "
+        "latent FD and k-NN precision of its samples, and the lowest FD among those wins) or gain (the highest "
+        "held-out gain)",
+        choices=("gain_and_fd", "gain"),
+    )
+    fd_samples: int = option(2048, "sampler draws for the held-out latent FD at each evaluation")
+    eval_samples: int = option(4096, "importance samples for log Z at each evaluation")
+    eval_latents: int = option(4096, "at most this many held-out (and training) latents per evaluation")
+    log_z_samples: int = option(32768, "importance samples for the exported log Z")
+    divergence_threshold: float = option(1e4, "stop when |E| exceeds this many nats (or any loss is NaN/inf)")
+    resume: bool = option(
+        False, "continue the run in --out from its last checkpoint (also accepts changed settings, e.g. a lower lr after a divergence)"
+    )
     # -- runtime
-    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (energy evaluations under autocast; "
-            "flows stay in float32)", "choices": ("no", "bf16")})
-    log_with: str = field(default="none", metadata={"help": "Accelerate trackers besides metrics.csv, by Accelerate's "
-            "names, comma-separated: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, ... (those your "
-            "Accelerate knows); all (every one installed); none. When fit encodes images (not --latents), a grid of "
-            "16 decoded sampler draws also goes to the trackers that take images at every checkpoint"})
-    log_every: int = field(default=25, metadata={"help": "write averaged training metrics every N steps"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    num_workers: int = field(default=0, metadata={"help": "background threads reading the cache ahead of training (0: "
-            "read in the training loop)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads per process when training on CPU (0: one, or "
-            "OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a "
-            "shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards"})
+    mixed_precision: str = option("no", "no or bf16 (energy evaluations under autocast; flows stay in float32)", choices=("no", "bf16"))
+    log_with: str = option(
+        "none",
+        "Accelerate trackers besides metrics.csv, by Accelerate's "
+        "names, comma-separated: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, ... (those your "
+        "Accelerate knows); all (every one installed); none. When fit encodes images (not --latents), a grid of "
+        "16 decoded sampler draws also goes to the trackers that take images at every checkpoint",
+    )
+    log_every: int = option(25, "write averaged training metrics every N steps")
+    quiet: bool = option(False, "no progress bar")
+    num_workers: int = option(0, "background threads reading the cache ahead of training (0: read in the training loop)")
+    cpu_threads: int = option(
+        0,
+        "torch threads per process when training on CPU (0: one, or "
+        "OMP_NUM_THREADS when set, because these small networks ran 7x faster on one thread than on two on a "
+        "shared 2-core machine; latent_prior.threads); the previous setting is restored afterwards",
+    )
 
 
 def resolve_objective(config: FitConfig) -> FitConfig:
@@ -252,13 +308,17 @@ def tracker_names(log_with: str) -> list[str] | str | None:
     known = sorted(LOGGER_TYPE_TO_CLASS)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise LatentPriorError(f"--log-with {log_with}: {', '.join(unknown)} is not a tracker that Accelerate knows; "
-                               f"choose from {', '.join(known)}, all or none.")
+        raise LatentPriorError(
+            f"--log-with {log_with}: {', '.join(unknown)} is not a tracker that Accelerate knows; "
+            f"choose from {', '.join(known)}, all or none."
+        )
     installed = {str(t) for t in get_available_trackers()}
     missing = [n for n in names if n not in installed]
     if missing:
-        raise LatentPriorError(f"--log-with {log_with}: {', '.join(missing)} is not installed (pip install "
-                               f"{' '.join(missing)}), or pass --log-with none to log to metrics.csv only.")
+        raise LatentPriorError(
+            f"--log-with {log_with}: {', '.join(missing)} is not installed (pip install "
+            f"{' '.join(missing)}), or pass --log-with none to log to metrics.csv only."
+        )
     return names
 
 
@@ -281,8 +341,12 @@ def check_config(config: FitConfig) -> None:
     need(c.sampler_steps_per_energy_step >= 1, "sampler_steps_per_energy_step", c.sampler_steps_per_energy_step, "pass at least 1")
     for name in ("kl_weight", "energy_magnitude_penalty", "grad_penalty", "wgan_gp_weight", "forward_kl_weight", "clip_grad_norm"):
         need(getattr(c, name) >= 0, name, getattr(c, name), "pass a non-negative weight")
-    need(c.kl_weight > 0 or c.forward_kl_weight > 0, "kl_weight", c.kl_weight, "with --forward-kl-weight 0 the "
-            "sampler needs a positive KL weight")
+    need(
+        c.kl_weight > 0 or c.forward_kl_weight > 0,
+        "kl_weight",
+        c.kl_weight,
+        "with --forward-kl-weight 0 the sampler needs a positive KL weight",
+    )
     for name in ("checkpoint_every", "log_every", "eval_samples", "eval_latents", "log_z_samples", "fd_samples"):
         need(getattr(c, name) >= 1, name, getattr(c, name), "pass a positive integer")
     need(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "keep at least 1 checkpoint (resume needs it)")
@@ -290,15 +354,21 @@ def check_config(config: FitConfig) -> None:
     need(0.0 <= c.min_ess_fraction <= 1.0, "min_ess_fraction", c.min_ess_fraction, "pass a fraction in [0, 1]")
     need(c.divergence_threshold > 0, "divergence_threshold", c.divergence_threshold, "pass a positive number of nats")
     need(c.num_workers >= 0, "num_workers", c.num_workers, "pass 0 or more")
-    need(c.flow_base_components >= 0, "flow_base_components", c.flow_base_components,
-         "pass 0 (chosen on held-out latents), 1 (N(0, I)) or more mixture components")
+    need(
+        c.flow_base_components >= 0,
+        "flow_base_components",
+        c.flow_base_components,
+        "pass 0 (chosen on held-out latents), 1 (N(0, I)) or more mixture components",
+    )
     need(c.flow_base_covariance in ("auto", "full", "diag"), "flow_base_covariance", c.flow_base_covariance, "choose auto, full or diag")
     need(c.flow_base_init in ("em", "kmeans"), "flow_base_init", c.flow_base_init, "choose em or kmeans")
-    need(not (c.flow_base_covariance == "full" and c.flow_base_init == "kmeans"), "flow_base_covariance", c.flow_base_covariance,
-         "full covariances need --flow-base-init em")
+    need(
+        not (c.flow_base_covariance == "full" and c.flow_base_init == "kmeans"),
+        "flow_base_covariance",
+        c.flow_base_covariance,
+        "full covariances need --flow-base-init em",
+    )
     need(c.select_by in ("gain_and_fd", "gain"), "select_by", c.select_by, "choose gain_and_fd or gain")
     need(c.flow_subspace_dims >= 2, "flow_subspace_dims", c.flow_subspace_dims, "pass at least 2 principal axes")
     need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")
     tracker_names(c.log_with)
-
-

@@ -260,9 +260,20 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         return MLPVelocity(math.prod(shape), hidden=c.hidden, depth=c.depth, time_features=c.time_features)
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, mean: torch.Tensor, logvar: torch.Tensor | None = None, *, normalization: LatentNormalization | None = None,
-            steps: int | None = None, seconds: float | None = None, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-            progress: bool = False, device: str | torch.device | None = None) -> "FlowMatchingPrior":
+    def fit(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor | None = None,
+        *,
+        normalization: LatentNormalization | None = None,
+        steps: int | None = None,
+        seconds: float | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        seed: int = 0,
+        progress: bool = False,
+        device: str | torch.device | None = None,
+    ) -> "FlowMatchingPrior":
         """Fit on RAW posterior moments mean / logvar (N, *latent_shape) (logvar None: a deterministic encoder,
         train on the means), drawing fresh z = μ + σ·ε in normalized space (`normalization`, identity when None)
         at every step. Stops after `steps` updates or `seconds` of wall time, whichever comes first (give at
@@ -281,8 +292,9 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
             raise LatentPriorError("FlowMatchingPrior.fit: give a budget, steps=N and/or seconds=S.")
         if steps is not None:
             _positive_int(steps, "steps")
-        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                    or not math.isfinite(seconds) or seconds <= 0):
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+        ):
             raise LatentPriorError(f"seconds={seconds!r}: pass a positive, finite number of seconds.")
         _positive_int(batch_size, "batch_size")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -355,8 +367,10 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
     def _read_loss(total: torch.Tensor, count: int, step: int, lr: float) -> float:
         value = total.item() / count
         if not math.isfinite(value):
-            raise LatentPriorError(f"FlowMatchingPrior.fit: the loss became {value} by step {step}; lower lr (now {lr:g}) "
-                                   "or check the latents' scale (their normalization).")
+            raise LatentPriorError(
+                f"FlowMatchingPrior.fit: the loss became {value} by step {step}; lower lr (now {lr:g}) "
+                "or check the latents' scale (their normalization)."
+            )
         return value
 
     @staticmethod
@@ -371,8 +385,9 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
             if not isinstance(logvar, torch.Tensor) or not logvar.is_floating_point():
                 raise LatentPriorError("logvar: pass the posterior log-variances as a floating-point tensor, or None.")
             if logvar.shape != mean.shape:
-                raise LatentPriorError(f"logvar has shape {tuple(logvar.shape)} but mean has {tuple(mean.shape)}; "
-                        "pass moments of one shape.")
+                raise LatentPriorError(
+                    f"logvar has shape {tuple(logvar.shape)} but mean has {tuple(mean.shape)}; pass moments of one shape."
+                )
             if not torch.isfinite(logvar).all():
                 raise LatentPriorError("logvar holds NaN or inf values; clean the latents (or the cache) before fitting.")
         return mean, logvar
@@ -383,8 +398,15 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
             raise LatentPriorError("FlowMatchingPrior is not fitted yet; call .fit(mean, logvar, steps=...) or load_baseline(dir) first.")
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0,
-               solver_steps: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        solver_steps: int | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
         """(n, *latent_shape) float32 normalized latents on the prior's device: x_0 = T·ε (ε drawn with
         `generator`, on its device), integrated to t = 1 by Heun (`solver_steps`, default the config's).
         batch_size: latents integrated at once (default: about 4M latent values per batch); the noise is
@@ -395,12 +417,11 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         dims = math.prod(self.latent_shape)
         chunk = max(1, (1 << 22) // dims) if batch_size is None else _positive_int(batch_size, "batch_size")
         device = self.device
-        noise = torch.randn((n, *self.latent_shape), generator=generator,
-                            device=generator.device if generator is not None else device)
+        noise = torch.randn((n, *self.latent_shape), generator=generator, device=generator.device if generator is not None else device)
         noise = noise.to(device)
         if temperature != 1.0:
             noise = noise * temperature
-        return torch.cat([self._integrate(noise[i:i + chunk], steps) for i in range(0, n, chunk)])
+        return torch.cat([self._integrate(noise[i : i + chunk], steps) for i in range(0, n, chunk)])
 
     def _integrate(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         v, h = self.velocity, 1.0 / steps
@@ -415,8 +436,10 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         return x
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        raise LatentPriorError("FlowMatchingPrior has no log_prob: its density needs the divergence of the velocity along "
-                               "the ODE, which this baseline does not compute; compare it by sample metrics (latent_report).")
+        raise LatentPriorError(
+            "FlowMatchingPrior has no log_prob: its density needs the divergence of the velocity along "
+            "the ODE, which this baseline does not compute; compare it by sample metrics (latent_report)."
+        )
 
     # -- saving ------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -431,13 +454,15 @@ class FlowMatchingPrior(BaselinePrior, nn.Module):
         """Rebuild the velocity net for `latent_shape` (set by load_baseline) and load its weights."""
         shape = self._fitted_shape()
         net = self._build(shape)
-        state = {k[len("velocity."):]: v for k, v in tensors.items() if k.startswith("velocity.")}
+        state = {k[len("velocity.") :]: v for k, v in tensors.items() if k.startswith("velocity.")}
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0].rstrip(":.")
-            raise LatentPriorError(f"the weights do not match a {self.kind_} velocity net for latents {shape} ({first}); the "
-                                   "baseline.safetensors does not belong to its baseline.json.") from None
+            raise LatentPriorError(
+                f"the weights do not match a {self.kind_} velocity net for latents {shape} ({first}); the "
+                "baseline.safetensors does not belong to its baseline.json."
+            ) from None
         self.velocity = net.eval()
         self.steps_done_ = int(tensors["steps_done"]) if "steps_done" in tensors else 0
         self.fit_seconds_ = float(tensors["fit_seconds"]) if "fit_seconds" in tensors else 0.0

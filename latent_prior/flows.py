@@ -42,11 +42,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from latent_prior.errors import LatentPriorError
+from latent_prior.errors import LatentPriorError, checked_kind
 from latent_prior.sampling import log_standard_normal
 
-__all__ = ["Flow", "RealNVP", "MultiScaleFlow", "SubspaceFlow", "PrincipalBasis", "build_flow", "FLOW_KINDS", "ActNorm", "InvertibleLinear",
-           "optimizer_groups"]
+__all__ = [
+    "Flow",
+    "RealNVP",
+    "MultiScaleFlow",
+    "SubspaceFlow",
+    "PrincipalBasis",
+    "build_flow",
+    "FLOW_KINDS",
+    "ActNorm",
+    "InvertibleLinear",
+    "optimizer_groups",
+]
 
 FLOW_KINDS = ("auto", "realnvp", "spline", "multiscale", "subspace")
 #: Covariances of a mixture base's components, and how the mixture is initialized from the `initialize`
@@ -85,8 +95,9 @@ def _latent_shape(latent_shape: Sequence[int]) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise LatentPriorError(f"latent_shape={latent_shape!r} is not a sequence of integers; pass e.g. (8,) or (4, 32, 32).") from None
     if not shape or any(s < 1 for s in shape) or any(int(s) != s for s in latent_shape):
-        raise LatentPriorError(f"latent_shape={latent_shape!r} must be a non-empty sequence of positive integers, "
-                "e.g. (8,) or (4, 32, 32).")
+        raise LatentPriorError(
+            f"latent_shape={latent_shape!r} must be a non-empty sequence of positive integers, e.g. (8,) or (4, 32, 32)."
+        )
     return shape
 
 
@@ -321,9 +332,7 @@ def _convnet(in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
     last = nn.Conv2d(hidden, out_channels, 3, padding=1)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), last
-    )
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), last)
 
 
 class ChannelCoupling(nn.Module):
@@ -457,8 +466,9 @@ class Flow(nn.Module):
 
     config: dict[str, Any]
 
-    def __init__(self, latent_shape: Sequence[int], base_components: int = 1, base_covariance: str = "diag",
-                 base_init: str = "kmeans") -> None:
+    def __init__(
+        self, latent_shape: Sequence[int], base_components: int = 1, base_covariance: str = "diag", base_init: str = "kmeans"
+    ) -> None:
         super().__init__()
         self.latent_shape = _latent_shape(latent_shape)
         self.dim = math.prod(self.latent_shape)
@@ -679,8 +689,9 @@ class Flow(nn.Module):
         μ_k maps to T(μ_k), and each factor L_k to the Cholesky factor of (J L_k)(J L_k)ᵀ, where the columns
         J L_k = T(μ_k + L_k e_i) − T(μ_k) come from one float64 pass of a copy of the flow."""
         if self.base_covariance != "full" or getattr(gmm, "covariance", None) != "full" or gmm.means is None:
-            raise LatentPriorError("Flow.initialize(mixture=...) needs a fitted full-covariance GMMPrior and a flow "
-                    "with base_covariance='full'.")
+            raise LatentPriorError(
+                "Flow.initialize(mixture=...) needs a fitted full-covariance GMMPrior and a flow with base_covariance='full'."
+            )
         k, dim = gmm.means.shape
         if dim != self.dim or k > self.base_components:
             raise LatentPriorError(
@@ -905,8 +916,9 @@ class MultiScaleFlow(Flow):
     ) -> None:
         super().__init__(latent_shape, base_components, base_covariance, base_init)
         if len(self.latent_shape) != 3:
-            raise LatentPriorError(f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use "
-                    "kind='realnvp' for flat latents.")
+            raise LatentPriorError(
+                f"MultiScaleFlow needs latent_shape=(C, H, W), got {self.latent_shape}; use kind='realnvp' for flat latents."
+            )
         c, h, w = self.latent_shape
         if num_scales is None:
             num_scales = auto_num_scales(h, w)
@@ -1001,8 +1013,9 @@ class PrincipalBasis:
     DENSE_MAX_DIMS = 4096
     LOW_RANK_AXES = 512
 
-    def __init__(self, mean: torch.Tensor, directions: torch.Tensor, log_std: torch.Tensor,
-                 reflector_t: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, mean: torch.Tensor, directions: torch.Tensor, log_std: torch.Tensor, reflector_t: torch.Tensor | None = None
+    ) -> None:
         self.mean, self.directions, self.log_std, self.reflector_t = mean, directions, log_std, reflector_t
 
     @classmethod
@@ -1039,8 +1052,7 @@ class PrincipalBasis:
             unspanned = (dims - max(rank, axes)) * variances[rank - 1] / (dims - axes)
             variances = torch.cat([variances[:axes], trailing.pow(2).sum(0) / max(1, len(x) - 1) + unspanned])
         variances = variances.clamp_min(cls.VARIANCE_FLOOR * float(variances.clamp_min(0).mean()) + 1e-12)
-        return cls(mean.float(), directions.float(), 0.5 * variances.log().float(),
-                   None if reflector_t is None else reflector_t.float())
+        return cls(mean.float(), directions.float(), 0.5 * variances.log().float(), None if reflector_t is None else reflector_t.float())
 
     def _rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Rows x (N, D) times Q (or Qᵀ with `transpose`)."""
@@ -1065,8 +1077,12 @@ class PrincipalBasis:
     def lift(self, leading: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, D) whose first r whitened coordinates are `leading` (N, r) and whose others are drawn from
         N(0, I): how a model of the leading coordinates samples latents."""
-        rest = torch.randn(len(leading), self.mean.numel() - leading.shape[1], generator=generator,
-                           device=generator.device if generator is not None else leading.device).to(leading)
+        rest = torch.randn(
+            len(leading),
+            self.mean.numel() - leading.shape[1],
+            generator=generator,
+            device=generator.device if generator is not None else leading.device,
+        ).to(leading)
         return self.unwhiten(torch.cat([leading, rest], dim=1))
 
 
@@ -1085,7 +1101,7 @@ def _leading_axes(centered: torch.Tensor, axes: int) -> tuple[torch.Tensor, torc
         fill = torch.linalg.qr(fill - directions @ (directions.T @ fill))[0]
         directions = torch.cat([directions, fill], dim=1)
     variances = torch.zeros(max(axes, len(gram_values)), dtype=centered.dtype, device=centered.device)
-    variances[:len(gram_values)] = gram_values.clamp_min(0) / max(1, n - 1)
+    variances[: len(gram_values)] = gram_values.clamp_min(0) / max(1, n - 1)
     return variances, directions
 
 
@@ -1152,9 +1168,10 @@ class SubspaceFlow(Flow):
         if self.dim < 2:
             raise LatentPriorError(f"SubspaceFlow needs at least 2 latent dimensions, latent_shape={self.latent_shape} has {self.dim}.")
         self.subspace_dims = min(_positive_int("subspace_dims", subspace_dims, minimum=2), self.dim)
-        self.inner = RealNVP((self.subspace_dims,), num_blocks=num_blocks, hidden=hidden, num_layers=num_layers,
-                             coupling=coupling, num_bins=num_bins, tail_bound=tail_bound, base_components=base_components,
-                             base_covariance=base_covariance, base_init=base_init)
+        # The flow on the leading axes: a RealNVP with this flow's couplings and mixture base.
+        couplings = dict(num_blocks=num_blocks, hidden=hidden, num_layers=num_layers, coupling=coupling, num_bins=num_bins)
+        base = dict(base_components=base_components, base_covariance=base_covariance, base_init=base_init)
+        self.inner = RealNVP((self.subspace_dims,), **couplings, tail_bound=tail_bound, **base)
         # The mixture base is the inner flow's, extended to the trailing axes: what the trainer and Langevin read of a
         # base (components, weights, per-component standard coordinates) reads it here.
         self.base_components, self.base_covariance, self.base_init = base_components, base_covariance, base_init
@@ -1163,10 +1180,17 @@ class SubspaceFlow(Flow):
         if self.basis_axes is not None:
             self.basis_axes = _positive_int("basis_axes", self.basis_axes, minimum=self.subspace_dims)
             if self.basis_axes >= self.dim:
-                raise LatentPriorError(f"basis_axes={self.basis_axes}: a low-rank basis keeps fewer axes than the "
-                                       f"{self.dim} latent dims; pass None for a dense one.")
-        self.config = {"kind": "subspace", "latent_shape": list(self.latent_shape), "subspace_dims": self.subspace_dims,
-                       "basis_axes": self.basis_axes, **inner}
+                raise LatentPriorError(
+                    f"basis_axes={self.basis_axes}: a low-rank basis keeps fewer axes than the "
+                    f"{self.dim} latent dims; pass None for a dense one."
+                )
+        self.config = {
+            "kind": "subspace",
+            "latent_shape": list(self.latent_shape),
+            "subspace_dims": self.subspace_dims,
+            "basis_axes": self.basis_axes,
+            **inner,
+        }
         self.register_buffer("basis_mean", torch.zeros(self.dim))
         if self.basis_axes is None:
             self.register_buffer("basis_directions", torch.eye(self.dim))
@@ -1215,8 +1239,9 @@ class SubspaceFlow(Flow):
         eps, log_det = self.whitened_to_base(y)
         return self.base_log_prob(eps) + log_det
 
-    def sample_whitened_and_log_prob(self, n: int, *, generator: torch.Generator | None = None,
-                                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_whitened_and_log_prob(
+        self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`sample_and_log_prob` in whitened coordinates: (y (n, D), log q (n,) nats of z = basis.unwhiten(y))."""
         n = _positive_int("n", n, minimum=0)
         t = self._check_temperature(temperature)
@@ -1228,8 +1253,11 @@ class SubspaceFlow(Flow):
         """Whether `other` is a SubspaceFlow on the same principal basis (its whitened coordinates are ours)."""
         if not isinstance(other, SubspaceFlow) or other.basis_directions.shape != self.basis_directions.shape:
             return False
-        pairs = [(self.basis_mean, other.basis_mean), (self.basis_log_std, other.basis_log_std),
-                 (self.basis_directions, other.basis_directions)]
+        pairs = [
+            (self.basis_mean, other.basis_mean),
+            (self.basis_log_std, other.basis_log_std),
+            (self.basis_directions, other.basis_directions),
+        ]
         if self.basis_reflector_t is not None:
             pairs.append((self.basis_reflector_t, other.basis_reflector_t))
         return all(a.device == b.device and torch.equal(a, b) for a, b in pairs)
@@ -1237,8 +1265,8 @@ class SubspaceFlow(Flow):
     def base_log_prob(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         t = float(temperature)
         if self.base_components == 1:
-            rest = eps[:, self.subspace_dims:]
-            return self.inner.base_log_prob(eps[:, :self.subspace_dims], t) + log_standard_normal(rest / t) - rest.shape[1] * math.log(t)
+            rest = eps[:, self.subspace_dims :]
+            return self.inner.base_log_prob(eps[:, : self.subspace_dims], t) + log_standard_normal(rest / t) - rest.shape[1] * math.log(t)
         return torch.logsumexp(self.component_log_probs(eps, t), dim=1)
 
     def component_log_probs(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -1286,8 +1314,10 @@ class SubspaceFlow(Flow):
         device, dtype = self._device_dtype()
         basis = basis or PrincipalBasis.fit(z, axes=self.basis_axes)
         if basis.directions.shape != self.basis_directions.shape:
-            raise LatentPriorError(f"SubspaceFlow.initialize: a basis with directions {tuple(basis.directions.shape)} does not "
-                                   f"fit a flow whose basis has {tuple(self.basis_directions.shape)}; fit it with PrincipalBasis.fit.")
+            raise LatentPriorError(
+                f"SubspaceFlow.initialize: a basis with directions {tuple(basis.directions.shape)} does not "
+                f"fit a flow whose basis has {tuple(self.basis_directions.shape)}; fit it with PrincipalBasis.fit."
+            )
         self.basis_mean.copy_(basis.mean)
         self.basis_directions.copy_(basis.directions)
         if self.basis_reflector_t is not None:
@@ -1346,22 +1376,12 @@ def build_flow(latent_shape: Sequence[int], *, kind: str = "auto", **kwargs: Any
     Other keyword arguments go to the class (see `RealNVP`, `MultiScaleFlow`, `SubspaceFlow`).
     """
     shape = _latent_shape(latent_shape)
-    if kind not in FLOW_KINDS:
-        raise LatentPriorError(f"flow kind={kind!r} is unknown; choose one of {', '.join(FLOW_KINDS)}.")
-    if kind == "auto":
-        if len(shape) == 1:
-            kind = "realnvp"
-        elif len(shape) == 3:
-            kind = "multiscale"
-        else:
-            raise LatentPriorError(
-                f"latent_shape={shape} has {len(shape)} dimensions; flows support flat (D,) or spatial (C, H, W) "
-                "latents (pass kind='realnvp' to flatten other shapes)."
-            )
+    kind = checked_kind(kind, FLOW_KINDS, shape, what="flow", flat="realnvp", spatial="multiscale", supported_by="flows support")
     if kind == "spline":
         if kwargs.get("coupling", "spline") != "spline":
-            raise LatentPriorError(f"kind='spline' conflicts with coupling={kwargs['coupling']!r}; use kind='realnvp' "
-                    "for affine couplings.")
+            raise LatentPriorError(
+                f"kind='spline' conflicts with coupling={kwargs['coupling']!r}; use kind='realnvp' for affine couplings."
+            )
         kind, kwargs = "realnvp", {**kwargs, "coupling": "spline"}
     cls = _FLOW_CLASSES[kind]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "latent_shape"}

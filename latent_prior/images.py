@@ -59,8 +59,7 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, padding: int = 2, s
     return grid
 
 
-def labelled_panels(panels: Sequence[tuple[str, torch.Tensor]], ncol: int | None = None, scale: int = 1,
-                    gap: int = 16) -> Image.Image:
+def labelled_panels(panels: Sequence[tuple[str, torch.Tensor]], ncol: int | None = None, scale: int = 1, gap: int = 16) -> Image.Image:
     """Grids side by side, each with its label above it, e.g. [("N(0, I) prior", x0), ("EVaLP prior", x1)]."""
     grids = [make_grid(images, ncol=ncol, scale=scale) for _, images in panels]
     font = ImageFont.load_default()

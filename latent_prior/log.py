@@ -87,5 +87,4 @@ def log_file(path: Path | None) -> Iterator[logging.Handler | None]:
 def to_file_only(handler: logging.Handler | None, message: str) -> None:
     """Write `message` to a `log_file` handler and nowhere else (a line the console shows in another form)."""
     if handler is not None:
-        handler.handle(logging.makeLogRecord({"name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
-                                              "msg": message}))
+        handler.handle(logging.makeLogRecord({"name": logger.name, "levelno": logging.INFO, "levelname": "INFO", "msg": message}))

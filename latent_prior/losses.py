@@ -19,10 +19,18 @@ import torch
 from torch import nn
 
 
-def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float, forward_kl_weight: float,
-                 z_pos: torch.Tensor | None, generator: torch.Generator | None,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-                 shared_basis: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def sampler_loss(
+    energy: nn.Module,
+    flow: nn.Module,
+    n: int,
+    *,
+    kl_weight: float,
+    forward_kl_weight: float,
+    z_pos: torch.Tensor | None,
+    generator: torch.Generator | None,
+    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    shared_basis: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The sampler's loss, its parts (per-sample means, nats) and its n samples.
 
     loss = E_q[E(z) + λ·(log q(z) − log p0(z))] + w_fwd·E_data[−log q(z_pos)],  z ~ q reparameterised.
@@ -48,9 +56,17 @@ def sampler_loss(energy: nn.Module, flow: nn.Module, n: int, *, kl_weight: float
     return loss, parts, z.detach()
 
 
-def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, magnitude_penalty: float, grad_penalty: float,
-                wgan_gp_weight: float, generator: torch.Generator | None,
-                autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def energy_loss(
+    energy: nn.Module,
+    z_pos: torch.Tensor,
+    z_neg: torch.Tensor,
+    *,
+    magnitude_penalty: float,
+    grad_penalty: float,
+    wgan_gp_weight: float,
+    generator: torch.Generator | None,
+    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The energy's loss and its parts (nats).
 
     loss = E_pos[E] − E_neg[E] + α·(E_pos² + E_neg²) + γ·½‖∇E(z_pos)‖² + w_gp·(‖∇E(ẑ)‖ − 1)²
@@ -60,7 +76,7 @@ def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, 
     z_pos = z_pos.detach().requires_grad_(grad_penalty > 0)
     with autocast():
         e = energy(torch.cat([z_pos, z_neg.detach()])).float()
-    e_pos, e_neg = e[: len(z_pos)], e[len(z_pos):]
+    e_pos, e_neg = e[: len(z_pos)], e[len(z_pos) :]
     loss = e_pos.mean() - e_neg.mean()
     if magnitude_penalty > 0:
         loss = loss + magnitude_penalty * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
@@ -74,8 +90,10 @@ def energy_loss(energy: nn.Module, z_pos: torch.Tensor, z_neg: torch.Tensor, *, 
             e_hat = energy(z_hat).float()
         (grad,) = torch.autograd.grad(e_hat.sum(), z_hat, create_graph=True)
         loss = loss + wgan_gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
-    parts = {"e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach(), "energy_loss": loss.detach(),
-             "max_abs_energy": e.detach().abs().max()}
+    parts = {
+        "e_pos": e_pos.mean().detach(),
+        "e_neg": e_neg.mean().detach(),
+        "energy_loss": loss.detach(),
+        "max_abs_energy": e.detach().abs().max(),
+    }
     return loss, parts
-
-

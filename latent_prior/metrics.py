@@ -50,8 +50,9 @@ def _rows(x: Any, name: str, min_rows: int = 2) -> torch.Tensor:
     return t
 
 
-def _pair(x: Any, y: Any, names: tuple[str, str], *, per: str = "dims per sample",
-          advice: str = "compare latents of one shape") -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(
+    x: Any, y: Any, names: tuple[str, str], *, per: str = "dims per sample", advice: str = "compare latents of one shape"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two sets as (N, D) float64 rows of one width D; per/advice word the error for other kinds of rows."""
     a, b = _rows(x, names[0]), _rows(y, names[1])
     if a.shape[1] != b.shape[1]:

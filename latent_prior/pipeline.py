@@ -38,14 +38,14 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from latent_prior.config import to_dict
+from latent_prior.config import option, to_dict
 from latent_prior.errors import LatentPriorError
 from latent_prior.fit_config import FitConfig, check_config, resolve_objective
 from latent_prior.log import log_file, log_result, logger, to_file_only
@@ -69,13 +69,25 @@ _LEGACY_RUN_KEYS = frozenset({"vae", "data", "out", "steps", "seed", "grid_sampl
 
 #: Fields that change neither the cache nor the prior. A rerun differing only in these is the same run:
 #: the pictures and the report are redrawn anyway.
-_SAME_RUN_FIELDS = frozenset({
-    "resume", "overwrite", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out",
-    "encode_workers", "encode_batch_size", "grid_samples", "report_samples", "sample_method",
-})
+_SAME_RUN_FIELDS = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "quiet",
+        "log_with",
+        "log_every",
+        "num_workers",
+        "cpu_threads",
+        "out",
+        "encode_workers",
+        "encode_batch_size",
+        "grid_samples",
+        "report_samples",
+        "sample_method",
+    }
+)
 #: FitConfig fields that do not change the fitted prior (latents/out: the cache and prior live in the run folder).
 _SAME_FIT_FIELDS = frozenset({"resume", "quiet", "log_with", "log_every", "num_workers", "cpu_threads", "out", "latents"})
-
 
 
 @dataclass
@@ -86,38 +98,48 @@ class RunConfig(FitConfig):
     fits on a cache and exports the prior to --out and the encode/report fields are ignored.
     """
 
-    latents: str | None = field(default=None, metadata={"help": "skip encoding and reporting: fit on this cache "
-            "folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run "
-            "the whole pipeline from images"})
-    out: str | None = field(default=None, metadata={"help": "run folder (cache/, prior/, train/, samples.png, "
-            "report.md, report.json, config.json, log.txt); with --latents, the fit's folder (prior/, the exported "
-            f"prior, and train/). Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, "
-            "--data or --latents"})
+    latents: str | None = option(
+        None,
+        "skip encoding and reporting: fit on this cache "
+        "folder (from `latent-prior encode`) or .safetensors file and export the prior to --out; leave out to run "
+        "the whole pipeline from images",
+    )
+    out: str | None = option(
+        None,
+        "run folder (cache/, prior/, train/, samples.png, "
+        "report.md, report.json, config.json, log.txt); with --latents, the fit's folder (prior/, the exported "
+        f"prior, and train/). Leave out for {DEFAULT_RUN_DIR} with the embedded default; required with --vae, "
+        "--data or --latents",
+    )
     # -- encoding (as `latent-prior encode`)
-    vae: str | None = field(default=None, metadata={"help": "VAE: a hub id, a local save_pretrained or pipeline "
-            "folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE"})
-    data: str | None = field(default=None, metadata={"help": "folder of images (.jpg/.jpeg/.png/.webp, searched "
-            "recursively); leave out for the bundled digits"})
-    resolution: int | None = field(default=None, metadata={"help": "square image size in pixels (shorter side "
-            "resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE (encoder and decoder)", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    flip: bool = field(default=False, metadata={"help": "also encode horizontally flipped images and fit on both (doubles the latents)"})
-    encode_batch_size: int = field(default=8, metadata={"help": "images per encoder (and decoder) call; --batch-size "
-            "is latents per training step"})
-    encode_workers: int = field(default=2, metadata={"help": "background processes decoding image files while "
-            "encoding (0 = in the main process)"})
-    shard_size: int = field(default=1024, metadata={"help": "images per cache shard: the unit of streaming writes and "
-            "of resuming an interrupted encode"})
+    vae: str | None = option(
+        None,
+        "VAE: a hub id, a local save_pretrained or pipeline "
+        "folder, or a .safetensors file; leave out (or 'default') for the embedded default digits VAE",
+    )
+    data: str | None = option(None, "folder of images (.jpg/.jpeg/.png/.webp, searched recursively); leave out for the bundled digits")
+    resolution: int | None = option(
+        None, "square image size in pixels (shorter side resized, then center-cropped); leave out for 256, or the embedded VAE's own 32"
+    )
+    dtype: str = option("fp32", "precision of the VAE (encoder and decoder)", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    flip: bool = option(False, "also encode horizontally flipped images and fit on both (doubles the latents)")
+    encode_batch_size: int = option(8, "images per encoder (and decoder) call; --batch-size is latents per training step")
+    encode_workers: int = option(2, "background processes decoding image files while encoding (0 = in the main process)")
+    shard_size: int = option(1024, "images per cache shard: the unit of streaming writes and of resuming an interrupted encode")
     # -- samples and report
-    grid_samples: int = field(default=64, metadata={"help": "images in each half of samples.png (N(0, I) prior | EVaLP prior)"})
-    sample_method: str = field(default="sampler", metadata={"help": "how the EVaLP half of samples.png is drawn: "
-            "sampler (one flow pass), sir or langevin", "choices": SAMPLE_METHODS})
-    report_samples: int = field(default=2000, metadata={"help": "latents drawn from each prior for the metrics of report.md"})
-    overwrite: bool = field(default=False, metadata={"help": "delete what a previous run left in --out (config.json, "
-            "cache/, prior/, train/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
-            "and start over"})
+    grid_samples: int = option(64, "images in each half of samples.png (N(0, I) prior | EVaLP prior)")
+    sample_method: str = option(
+        "sampler", "how the EVaLP half of samples.png is drawn: sampler (one flow pass), sir or langevin", choices=SAMPLE_METHODS
+    )
+    report_samples: int = option(2000, "latents drawn from each prior for the metrics of report.md")
+    overwrite: bool = option(
+        False,
+        "delete what a previous run left in --out (config.json, "
+        "cache/, prior/, train/, the pictures, reports and log; nothing else, and only in a run folder latent-prior made) "
+        "and start over",
+    )
 
     def fit_config(self) -> FitConfig:
         """The trainer's part of this config, as a plain FitConfig (what fit_config.json should hold)."""
@@ -208,8 +230,9 @@ def _check_run_dir(run_dir: Path, config: RunConfig) -> str:
     except (OSError, ValueError):
         saved = None
     if not isinstance(saved, dict):
-        raise LatentPriorError(f"{saved_path} is not a JSON object of a run's settings; pass --overwrite to start the run over, "
-                               "or choose another --out.")
+        raise LatentPriorError(
+            f"{saved_path} is not a JSON object of a run's settings; pass --overwrite to start the run over, or choose another --out."
+        )
     old, new = _identity(saved, _SAME_RUN_FIELDS), _identity(to_dict(config), _SAME_RUN_FIELDS)
     if old == new:
         return "same"
@@ -256,8 +279,14 @@ def _mark_run_dir(run_dir: Path) -> None:
         from latent_prior import __version__
         from latent_prior.files import atomic_write_json
 
-        atomic_write_json(run_dir / RUN_MARKER, {"written_by": "latent-prior fit", "latent_prior_version": __version__,
-                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        atomic_write_json(
+            run_dir / RUN_MARKER,
+            {
+                "written_by": "latent-prior fit",
+                "latent_prior_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
 
 
 def _record_config(run_dir: Path, config: RunConfig) -> None:
@@ -298,9 +327,18 @@ def _encode(config: RunConfig, adapter: VAEAdapter, cache_dir: Path) -> dict[str
     from latent_prior.encode import EncodeConfig, encode_images
 
     encode_config = EncodeConfig(
-        vae=config.vae, data=config.data, out=str(cache_dir), resolution=config.resolution,
-        batch_size=config.encode_batch_size, dtype=config.dtype, subfolder=config.subfolder, revision=config.revision,
-        flip=config.flip, num_workers=config.encode_workers, shard_size=config.shard_size, quiet=config.quiet,
+        vae=config.vae,
+        data=config.data,
+        out=str(cache_dir),
+        resolution=config.resolution,
+        batch_size=config.encode_batch_size,
+        dtype=config.dtype,
+        subfolder=config.subfolder,
+        revision=config.revision,
+        flip=config.flip,
+        num_workers=config.encode_workers,
+        shard_size=config.shard_size,
+        quiet=config.quiet,
     )
     try:
         return encode_images(adapter, encode_config)
@@ -335,7 +373,7 @@ def _finished_prior(run_dir: Path, fit_config: FitConfig) -> bool:
 
 
 def _decode(adapter: VAEAdapter, raw: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([adapter.decode(raw[i: i + batch_size]).float().cpu() for i in range(0, len(raw), batch_size)])
+    return torch.cat([adapter.decode(raw[i : i + batch_size]).float().cpu() for i in range(0, len(raw), batch_size)])
 
 
 def _draw_samples(config: RunConfig, prior: Any, adapter: VAEAdapter, normalization: Any, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -354,7 +392,10 @@ def _draw_samples(config: RunConfig, prior: Any, adapter: VAEAdapter, normalizat
     scale = max(1, round(64 / x_gauss.shape[-1]))  # small decodes (the digits are 32 px) are enlarged to ~64 px
     image = labelled_panels([("N(0, I) prior (the VAE's own)", x_gauss), ("EVaLP prior", x_evalp)], ncol=ncol, scale=scale)
     stats = {
-        "n_per_half": n, "method": config.sample_method, "seed": seed, "image_size": list(image.size),
+        "n_per_half": n,
+        "method": config.sample_method,
+        "seed": seed,
+        "image_size": list(image.size),
         "decoded_shape": list(x_gauss.shape[1:]),
         "pixel_mean": {"gaussian": float(x_gauss.mean()), "evalp": float(x_evalp.mean())},
         "pixel_std": {"gaussian": float(x_gauss.std()), "evalp": float(x_evalp.std())},
@@ -365,8 +406,7 @@ def _draw_samples(config: RunConfig, prior: Any, adapter: VAEAdapter, normalizat
 def _versions() -> dict[str, str]:
     from latent_prior import __version__
 
-    versions = {"latent-prior": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__}
+    versions = {"latent-prior": __version__, "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for name in ("diffusers", "accelerate"):
         try:
             versions[name] = __import__(name).__version__
@@ -415,8 +455,7 @@ def run_pipeline(config: RunConfig, adapter: VAEAdapter) -> int:
             elif status == "changed":
                 _say(True, f"--resume: continuing the run in {run_dir} with changed settings")
             elif status == "unfinished":
-                _say(True, f"{run_dir} holds a run stopped before it finished: its cache and prior are reused where "
-                           "their settings match")
+                _say(True, f"{run_dir} holds a run stopped before it finished: its cache and prior are reused where their settings match")
         _run_stages(config, adapter, run_dir, state)
     return 0
 
@@ -465,8 +504,11 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
 
     # 3. samples -------------------------------------------------------------------------------
     sample_seed = config.seed + 1000
-    _say(True, f"[3/4] samples: {config.grid_samples} N(0, I) and {config.grid_samples} EVaLP latents "
-            f"({config.sample_method}), decoded -> {run_dir / 'samples.png'}")
+    _say(
+        True,
+        f"[3/4] samples: {config.grid_samples} N(0, I) and {config.grid_samples} EVaLP latents "
+        f"({config.sample_method}), decoded -> {run_dir / 'samples.png'}",
+    )
     t0 = time.perf_counter()
     image, sample_stats = _draw_samples(config, prior, adapter, source.normalization, sample_seed)
     image.save(run_dir / "samples.png")
@@ -481,14 +523,19 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
     train_idx, heldout_idx = recorded_split(prior.training_info, len(source))
     on_training = len(heldout_idx) < 2
     if on_training:
-        logger.warning("latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "
-                       "on TRAINING latents (optimistic); use --validation-fraction 0.1 for an honest comparison.")
+        logger.warning(
+            "latent-prior fit: warning: --validation-fraction leaves no held-out latents, so report.md measures the priors "
+            "on TRAINING latents (optimistic); use --validation-fraction 0.1 for an honest comparison."
+        )
         heldout_idx = train_idx
     elif summary.get("num_validation") not in (None, len(heldout_idx)):
-        logger.warning(f"latent-prior fit: warning: the fit held out {summary['num_validation']} latents but the report's split has "
-                       f"{len(heldout_idx)}; the metrics may include training latents.")
-    metrics, metrics_table = report.heldout_metrics(prior, source, heldout_idx, train_idx, samples=config.report_samples,
-                                                    seed=config.seed, progress=not config.quiet)
+        logger.warning(
+            f"latent-prior fit: warning: the fit held out {summary['num_validation']} latents but the report's split has "
+            f"{len(heldout_idx)}; the metrics may include training latents."
+        )
+    metrics, metrics_table = report.heldout_metrics(
+        prior, source, heldout_idx, train_idx, samples=config.report_samples, seed=config.seed, progress=not config.quiet
+    )
     timings["metrics"] = {"seconds": time.perf_counter() - t0, "reused": False}
     timings["total"] = {"seconds": time.perf_counter() - started, "reused": False}
 
@@ -500,19 +547,37 @@ def _run_stages(config: RunConfig, adapter: VAEAdapter, run_dir: Path, state: An
         "timings": timings,
         "world_size": state.num_processes,
         "device": str(state.device),
-        "vae": {"provenance": source.provenance, "normalization": source.normalization.to_dict(),
-                "deterministic": bool(source.deterministic)},
-        "cache": {k: (source.manifest or {}).get(k) for k in ("count", "resolution", "dtype", "compute_dtype", "image_channels",
-                                                             "data", "flip", "latent_shape", "created")},
-        "latents": {"total": len(source), "train": int(len(train_idx)), "heldout": int(len(heldout_idx)),
-                    "metrics_on_training_latents": on_training, "include_flips": bool(config.flip)},
+        "vae": {
+            "provenance": source.provenance,
+            "normalization": source.normalization.to_dict(),
+            "deterministic": bool(source.deterministic),
+        },
+        "cache": {
+            k: (source.manifest or {}).get(k)
+            for k in ("count", "resolution", "dtype", "compute_dtype", "image_channels", "data", "flip", "latent_shape", "created")
+        },
+        "latents": {
+            "total": len(source),
+            "train": int(len(train_idx)),
+            "heldout": int(len(heldout_idx)),
+            "metrics_on_training_latents": on_training,
+            "include_flips": bool(config.flip),
+        },
         "fit_summary": summary,
         "samples": sample_stats,
         "metrics": metrics,
         "metrics_table": metrics_table,
-        "files": {"samples": "samples.png", "training": f"{TRAIN_DIR}/training.png", "prior": f"{PRIOR_DIR}/", "cache": "cache/",
-                  "log": "log.txt", "config": "config.json"},
+        "files": {
+            "samples": "samples.png",
+            "training": f"{TRAIN_DIR}/training.png",
+            "prior": f"{PRIOR_DIR}/",
+            "cache": "cache/",
+            "log": "log.txt",
+            "config": "config.json",
+        },
     }
     report.write_report(run_dir, facts)
-    log_result(f"latent-prior fit: done in {timings['total']['seconds']:.0f} s; see {run_dir / 'samples.png'} "
-               f"(N(0, I) prior | EVaLP prior) and {run_dir / 'report.md'}")
+    log_result(
+        f"latent-prior fit: done in {timings['total']['seconds']:.0f} s; see {run_dir / 'samples.png'} "
+        f"(N(0, I) prior | EVaLP prior) and {run_dir / 'report.md'}"
+    )

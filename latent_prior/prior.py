@@ -87,8 +87,9 @@ def _check_sizes(value: Any, key: str, shape: list[int], where: Path) -> None:
     if isinstance(value, dict):
         for name, item in value.items():
             if name == "latent_shape" and item != shape:
-                raise LatentPriorError(f"{where}: `{key}.latent_shape` is {item!r} but the prior's latent_shape is {shape}; "
-                                       f"{_restore(where)}.")
+                raise LatentPriorError(
+                    f"{where}: `{key}.latent_shape` is {item!r} but the prior's latent_shape is {shape}; {_restore(where)}."
+                )
             _check_sizes(item, f"{key}.{name}", shape, where)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -117,20 +118,27 @@ def validate_prior_config(config: Any, where: Path) -> None:
         if key not in config:
             raise LatentPriorError(f"{where} lacks the key {key!r}; re-export the prior.")
     shape = config["latent_shape"]
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
-        raise LatentPriorError(f"{where}: `latent_shape` is {shape!r}, not a list of positive integers such as [4, 8, 8]; "
-                               f"{_restore(where)}.")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 8
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
+        raise LatentPriorError(
+            f"{where}: `latent_shape` is {shape!r}, not a list of positive integers such as [4, 8, 8]; {_restore(where)}."
+        )
     if math.prod(shape) > MAX_LATENT_ELEMENTS:
-        raise LatentPriorError(f"{where}: `latent_shape` {shape} has {math.prod(shape)} elements, more than any prior has "
-                               f"(at most {MAX_LATENT_ELEMENTS}); {_restore(where)}.")
+        raise LatentPriorError(
+            f"{where}: `latent_shape` {shape} has {math.prod(shape)} elements, more than any prior has "
+            f"(at most {MAX_LATENT_ELEMENTS}); {_restore(where)}."
+        )
     log_z = config["log_z"]
     if not isinstance(log_z, (int, float)) or isinstance(log_z, bool) or not math.isfinite(log_z):
         raise LatentPriorError(f"{where}: `log_z` is {log_z!r}, not a finite number of nats; {_restore(where)}.")
     for key in ("energy", "flow"):
         if not isinstance(config[key], dict):
-            raise LatentPriorError(f"{where}: `{key}` is {config[key]!r}, not the JSON object that describes the {key} "
-                                   f"network; {_restore(where)}.")
+            raise LatentPriorError(
+                f"{where}: `{key}` is {config[key]!r}, not the JSON object that describes the {key} network; {_restore(where)}."
+            )
         _check_sizes(config[key], key, shape, where)
     for key in ("log_z_info", "provenance", "training"):
         if config.get(key) is not None and not isinstance(config[key], dict):
@@ -147,8 +155,9 @@ def _build_networks(config: dict[str, Any], where: Path) -> dict[str, nn.Module]
         try:
             networks[key] = build(shape, config[key])
         except (LatentPriorError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise LatentPriorError(f"{where}: `{key}` does not describe a network that can be built "
-                                   f"({str(exc).rstrip('.')}); {_restore(where)}.") from None
+            raise LatentPriorError(
+                f"{where}: `{key}` does not describe a network that can be built ({str(exc).rstrip('.')}); {_restore(where)}."
+            ) from None
     return networks
 
 
@@ -175,7 +184,7 @@ def _check_weight_count(config: dict[str, Any], header: dict[str, tuple[int, ...
                 tensors = build(shape, config[key]).state_dict()
         except Exception:  # noqa: BLE001 - judged by the real build, which names the problem
             continue
-        stored = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}
+        stored = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
         built = {k: tuple(v.shape) for k, v in tensors.items()}
         if built != stored:
             odd = sorted(set(built) ^ set(stored)) or [k for k in sorted(built) if built[k] != stored[k]]
@@ -186,8 +195,9 @@ def _check_weight_count(config: dict[str, Any], header: dict[str, tuple[int, ...
             )
 
 
-class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license="apache-2.0",
-                  tags=["latent-prior", "vae-prior", "energy-based-model"]):
+class LatentPrior(
+    nn.Module, ModelHubMixin, library_name="latent-prior", license="apache-2.0", tags=["latent-prior", "vae-prior", "energy-based-model"]
+):
     """An energy-based latent prior p_θ(z) = N(z; 0, I)·exp(−E_θ(z))/Z_θ for one VAE.
 
     Every public method takes and returns latents in the VAE's **raw** latent space (what its
@@ -252,8 +262,9 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
 
     def _to_module(self, raw_z: torch.Tensor) -> torch.Tensor:
         if not isinstance(raw_z, torch.Tensor):
-            raise LatentPriorError(f"expected a tensor of latents (N, {', '.join(map(str, self.latent_shape))}), got "
-                    f"{type(raw_z).__name__}.")
+            raise LatentPriorError(
+                f"expected a tensor of latents (N, {', '.join(map(str, self.latent_shape))}), got {type(raw_z).__name__}."
+            )
         if tuple(raw_z.shape[1:]) != self.latent_shape or raw_z.dim() != len(self.latent_shape) + 1:
             raise LatentPriorError(
                 f"latents of shape {tuple(raw_z.shape)} do not match this prior's latent shape "
@@ -341,8 +352,9 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
 
         was_training = self._enter_eval()
         try:
-            z = sample(method, self.energy_net, self.flow, n, generator=generator, temperature=temperature,
-                       batch_size=batch_size, **options)
+            z = sample(
+                method, self.energy_net, self.flow, n, generator=generator, temperature=temperature, batch_size=batch_size, **options
+            )
         except TypeError as exc:  # an option the method does not take
             raise LatentPriorError(f"method={method!r} does not accept these options ({exc}).") from None
         finally:
@@ -430,12 +442,16 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
         if got.get("fingerprint") and self.provenance.get("fingerprint") and got["fingerprint"] != self.provenance["fingerprint"]:
             # Same architecture, other weights: the fingerprint is taken before any dtype cast, so this is
             # another checkpoint, not rounding. A fine-tune may still suit the prior; the caller says so.
-            text = (f"VAE weights differ: the prior was fitted on {self.provenance.get('source')!r} (weights fingerprint "
-                    f"{self.provenance['fingerprint']}) but got {got.get('source')!r} (fingerprint {got['fingerprint']}), "
-                    "whose latents may be distributed differently")
+            text = (
+                f"VAE weights differ: the prior was fitted on {self.provenance.get('source')!r} (weights fingerprint "
+                f"{self.provenance['fingerprint']}) but got {got.get('source')!r} (fingerprint {got['fingerprint']}), "
+                "whose latents may be distributed differently"
+            )
             if not allow_other_weights:
-                raise LatentPriorError(f"{text}; use the VAE the prior was fitted on, or allow_other_weights=True "
-                                       "(--allow-finetuned-vae) for a fine-tune of it.")
+                raise LatentPriorError(
+                    f"{text}; use the VAE the prior was fitted on, or allow_other_weights=True "
+                    "(--allow-finetuned-vae) for a fine-tune of it."
+                )
             warnings.warn(f"{text}; allowed for a fine-tuned VAE.", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
@@ -484,16 +500,28 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
             training=config.get("training"),
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None, push_to_hub: bool = False,
-                        model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
         """Write `model.safetensors`, `config.json` and a model card (`README.md`: the source VAE, its fingerprint, the
         data, the held-out figures) to `save_directory` (created if needed), as huggingface_hub's ModelHubMixin does;
         with push_to_hub, then upload it to the Hub repo `repo_id` (created if needed; `hf auth login` first) and
         return the commit URL. Unlike the mixin, push_to_hub needs repo_id: a fit's folder is named `prior`."""
         if push_to_hub and not repo_id:
             raise LatentPriorError("save_pretrained(push_to_hub=True) needs repo_id='namespace/name'.")
-        return super().save_pretrained(save_directory, repo_id=repo_id, push_to_hub=push_to_hub,
-                                       model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})}, **push_to_hub_kwargs)
+        return super().save_pretrained(
+            save_directory,
+            repo_id=repo_id,
+            push_to_hub=push_to_hub,
+            model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
+            **push_to_hub_kwargs,
+        )
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # clone(): safetensors refuses tensors that share storage.
@@ -509,9 +537,18 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
 
         return ModelCard(f"---\n{self._hub_mixin_info.model_card_data.to_yaml()}\n---\n\n{model_card(self.config, repo_id)}")
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
-                    model_card_kwargs: dict[str, Any] | None = None, **_: Any) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> str:
         """Save the prior to a temporary folder and upload it to the Hub repo `repo_id` (created if needed); returns
         the commit URL. Offline, or refused by the Hub, it fails in one sentence that says what to do."""
         import tempfile
@@ -521,8 +558,16 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "prior"
             self.save_pretrained(folder, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-            return upload(folder, repo_id, what="prior", private=private, commit_message=commit_message, token=token,
-                          branch=branch, create_pr=create_pr)
+            return upload(
+                folder,
+                repo_id,
+                what="prior",
+                private=private,
+                commit_message=commit_message,
+                token=token,
+                branch=branch,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
@@ -561,13 +606,16 @@ class LatentPrior(nn.Module, ModelHubMixin, library_name="latent-prior", license
 
             # A missing path that is a valid repo id ("name", "namespace/name"; never "./x", "/x", "a/b/c") is a Hub id.
             if is_repo_id(str(pretrained)):
-                directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder,
-                                     revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                     force_download=force_download, token=token)
+                hub = dict(
+                    revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download, token=token
+                )
+                directory = download(str(pretrained), (CONFIG_FILE, MODEL_FILE), what="prior", subfolder=subfolder, **hub)
         directory = prior_folder(directory)
         if directory.is_file():
-            raise LatentPriorError(f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
-                                   "(it holds config.json and model.safetensors).")
+            raise LatentPriorError(
+                f"prior folder {directory} is a file, not a folder; pass the --out folder of `latent-prior fit` "
+                "(it holds config.json and model.safetensors)."
+            )
         if not directory.is_dir():
             raise LatentPriorError(f"prior folder {directory} does not exist; pass the --out folder of `latent-prior fit`.")
         missing = [name for name in (CONFIG_FILE, MODEL_FILE) if not (directory / name).is_file()]
@@ -621,31 +669,43 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     name = repo_id or "PATH_OR_REPO_ID"
     ess = summary.get("log_z_ess_fraction")
     lines = [
-        f"# A latent prior for {source}", "",
+        f"# A latent prior for {source}",
+        "",
         f"An EVaLP prior (energy-based variational latent prior, [latent-prior](https://pypi.org/project/latent-prior/) "
         f"{config.get('latent_prior_version', __version__)}) over {shape} latents: p(z) ∝ N(z; 0, I)·exp(−E(z)), with a "
-        "one-pass sampler network. `prior.sample(n)` replaces `torch.randn` when sampling the VAE.", "",
-        "```python", "from latent_prior import LatentPrior", "",
+        "one-pass sampler network. `prior.sample(n)` replaces `torch.randn` when sampling the VAE.",
+        "",
+        "```python",
+        "from latent_prior import LatentPrior",
+        "",
         f'prior = LatentPrior.from_pretrained("{name}")',
         "z = prior.sample(16)                 # raw latents, as the VAE's encoder emits them",
-        "images = vae.decode(z).sample        # the VAE below", "```", "",
-        "## Source VAE", "",
-        f"- source: `{source}`" + (f" (revision {provenance['revision']})" if provenance.get("revision") else "")
+        "images = vae.decode(z).sample        # the VAE below",
+        "```",
+        "",
+        "## Source VAE",
+        "",
+        f"- source: `{source}`"
+        + (f" (revision {provenance['revision']})" if provenance.get("revision") else "")
         + (f", subfolder `{provenance['subfolder']}`" if provenance.get("subfolder") else ""),
         f"- class: {provenance.get('class_name', 'unknown')}; weights fingerprint `{provenance.get('fingerprint', 'unknown')}` "
-        "(the prior refuses a VAE with other weights unless told to allow it)", "",
-        "## Data and fit", "",
+        "(the prior refuses a VAE with other weights unless told to allow it)",
+        "",
+        "## Data and fit",
+        "",
         f"- latents: {training.get('latents', 'not recorded')}",
         f"- {summary.get('num_train', '?')} training latents, {summary.get('num_validation', '?')} held out; "
         f"{summary.get('steps', '?')} steps in {_figure(summary.get('seconds'), '.0f')} s, selected step "
-                f"{summary.get('selected_step', '?')}", "",
-        "## Held-out figures", "",
+        f"{summary.get('selected_step', '?')}",
+        "",
+        "## Held-out figures",
+        "",
         f"- ELBO gain over N(0, I): {_figure(summary.get('heldout_gain_nats'), '+.3f')} nats per latent "
         "(an importance-sampling estimate of log Z: optimistic)",
         f"- latent Fréchet distance of the sampler to held-out posterior draws: {_figure(summary.get('heldout_fd'), '.4f')}; "
         f"k-NN precision {_figure(summary.get('heldout_precision'), '.3f')}",
         f"- log Z: {_figure(config.get('log_z'), '.4f')} nats (ESS "
-                f"{_figure(100 * ess if isinstance(ess, (int, float)) else None, '.1f')} % of the proposals)",
+        f"{_figure(100 * ess if isinstance(ess, (int, float)) else None, '.1f')} % of the proposals)",
         "",
     ]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +77,9 @@ def plot_training(metrics_csv: str | os.PathLike, png: str | os.PathLike, select
             ax.plot(steps[ok], y[ok], marker="o" if sparse else None, markersize=4, label=label)
             drawn += 1
         if selected_step is not None and drawn:
-            ax.axvline(selected_step, color="grey", linestyle=":", linewidth=1,
-                       label="exported checkpoint" if title.startswith("ELBO") else None)
+            ax.axvline(
+                selected_step, color="grey", linestyle=":", linewidth=1, label="exported checkpoint" if title.startswith("ELBO") else None
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -96,17 +97,15 @@ def plot_training(metrics_csv: str | os.PathLike, png: str | os.PathLike, select
     return png
 
 
-def heldout_metrics(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, *, samples: int = 2000,
-                    seed: int = 0, methods: Sequence[str] = ("gaussian", "gmm", "evalp"),
-                    progress: bool = False) -> tuple[dict[str, Any], str]:
+def heldout_metrics(prior: Any, source: Any, heldout: np.ndarray, train: np.ndarray, **options: Any) -> tuple[dict[str, Any], str]:
     """Gaussian / GMM / EVaLP against posterior draws of the held-out items (normalized latent space).
 
-    Returns (`latent_prior.evaluate.latent_report`'s dict, its markdown table).
+    options: `latent_prior.evaluate.latent_report`'s (samples=2000, seed=0, methods: gaussian, gmm and evalp,
+    progress=False, ...). Returns (`latent_report`'s dict, its markdown table).
     """
     from latent_prior.evaluate import latent_report, latent_table_markdown
 
-    result = latent_report(prior, source, np.asarray(heldout), np.asarray(train), samples=samples, seed=seed, methods=methods,
-                           progress=progress)
+    result = latent_report(prior, source, np.asarray(heldout), np.asarray(train), **options)
     return result, latent_table_markdown(result)
 
 
@@ -142,17 +141,21 @@ def _fit_section(s: dict[str, Any]) -> list[str]:
         f"{s.get('world_size', 1)} process(es); exported checkpoint: step {s.get('selected_step')} ({s.get('selection', '')})",
         f"- log Ẑ ≈ {_fmt(s.get('log_z'))} nats, an importance-sampling estimate with the sampler as proposal "
         f"(K = {s.get('log_z_samples')}, ESS {_fmt(s.get('log_z_ess'), '.0f')} = "
-                f"{_fmt(100 * (s.get('log_z_ess_fraction') or float('nan')), '.2f')}%)",
+        f"{_fmt(100 * (s.get('log_z_ess_fraction') or float('nan')), '.2f')}%)",
     ]
     gain = s.get("heldout_gain_nats")
     bits = s.get("heldout_gain_bits_per_data_dim")
     per = "bits/dim (image)"
     if bits is None:
         bits, per = s.get("heldout_gain_bits_per_latent_dim"), "bits/latent-dim"
-    lines.append(f"- held-out ELBO gain over the N(0, I) prior ≈ {_fmt(gain, '+.3f')} nats per image = {_fmt(bits, '+.5f')} {per} "
-                 f"(train: {_fmt(s.get('train_gain_nats'), '+.3f')} nats)")
-    lines.append("- These are estimates: log Z is replaced by an importance-sampling estimate, which is biased low, so the gains "
-                 "are optimistic; a low ESS makes them unreliable.")
+    lines.append(
+        f"- held-out ELBO gain over the N(0, I) prior ≈ {_fmt(gain, '+.3f')} nats per image = {_fmt(bits, '+.5f')} {per} "
+        f"(train: {_fmt(s.get('train_gain_nats'), '+.3f')} nats)"
+    )
+    lines.append(
+        "- These are estimates: log Z is replaced by an importance-sampling estimate, which is biased low, so the gains "
+        "are optimistic; a low ESS makes them unreliable."
+    )
     if s.get("stopped_early"):
         lines.append("- The fit stopped early (no better candidate by --select-by's rule for --early-stop-patience evaluations).")
     return lines
@@ -182,11 +185,17 @@ def _markdown(facts: dict[str, Any]) -> str:
         "",
     ]
     if lat.get("metrics_on_training_latents"):
-        out += ["**Warning: no held-out split (--validation-fraction 0), so these are measured on the TRAINING latents "
-                "(optimistic, for every prior).**", ""]
+        out += [
+            "**Warning: no held-out split (--validation-fraction 0), so these are measured on the TRAINING latents "
+            "(optimistic, for every prior).**",
+            "",
+        ]
     else:
-        out += [f"Measured on the {lat.get('heldout')} latents of the fit's validation split (images the prior never saw; "
-                f"the GMM is fitted to the {lat.get('train')} training latents).", ""]
+        out += [
+            f"Measured on the {lat.get('heldout')} latents of the fit's validation split (images the prior never saw; "
+            f"the GMM is fitted to the {lat.get('train')} training latents).",
+            "",
+        ]
     out += [
         facts.get("metrics_table", "").rstrip(),
         "",
@@ -201,7 +210,7 @@ def _markdown(facts: dict[str, Any]) -> str:
         f"revision {provenance.get('revision')!r}",
         f"- config hash `{provenance.get('config_hash')}`, weights fingerprint `{provenance.get('fingerprint')}`",
         f"- encoder dtype {cache.get('dtype')} (computed in {cache.get('compute_dtype')}), deterministic encoder: "
-                f"{vae.get('deterministic')}",
+        f"{vae.get('deterministic')}",
         f"- normalization: `{json.dumps(vae.get('normalization'))}`",
         f"- data: `{cache.get('data')}`",
         "",
@@ -213,8 +222,10 @@ def _markdown(facts: dict[str, Any]) -> str:
         "",
         "| stage | seconds | |",
         "|---|---:|---|",
-        *[f"| {name} | {_fmt(t['seconds'], '.1f')} | {'reused from an earlier invocation' if t.get('reused') else ''} |"
-          for name, t in facts["timings"].items()],
+        *[
+            f"| {name} | {_fmt(t['seconds'], '.1f')} | {'reused from an earlier invocation' if t.get('reused') else ''} |"
+            for name, t in facts["timings"].items()
+        ],
         "",
         f"{facts.get('world_size', 1)} process(es) on {facts.get('device')}.",
         "",

@@ -79,9 +79,7 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (flat.pow(2).sum(dim=1) + flat.shape[1] * math.log(2 * math.pi))
 
 
-def log_importance_weights(
-    energies: torch.Tensor, z: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def log_importance_weights(energies: torch.Tensor, z: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Unnormalized log-weights of proposals z ~ q (N, *shape) with energies E(z) (N,) and log q(z) (N,) for the
     (tempered) target, float64 (N,).
 
@@ -97,9 +95,15 @@ def shares_basis(energy: Energy, flow: Any) -> bool:
     return bool(getattr(energy, "shares_basis", lambda flow: False)(flow))
 
 
-def propose(energy: Energy, flow: Sampler, n: int, *, generator: torch.Generator | None = None,
-            shared_basis: bool | None = None,
-            autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def propose(
+    energy: Energy,
+    flow: Sampler,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    shared_basis: bool | None = None,
+    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n proposals of the flow at temperature 1 with their log-densities and energies: z (n, *latent_shape),
     log q(z) (n,) and E(z) (n,, under `autocast`) in nats, differentiable in the flow's parameters.
 
@@ -257,9 +261,7 @@ def flow_based_energy(energy: Any) -> Any:
 def _resolve_space(space: Any, energy: Any) -> tuple[str, Any]:
     """(space, flow-based energy or None): "auto" becomes "base" exactly when the energy has a flow base."""
     if space not in LANGEVIN_SPACES:
-        raise LatentPriorError(
-            f"space={space!r}: Langevin runs in 'latent' (z itself), 'base' (the base flow's coordinates) or 'auto'."
-        )
+        raise LatentPriorError(f"space={space!r}: Langevin runs in 'latent' (z itself), 'base' (the base flow's coordinates) or 'auto'.")
     flow_based = flow_based_energy(energy)
     if space == "base" and flow_based is None:
         raise LatentPriorError(
@@ -363,27 +365,38 @@ def sample_langevin(
             else:
                 z = _langevin_chain_in_latent(energy, flow, m, generator, device, temperature, steps, step_size, init)
             if not torch.isfinite(z).all():
-                hint = ("lower step_size or use method='sir'" if space == "base" else
-                        "pass space='base' (Langevin in the base flow's coordinates, for a flow-based energy), "
-                        "lower step_size or use method='sir'")
+                hint = (
+                    "lower step_size or use method='sir'"
+                    if space == "base"
+                    else "pass space='base' (Langevin in the base flow's coordinates, for a flow-based energy), "
+                    "lower step_size or use method='sir'"
+                )
                 raise LatentPriorError(
-                    f"sample_langevin: the chain diverged (non-finite latents) with step_size={step_size} in "
-                    f"space={space!r}; {hint}."
+                    f"sample_langevin: the chain diverged (non-finite latents) with step_size={step_size} in space={space!r}; {hint}."
                 )
             parts.append(z.detach())
     return torch.cat(parts)
 
 
-def _langevin_step(x: torch.Tensor, grad: torch.Tensor, generator: torch.Generator | None, temperature: float,
-                   step_size: float) -> torch.Tensor:
+def _langevin_step(
+    x: torch.Tensor, grad: torch.Tensor, generator: torch.Generator | None, temperature: float, step_size: float
+) -> torch.Tensor:
     """One LEBM update x − ½ s² (grad + x) / T + s ξ, detached."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x - 0.5 * step_size**2 * (grad + x) / temperature + step_size * noise).detach()
 
 
-def _langevin_chain_in_latent(energy: Energy, flow: Sampler, m: int, generator: torch.Generator | None,
-                              device: torch.device, temperature: float, steps: int, step_size: float,
-                              init: str) -> torch.Tensor:
+def _langevin_chain_in_latent(
+    energy: Energy,
+    flow: Sampler,
+    m: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+    temperature: float,
+    steps: int,
+    step_size: float,
+    init: str,
+) -> torch.Tensor:
     """m chains in z: (m, *latent_shape)."""
     if init == "flow":
         z = flow.sample(m, generator=generator, temperature=1.0).detach().clone()
@@ -395,9 +408,17 @@ def _langevin_chain_in_latent(energy: Energy, flow: Sampler, m: int, generator: 
     return z
 
 
-def _langevin_chain_in_base(flow_based: Any, flow: Sampler, m: int, generator: torch.Generator | None,
-                            device: torch.device, temperature: float, steps: int, step_size: float,
-                            init: str) -> torch.Tensor:
+def _langevin_chain_in_base(
+    flow_based: Any,
+    flow: Sampler,
+    m: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+    temperature: float,
+    steps: int,
+    step_size: float,
+    init: str,
+) -> torch.Tensor:
     """m chains in the base flow's coordinates; returns z = f(u), (m, *latent_shape).
 
     Each chain runs in the standardized coordinates ξ of one component of the base, u = μ_k + L_k·ξ
@@ -512,9 +533,7 @@ def estimate_log_z(
         z, log_q, e = propose(energy, flow, m, generator=generator, shared_basis=shared)
         log_w = log_importance_weights(e, z, log_q)
         if torch.isnan(log_w).any() or torch.isposinf(log_w).any():
-            raise LatentPriorError(
-                "estimate_log_z: the energy or the flow returned NaN/inf log-densities; check the checkpoint."
-            )
+            raise LatentPriorError("estimate_log_z: the energy or the flow returned NaN/inf log-densities; check the checkpoint.")
         lse_w.update(log_w)
         lse_w2.update(2.0 * log_w)
     log_z = lse_w.value.item() - math.log(num_samples)
@@ -551,9 +570,7 @@ def elbo_gain(
     and `is_estimate`/`note`: log Ẑ is biased low, so this gain is optimistic.
     """
     if posterior_mean.dim() < 2 or posterior_mean.shape[0] == 0:
-        raise LatentPriorError(
-            f"posterior_mean has shape {tuple(posterior_mean.shape)}: pass (N, *latent_shape) with N ≥ 1."
-        )
+        raise LatentPriorError(f"posterior_mean has shape {tuple(posterior_mean.shape)}: pass (N, *latent_shape) with N ≥ 1.")
     if posterior_logvar is not None and posterior_logvar.shape != posterior_mean.shape:
         raise LatentPriorError(
             f"posterior_logvar has shape {tuple(posterior_logvar.shape)} but posterior_mean has "

@@ -66,7 +66,6 @@ def _open_source(latents: Any) -> Any:
     )
 
 
-
 def _identity(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config_dict.items() if k not in COSMETIC_FIELDS}
 
@@ -85,7 +84,7 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
             raise LatentPriorError(
                 f"--out {out} holds a fit written by latent-prior 0.1.0 (the prior, checkpoints/ and fit_config.json side by "
                 f"side in {old}, which still loads as a prior); a fit now writes {out / PRIOR_DIR} and "
-                        f"{out / TRAIN_DIR}, so use a new --out."
+                f"{out / TRAIN_DIR}, so use a new --out."
             )
     if saved.is_file():
         try:
@@ -97,8 +96,11 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
         new = to_dict(config)
         same = _identity(old) == _identity(new)
         if not same and not config.resume:
-            diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(_identity(old)) | set(_identity(new)))
-                    if old.get(k) != new.get(k)]
+            diff = [
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted(set(_identity(old)) | set(_identity(new)))
+                if old.get(k) != new.get(k)
+            ]
             raise LatentPriorError(
                 f"--out {out} holds a different fit ({'; '.join(diff[:4])}); use a new --out, or pass --resume to continue "
                 "that run with these settings."
@@ -108,12 +110,13 @@ def _prepare_out(out: Path, config: FitConfig, is_main: bool) -> Path | None:
             logger.info(f"latent-prior fit: resuming with changed settings: {', '.join(changed)}")
     elif out.is_dir() and any((out / name).exists() or (out / name).is_symlink() for name in _FIT_FILES):
         found = [name for name in _FIT_FILES if (out / name).exists() or (out / name).is_symlink()]
-        raise LatentPriorError(f"--out {out} holds {', '.join(found)} but no {TRAIN_DIR}/fit_config.json, so they are not from a fit "
-                               "and would be overwritten; use a new --out.")
+        raise LatentPriorError(
+            f"--out {out} holds {', '.join(found)} but no {TRAIN_DIR}/fit_config.json, so they are not from a fit "
+            "and would be overwritten; use a new --out."
+        )
     if not ckpts:
         if config.resume and is_main:
-            logger.info(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from "
-                        "scratch.")
+            logger.info(f"latent-prior fit: --resume: no checkpoint in {out / TRAIN_DIR / 'checkpoints'} yet, starting from scratch.")
         return None
     return ckpts[-1][1]
 
@@ -124,13 +127,19 @@ def _make_accelerator(config: FitConfig, out: Path) -> tuple[Any, bool]:
     log_with = tracker_names(config.log_with)
     acc = Accelerator(log_with=log_with, project_dir=str(out / TRAIN_DIR))
     if config.mixed_precision == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise LatentPriorError(f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; "
-                "use --mixed-precision no.")
+        raise LatentPriorError(
+            f"--mixed-precision bf16: {torch.cuda.get_device_name(acc.device)} has no bfloat16; use --mixed-precision no."
+        )
     return acc, log_with is not None
 
 
-def fit(latents: str | os.PathLike | LatentSource | torch.Tensor, config: FitConfig | None = None, *,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None, **overrides: Any) -> LatentPrior:
+def fit(
+    latents: str | os.PathLike | LatentSource | torch.Tensor,
+    config: FitConfig | None = None,
+    *,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **overrides: Any,
+) -> LatentPrior:
     """Fit an EVaLP prior and return it as a `latent_prior.prior.LatentPrior` (also exported to `config.out`/prior).
 
     latents: a cache folder or .safetensors path, a `LatentSource` (`latent_prior.cache.open_latents`),
@@ -210,14 +219,19 @@ def _summary_line(s: dict[str, Any], out: Path | None) -> str:
     where = f"; prior written to {out / PRIOR_DIR}, training records to {out / TRAIN_DIR}" if out is not None else ""
     gain = s["heldout_gain_nats"]
     if math.isfinite(gain):
-        bits = (f"{s['heldout_gain_bits_per_data_dim']:+.5f} bits/dim" if "heldout_gain_bits_per_data_dim" in s
-                else f"{s['heldout_gain_bits_per_latent_dim']:+.4f} bits/latent-dim")
+        bits = (
+            f"{s['heldout_gain_bits_per_data_dim']:+.5f} bits/dim"
+            if "heldout_gain_bits_per_data_dim" in s
+            else f"{s['heldout_gain_bits_per_latent_dim']:+.4f} bits/latent-dim"
+        )
         gain_text = f"held-out ELBO gain ≈ {gain:+.3f} nats = {bits}"
     else:
         gain_text = f"train ELBO gain ≈ {s['train_gain_nats']:+.3f} nats (no validation split)"
-    return (f"latent-prior fit: {s['steps']} steps in {s['seconds']:.0f} s (selected step {s['selected_step']}); "
-            f"log Ẑ ≈ {s['log_z']:.3f} nats (IS estimate, K={s['log_z_samples']}, ESS {s['log_z_ess']:.0f} = "
-            f"{100 * s['log_z_ess_fraction']:.1f}%); {gain_text} (estimates, optimistic){where}")
+    return (
+        f"latent-prior fit: {s['steps']} steps in {s['seconds']:.0f} s (selected step {s['selected_step']}); "
+        f"log Ẑ ≈ {s['log_z']:.3f} nats (IS estimate, K={s['log_z_samples']}, ESS {s['log_z_ess']:.0f} = "
+        f"{100 * s['log_z_ess_fraction']:.1f}%); {gain_text} (estimates, optimistic){where}"
+    )
 
 
 def run_fit(config: FitConfig) -> int:
@@ -240,4 +254,3 @@ def plot_training_curves(out: Path, prior: LatentPrior) -> Path:
 
     summary = (prior.training_info or {}).get("summary") or {}
     return plot_training(out / TRAIN_DIR / "metrics.csv", out / TRAIN_DIR / "training.png", selected_step=summary.get("selected_step"))
-

@@ -115,7 +115,6 @@ def _add_gain_gaps(scores: list[dict[str, Any]], gains: list[torch.Tensor | None
         row["val_gain_gap_se"] = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
 
 
-
 class Trainer:
     """One fit: builds the networks, optimizers and data stream from a resolved FitConfig, trains them
     (`train`), selects a checkpoint and exports it (`export`). `fit` is the entry point that prepares --out
@@ -246,9 +245,17 @@ class Trainer:
                     samples = self.basis.lift(samples, gen)
                 fd, precision, recall = self._sample_scores(samples)
                 gains.append(self._heldout_gmm_gains(gmm, heldout))
-                scores.append({"components": key[0], "em_seed": key[1], "em_starts": key[2], "val_fd": fd,
-                               "val_precision": precision, "val_recall": recall,
-                               "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item()})
+                scores.append(
+                    {
+                        "components": key[0],
+                        "em_seed": key[1],
+                        "em_starts": key[2],
+                        "val_fd": fd,
+                        "val_precision": precision,
+                        "val_recall": recall,
+                        "val_gain_nats": float("nan") if gains[-1] is None else gains[-1].mean().item(),
+                    }
+                )
             _add_gain_gaps(scores, gains)
             fd_limit = (1 + FD_TOLERANCE) * min(r["val_fd"] for r in scores)
             admissible = [r for r in scores if r["val_fd"] <= fd_limit and math.isfinite(r["val_precision"] + r["val_recall"])]
@@ -303,8 +310,14 @@ class Trainer:
             # The conv energy goes with the multi-scale flow: beside the subspace flow at 4×32×32 its double backward
             # (the gradient penalty) took over 10 s of an alternating step on one core, the MLP's a small part of it.
             energy_kind = "conv" if self._flow_kind() == "multiscale" else "mlp"
-        residual = build_energy(self.shape, kind=energy_kind, hidden=c.energy_hidden, depth=c.energy_depth,
-                                channels=c.energy_channels, spectral_norm=c.spectral_norm)
+        residual = build_energy(
+            self.shape,
+            kind=energy_kind,
+            hidden=c.energy_hidden,
+            depth=c.energy_depth,
+            channels=c.energy_channels,
+            spectral_norm=c.spectral_norm,
+        )
         self.flow = build_flow(self.shape, **self._flow_kwargs()).to(self.device)
         if c.energy_base == "flow":
             # The base is a copy of the sampler, overwritten by its warmed-up weights (see _end_warmup).
@@ -316,8 +329,9 @@ class Trainer:
         # foreach: one kernel per step for all tensors instead of a Python loop over them (the loop was 10 % of a
         # CPU fit on the digits latents); the arithmetic is Adam's either way.
         self.opt_energy = torch.optim.Adam(self.trainable_energy.parameters(), lr=c.lr_energy, betas=tuple(c.betas), foreach=True)
-        self.opt_sampler = torch.optim.Adam(optimizer_groups(self.flow, c.lr_linear_power), lr=c.lr_sampler, betas=tuple(c.betas),
-                                            foreach=True)
+        self.opt_sampler = torch.optim.Adam(
+            optimizer_groups(self.flow, c.lr_linear_power), lr=c.lr_sampler, betas=tuple(c.betas), foreach=True
+        )
         # One generator per rank drives every random draw of training (posterior noise, flow noise,
         # interpolates), so its state in the checkpoint is all a resume needs.
         self.generator = torch.Generator(device=self.device).manual_seed((c.seed + SEEDS.training_draws) * 1_000_003 + self.rank)
@@ -326,8 +340,11 @@ class Trainer:
         self.shared_basis = False  # set by _note_shared_basis
         # Our own autocast rather than Accelerator(mixed_precision=...): Accelerate fixes the precision once per
         # process, so a second fit in a notebook could not choose another one.
-        self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
-                         if c.mixed_precision == "bf16" else contextlib.nullcontext)
+        self.autocast = (
+            functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+            if c.mixed_precision == "bf16"
+            else contextlib.nullcontext
+        )
 
     def _initialization_draws(self, seed: int) -> torch.Tensor:
         """Posterior draws of up to 2048 training latents (bounded memory), the same on every rank and on a
@@ -342,8 +359,9 @@ class Trainer:
         `dims` dimensions (the base's by default; several per item where the items are few for the dimension), the
         same on every rank and on a resume."""
         dims = dims or self._base_dims()
-        per_item, count = gmm_fit_draws(len(self.train_idx), dims, bool(getattr(self.source, "deterministic", False)),
-                                        components or self.flow.base_components)
+        per_item, count = gmm_fit_draws(
+            len(self.train_idx), dims, bool(getattr(self.source, "deterministic", False)), components or self.flow.base_components
+        )
         mean, logvar = self.source.read(subset(self.train_idx, -(-count // per_item), self.config.seed + SEEDS.init_items))
         if per_item > 1:
             mean = mean.repeat(per_item, *([1] * (mean.dim() - 1)))[:count]
@@ -369,8 +387,9 @@ class Trainer:
         """Every rank must hold the same weights (identical averaged updates); a cheap check at each checkpoint."""
         if self.world_size == 1:
             return
-        sums = torch.stack([sum(p.detach().double().sum() for p in m.parameters())
-                            for m in (self.energy, self.flow, self.ema.module)]).to(self.device)
+        sums = torch.stack([sum(p.detach().double().sum() for p in m.parameters()) for m in (self.energy, self.flow, self.ema.module)]).to(
+            self.device
+        )
         every = self.acc.gather(sums[None])
         if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=1e-9):
             raise RuntimeError(f"internal error: the ranks' weights differ at step {self.state.step} ({every.tolist()}); please report it.")
@@ -409,7 +428,7 @@ class Trainer:
 
     def _prune_checkpoints(self) -> None:
         ckpts = checkpoint_dirs(self.ckpt_root)
-        keep = {s for s, _ in ckpts[-self.config.keep_checkpoints:]}
+        keep = {s for s, _ in ckpts[-self.config.keep_checkpoints :]}
         if self.state.best_step is not None:
             keep.add(self.state.best_step)
         for s, path in ckpts:
@@ -492,16 +511,20 @@ class Trainer:
         if self._fd_reference is None:
             gen = torch.Generator(device=self.device).manual_seed(c.seed + SEEDS.eval_heldout_draws)
             repeats = max(1, round(c.fd_samples / max(1, len(self.eval_val_idx))))
-            parts = [posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device).flatten(1).cpu()
-                     for _ in range(repeats)
-                     for mean, logvar in self.source.iter_moments(1024, indices=self.eval_val_idx, shuffle=False)]
+            parts = [
+                posterior_draw(mean, logvar, gen, normalization=self.norm, device=self.device).flatten(1).cpu()
+                for _ in range(repeats)
+                for mean, logvar in self.source.iter_moments(1024, indices=self.eval_val_idx, shuffle=False)
+            ]
             self._fd_reference = torch.cat(parts)
         if not torch.isfinite(samples).all():
             return float("inf"), 0.0, 0.0
         m = len(self.eval_val_idx)
         repeats = min(len(self._fd_reference), len(samples)) // m if m > PRECISION_NEIGHBOURS else 0
-        pr = [precision_recall_knn(self._fd_reference[r * m:(r + 1) * m], samples[r * m:(r + 1) * m], k=PRECISION_NEIGHBOURS)
-              for r in range(repeats)]
+        pr = [
+            precision_recall_knn(self._fd_reference[r * m : (r + 1) * m], samples[r * m : (r + 1) * m], k=PRECISION_NEIGHBOURS)
+            for r in range(repeats)
+        ]
         precision = sum(p.precision for p in pr) / repeats if repeats else float("nan")
         recall = sum(p.recall for p in pr) / repeats if repeats else float("nan")
         return frechet_distance(samples, self._fd_reference), precision, recall
@@ -548,14 +571,25 @@ class Trainer:
             val_gain = self._mean_neg_energy(self.eval_val_idx) - est.log_z if has_val else float("nan")
             val_fd, val_precision = self._heldout_sample_scores() if has_val else (float("nan"), float("nan"))
             self.energy.train()
-            values = torch.tensor([est.log_z, est.ess, est.ess_fraction, val_gain, train_gain, num_samples, val_fd, val_precision],
-                                  dtype=torch.float64, device=self.device)
+            values = torch.tensor(
+                [est.log_z, est.ess, est.ess_fraction, val_gain, train_gain, num_samples, val_fd, val_precision],
+                dtype=torch.float64,
+                device=self.device,
+            )
         if self.world_size > 1:
             values = broadcast(values, from_process=0)
         log_z, ess, ess_fraction, val_gain, train_gain, k, val_fd, val_precision = values.tolist()
-        return {"step": self.state.step, "log_z_is": log_z, "ess": ess, "ess_fraction": ess_fraction,
-                "val_gain_nats": val_gain, "train_gain_nats": train_gain, "num_samples": int(k), "val_fd": val_fd,
-                "val_precision": val_precision}
+        return {
+            "step": self.state.step,
+            "log_z_is": log_z,
+            "ess": ess,
+            "ess_fraction": ess_fraction,
+            "val_gain_nats": val_gain,
+            "train_gain_nats": train_gain,
+            "num_samples": int(k),
+            "val_fd": val_fd,
+            "val_precision": val_precision,
+        }
 
     def _select(self, result: dict[str, Any]) -> None:
         """Model selection on the held-out latents (see the module docstring)."""
@@ -579,8 +613,12 @@ class Trainer:
             # Never worse than the first candidate, the GMM that the base started as: on likelihood and on samples,
             # both their spread (FD) and their sharpness (precision; a NaN, from too few held-out items, never blocks).
             ref_precision = s.reference.get("val_precision", float("nan")) if s.reference else float("nan")
-            eligible = (eligible and gain >= s.reference["val_gain_nats"] and fd <= s.reference["val_fd"]
-                        and not precision < ref_precision - PRECISION_TOLERANCE)
+            eligible = (
+                eligible
+                and gain >= s.reference["val_gain_nats"]
+                and fd <= s.reference["val_fd"]
+                and not precision < ref_precision - PRECISION_TOLERANCE
+            )
         if eligible and (s.best_value is None or value > s.best_value):
             s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
         else:
@@ -594,10 +632,12 @@ class Trainer:
             return "last checkpoint (no validation split)"
         if c.select_by == "gain":
             return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
-        return ("lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
-                f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
-                f"at most {PRECISION_TOLERANCE:g} below it "
-                "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)")
+        return (
+            "lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
+            f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
+            f"at most {PRECISION_TOLERANCE:g} below it "
+            "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)"
+        )
 
     def _what_the_phases_add(self) -> dict[str, Any]:
         """Held-out gain and FD of the initialized model (the GMM start), of the warmed-up flow (the energy's base)
@@ -605,13 +645,22 @@ class Trainer:
         history = {h["step"]: h for h in self.state.history}
         warmup = self.state.warmup_steps or 0
         alternating = [h for step, h in history.items() if step > warmup and math.isfinite(h["val_gain_nats"])]
-        picks = {"start": history.get(0), "base": history.get(warmup),
-                 "energy": max(alternating, key=lambda h: h["val_gain_nats"]) if alternating else None}
-        return {"phases": {name: None if h is None else {k: h.get(k) for k in ("step", "val_gain_nats", "val_fd", "val_precision", "ess_fraction")}
-                           for name, h in picks.items()},
-                "phases_note": ("held-out gain (nats) and latent FD of the sampler at step 0 (start), at the end of the warm-up "
-                                "(base: the flow that the energy corrects) and at the alternating-phase checkpoint with the "
-                                "highest held-out gain (energy); energy minus base is what the energy adds")}
+        picks = {
+            "start": history.get(0),
+            "base": history.get(warmup),
+            "energy": max(alternating, key=lambda h: h["val_gain_nats"]) if alternating else None,
+        }
+        return {
+            "phases": {
+                name: None if h is None else {k: h.get(k) for k in ("step", "val_gain_nats", "val_fd", "val_precision", "ess_fraction")}
+                for name, h in picks.items()
+            },
+            "phases_note": (
+                "held-out gain (nats) and latent FD of the sampler at step 0 (start), at the end of the warm-up "
+                "(base: the flow that the energy corrects) and at the alternating-phase checkpoint with the "
+                "highest held-out gain (energy); energy minus base is what the energy adds"
+            ),
+        }
 
     def _evaluate_candidate(self) -> dict[str, Any]:
         result = self.evaluate(self.config.eval_samples)
@@ -667,10 +716,12 @@ class Trainer:
         gap = (log_q - self.ema.module.log_prob(z)).abs()
         if bool(torch.isfinite(gap).all()) and float(gap.median()) < 0.1:
             return
-        logger.warning(f"latent-prior fit: warning: after the warm-up the sampler flow is numerically unstable (its samples and its "
-                       f"inverse disagree by a median {float(gap.nan_to_num(float('inf')).median()):.3g} nats; largest |z| "
-                       f"{float(z.abs().nan_to_num(float('inf')).max()):.3g}), so its samples and log Z are unreliable; try a lower "
-                       "--lr-sampler, fewer --flow-blocks, or --flow-kind spline.")
+        logger.warning(
+            f"latent-prior fit: warning: after the warm-up the sampler flow is numerically unstable (its samples and its "
+            f"inverse disagree by a median {float(gap.nan_to_num(float('inf')).median()):.3g} nats; largest |z| "
+            f"{float(z.abs().nan_to_num(float('inf')).max()):.3g}), so its samples and log Z are unreliable; try a lower "
+            "--lr-sampler, fewer --flow-blocks, or --flow-kind spline."
+        )
 
     def _set_learning_rates(self) -> None:
         """Cosine decay by step (a function of the step alone, so a resumed run gets the same rates)."""
@@ -696,9 +747,17 @@ class Trainer:
         sampler_grad_norm = torch.zeros((), device=self.device)
         for _ in range(c.sampler_steps_per_energy_step):
             self.opt_sampler.zero_grad(set_to_none=True)
-            loss, sampler_parts, z_neg = sampler_loss(self.energy, self.flow, n, kl_weight=c.kl_weight, forward_kl_weight=c.forward_kl_weight,
-                                                      z_pos=z_pos, generator=self.generator, autocast=self.autocast,
-                                                      shared_basis=self.shared_basis)
+            loss, sampler_parts, z_neg = sampler_loss(
+                self.energy,
+                self.flow,
+                n,
+                kl_weight=c.kl_weight,
+                forward_kl_weight=c.forward_kl_weight,
+                z_pos=z_pos,
+                generator=self.generator,
+                autocast=self.autocast,
+                shared_basis=self.shared_basis,
+            )
             loss.backward()
             stats = torch.stack([sampler_parts[k] for k in ("sampler_loss", "log_z_bound", "forward_kl")]).float()
             stats = all_reduce_grads_and_stats(list(self.flow.parameters()), stats, self.acc)
@@ -712,11 +771,21 @@ class Trainer:
         # energy update on fresh posterior draws vs the last sampler update's own samples, detached: drawing new
         # ones from the updated flow cost 10 % of an alternating step, for samples one Adam step apart.
         self.opt_energy.zero_grad(set_to_none=True)
-        loss, parts = energy_loss(self.trainable_energy, z_pos, z_neg, magnitude_penalty=c.energy_magnitude_penalty, grad_penalty=c.grad_penalty,
-                                  wgan_gp_weight=c.wgan_gp_weight, generator=self.generator, autocast=self.autocast)
+        loss, parts = energy_loss(
+            self.trainable_energy,
+            z_pos,
+            z_neg,
+            magnitude_penalty=c.energy_magnitude_penalty,
+            grad_penalty=c.grad_penalty,
+            wgan_gp_weight=c.wgan_gp_weight,
+            generator=self.generator,
+            autocast=self.autocast,
+        )
         loss.backward()
         keys = ("e_pos", "e_neg", "energy_loss", "max_abs_energy")
-        stats = all_reduce_grads_and_stats(list(self.trainable_energy.parameters()), torch.stack([parts[k] for k in keys]).float(), self.acc)
+        stats = all_reduce_grads_and_stats(
+            list(self.trainable_energy.parameters()), torch.stack([parts[k] for k in keys]).float(), self.acc
+        )
         parts = dict(zip(keys, stats))
         energy_grad_norm = _clip(self.trainable_energy.parameters(), c.clip_grad_norm)
         out = {k: float(v) for k, v in {**sampler_parts, **parts}.items()}
@@ -764,8 +833,17 @@ class Trainer:
             self.save_checkpoint()
         if self.state.step >= c.steps or self.state.stopped_early:
             return
-        stream = BatchStream(self.source, self.train_idx, c.batch_size, seed=c.seed, rank=self.rank, world_size=self.world_size,
-                              num_workers=c.num_workers, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch)
+        stream = BatchStream(
+            self.source,
+            self.train_idx,
+            c.batch_size,
+            seed=c.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=c.num_workers,
+            epoch=self.state.epoch,
+            batch_in_epoch=self.state.batch_in_epoch,
+        )
         bar = None
         if self.is_main and not c.quiet:
             from tqdm.auto import tqdm
@@ -799,21 +877,28 @@ class Trainer:
                     row = {**(row or {}), **{k: result[k] for k in EVAL_KEYS}}
                     self._log_sample_grid()
                 if row is not None:
-                    row.update(step=self.state.step, epoch=self.state.epoch, seconds=round(self.state.seconds, 3),
-                               lr_sampler=float(self.opt_sampler.param_groups[0]["lr"]))
+                    row.update(
+                        step=self.state.step,
+                        epoch=self.state.epoch,
+                        seconds=round(self.state.seconds, 3),
+                        lr_sampler=float(self.opt_sampler.param_groups[0]["lr"]),
+                    )
                     if metrics is not None:
                         metrics.append(row)
                     if self.tracking:
                         self.acc.log({k: v for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}, step=self.state.step)
                     if bar is not None:
-                        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("e_pos", "e_neg", "log_z_bound", "val_gain_nats") if k in row},
-                                        refresh=False)
+                        bar.set_postfix(
+                            {k: f"{row[k]:.3g}" for k in ("e_pos", "e_neg", "log_z_bound", "val_gain_nats") if k in row}, refresh=False
+                        )
                 if evaluate:
                     self.save_checkpoint()
                     if self.state.stopped_early:
                         if self.is_main:
-                            logger.info(f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
-                                        f"{c.select_by}) in {c.early_stop_patience} evaluations.")
+                            logger.info(
+                                f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
+                                f"{c.select_by}) in {c.early_stop_patience} evaluations."
+                            )
                         break
                 if bar is not None:
                     bar.update(1)
@@ -868,13 +953,17 @@ class Trainer:
             summary["data_dims"] = data_dims
             summary["heldout_gain_bits_per_data_dim"] = summary["heldout_gain_nats"] / (data_dims * math.log(2))
         if self.is_main and result["ess_fraction"] < self.config.min_ess_fraction:
-            logger.warning(f"latent-prior fit: warning: the final log Z estimate has ESS {result['ess']:.0f} of {result['num_samples']} "
-                           f"({100 * result['ess_fraction']:.2f}%), so log Z, log_prob and the gains are unreliable; the sampler does not "
-                           "cover the energy model yet: train longer, raise --flow-blocks / --flow-hidden / --flow-channels, or "
-                           "--energy-magnitude-penalty.")
+            logger.warning(
+                f"latent-prior fit: warning: the final log Z estimate has ESS {result['ess']:.0f} of {result['num_samples']} "
+                f"({100 * result['ess_fraction']:.2f}%), so log Z, log_prob and the gains are unreliable; the sampler does not "
+                "cover the energy model yet: train longer, raise --flow-blocks / --flow-hidden / --flow-channels, or "
+                "--energy-magnitude-penalty."
+            )
         if s.best_step is None and len(self.val_idx) and self.is_main:
-            logger.warning(f"latent-prior fit: warning: no checkpoint reached --min-ess-fraction {self.config.min_ess_fraction:g}, so the "
-                           "last one is exported and its log Z estimate is unreliable; train longer or give the sampler more capacity.")
+            logger.warning(
+                f"latent-prior fit: warning: no checkpoint reached --min-ess-fraction {self.config.min_ess_fraction:g}, so the "
+                "last one is exported and its log Z estimate is unreliable; train longer or give the sampler more capacity."
+            )
         if self.is_main:
             training = {
                 "config": to_dict(self.config),
@@ -889,11 +978,20 @@ class Trainer:
                 "validation_items": [int(i) for i in self.val_idx],  # the held-out split, for eval and the report
             }
             prior = LatentPrior(
-                copy.deepcopy(self.energy).eval(), copy.deepcopy(self.ema.module).eval(),
-                latent_shape=self.shape, normalization=self.norm, log_z=result["log_z_is"],
-                log_z_info={"ess": result["ess"], "ess_fraction": result["ess_fraction"], "num_samples": result["num_samples"],
-                            "proposal": "EMA sampler flow", "estimate": "importance sampling, biased low"},
-                provenance=self.source.provenance, training=training,
+                copy.deepcopy(self.energy).eval(),
+                copy.deepcopy(self.ema.module).eval(),
+                latent_shape=self.shape,
+                normalization=self.norm,
+                log_z=result["log_z_is"],
+                log_z_info={
+                    "ess": result["ess"],
+                    "ess_fraction": result["ess_fraction"],
+                    "num_samples": result["num_samples"],
+                    "proposal": "EMA sampler flow",
+                    "estimate": "importance sampling, biased low",
+                },
+                provenance=self.source.provenance,
+                training=training,
             )
             prior.save_pretrained(self.out / PRIOR_DIR)
             atomic_write_json(self.train_dir / "fit_summary.json", summary)
@@ -901,10 +999,8 @@ class Trainer:
         return summary
 
 
-
 def _clip(params: Any, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-

@@ -93,20 +93,24 @@ class LatentNormalization:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise LatentPriorError(f"{where}: `normalization` is {data!r}, not an object of scaling_factor, shift_factor, "
-                                   "latents_mean and latents_std; restore the file from the run that wrote it.")
+            raise LatentPriorError(
+                f"{where}: `normalization` is {data!r}, not an object of scaling_factor, shift_factor, "
+                "latents_mean and latents_std; restore the file from the run that wrote it."
+            )
         known = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise LatentPriorError(f"{where}: `normalization` has unknown key(s) {', '.join(unknown)}; it may hold only "
-                                   f"{', '.join(known)}.")
+            raise LatentPriorError(
+                f"{where}: `normalization` has unknown key(s) {', '.join(unknown)}; it may hold only {', '.join(known)}."
+            )
 
         def finite(value: Any) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         def bad(key: str, what: str) -> LatentPriorError:
-            return LatentPriorError(f"{where}: `normalization.{key}` is {data[key]!r}, but it must be {what}; restore the "
-                                    "file from the run that wrote it.")
+            return LatentPriorError(
+                f"{where}: `normalization.{key}` is {data[key]!r}, but it must be {what}; restore the file from the run that wrote it."
+            )
 
         scaling = data.get("scaling_factor", 1.0)
         if not finite(scaling) or scaling == 0:
@@ -190,8 +194,14 @@ def fingerprint_module(module: torch.nn.Module, config_hash: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-def posterior_draw(mean: torch.Tensor, logvar: torch.Tensor | None, generator: torch.Generator | None = None, *,
-                   normalization: LatentNormalization | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+def posterior_draw(
+    mean: torch.Tensor,
+    logvar: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    *,
+    normalization: LatentNormalization | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """One reparameterised draw z = μ + exp(logvar / 2)·ε, ε ~ N(0, I), shape of `mean`; the means themselves
     when logvar is None (a deterministic encoder). normalization: raw moments in, a draw in normalized space
     out; device: where the moments go first (and ε is drawn, with `generator`)."""
@@ -204,8 +214,9 @@ def posterior_draw(mean: torch.Tensor, logvar: torch.Tensor | None, generator: t
     return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
-def posterior_moments(mean: torch.Tensor, logvar: torch.Tensor | None, *, normalization: LatentNormalization | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def posterior_moments(
+    mean: torch.Tensor, logvar: torch.Tensor | None, *, normalization: LatentNormalization | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(μ, σ²) of the posteriors, shape of `mean` (σ² None for a deterministic encoder); normalization: raw moments
     in, normalized ones out, as `posterior_draw`'s."""
     if normalization is not None:
@@ -286,8 +297,14 @@ class VAEAdapter(abc.ABC):
         }
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -37,7 +37,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-from latent_prior.config import parse_config, to_dict  # noqa: E402
+from latent_prior.config import option, parse_config, to_dict  # noqa: E402
 from latent_prior.defaults import DEFAULT_DATA_DIR, DEFAULT_RESOLUTION, DEFAULT_VAE_DIR  # noqa: E402
 
 # The architecture, fixed: the shipped VAE is this config plus the fitted scaling_factor.
@@ -67,17 +67,15 @@ VAE_ARCHITECTURE = dict(
 
 @dataclass
 class TrainDefaultVAEConfig:
-    output_dir: str = field(default=str(DEFAULT_VAE_DIR), metadata={"help": "where to save_pretrained the VAE"})
-    data_dir: str = field(default=str(DEFAULT_DATA_DIR), metadata={"help": "where to write / read the digit PNGs"})
-    resolution: int = field(default=DEFAULT_RESOLUTION, metadata={"help": "training image size in pixels"})
-    steps: int = field(default=400, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate (cosine decay to lr/20)"})
-    kl_weight: float = field(
-        default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed for init, batches and posterior draws"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    output_dir: str = option(str(DEFAULT_VAE_DIR), "where to save_pretrained the VAE")
+    data_dir: str = option(str(DEFAULT_DATA_DIR), "where to write / read the digit PNGs")
+    resolution: int = option(DEFAULT_RESOLUTION, "training image size in pixels")
+    steps: int = option(400, "optimizer steps")
+    batch_size: int = option(64, "images per step")
+    lr: float = option(2e-3, "peak Adam learning rate (cosine decay to lr/20)")
+    kl_weight: float = option(1e-5, "weight of the KL (nats summed over latent dims) against the per-pixel MSE")
+    seed: int = option(0, "seed for init, batches and posterior draws")
+    threads: int = option(2, "torch CPU threads")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,8 +196,8 @@ def measure(vae, x: torch.Tensor, seed: int, batch_size: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainDefaultVAEConfig, argv, description=__doc__.split("\n\n")[0],
-                       epilog="Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE.")
+    what_it_does = "Writes the digit PNGs, trains, calibrates scaling_factor and save_pretrained's the VAE."
+    cfg = parse_config(TrainDefaultVAEConfig, argv, description=__doc__.split("\n\n")[0], epilog=what_it_does)
     torch.set_num_threads(cfg.threads)
     data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
 

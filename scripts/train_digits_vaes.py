@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,17 +39,16 @@ from bench.digits import (  # noqa: E402
     load_digits_vae,
     train_digit_classifier,
 )
-from latent_prior.config import parse_config  # noqa: E402
+from latent_prior.config import option, parse_config  # noqa: E402
 
 
 @dataclass
 class TrainDigitsVAEsConfig:
-    output_dir: str = field(default="runs/bench_prior", metadata={"help": "the benchmark's --cache-dir: one subfolder "
-            "per (d, beta) is written here"})
-    latent_dims: tuple[int, ...] = field(default=DIGITS_DIMS, metadata={"help": "latent sizes to train"})
-    betas: tuple[float, ...] = field(default=DIGITS_BETAS, metadata={"help": "KL weights to train"})
-    epochs: int = field(default=DIGITS_EPOCHS, metadata={"help": "epochs over the 1500 training digits (the benchmark's sets use 300)"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for these small MLPs, and on shared cores)"})
+    output_dir: str = option("runs/bench_prior", "the benchmark's --cache-dir: one subfolder per (d, beta) is written here")
+    latent_dims: tuple[int, ...] = option(DIGITS_DIMS, "latent sizes to train")
+    betas: tuple[float, ...] = option(DIGITS_BETAS, "KL weights to train")
+    epochs: int = option(DIGITS_EPOCHS, "epochs over the 1500 training digits (the benchmark's sets use 300)")
+    threads: int = option(1, "torch CPU threads (1 is fastest for these small MLPs, and on shared cores)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     split = load_digits_split(seed=0)
     classifier = train_digit_classifier(split, seed=0)
-    print(f"classifier held-out accuracy {classifier.heldout_accuracy:.3f}, "
-          f"confidence on real held-out digits {classifier_confidence(classifier, split.heldout_x):.3f}", flush=True)
+    print(
+        f"classifier held-out accuracy {classifier.heldout_accuracy:.3f}, "
+        f"confidence on real held-out digits {classifier_confidence(classifier, split.heldout_x):.3f}",
+        flush=True,
+    )
     start = time.perf_counter()
     for latent_dim in cfg.latent_dims:
         for beta in cfg.betas:

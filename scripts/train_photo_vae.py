@@ -84,26 +84,34 @@ def photo_vae_architecture(crop_size: int = CROP_SIZE, latent_channels: int = 4,
 
 @dataclass
 class TrainPhotoVAEConfig:
-    output_dir: str = field(default="runs/photo_vae", metadata={"help": "folder to save_pretrained the VAE and write "
-            "training_summary.json into"})
+    output_dir: str = field(
+        default="runs/photo_vae", metadata={"help": "folder to save_pretrained the VAE and write training_summary.json into"}
+    )
     epochs: int = field(default=8, metadata={"help": "passes over the training crops; one epoch is ceil(num_train / batch_size) steps"})
     batch_size: int = field(default=64, metadata={"help": "crops per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate (warm-up over the first 5%% of steps, "
-            "cosine decay to lr/20)"})
-    kl_weight: float = field(
-        default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"}
+    lr: float = field(
+        default=2e-3, metadata={"help": "peak Adam learning rate (warm-up over the first 5%% of steps, cosine decay to lr/20)"}
     )
+    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"})
     num_train: int = field(default=NUM_TRAIN, metadata={"help": "training crops"})
     num_heldout: int = field(default=NUM_HELDOUT, metadata={"help": "held-out crops (from image tiles no training crop touches)"})
-    crop_size: int = field(default=CROP_SIZE, metadata={"help": "crop side in pixels; latents are latent_channels x "
-            "crop/2^downsamplings x crop/2^downsamplings"})
+    crop_size: int = field(
+        default=CROP_SIZE,
+        metadata={"help": "crop side in pixels; latents are latent_channels x crop/2^downsamplings x crop/2^downsamplings"},
+    )
     latent_channels: int = field(default=4, metadata={"help": "channels of the latents"})
     downsamplings: int = field(default=2, metadata={"help": "the encoder's downsamplings by 2 (2 to 4)"})
-    photo_side: int = field(default=PHOTO_SIDE, metadata={"help": "each photo is resized so its shorter side has this "
-            "many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)"})
+    photo_side: int = field(
+        default=PHOTO_SIDE,
+        metadata={
+            "help": "each photo is resized so its shorter side has this "
+            "many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the crops, the initialisation, the batches and the posterior draws"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (leave out to keep torch's "
-            "setting; 1 is fastest on busy shared cores)"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (leave out to keep torch's setting; 1 is fastest on busy shared cores)"}
+    )
     quiet: bool = field(default=False, metadata={"help": "print nothing"})
 
 
@@ -126,11 +134,14 @@ def _check(cfg: TrainPhotoVAEConfig) -> None:
     if cfg.downsamplings not in (2, 3, 4):
         raise LatentPriorError(f"--downsamplings {cfg.downsamplings}: give 2, 3 or 4.")
     if cfg.crop_size % 2**cfg.downsamplings:
-        raise LatentPriorError(f"--crop-size {cfg.crop_size}: give a multiple of {2**cfg.downsamplings} (the VAE downsamples "
-                               f"{cfg.downsamplings} times).")
+        raise LatentPriorError(
+            f"--crop-size {cfg.crop_size}: give a multiple of {2**cfg.downsamplings} (the VAE downsamples {cfg.downsamplings} times)."
+        )
     if cfg.photo_side < 4 * cfg.crop_size:
-        raise LatentPriorError(f"--photo-side {cfg.photo_side}: give at least 4 x --crop-size = {4 * cfg.crop_size} (each photo "
-                               "is cut into tiles of 2 x crop size, and both splits need one).")
+        raise LatentPriorError(
+            f"--photo-side {cfg.photo_side}: give at least 4 x --crop-size = {4 * cfg.crop_size} (each photo "
+            "is cut into tiles of 2 x crop size, and both splits need one)."
+        )
     if cfg.lr <= 0 or cfg.kl_weight < 0:
         raise LatentPriorError(f"--lr {cfg.lr} / --kl-weight {cfg.kl_weight}: the learning rate must be > 0 and the KL weight >= 0.")
 
@@ -191,15 +202,20 @@ def train_photo_vae(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
         "log": log,
     }
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"held-out recon MSE {summary['heldout_recon_mse']:.4f} (mean crop: {mean_image_mse:.4f}); "
-        f"latents {tuple(summary['latent_shape'])}; {seconds:.0f} s of training; saved to {output_dir}")
+    say(
+        f"held-out recon MSE {summary['heldout_recon_mse']:.4f} (mean crop: {mean_image_mse:.4f}); "
+        f"latents {tuple(summary['latent_shape'])}; {seconds:.0f} s of training; saved to {output_dir}"
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainPhotoVAEConfig, argv, description=__doc__.split("\n\n")[0],
-                       epilog="Makes the crops, trains, calibrates scaling_factor and save_pretrained's the VAE with "
-                               "training_summary.json.")
+    cfg = parse_config(
+        TrainPhotoVAEConfig,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        epilog="Makes the crops, trains, calibrates scaling_factor and save_pretrained's the VAE with training_summary.json.",
+    )
     try:
         train_photo_vae(cfg)
     except LatentPriorError as err:

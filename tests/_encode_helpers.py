@@ -11,6 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+#: A real AutoencoderKL config at its smallest: two blocks (2x downsampling), 4 latent channels.
+TINY_KL_CONFIG = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=4,
+    latent_channels=4,
+)
+
 
 def make_tiny_vae(folder: Path, seed: int = 0, edit=None, **config) -> Path:
     """Save a real diffusers AutoencoderKL with a tiny config (2x downsampling) to `folder`.
@@ -20,10 +29,7 @@ def make_tiny_vae(folder: Path, seed: int = 0, edit=None, **config) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    options = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                   up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, sample_size=32)
-    options.update(config)
-    vae = AutoencoderKL(**options)
+    vae = AutoencoderKL(**{**TINY_KL_CONFIG, "sample_size": 32, **config})
     if edit is not None:
         with torch.no_grad():
             edit(vae)
@@ -38,8 +44,9 @@ def sample_photos() -> list[np.ndarray]:
     return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.camera()]
 
 
-def write_images(folder: Path, count: int, *, size: tuple[int, int] = (48, 40), seed: int = 0,
-                 formats: tuple[str, ...] = ("png", "jpg", "webp")) -> list[str]:
+def write_images(
+    folder: Path, count: int, *, size: tuple[int, int] = (48, 40), seed: int = 0, formats: tuple[str, ...] = ("png", "jpg", "webp")
+) -> list[str]:
     """Write `count` real image crops (photos and upscaled digits) under `folder`, spread over nested
     subfolders and formats. Returns their relative paths, sorted."""
     from sklearn.datasets import load_digits
@@ -57,7 +64,7 @@ def write_images(folder: Path, count: int, *, size: tuple[int, int] = (48, 40), 
             h, w = size[1], size[0]
             top = int(rng.integers(0, photo.shape[0] - h * 3))
             left = int(rng.integers(0, photo.shape[1] - w * 3))
-            crop = photo[top:top + h * 3, left:left + w * 3]
+            crop = photo[top : top + h * 3, left : left + w * 3]
             image = Image.fromarray(crop).resize(size, Image.BILINEAR)
         ext = formats[i % len(formats)]
         rel = Path(f"group{i % 3}") / (f"deeper/img{i:03d}.{ext}" if i % 5 == 0 else f"img{i:03d}.{ext}")

@@ -24,6 +24,7 @@ def default_vae_prior(tmp_path_factory):
     """Real latents of 90 bundled digits from the embedded VAE, and a tiny spatial prior fitted on them."""
     import json
 
+    from _tiny import DEFAULT_VAE_FIT
     from safetensors.torch import save_file
 
     from latent_prior.adapters import load_vae
@@ -38,11 +39,12 @@ def default_vae_prior(tmp_path_factory):
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     posterior = adapter.encode(images)
     latents = root / "digits.safetensors"
-    save_file({"mean": posterior.mean.contiguous(), "logvar": posterior.logvar.contiguous()}, str(latents),
-              metadata={"normalization": json.dumps(adapter.normalization.to_dict()),
-                        "provenance": json.dumps(adapter.provenance.to_dict())})
-    fit(str(latents), out=str(root / "fit"), steps=10, checkpoint_every=5, batch_size=32, energy_channels=8,
-        energy_depth=1, flow_blocks=1, flow_channels=8, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
+    save_file(
+        {"mean": posterior.mean.contiguous(), "logvar": posterior.logvar.contiguous()},
+        str(latents),
+        metadata={"normalization": json.dumps(adapter.normalization.to_dict()), "provenance": json.dumps(adapter.provenance.to_dict())},
+    )
+    fit(str(latents), out=str(root / "fit"), steps=10, **DEFAULT_VAE_FIT)
     data = root / "data"
     for name in files[::10]:  # 9 images, 3 per class, as a user's folder
         (data / name).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _encode_helpers import TINY_KL_CONFIG
 from safetensors.torch import save_file
 
 from latent_prior.adapters import (
@@ -27,14 +28,7 @@ from latent_prior.vae import LatentNormalization, Posterior
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, AutoencoderTiny  # noqa: E402
 
-TINY_KL = dict(
-    block_out_channels=[8, 16],
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    norm_num_groups=4,
-    latent_channels=4,
-    layers_per_block=1,
-)
+TINY_KL = dict(TINY_KL_CONFIG, layers_per_block=1)
 # Three encoder stages: two stride-2 convs, so 4x downsampling (TAESD has four stages, 8x).
 TINY_TAESD = dict(
     encoder_block_out_channels=[8, 8, 8],
@@ -322,9 +316,7 @@ class MLPVAE(torch.nn.Module):
     def __init__(self, latent_dim: int = 8) -> None:
         super().__init__()
         self.encoder = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2 * latent_dim))
-        self.decoder = torch.nn.Sequential(
-            torch.nn.Linear(latent_dim, 32), torch.nn.SiLU(), torch.nn.Linear(32, 64), torch.nn.Tanh()
-        )
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent_dim, 32), torch.nn.SiLU(), torch.nn.Linear(32, 64), torch.nn.Tanh())
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images.flatten(1)).chunk(2, dim=1)
@@ -504,4 +496,3 @@ def test_pickled_weights_are_refused(tmp_path):
     _tiny_kl().save_pretrained(tmp_path / "bin", safe_serialization=False)
     with pytest.raises(LatentPriorError, match="pickled .bin"):
         load_vae(tmp_path / "bin")
-

@@ -11,7 +11,9 @@ import json
 
 import pytest
 import torch
+from _cli import argv
 from _encode_helpers import make_tiny_vae, sample_photos, write_images
+from _tiny import FLAT_NETS, SPATIAL_NETS
 from safetensors.torch import load_file
 
 from latent_prior import EncodedLatents, LatentPriorError, encode_latents, fit, open_latents
@@ -20,10 +22,9 @@ from latent_prior.cli import main
 from latent_prior.prior import LatentPrior
 from latent_prior.train import FitConfig
 
-SPATIAL = dict(steps=20, checkpoint_every=10, batch_size=32, energy_channels=8, energy_depth=1, flow_blocks=1,
-               flow_channels=8, eval_samples=128, eval_latents=64, log_z_samples=256, log_every=5, quiet=True)
-FLAT = dict(steps=20, checkpoint_every=10, batch_size=32, energy_hidden=32, energy_depth=2, flow_blocks=2, flow_hidden=16,
-            eval_samples=128, eval_latents=64, log_z_samples=256, log_every=5, quiet=True)
+BUDGET = dict(steps=20, checkpoint_every=10, batch_size=32, eval_samples=128, eval_latents=64, log_z_samples=256, log_every=5, quiet=True)
+SPATIAL = {**BUDGET, **SPATIAL_NETS}
+FLAT = {**BUDGET, **FLAT_NETS}
 # The same settings as flags, for the command line.
 SPATIAL_FLAGS = [tok for k, v in SPATIAL.items() if k != "quiet" for tok in (f"--{k.replace('_', '-')}", str(v))] + ["--quiet"]
 
@@ -37,7 +38,7 @@ def photo_crops(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
         photo = photos[i % len(photos)]
         top = int(torch.randint(0, photo.shape[1] - 4 * size, (1,), generator=g))
         left = int(torch.randint(0, photo.shape[2] - 4 * size, (1,), generator=g))
-        crop = photo[None, :, top:top + 4 * size, left:left + 4 * size]
+        crop = photo[None, :, top : top + 4 * size, left : left + 4 * size]
         out.append(torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True))
     return torch.cat(out).clamp(-1, 1)
 
@@ -61,8 +62,14 @@ class MLPVAE(torch.nn.Module):
 
 
 def wrapped_mlp() -> object:
-    return wrap(MLPVAE(), encode=lambda m, x: m.encoder(x).chunk(2, dim=1),
-                decode=lambda m, z: m.decoder(z).view(-1, 1, 8, 8), latent_shape=(4,), image_channels=1, source="mlp-digits")
+    return wrap(
+        MLPVAE(),
+        encode=lambda m, x: m.encoder(x).chunk(2, dim=1),
+        decode=lambda m, z: m.decoder(z).view(-1, 1, 8, 8),
+        latent_shape=(4,),
+        image_channels=1,
+        source="mlp-digits",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +175,7 @@ def test_a_prior_saved_by_the_api_samples_in_the_cli(tmp_path, kl_dir):
 def test_a_prior_fitted_by_the_cli_loads_in_the_api_and_the_api_reuses_the_cli_cache(tmp_path, kl_dir):
     write_images(tmp_path / "img", 40, size=(24, 20))
     cache, prior_dir = tmp_path / "cache", tmp_path / "prior"
-    assert main(["encode", "--vae", str(kl_dir), "--data", str(tmp_path / "img"), "--out", str(cache),
-                 "--resolution", "16", "--num-workers", "0", "--quiet"]) == 0
+    assert main(argv("encode --vae", kl_dir, "--data", tmp_path / "img", "--out", cache, "--resolution 16 --num-workers 0 --quiet")) == 0
     assert main(["fit", "--latents", str(cache), "--out", str(prior_dir), *SPATIAL_FLAGS, "--batch-size", "16"]) == 0
     from_cli = LatentPrior.from_pretrained(prior_dir)
     adapter = load_vae(kl_dir)
@@ -192,19 +198,22 @@ def test_a_prior_fitted_by_the_cli_loads_in_the_api_and_the_api_reuses_the_cli_c
 
 
 # ---- errors -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("images, match", [
-    (torch.zeros(4, 3, 8, 8), r"\(N, 1, H, W\)"),                      # RGB into a grey VAE
-    (torch.zeros(1, 8, 8), r"unsqueeze\(0\)"),                         # one image without the batch axis
-    (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "127.5"),            # uint8 pixels
-    (torch.full((4, 1, 8, 8), 200.0), r"\[-1, 1\]"),                   # 0..255 floats
-    (torch.tensor(float("nan")).expand(2, 1, 8, 8), "NaN"),
-    ([torch.full((2, 1, 8, 8), -0.5), torch.full((2, 1, 9, 9), -0.5)], "one size"),  # mixed sizes
-    (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8)), batch_size=4), "no images"),
-    ([], "no images"),
-    ([("not", "a tensor")], "not a tensor"),
-    ({"image": torch.zeros(2, 1, 8, 8)}, "pass a tensor"),
-    ("/no/such/folder", "no such folder"),
-])
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.zeros(4, 3, 8, 8), r"\(N, 1, H, W\)"),  # RGB into a grey VAE
+        (torch.zeros(1, 8, 8), r"unsqueeze\(0\)"),  # one image without the batch axis
+        (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "127.5"),  # uint8 pixels
+        (torch.full((4, 1, 8, 8), 200.0), r"\[-1, 1\]"),  # 0..255 floats
+        (torch.tensor(float("nan")).expand(2, 1, 8, 8), "NaN"),
+        ([torch.full((2, 1, 8, 8), -0.5), torch.full((2, 1, 9, 9), -0.5)], "one size"),  # mixed sizes
+        (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8)), batch_size=4), "no images"),
+        ([], "no images"),
+        ([("not", "a tensor")], "not a tensor"),
+        ({"image": torch.zeros(2, 1, 8, 8)}, "pass a tensor"),
+        ("/no/such/folder", "no such folder"),
+    ],
+)
 def test_bad_images_are_one_clear_error(images, match):
     with pytest.raises(LatentPriorError, match=match):
         fit(wrapped_mlp(), images, **FLAT)

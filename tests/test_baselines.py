@@ -18,9 +18,7 @@ from latent_prior.baselines import GaussianPrior, GMMPrior, load_baseline
 from latent_prior.errors import LatentPriorError
 
 MEANS = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
-COVS = torch.tensor(
-    [[[1.0, 0.3], [0.3, 0.5]], [[0.6, -0.2], [-0.2, 1.2]], [[0.8, 0.0], [0.0, 0.3]]], dtype=torch.float64
-)
+COVS = torch.tensor([[[1.0, 0.3], [0.3, 0.5]], [[0.6, -0.2], [-0.2, 1.2]], [[0.8, 0.0], [0.0, 0.3]]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 
 
@@ -56,10 +54,16 @@ def test_gmm_recovers_a_known_mixture_and_beats_one_gaussian():
     standard = GaussianPrior().fit(train).log_prob(heldout).double().mean().item()
     assert held > one + 0.5 and held > standard
     # The true mixture's held-out log-likelihood bounds what any fit can do on average.
-    true = torch.logsumexp(
-        torch.stack([torch.distributions.MultivariateNormal(MEANS[j], COVS[j]).log_prob(heldout.double()) + WEIGHTS[j].log() for j in range(3)]),
-        dim=0,
-    ).mean().item()
+    true = (
+        torch.logsumexp(
+            torch.stack(
+                [torch.distributions.MultivariateNormal(MEANS[j], COVS[j]).log_prob(heldout.double()) + WEIGHTS[j].log() for j in range(3)]
+            ),
+            dim=0,
+        )
+        .mean()
+        .item()
+    )
     assert abs(held - true) < 0.02
 
     from sklearn.mixture import GaussianMixture

@@ -28,15 +28,16 @@ def test_mixture_density_matches_scipy():
     weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     density = MixtureDensity(weights, means, covs)
     x = torch.randn(50, d, generator=g, dtype=torch.float64)
-    expected = np.log(sum(w * multivariate_normal(m.numpy(), c.numpy()).pdf(x.numpy())
-                          for w, m, c in zip(weights.tolist(), means, covs)))
+    expected = np.log(sum(w * multivariate_normal(m.numpy(), c.numpy()).pdf(x.numpy()) for w, m, c in zip(weights.tolist(), means, covs)))
     np.testing.assert_allclose(density.log_prob(x).numpy(), expected, rtol=1e-10, atol=1e-10)
     # convolving with N(0, s²I) adds s² to each covariance: check on one component
     conv = density.convolved(0.25)
     single = MixtureDensity(torch.ones(1), means[:1], covs[:1]).convolved(0.25)
-    np.testing.assert_allclose(single.log_prob(x).numpy(),
-                               multivariate_normal(means[0].numpy(), (covs[0] + 0.25 * torch.eye(d, dtype=torch.float64)).numpy()).logpdf(x.numpy()),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        single.log_prob(x).numpy(),
+        multivariate_normal(means[0].numpy(), (covs[0] + 0.25 * torch.eye(d, dtype=torch.float64)).numpy()).logpdf(x.numpy()),
+        rtol=1e-10,
+    )
     assert conv.log_prob(x).shape == (50,)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import argv as cli_words  # `argv` names the bench's own command lines here
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +26,8 @@ from bench import run as suite  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("suite")
-    argv = ["--quick", "--sets", "digits-flat", "--seeds", "0", "--methods", ",".join(suite.METHODS), "--variants",
-            "narrow:flow_hidden=32", "--out", str(tmp / "b.md"),
-            "--json", str(tmp / "s.json"), "--threads", "1", "--cache-dir", str(tmp / "cache")]
+    argv = cli_words("--quick --sets digits-flat --seeds 0 --methods", ",".join(suite.METHODS), "--variants narrow:flow_hidden=32")
+    argv += cli_words("--out", tmp / "b.md", "--json", tmp / "s.json", "--threads 1 --cache-dir", tmp / "cache")
     assert suite.main(argv) == 0
     return tmp, argv
 
@@ -47,8 +47,14 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
         assert "failed" not in row, row
     assert "Image metrics: not computed for flat latents" in section  # FID judges the spatial cells only
     targets = md.split("## Goals, cell by cell")[1].split("## How to read")[0]
-    for target in ("excess FD ≤ GMM's (2 s.e.)", "excess FD ≤ ⅓ N(0, I)'s", "digit confidence ≥ GMM's",
-                   "ELBO gain > 0 on held-out data", "faster than Langevin(60)", "default fit ≤ 120 s"):
+    for target in (
+        "excess FD ≤ GMM's (2 s.e.)",
+        "excess FD ≤ ⅓ N(0, I)'s",
+        "digit confidence ≥ GMM's",
+        "ELBO gain > 0 on held-out data",
+        "faster than Langevin(60)",
+        "default fit ≤ 120 s",
+    ):
         line = next(line for line in targets.splitlines() if target in line)
         assert any(v in line for v in ("PASS", "MISS", "N/A")), line
     assert "| EVaLP [narrow] sampler |" in section and "variant narrow: flow_hidden=32" in section
@@ -115,14 +121,31 @@ def test_gpu_profile_names_what_is_missing(tmp_path, capsys):
     assert err.count("error:") == 1 and not (tmp_path / "g.md").exists()
 
 
+#: one seed's figures for a method that ran well, as `suite.aggregate_cell` takes them
+ROW = {
+    "excess_fd": 0.1,
+    "mmd2": 1e-3,
+    "hole_share": 0.02,
+    "c2st_auc": 0.6,
+    "precision": 0.8,
+    "recall": 0.8,
+    "samples_per_second": 1000.0,
+    "fit_seconds": 1.0,
+}
+
+
 def test_a_failed_method_is_a_table_cell_not_a_crash():
     """Langevin diverging on every seed: its row and the speed target say so; the other rows stay."""
-    row = {"excess_fd": 0.1, "mmd2": 1e-3, "hole_share": 0.02, "c2st_auc": 0.6, "precision": 0.8, "recall": 0.8,
-           "samples_per_second": 1000.0, "fit_seconds": 1.0}
-    per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(row)) for m in suite.METHODS}, "fits": {}}
-                for _ in (0, 1)]
-    cell = {"cell": "photos", "seeds": [0, 1], "methods": suite.aggregate_cell(per_seed, [0, 1]), "images": "skipped: test",
-            "latent_shape": [4, 8, 8], "n_train": 3000, "spatial": True}
+    per_seed = [{"rows": {m: ({"error": "diverged"} if m == "langevin" else dict(ROW)) for m in suite.METHODS}, "fits": {}} for _ in (0, 1)]
+    cell = {
+        "cell": "photos",
+        "seeds": [0, 1],
+        "methods": suite.aggregate_cell(per_seed, [0, 1]),
+        "images": "skipped: test",
+        "latent_shape": [4, 8, 8],
+        "n_train": 3000,
+        "spatial": True,
+    }
     table = suite.cell_table(cell)
     assert any(line.startswith(f"| {suite.METHODS['langevin']} | diverged |") for line in table)
     assert any(line.startswith(f"| {suite.METHODS['evalp']} | +0.1000 [+0.1000 … +0.1000] |") for line in table)
@@ -145,12 +168,23 @@ def test_report_measures_the_other_methods_when_one_fails(quick_run):
 
     tmp, _ = quick_run
     lset = load_set("digits-b0.1", cache_dir=tmp / "cache", quick=True, verbose=False)  # the VAE the quick run trained
-    prior = fit(str(lset.save_train(tmp / "train.safetensors")), out=str(tmp / "tiny-prior"), steps=20, checkpoint_every=10,
-                batch_size=128, eval_samples=256, eval_latents=256, log_z_samples=512, quiet=True)
+    budget = dict(steps=20, checkpoint_every=10, batch_size=128, eval_samples=256, eval_latents=256, log_z_samples=512, quiet=True)
+    prior = fit(str(lset.save_train(tmp / "train.safetensors")), out=str(tmp / "tiny-prior"), **budget)
     source, train, heldout = suite._memory_source(lset)
     kept = {}
-    report, errors = suite._report(prior, source, heldout, train, ["gaussian", "no-such-method", "evalp"], samples=60, seed=0,
-                                   evaluations=2, gain=True, keep=lambda m, z: kept.setdefault(m, z), log=lambda msg: None)
+    report, errors = suite._report(
+        prior,
+        source,
+        heldout,
+        train,
+        ["gaussian", "no-such-method", "evalp"],
+        samples=60,
+        seed=0,
+        evaluations=2,
+        gain=True,
+        keep=lambda m, z: kept.setdefault(m, z),
+        log=lambda msg: None,
+    )
     assert list(errors) == ["no-such-method"] and errors["no-such-method"].startswith("failed: LatentPriorError")
     assert [r["method"] for r in report["rows"]] == ["gaussian", "evalp"] and set(kept) == {"gaussian", "evalp"}
     assert {len(z) for z in kept.values()} == {120} and report["evaluations"] == 2  # both evaluations' samples
@@ -170,8 +204,8 @@ def test_jobs_runs_cells_in_worker_processes(tmp_path, quick_run):
     _, argv = quick_run
     cache = argv[argv.index("--cache-dir") + 1]
     out = tmp_path / "jobs.md"
-    assert suite.main(["--quick", "--sets", "digits-flat,digits-flat-b1", "--seeds", "0", "--image-samples", "4", "--jobs", "2",
-                       "--cache-dir", cache, "--out", str(out), "--json", str(tmp_path / "jobs.json")]) == 0
+    cells = "--quick --sets digits-flat,digits-flat-b1 --seeds 0 --image-samples 4 --jobs 2"
+    assert suite.main(cli_words(cells, ["--cache-dir", cache], "--out", out, "--json", tmp_path / "jobs.json")) == 0
     result = json.loads((tmp_path / "jobs.json").read_text())
     assert set(result["cells"]) == {"digits-d8-b0.1", "digits-d8-b1"}  # the earlier names are aliases
     assert all("error" not in cell and cell["methods"]["evalp"]["excess_fd"]["median"] is not None for cell in result["cells"].values())
@@ -185,13 +219,23 @@ def test_variants_are_parsed_against_fitconfig():
     from bench.fits import parse_overrides, parse_variants
 
     assert parse_overrides(["forward_kl_weight=5", "flow_kind=spline", "spectral_norm=true", "betas=0.9/0.99"], "--variants a:...:") == {
-        "forward_kl_weight": 5, "flow_kind": "spline", "spectral_norm": True, "betas": (0.9, 0.99)}
+        "forward_kl_weight": 5,
+        "flow_kind": "spline",
+        "spectral_norm": True,
+        "betas": (0.9, 0.99),
+    }
     assert parse_variants(("a:steps=10,flow_hidden=64", "b:")) == {"a": {"steps": 10, "flow_hidden": 64}, "b": {}}
 
 
 def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
-    for flag, value in (("--jobs", "0"), ("--image-samples", "-1"), ("--evaluations", "0"), ("--variants", "no-colon"),
-                        ("--variants", "a:not_a_field=1"), ("--variants", "a:seed=2")):
+    for flag, value in (
+        ("--jobs", "0"),
+        ("--image-samples", "-1"),
+        ("--evaluations", "0"),
+        ("--variants", "no-colon"),
+        ("--variants", "a:not_a_field=1"),
+        ("--variants", "a:seed=2"),
+    ):
         assert suite.main([flag, value, "--out", str(tmp_path / "x.md"), "--json", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr().err
         assert f"{flag} {value}" in err and err.count("error:") == 1
@@ -202,7 +246,7 @@ def test_bad_jobs_and_image_samples_are_refused(tmp_path, capsys):
 def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_run, capsys):
     tmp, _ = quick_run
     run = json.loads((tmp / "s.json").read_text())
-    (name, cell), = run["cells"].items()
+    ((name, cell),) = run["cells"].items()
     other = dict(run, command="python -m bench --sets other", cells={"other-cell": dict(cell, cell="other-cell")})
     (tmp / "other.json").write_text(json.dumps(other))
     (tmp / "merged.json").write_text(json.dumps(run))
@@ -217,8 +261,14 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
     assert (tmp / "merged" / Path(cell["grid"]).name).is_file()
     # a grid whose scratch folder is gone: taken from the page's grid folder when a copy lies there, else dropped
     gone = str(tmp / "gone" / Path(cell["grid"]).name)
-    stale = dict(run, command="python -m bench --sets stale", cells={"kept-cell": dict(cell, cell="kept-cell", grid=gone),
-                                                                    "lost-cell": dict(cell, cell="lost-cell", grid=str(tmp / "gone" / "lost.png"))})
+    stale = dict(
+        run,
+        command="python -m bench --sets stale",
+        cells={
+            "kept-cell": dict(cell, cell="kept-cell", grid=gone),
+            "lost-cell": dict(cell, cell="lost-cell", grid=str(tmp / "gone" / "lost.png")),
+        },
+    )
     (tmp / "stale.json").write_text(json.dumps(stale))
     with pytest.warns(UserWarning, match="sample grid of cell lost-cell"):
         assert suite.main(["--merge", str(tmp / "stale.json"), "--json", str(tmp / "merged.json"), "--out", str(tmp / "merged.md")]) == 0
@@ -241,7 +291,7 @@ def test_merge_adds_another_runs_cells_with_a_note_and_rebuilds_the_page(quick_r
 def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_run, capsys):
     tmp, _ = quick_run
     run = json.loads((tmp / "s.json").read_text())
-    (name, cell), = run["cells"].items()
+    ((name, cell),) = run["cells"].items()
     seeds = cell["seeds"]
     new_seed = max(seeds) + 7
     moved = json.loads(json.dumps(cell["per_seed"][0]))
@@ -267,14 +317,25 @@ def test_merge_joins_other_seeds_of_a_cell_and_refuses_a_different_cell(quick_ru
 def test_a_spatial_cell_shows_the_decoded_training_posteriors_as_the_fid_floor():
     """The floor row (decoded posterior draws of training items) sits under the methods' image columns, and the FID
     targets quote it beside their verdict."""
-    row = {"excess_fd": 0.1, "mmd2": 1e-3, "hole_share": 0.02, "c2st_auc": 0.6, "precision": 0.8, "recall": 0.8,
-           "samples_per_second": 1000.0, "fit_seconds": 1.0}
-    per_seed = [{"rows": {m: dict(row) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
+    per_seed = [{"rows": {m: dict(ROW) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
     image = {"kid": 0.1, "kid_std": None, "n_samples": 200, "n_real": 200, "precision": 0.2, "recall": 0.1}
-    images = {"n_real": 200, "seconds": 1.0, "extractor": "x.pt", "floor": dict(image, fid=250.0),
-              "rows": {"gaussian": dict(image, fid=300.0), "gmm": dict(image, fid=280.0), "evalp": dict(image, fid=270.0)}}
-    cell = {"cell": "photos", "seeds": [0], "methods": suite.aggregate_cell(per_seed, [0]), "images": images,
-            "methods_run": ["gaussian", "gmm", "evalp"], "latent_shape": [4, 8, 8], "n_train": 3000, "spatial": True}
+    images = {
+        "n_real": 200,
+        "seconds": 1.0,
+        "extractor": "x.pt",
+        "floor": dict(image, fid=250.0),
+        "rows": {"gaussian": dict(image, fid=300.0), "gmm": dict(image, fid=280.0), "evalp": dict(image, fid=270.0)},
+    }
+    cell = {
+        "cell": "photos",
+        "seeds": [0],
+        "methods": suite.aggregate_cell(per_seed, [0]),
+        "images": images,
+        "methods_run": ["gaussian", "gmm", "evalp"],
+        "latent_shape": [4, 8, 8],
+        "n_train": 3000,
+        "spatial": True,
+    }
     floor = next(line for line in suite.cell_table(cell) if "training posteriors, decoded" in line)
     assert floor.count("|") == suite.cell_table(cell)[0].count("|") and "250.00 (200/200)" in floor
     result = {"config": {"quick": False}, "machine": {"torch_threads": 1}, "cells": {"photos": cell}}
@@ -304,8 +365,8 @@ def test_the_warmup_shock_study_freezes_the_named_parameters_and_only_those(tmp_
     from latent_prior.trainer import Trainer
 
     build = Trainer._build
-    assert warmup_shock.main(["--set", "syn-aniso4-d8", "--run", str(tmp_path), "--variants", "default,frozen linear maps",
-                              "--steps", "25", "--cache-dir", str(tmp_path / "cache")]) == 0
+    variants = ["--variants", "default,frozen linear maps"]  # one word, with a space in it
+    assert warmup_shock.main(cli_words("--set syn-aniso4-d8 --run", tmp_path, variants, "--steps 25 --cache-dir", tmp_path / "cache")) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" (")[0] for r in rows] == ["| default", "| frozen linear maps"]
     assert "(0 values frozen" in rows[0] and "(1,088 values frozen" in rows[1]  # 8 maps of 8×8: L, U, log s

@@ -22,8 +22,15 @@ def _indexed(n: int, offset: float = 0.0) -> torch.Tensor:
 
 
 def _writer(out, files, shard_size=4, flip=False, deterministic=False, **identity):
-    return CacheWriter(out, files=files, shard_size=shard_size, identity={"resolution": 32, **identity},
-                       latent_shape=SHAPE, deterministic=deterministic, flip=flip)
+    return CacheWriter(
+        out,
+        files=files,
+        shard_size=shard_size,
+        identity={"resolution": 32, **identity},
+        latent_shape=SHAPE,
+        deterministic=deterministic,
+        flip=flip,
+    )
 
 
 def _write_cache(out, n=10, shard_size=4, flip=False, skip=(), world_size=1):
@@ -38,8 +45,14 @@ def _write_cache(out, n=10, shard_size=4, flip=False, skip=(), world_size=1):
         kwargs = dict(mean=rows, logvar=-rows)
         if flip:
             kwargs.update(mean_flip=rows + 1000, logvar_flip=-rows - 1000)
-        writer.write_shard(k, files=names, skipped=[{"path": f, "reason": "OSError: bad"} for f in skip if f in writer.chunk_files(k)],
-                           rank=k % world_size, world_size=world_size, **kwargs)
+        writer.write_shard(
+            k,
+            files=names,
+            skipped=[{"path": f, "reason": "OSError: bad"} for f in skip if f in writer.chunk_files(k)],
+            rank=k % world_size,
+            world_size=world_size,
+            **kwargs,
+        )
         kept += len(names)
     manifest = writer.finalize({"vae": {"source": "test"}, "normalization": {"scaling_factor": 0.5, "shift_factor": 0.1}})
     return writer, manifest

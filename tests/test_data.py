@@ -79,7 +79,7 @@ def _save_modes(folder):
     photo = sample_photos()[0][100:164, 100:164]  # real RGB crop
     rgb = Image.fromarray(photo)
     rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    grey16 = (np.asarray(rgb.convert("L"), np.uint16) * 257)  # full 16-bit range
+    grey16 = np.asarray(rgb.convert("L"), np.uint16) * 257  # full 16-bit range
     Image.fromarray(grey16).save(folder / "grey16.png")
     rgb.convert("P", palette=Image.ADAPTIVE, colors=64).save(folder / "palette.png")
     palette_t = rgb.convert("P", palette=Image.ADAPTIVE, colors=64)

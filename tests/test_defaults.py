@@ -30,10 +30,12 @@ def _load_digits_32px(paths) -> torch.Tensor:
     try:
         from latent_prior.data import load_image
     except ImportError:  # the same PIL path: RGB, bicubic resize, [-1, 1]
+
         def load_image(path, resolution):
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
             return torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1.0
+
     return torch.stack([load_image(p, DEFAULT_RESOLUTION) for p in paths])
 
 
@@ -58,10 +60,7 @@ def batch(png_paths):
 def test_importing_defaults_loads_nothing_beyond_the_package():
     # defaults.py itself needs only pathlib: it adds no module (torch, diffusers, PIL) to what
     # `import latent_prior` already loads.
-    code = (
-        "import sys, latent_prior; before = set(sys.modules); import latent_prior.defaults; "
-        "print(sorted(set(sys.modules) - before))"
-    )
+    code = "import sys, latent_prior; before = set(sys.modules); import latent_prior.defaults; print(sorted(set(sys.modules) - before))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "['latent_prior.defaults']"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import argv
 from _encode_helpers import make_tiny_vae, sample_photos, write_images
 from _launch import run_two_gloo_processes
 from PIL import Image
@@ -58,10 +59,15 @@ def _subprocess_env():
     return env
 
 
+def small_config(tmp_path: Path, vae: str, out: str = "cache", **options) -> EncodeConfig:
+    """The tests' encode run: the images under tmp_path/img at 16 px into tmp_path/`out`, in this process, quietly."""
+    settings = dict(vae=vae, data=str(tmp_path / "img"), out=str(tmp_path / out), resolution=16, num_workers=0, quiet=True)
+    return EncodeConfig(**{**settings, **options})
+
+
 def test_python_api_writes_a_cache_equal_to_direct_encoding(tmp_path, adapter):
     files = write_images(tmp_path / "img", 10)
-    config = EncodeConfig(vae="tiny", data=str(tmp_path / "img"), out=str(tmp_path / "cache"), resolution=16,
-                          batch_size=3, shard_size=4, num_workers=1, quiet=True, flip=True)
+    config = small_config(tmp_path, "tiny", batch_size=3, shard_size=4, num_workers=1, flip=True)
     summary = encode_images(adapter, config)
     assert summary["count"] == 10 and summary["encoded"] == 10 and summary["shards"] == 3
     assert summary["skipped"] == [] and summary["reused_shards"] == 0 and summary["size_mb"] > 0
@@ -105,8 +111,8 @@ def _write_odd_and_bad_files(folder: Path) -> tuple[set[str], set[str]]:
 def test_cli_skips_unreadable_files_and_keeps_convertible_ones(tmp_path, vae_dir, capsys):
     good = set(write_images(tmp_path / "img", 5))
     odd, bad = _write_odd_and_bad_files(tmp_path / "img")
-    rc = main(["encode", "--vae", str(vae_dir), "--data", str(tmp_path / "img"), "--out", str(tmp_path / "cache"),
-               "--resolution", "16", "--batch-size", "2", "--shard-size", "3", "--num-workers", "2"])
+    flags = "--resolution 16 --batch-size 2 --shard-size 3 --num-workers 2"
+    rc = main(argv("encode --vae", vae_dir, "--data", tmp_path / "img", "--out", tmp_path / "cache", flags))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
@@ -154,8 +160,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, vae_dir, capsys):
 
 def test_rerun_encodes_only_the_missing_shards(tmp_path, adapter):
     write_images(tmp_path / "img", 9)
-    config = EncodeConfig(vae="tiny", data=str(tmp_path / "img"), out=str(tmp_path / "cache"), resolution=16,
-                          shard_size=3, num_workers=0, quiet=True)
+    config = small_config(tmp_path, "tiny", shard_size=3)
     encode_images(adapter, config)
     before, _ = open_latents(tmp_path / "cache").read(range(9))
     again = encode_images(adapter, config)  # nothing to do
@@ -176,15 +181,13 @@ def _solid(path: Path, value: int) -> None:
 def test_fp16_overflow_stops_the_run_and_names_the_images(tmp_path):
     # A real fp16 overflow, as in SD-XL's VAE: conv_in weights of 4000 keep grey images finite
     # (|sum| ~ 400) but push a white image to 27 * 4000 = 108000 > 65504 (fp16's max) -> inf -> NaN.
-    vae_dir = make_tiny_vae(tmp_path / "hot_vae", force_upcast=False,
-                            edit=lambda vae: vae.encoder.conv_in.weight.fill_(4000.0))
+    vae_dir = make_tiny_vae(tmp_path / "hot_vae", force_upcast=False, edit=lambda vae: vae.encoder.conv_in.weight.fill_(4000.0))
     (tmp_path / "img").mkdir()
     _solid(tmp_path / "img" / "a_grey.png", 128)
     _solid(tmp_path / "img" / "b_grey.png", 127)
     _solid(tmp_path / "img" / "c_white.png", 255)
     _solid(tmp_path / "img" / "d_grey.png", 128)
-    config = EncodeConfig(vae="hot", data=str(tmp_path / "img"), out=str(tmp_path / "cache16"), resolution=16,
-                          shard_size=2, num_workers=0, quiet=True, dtype="fp16")
+    config = small_config(tmp_path, "hot", "cache16", shard_size=2, dtype="fp16")
     with pytest.raises(LatentPriorError) as info:
         encode_images(load_vae(vae_dir, dtype="fp16"), config)
     message = str(info.value)
@@ -202,8 +205,7 @@ def test_fp16_overflow_stops_the_run_and_names_the_images(tmp_path):
 def test_nan_weights_are_reported_as_a_vae_problem(tmp_path):
     vae_dir = make_tiny_vae(tmp_path / "nan_vae", edit=lambda vae: vae.encoder.conv_in.bias.fill_(float("nan")))
     write_images(tmp_path / "img", 3)
-    config = EncodeConfig(vae="nan", data=str(tmp_path / "img"), out=str(tmp_path / "cache"), resolution=16,
-                          num_workers=0, quiet=True)
+    config = small_config(tmp_path, "nan")
     with pytest.raises(LatentPriorError, match=r"NaN/inf latents for 3 image\(s\).*float32.*check the VAE's weights"):
         encode_images(load_vae(vae_dir), config)
 
@@ -211,11 +213,9 @@ def test_nan_weights_are_reported_as_a_vae_problem(tmp_path):
 def test_kill_minus_nine_then_resume_encodes_every_image_exactly_once(tmp_path, vae_dir, adapter):
     files = write_images(tmp_path / "img", 24)
     out = tmp_path / "cache"
-    command = [sys.executable, "-m", "latent_prior", "encode", "--vae", str(vae_dir), "--data", str(tmp_path / "img"),
-               "--out", str(out), "--resolution", "16", "--shard-size", "2", "--batch-size", "2",
-               "--num-workers", "0", "--quiet"]
-    process = subprocess.Popen(command, env=_subprocess_env(), start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    flags = "--resolution 16 --shard-size 2 --batch-size 2 --num-workers 0 --quiet"
+    command = argv([sys.executable], "-m latent_prior encode --vae", vae_dir, "--data", tmp_path / "img", "--out", out, flags)
+    process = subprocess.Popen(command, env=_subprocess_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out / shard_name(0)).exists() and not (out / shard_name(1)).exists():
         assert process.poll() is None, process.communicate()[1].decode()
@@ -245,8 +245,25 @@ def test_two_process_accelerate_launch_splits_the_chunks(tmp_path, vae_dir, adap
     files = write_images(tmp_path / "img", 14)
     (tmp_path / "img" / "broken.png").write_text("not a png")
     out = tmp_path / "cache"
-    result = run_two_gloo_processes("encode", "--vae", vae_dir, "--data", tmp_path / "img", "--out", out, "--resolution", "16",
-                                    "--shard-size", "3", "--batch-size", "2", "--num-workers", "0", "--quiet", cwd=tmp_path)
+    result = run_two_gloo_processes(
+        "encode",
+        "--vae",
+        vae_dir,
+        "--data",
+        tmp_path / "img",
+        "--out",
+        out,
+        "--resolution",
+        "16",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2
@@ -264,12 +281,16 @@ def test_deterministic_vae_stores_no_logvar(tmp_path):
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd")
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(tmp_path / "taesd")
     files = write_images(tmp_path / "img", 5)
     tiny = load_vae(tmp_path / "taesd")
-    config = EncodeConfig(vae="taesd", data=str(tmp_path / "img"), out=str(tmp_path / "cache"), resolution=16,
-                          shard_size=2, num_workers=0, quiet=True, flip=True)
+    config = small_config(tmp_path, "taesd", shard_size=2, flip=True)
     encode_images(tiny, config)
     source = open_latents(tmp_path / "cache", include_flips=True)
     assert source.deterministic and source.manifest["deterministic"] is True and len(source) == 10

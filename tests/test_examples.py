@@ -27,7 +27,8 @@ def test_notebook_is_stored_without_outputs(name):
     for i, cell in enumerate(code):
         assert cell.get("outputs") == [] and cell.get("execution_count") is None, (
             f"{name}: code cell {i} holds outputs; clear them before committing "
-            "(jupyter nbconvert --clear-output --inplace examples/*.ipynb)")
+            "(jupyter nbconvert --clear-output --inplace examples/*.ipynb)"
+        )
 
 
 @pytest.fixture
@@ -35,10 +36,15 @@ def kernel_env(tmp_path, monkeypatch):
     """A kernelspec that runs this very interpreter, and the environment the notebooks are tested in."""
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "latent-prior tests", "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "latent-prior tests",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("LATENT_PRIOR_EXAMPLES_FAST", "1")
     monkeypatch.setenv("LATENT_PRIOR_EXAMPLE_OFFLINE", "1")
@@ -61,6 +67,5 @@ def test_notebook_runs(name, kernel_env):
     client.execute()  # raises CellExecutionError, with the cell and its traceback, when a cell fails
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"]
     assert not errors
-    images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-              if "image/png" in out.get("data", {})]
+    images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if "image/png" in out.get("data", {})]
     assert images, f"{name} shows no pictures"

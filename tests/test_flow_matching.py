@@ -88,8 +88,9 @@ def test_save_and_load_give_identical_samples(fitted, tmp_path):
     for loaded in (load_baseline(tmp_path / "fm"), FlowMatchingPrior.from_pretrained(tmp_path / "fm")):
         assert isinstance(loaded, FlowMatchingPrior)
         assert loaded.steps_done_ == 400 and loaded.fit_seconds_ == pytest.approx(prior.fit_seconds_)
-        assert torch.equal(loaded.sample(100, generator=torch.Generator().manual_seed(5)),
-                           prior.sample(100, generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(
+            loaded.sample(100, generator=torch.Generator().manual_seed(5)), prior.sample(100, generator=torch.Generator().manual_seed(5))
+        )
     # A config that does not describe the weights is refused with one sentence.
     meta["config"]["hidden"] = 32
     (tmp_path / "fm" / "baseline.json").write_text(json.dumps(meta))
@@ -111,8 +112,7 @@ def test_the_time_budget_is_respected(fitted):
 def test_conv_net_for_spatial_latents_above_1024_dims():
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(16, 2, 32, 32, generator=g)  # 2048 dims
-    prior = FlowMatchingPrior(channels=16, blocks=2, time_features=16).fit(mean, torch.full_like(mean, -3.0), steps=2,
-                                                                            batch_size=4)
+    prior = FlowMatchingPrior(channels=16, blocks=2, time_features=16).fit(mean, torch.full_like(mean, -3.0), steps=2, batch_size=4)
     assert prior.kind_ == "conv" and prior.config()["kind"] == "conv" and prior.steps_done_ == 2
     z = prior.sample(3, generator=g, solver_steps=2)
     assert z.shape == (3, 2, 32, 32) and torch.isfinite(z).all()
@@ -167,8 +167,9 @@ def test_latent_report_has_a_flow_matching_row(tmp_path):
     prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, **TINY_KW)
     source = open_latents(path)
     heldout, train = np.arange(300, 400), np.arange(300)
-    result = latent_report(prior, source, heldout, train, samples=300, seed=0, methods=("gaussian", "flow-matching"),
-                           gain=False, flow_matching_seconds=1.5)
+    result = latent_report(
+        prior, source, heldout, train, samples=300, seed=0, methods=("gaussian", "flow-matching"), gain=False, flow_matching_seconds=1.5
+    )
     gauss, fm = result["rows"]
     assert fm["method"] == "flow-matching" and fm["label"] == "flow matching (Heun 32, 63 NFE)"
     info = fm["info"]
@@ -180,8 +181,7 @@ def test_latent_report_has_a_flow_matching_row(tmp_path):
     assert fm["excess_fd"] < gauss["excess_fd"] / 4 and fm["hole_share"] < gauss["hole_share"]
     assert "| flow matching (Heun 32, 63 NFE) |" in latent_table_markdown(result)
     # Without flow_matching_seconds the budget is the EVaLP prior's own fit time.
-    again = latent_report(prior, source, heldout, train, samples=20, seed=0, methods=("flow-matching",), gain=False,
-                          c2st_per_class=10)
+    again = latent_report(prior, source, heldout, train, samples=20, seed=0, methods=("flow-matching",), gain=False, c2st_per_class=10)
     assert again["rows"][0]["info"]["budget_seconds"] == pytest.approx(prior.training_info["summary"]["seconds"])
     with pytest.raises(LatentPriorError, match="flow_matching_seconds"):
         latent_report(prior, source, heldout, train, samples=20, methods=("flow-matching",), flow_matching_seconds=0)

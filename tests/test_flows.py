@@ -39,8 +39,10 @@ FLAT = [
     pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32), id="affine"),
     pytest.param(dict(kind="spline", num_blocks=4, hidden=32), id="spline"),
     pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32, base_components=3), id="affine-mixture-base"),
-    pytest.param(dict(kind="realnvp", num_blocks=4, hidden=32, base_components=3, base_covariance="full", base_init="em"),
-                 id="affine-full-covariance-em-base"),
+    pytest.param(
+        dict(kind="realnvp", num_blocks=4, hidden=32, base_components=3, base_covariance="full", base_init="em"),
+        id="affine-full-covariance-em-base",
+    ),
 ]
 
 
@@ -168,10 +170,16 @@ def test_density_integrates_to_one(kw):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("make", [lambda: build_flow((6,), num_blocks=3, hidden=32), lambda: tiny_multiscale(),
-                                  lambda: build_flow((6,), num_blocks=3, hidden=32, base_components=4),
-                                  lambda: tiny_multiscale(base_components=3)],
-                         ids=["flat", "spatial", "flat-mixture-base", "spatial-mixture-base"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_flow((6,), num_blocks=3, hidden=32),
+        lambda: tiny_multiscale(),
+        lambda: build_flow((6,), num_blocks=3, hidden=32, base_components=4),
+        lambda: tiny_multiscale(base_components=3),
+    ],
+    ids=["flat", "spatial", "flat-mixture-base", "spatial-mixture-base"],
+)
 def test_sample_and_log_prob_agree(make, temperature):
     torch.manual_seed(4)
     flow = randomize(initialized(make()), std=0.02)
@@ -253,8 +261,15 @@ def test_log_prob_does_not_depend_on_the_batch(make):
 # --- rebuild from JSON + safetensors -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda: build_flow((6,), kind="spline", num_blocks=2, hidden=16), lambda: tiny_multiscale(),
-                                  lambda: tiny_multiscale(base_components=3)], ids=["spline", "spatial", "spatial-mixture-base"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_flow((6,), kind="spline", num_blocks=2, hidden=16),
+        lambda: tiny_multiscale(),
+        lambda: tiny_multiscale(base_components=3),
+    ],
+    ids=["spline", "spatial", "spatial-mixture-base"],
+)
 def test_rebuild_from_config_and_state(make, tmp_path):
     torch.manual_seed(8)
     flow = randomize(initialized(make()), std=0.02)
@@ -377,8 +392,10 @@ def test_mixture_base_initializes_on_the_clusters_and_keeps_modes_apart():
     _fit(single, train, steps=300, lr=1e-2, seed=0)
     threshold = torch.quantile(_mixture_log_prob(test), 0.01)
     with torch.no_grad():
-        bridge_share = {name: (_mixture_log_prob(f.sample(20000, generator=torch.Generator().manual_seed(2))) < threshold)
-                        .float().mean().item() for name, f in (("mixture", mixture), ("single", single))}
+        bridge_share = {
+            name: (_mixture_log_prob(f.sample(20000, generator=torch.Generator().manual_seed(2))) < threshold).float().mean().item()
+            for name, f in (("mixture", mixture), ("single", single))
+        }
         ll = {name: f.log_prob(test).mean().item() for name, f in (("mixture", mixture), ("single", single))}
     assert bridge_share["mixture"] < 0.025 < bridge_share["single"], bridge_share
     assert ll["mixture"] > ll["single"] + 0.2, ll
@@ -417,10 +434,13 @@ def test_an_em_initialized_full_covariance_base_is_the_gmm_baseline():
     torch.testing.assert_close(flow.to_standard(flow.from_standard(xi, k), k), xi, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: build_flow((6,), num_blocks=3, hidden=16, base_components=4, base_covariance="full", base_init="em"),
-    lambda: tiny_multiscale((2, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_flow((6,), num_blocks=3, hidden=16, base_components=4, base_covariance="full", base_init="em"),
+        lambda: tiny_multiscale((2, 4, 4)),
+    ],
+)
 def test_optimizer_groups_slow_the_dense_factors_by_their_dimension(make):
     """Adam moves each entry of a D×D factor by about the learning rate per step, so the invertible linear maps
     and the full-covariance base's A_k learn at lr·D^-power: every parameter in exactly one group, each factor
@@ -458,7 +478,9 @@ def test_a_given_gmm_becomes_the_fresh_flow_exactly(kind, shape):
 
     g = torch.Generator().manual_seed(0)
     dims = math.prod(shape)
-    z = (torch.randn(1500, dims, generator=g) @ (0.5 * torch.randn(dims, dims, generator=g)) + 2 * torch.randn(1500, 1, generator=g)).reshape(-1, *shape)
+    z = (
+        torch.randn(1500, dims, generator=g) @ (0.5 * torch.randn(dims, dims, generator=g)) + 2 * torch.randn(1500, 1, generator=g)
+    ).reshape(-1, *shape)
     gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=2).fit(z[:1000].double())
     kw = {"num_blocks": 2, "hidden": 16} if kind == "realnvp" else {"hidden_channels": 8}
     flow = build_flow(shape, kind=kind, base_components=5, base_covariance="full", base_init="em", **kw)
@@ -480,8 +502,10 @@ def test_a_full_covariance_base_on_nearly_deterministic_latents_trains_without_o
     Only the base trains here: coupling layers on such latents can lose likelihood too, which the trainer's
     held-out selection answers by keeping the EM fit (its step 0)."""
     g = torch.Generator().manual_seed(0)
-    z = torch.cat([torch.randn(96, 4, generator=g) * 2, 1e-3 * torch.randn(96, 44, generator=g)], 1) @ torch.linalg.qr(
-        torch.randn(48, 48, generator=g))[0]
+    z = (
+        torch.cat([torch.randn(96, 4, generator=g) * 2, 1e-3 * torch.randn(96, 44, generator=g)], 1)
+        @ torch.linalg.qr(torch.randn(48, 48, generator=g))[0]
+    )
     flow = build_flow((48,), num_blocks=2, hidden=16, base_components=6, base_covariance="full", base_init="em")
     flow.initialize(z)
     opt = torch.optim.Adam([p for name, p in flow.named_parameters() if name.startswith("base_")], lr=1e-3)
@@ -582,6 +606,10 @@ def test_spline_realnvp_fits_two_moons():
 # the subspace flow (many latent dims)
 
 
+#: a subspace flow of 8 leading axes with a full-covariance mixture base fitted by EM (add base_components, basis_axes)
+SUBSPACE_EM = dict(kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_covariance="full", base_init="em")
+
+
 def correlated_latents(n: int, shape=(4, 4, 4), seed: int = 0) -> torch.Tensor:
     """Latents whose variance is concentrated on a few directions, like neighbouring latent pixels'."""
     g = torch.Generator().manual_seed(seed)
@@ -643,6 +671,7 @@ def test_a_low_rank_basis_keeps_the_leading_axes_and_completes_them_by_household
     leading = (rotation[:16].double() @ dense.directions[:, :16].double()).diagonal().abs()
     assert leading.min() > 0.999
     torch.testing.assert_close(low.log_std[:16], dense.log_std[:16], rtol=0, atol=1e-4)
+
     def trailing_total(basis):
         return torch.exp(2 * basis.log_std[16:].double()).sum()
 
@@ -666,8 +695,7 @@ def test_a_subspace_flow_on_a_low_rank_basis_inverts_reports_its_density_and_rel
 
     z = correlated_latents(1000)
     basis = PrincipalBasis.fit(z, axes=16)
-    flow = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3,
-                      base_covariance="full", base_init="em", basis_axes=16)
+    flow = build_flow((4, 4, 4), base_components=3, basis_axes=16, **SUBSPACE_EM)
     assert flow.config["basis_axes"] == 16 and flow.basis_directions.shape == (64, 16)
     gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(basis.whiten(z, 8).double())
     flow.initialize(z, mixture=gmm, basis=basis)
@@ -699,8 +727,7 @@ def test_an_energy_whose_flow_base_shares_the_samplers_basis_reads_its_whitened_
     from latent_prior.sampling import estimate_log_z
 
     z = correlated_latents(600)
-    sampler = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=2,
-                         base_covariance="full", base_init="em", basis_axes=basis_axes)
+    sampler = build_flow((4, 4, 4), base_components=2, basis_axes=basis_axes, **SUBSPACE_EM)
     sampler.initialize(z)
     energy = FlowBasedEnergy(randomize(build_energy((4, 4, 4), kind="mlp", hidden=16, depth=2), 0.1), copy.deepcopy(sampler))
     randomize(sampler, 0.02, seed=1)  # the sampler moves on from its frozen copy; the basis (buffers) stays
@@ -712,8 +739,16 @@ def test_an_energy_whose_flow_base_shares_the_samplers_basis_reads_its_whitened_
     results = []
     for shared in (False, True):
         sampler.zero_grad()
-        loss, parts, samples = sampler_loss(energy, sampler, 32, kl_weight=1.0, forward_kl_weight=0.5, z_pos=z[:32],
-                                            generator=torch.Generator().manual_seed(3), shared_basis=shared)
+        loss, parts, samples = sampler_loss(
+            energy,
+            sampler,
+            32,
+            kl_weight=1.0,
+            forward_kl_weight=0.5,
+            z_pos=z[:32],
+            generator=torch.Generator().manual_seed(3),
+            shared_basis=shared,
+        )
         loss.backward()
         results.append((loss.detach(), parts, samples, [p.grad.clone() for p in sampler.parameters()]))
     (loss0, parts0, samples0, grads0), (loss1, parts1, samples1, grads1) = results
@@ -741,8 +776,9 @@ def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_comp
     basis = PrincipalBasis.fit(z)
     y = basis.whiten(z).double()
     gmm = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(y[:, :8])
-    flow = build_flow((4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3,
-                      base_covariance="full", base_init="em")
+    flow = build_flow(
+        (4, 4, 4), kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3, base_covariance="full", base_init="em"
+    )
     assert isinstance(flow, SubspaceFlow) and flow.base_components == 3
     flow.initialize(z, mixture=gmm, basis=basis)
     joint = gmm._component_log_prob(y[:, :8])  # log π_k + log N_k(y_r), (N, K)

@@ -111,10 +111,13 @@ def test_find_offline_inception_and_a_folder_holding_the_file(tmp_path):
 def test_fid_and_kid_on_photo_crops_grow_with_noise_and_blur(offline_extractor):
     a, b = photo_crops(16, seed=1), photo_crops(16, seed=2)  # two draws from one distribution of crops
     noise = torch.randn(b.shape, generator=torch.Generator().manual_seed(0))
-    feats = {"a": features_of(offline_extractor, a), "b": features_of(offline_extractor, b),
-             "noise 0.1": features_of(offline_extractor, (b + 0.1 * noise).clamp(-1, 1)),
-             "noise 0.3": features_of(offline_extractor, (b + 0.3 * noise).clamp(-1, 1)),
-             "blur": features_of(offline_extractor, gaussian_blur(b, sigma=1.5), batch_size=7)}
+    feats = {
+        "a": features_of(offline_extractor, a),
+        "b": features_of(offline_extractor, b),
+        "noise 0.1": features_of(offline_extractor, (b + 0.1 * noise).clamp(-1, 1)),
+        "noise 0.3": features_of(offline_extractor, (b + 0.3 * noise).clamp(-1, 1)),
+        "blur": features_of(offline_extractor, gaussian_blur(b, sigma=1.5), batch_size=7),
+    }
     fid = {name: frechet_inception_distance(feats["a"], f)["fid"] for name, f in feats.items()}
     assert fid["a"] < 1e-6  # a set against itself
     assert fid["b"] < fid["noise 0.1"] < fid["noise 0.3"]
@@ -223,8 +226,7 @@ def assert_names_path_and_sources(message: str, path) -> None:
 
 
 def test_missing_file_and_empty_folder(tmp_path):
-    for path, problem in [(tmp_path / "nope.pt", "no such Inception-v3 file"),
-                          (tmp_path, "holds no Inception-v3 file")]:
+    for path, problem in [(tmp_path / "nope.pt", "no such Inception-v3 file"), (tmp_path, "holds no Inception-v3 file")]:
         with pytest.raises(LatentPriorError, match=problem) as err:
             load_inception(path)
         assert_names_path_and_sources(str(err.value), path)
@@ -237,9 +239,11 @@ def test_corrupt_and_unknown_files(tmp_path):
     text.write_text("not weights\n")
     wrong_dict = tmp_path / "resnet.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong_dict)
-    for path, problem in [(garbage, "neither TorchScript nor a weights-only state dict"),
-                          (text, "neither TorchScript nor a weights-only state dict"),
-                          (wrong_dict, "not pytorch-fid's Inception-v3 weights")]:
+    for path, problem in [
+        (garbage, "neither TorchScript nor a weights-only state dict"),
+        (text, "neither TorchScript nor a weights-only state dict"),
+        (wrong_dict, "not pytorch-fid's Inception-v3 weights"),
+    ]:
         with pytest.raises(LatentPriorError, match=problem) as err:
             load_inception(path)
         assert_names_path_and_sources(str(err.value), path)
@@ -298,8 +302,7 @@ def test_pytorch_fid_weights_without_the_package_say_how_to_install_it(tmp_path)
         pytest.skip("pytorch-fid is installed here; the stand-in test below covers that path")
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     for zip_format in (True, False):  # the published file predates torch's zip format
-        torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, path,
-                   _use_new_zipfile_serialization=zip_format)
+        torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, path, _use_new_zipfile_serialization=zip_format)
         with pytest.raises(LatentPriorError, match="pip install pytorch-fid") as err:
             load_inception(path)
         assert str(path) in str(err.value)
@@ -412,15 +415,17 @@ def test_kid_matches_the_closed_form_and_is_unbiased():
     mix = rng.standard_normal((d, d)) * 0.3
     mean_a, cov_a = np.full(d, 0.5), np.eye(d) + mix @ mix.T
     mean_b, cov_b = mean_a + 0.4, np.diag(np.linspace(0.5, 2.0, d))
-    closed = (expected_cubic_kernel(mean_a, cov_a, mean_a, cov_a) + expected_cubic_kernel(mean_b, cov_b, mean_b, cov_b)
-              - 2 * expected_cubic_kernel(mean_a, cov_a, mean_b, cov_b))
+    closed = (
+        expected_cubic_kernel(mean_a, cov_a, mean_a, cov_a)
+        + expected_cubic_kernel(mean_b, cov_b, mean_b, cov_b)
+        - 2 * expected_cubic_kernel(mean_a, cov_a, mean_b, cov_b)
+    )
     draw = np.random.default_rng(1)
     a, a2 = draw.multivariate_normal(mean_a, cov_a, (2, 2000))
     b = draw.multivariate_normal(mean_b, cov_b, 2000)
     differ = kernel_inception_distance(a, b, subsets=10, subset_size=1000)
     assert differ["kid"] == pytest.approx(closed, abs=0.55)  # 4 sd of the estimate (module docstring)
-    assert differ | {"kid": 0, "kid_std": 0} == {"kid": 0, "kid_std": 0, "n_a": 2000, "n_b": 2000, "subsets": 10,
-                                                 "subset_size": 1000}
+    assert differ | {"kid": 0, "kid_std": 0} == {"kid": 0, "kid_std": 0, "n_a": 2000, "n_b": 2000, "subsets": 10, "subset_size": 1000}
     same = kernel_inception_distance(a, a2, subsets=10, subset_size=1000)
     assert abs(same["kid"]) < 0.035  # 4.5 sd; the closed form is 2.3 apart
     assert kernel_inception_distance(a, b, subsets=10, subset_size=1000) == differ  # seeded
@@ -431,8 +436,7 @@ def test_kid_is_the_unbiased_cubic_kernel_mmd():
     x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 3)) + 1.0
     k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
     pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
-    by_hand = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / 20
-               - 2 * sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25)
+    by_hand = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / 20 - 2 * sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25
     result = kernel_inception_distance(x, y, subsets=7)
     assert result["kid"] == pytest.approx(by_hand, rel=1e-12)
     assert result["subsets"] == 1 and result["subset_size"] == 5 and result["kid_std"] == 0.0  # whole sets: once

@@ -22,8 +22,12 @@ def test_log_file_holds_the_package_messages_and_warnings_and_swaps_no_stream(tm
     logger.info("after the block")
 
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[:4] == ["latent-prior fit: [1/4] encode", "latent-prior fit: warning: low ESS", "latent-prior fit: done",
-                         "latent-prior fit: error: only in the file"]
+    assert lines[:4] == [
+        "latent-prior fit: [1/4] encode",
+        "latent-prior fit: warning: low ESS",
+        "latent-prior fit: done",
+        "latent-prior fit: error: only in the file",
+    ]
     assert any("a library's warning" in line for line in lines[4:])
     assert not any("printed by the user's own code" in line or "after the block" in line for line in lines)
 

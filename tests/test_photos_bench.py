@@ -91,8 +91,7 @@ def test_training_is_seeded(tmp_path):
 
     weights = []
     for run in ("a", "b"):
-        cfg = script.TrainPhotoVAEConfig(output_dir=str(tmp_path / run), epochs=1, num_train=64, num_heldout=20,
-                                         batch_size=32, quiet=True)
+        cfg = script.TrainPhotoVAEConfig(output_dir=str(tmp_path / run), epochs=1, num_train=64, num_heldout=20, batch_size=32, quiet=True)
         script.train_photo_vae(cfg)
         weights.append(AutoencoderKL.from_pretrained(tmp_path / run).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

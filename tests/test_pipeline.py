@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _cli import argv
 from _launch import run_two_gloo_processes
 from PIL import Image
 
@@ -37,9 +38,10 @@ from latent_prior.train import FitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 #: Tiny networks and budgets: a whole run (encode 64 images, fit, decode, report) takes a few seconds.
-TINY = ["--batch-size", "16", "--checkpoint-every", "10", "--energy-channels", "8", "--energy-depth", "1",
-        "--flow-channels", "8", "--flow-blocks", "1", "--eval-samples", "64", "--eval-latents", "64",
-        "--log-z-samples", "128", "--report-samples", "100", "--encode-workers", "0", "--quiet"]
+TINY = argv(
+    "--batch-size 16 --checkpoint-every 10 --energy-channels 8 --energy-depth 1 --flow-channels 8 --flow-blocks 1",
+    "--eval-samples 64 --eval-latents 64 --log-z-samples 128 --report-samples 100 --encode-workers 0 --quiet",
+)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -82,8 +84,20 @@ def test_run_config_has_every_fit_field_and_needs_no_latents():
     fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
     run_fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     assert fit_fields <= set(run_fields)
-    assert {"vae", "data", "resolution", "dtype", "subfolder", "revision", "flip", "encode_batch_size", "encode_workers",
-            "grid_samples", "report_samples", "overwrite"} <= set(run_fields)
+    assert {
+        "vae",
+        "data",
+        "resolution",
+        "dtype",
+        "subfolder",
+        "revision",
+        "flip",
+        "encode_batch_size",
+        "encode_workers",
+        "grid_samples",
+        "report_samples",
+        "overwrite",
+    } <= set(run_fields)
     assert not run_fields["latents"].metadata.get("required") and not run_fields["out"].metadata.get("required")
 
 
@@ -135,7 +149,7 @@ def test_samples_png_has_two_labelled_halves_of_equal_size(run):
     assert width == 2 * grid + 16
     label_height = height - grid
     assert 8 < label_height < 40
-    left, gap, right = image[:, :grid], image[:, grid:grid + 16], image[:, grid + 16:]
+    left, gap, right = image[:, :grid], image[:, grid : grid + 16], image[:, grid + 16 :]
     assert left.shape == right.shape
     assert (gap == 255).all()  # nothing drawn between the halves
     for half in (left, right):
@@ -265,8 +279,9 @@ def test_a_mismatched_cache_is_refused(run, tmp_path, digits):
 def test_a_mismatched_prior_is_refused_on_resume(run, tmp_path, digits):
     d = tmp_path / "run"
     shutil.copytree(run["dir"], d)
-    code, _, err = run_cli("--data", digits, "--out", d, "--config", run["tmp"] / "run.yaml", *TINY, "--steps", "40",
-                           "--energy-depth", "2", "--resume")  # depth: a hidden layer more, whichever the energy kind
+    code, _, err = run_cli(
+        "--data", digits, "--out", d, "--config", run["tmp"] / "run.yaml", *TINY, "--steps", "40", "--energy-depth", "2", "--resume"
+    )  # depth: a hidden layer more, whichever the energy kind
     assert code == 2 and "does not fit the networks" in err
     assert "error:" in (d / "log.txt").read_text().splitlines()[-1]  # the refusal is in the log too
 
@@ -284,8 +299,9 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
     d = tmp_path / "run"
     args = ["fit", "--data", str(digits), "--out", str(d), *TINY, "--steps", "200"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "latent_prior", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latent_prior", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     ckpts = d / "train" / "checkpoints"
     deadline = time.monotonic() + 120
     try:
@@ -321,8 +337,9 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
 
 def test_two_gloo_processes_run_the_pipeline(tmp_path, digits):
     d = tmp_path / "run"
-    result = run_two_gloo_processes("fit", "--data", digits, "--out", d, *TINY, "--steps", "6", "--checkpoint-every", "3",
-                                    "--shard-size", "16")
+    result = run_two_gloo_processes(
+        "fit", "--data", digits, "--out", d, *TINY, "--steps", "6", "--checkpoint-every", "3", "--shard-size", "16"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("latent-prior fit: done") == 1  # only the main process reports
     for name in RUN_FILES:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import argv
+from _encode_helpers import TINY_KL_CONFIG
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -30,8 +32,16 @@ def make_prior(shape=(3,), normalization=NORM, seed=0, zero_energy=False, log_z=
     flow.initialize(torch.randn(64, *shape) * 0.7 + 0.2)
     with torch.no_grad():
         energy.head.weight.mul_(0 if zero_energy else 300.0)  # a visibly non-zero energy, or exactly zero
-    return LatentPrior(energy, flow, latent_shape=shape, normalization=normalization, log_z=0.0 if zero_energy else log_z,
-                       log_z_info={"ess": 10.0}, provenance={"source": "test", "config_hash": "abc"}, training={"note": "test"})
+    return LatentPrior(
+        energy,
+        flow,
+        latent_shape=shape,
+        normalization=normalization,
+        log_z=0.0 if zero_energy else log_z,
+        log_z_info={"ess": 10.0},
+        provenance={"source": "test", "config_hash": "abc"},
+        training={"note": "test"},
+    )
 
 
 def test_round_trip_gives_identical_samples_and_densities(tmp_path):
@@ -125,8 +135,11 @@ def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch)
         assert torch.allclose(loaded.log_prob(x.double()).float(), prior.log_prob(x), atol=1e-5)
         assert loaded.provenance == prior.provenance and loaded.log_z == prior.log_z
     # not cached, offline: one sentence that says what to do, at once (no retries)
-    with pytest.raises(LatentPriorError, match=r"'someone/other' is neither a local folder nor in the local Hugging "
-            r"Face cache.*hf download someone/other"):
+    with pytest.raises(
+        LatentPriorError,
+        match=r"'someone/other' is neither a local folder nor in the local Hugging "
+        r"Face cache.*hf download someone/other",
+    ):
         LatentPrior.from_pretrained("someone/other", cache_dir=cache)
     with pytest.raises(LatentPriorError, match="has no d8/config.json|neither a local folder"):
         LatentPrior.from_pretrained("someone/digits-prior", subfolder="d8", cache_dir=cache)
@@ -140,17 +153,36 @@ def test_a_prior_loads_by_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch)
 def test_the_model_card_and_push_to_hub_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prior = make_prior()
-    prior.training_info = {"latents": "cache/ (1500 latents)", "summary": {"num_train": 1350, "num_validation": 150, "steps": 2000,
-                                                                             "seconds": 98.0, "selected_step": 1750, "heldout_gain_nats": 1.25,
-                                                                             "heldout_fd": 0.0123, "heldout_precision": 0.88,
-                                                                             "log_z_ess_fraction": 0.97}}
+    prior.training_info = {
+        "latents": "cache/ (1500 latents)",
+        "summary": {
+            "num_train": 1350,
+            "num_validation": 150,
+            "steps": 2000,
+            "seconds": 98.0,
+            "selected_step": 1750,
+            "heldout_gain_nats": 1.25,
+            "heldout_fd": 0.0123,
+            "heldout_precision": 0.88,
+            "log_z_ess_fraction": 0.97,
+        },
+    }
     prior.provenance = {"source": "stabilityai/sd-vae-ft-mse", "class_name": "AutoencoderKL", "fingerprint": "f00d", "config_hash": "abc"}
     prior.save_pretrained(tmp_path / "p", repo_id="me/sd-prior")
     card = (tmp_path / "p" / CARD_FILE).read_text()
     assert card.startswith("---\nlibrary_name: latent-prior\n")
-    for text in ("# A latent prior for stabilityai/sd-vae-ft-mse", 'LatentPrior.from_pretrained("me/sd-prior")', "fingerprint `f00d`",
-                 "cache/ (1500 latents)", "1350 training latents, 150 held out", "selected step 1750", "+1.250 nats", "0.0123",
-                 "precision 0.880", "ESS 97.0 %"):
+    for text in (
+        "# A latent prior for stabilityai/sd-vae-ft-mse",
+        'LatentPrior.from_pretrained("me/sd-prior")',
+        "fingerprint `f00d`",
+        "cache/ (1500 latents)",
+        "1350 training latents, 150 held out",
+        "selected step 1750",
+        "+1.250 nats",
+        "0.0123",
+        "precision 0.880",
+        "ESS 97.0 %",
+    ):
         assert text in card, text
     with pytest.raises(LatentPriorError, match="needs repo_id"):
         prior.save_pretrained(tmp_path / "q", push_to_hub=True)
@@ -179,8 +211,9 @@ def test_zero_energy_prior_is_the_gaussian_in_raw_space():
     torch.testing.assert_close(prior.log_prob(raw).detach(), expected, rtol=1e-5, atol=1e-4)
     # normalized=True gives the density of the normalized latents (no Jacobian)
     z = NORM.normalize(raw)
-    torch.testing.assert_close(prior.log_prob(z, normalized=True).detach(), torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        prior.log_prob(z, normalized=True).detach(), torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1), rtol=1e-5, atol=1e-4
+    )
     assert prior.log_abs_det_normalize() == pytest.approx(math.log(0.5 / 2.0) + math.log(0.5 / 0.5) + math.log(0.5 / 1.0), abs=1e-12)
     # samples come back in raw space: denormalized draws of the flow
     flow_z = prior.flow.sample(4000, generator=torch.Generator().manual_seed(0))
@@ -257,8 +290,7 @@ def test_check_compatible_with_shapes_and_a_real_vae():
         prior.check_compatible((4, 4, 4), LatentNormalization(scaling_factor=0.13025))
 
     torch.manual_seed(0)
-    tiny = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                norm_num_groups=4, latent_channels=4, layers_per_block=1, scaling_factor=0.18215)
+    tiny = dict(TINY_KL_CONFIG, layers_per_block=1, scaling_factor=0.18215)
     adapter = DiffusersKLAdapter(AutoencoderKL(**tiny).eval())
     prior.provenance = None
     prior.check_compatible(adapter, resolution=8)  # 2x downsampling: 8 px -> 4x4
@@ -276,8 +308,12 @@ def test_sample_cli_writes_raw_latents_with_metadata(tmp_path, capsys):
     prior = make_prior()
     prior.save_pretrained(tmp_path / "p")
     out = tmp_path / "z.safetensors"
-    assert main(["sample", "--prior", str(tmp_path / "p"), "-n", "37", "--out", str(out), "--method", "sir", "--seed", "5",
-                 "--proposals", "4", "--temperature", "0.9", "--device", "cpu"]) == 0
+    assert (
+        main(
+            argv("sample --prior", tmp_path / "p", "-n 37 --out", out, "--method sir --seed 5 --proposals 4 --temperature 0.9 --device cpu")
+        )
+        == 0
+    )
     latents = load_file(str(out))["latents"]
     assert latents.shape == (37, 3) and torch.isfinite(latents).all()
     with safe_open(str(out), framework="pt") as f:

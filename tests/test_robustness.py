@@ -24,6 +24,8 @@ from typing import Callable
 
 import pytest
 import torch
+from _cli import argv
+from _tiny import DEFAULT_VAE_FIT, flags
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cache import open_latents
@@ -32,9 +34,7 @@ from latent_prior.pipeline import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 #: The tiny fit of conftest's `default_vae_prior`, as flags: a --resume of it must pass the same architecture.
-FIT_FLAGS = ["--checkpoint-every", "5", "--batch-size", "32", "--energy-channels", "8", "--energy-depth", "1",
-             "--flow-blocks", "1", "--flow-channels", "8", "--eval-samples", "64", "--eval-latents", "64",
-             "--log-z-samples", "128", "--quiet"]
+FIT_FLAGS = flags(DEFAULT_VAE_FIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +142,12 @@ CASES: list[Case] = []
 
 def rows(table: list[tuple]):
     """Register one case per row (id, names, *args) of a setup function(tmp, made, *args)."""
+
     def register(setup):
         for id, names, *args in table:
             CASES.append(Case(id, names, lambda tmp, made, _args=tuple(args): setup(tmp, made, *_args)))
         return setup
+
     return register
 
 
@@ -156,14 +158,19 @@ def at(*parts: str) -> Callable[[Path], str]:
 
 # ---- 1. encode --out into a folder latent-prior did not make ------------------------------------
 
-@rows([("1-manifest-and-hidden-tmp", (at("d"), "not a latent cache"), {"manifest.json": '{"a":1}', ".s.tmp": ""}),
-       ("1-notes", (at("d"), "notes.txt"), {"notes.txt": "hello"}),
-       ("1-hidden-tmp-only", (at("d"), ".s.tmp"), {".s.tmp": "the user's"}),
-       ("1-folder-inside", (at("d"), "sub"), {"sub/x.txt": ""}),
-       ("1-user-plan-json", (at("d"), "different settings"), {"plan.json": '{"a": 1}'}),
-       ("1-garbled-plan-json", (at("d", "plan.json"),), {"plan.json": "not json"}),
-       ("1-user-file-named-like-a-shard", (at("d"), "plan.json"), {"shard-00000.safetensors": "mine"}),
-       ("1-tmp-lookalike", (at("d"), ".shard-1.safetensors.tmp"), {".shard-1.safetensors.tmp": "mine"})])
+
+@rows(
+    [
+        ("1-manifest-and-hidden-tmp", (at("d"), "not a latent cache"), {"manifest.json": '{"a":1}', ".s.tmp": ""}),
+        ("1-notes", (at("d"), "notes.txt"), {"notes.txt": "hello"}),
+        ("1-hidden-tmp-only", (at("d"), ".s.tmp"), {".s.tmp": "the user's"}),
+        ("1-folder-inside", (at("d"), "sub"), {"sub/x.txt": ""}),
+        ("1-user-plan-json", (at("d"), "different settings"), {"plan.json": '{"a": 1}'}),
+        ("1-garbled-plan-json", (at("d", "plan.json"),), {"plan.json": "not json"}),
+        ("1-user-file-named-like-a-shard", (at("d"), "plan.json"), {"shard-00000.safetensors": "mine"}),
+        ("1-tmp-lookalike", (at("d"), ".shard-1.safetensors.tmp"), {".shard-1.safetensors.tmp": "mine"}),
+    ]
+)
 def _encode_into_occupied(tmp, made, files):
     for name, text in files.items():
         (tmp / "d" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -179,14 +186,24 @@ def _encode_into_a_file(tmp, made):
 
 # ---- 2. fit --overwrite / --resume in a folder that never held a run ----------------------------
 
-@rows([("2-overwrite-user-cache-and-prior", (at("d"), "--overwrite"), {"cache/important.db": "x", "prior/paper.pdf": "y"}, ["--overwrite"]),
-       ("2-resume-user-cache-and-prior", (at("d"), "--resume"), {"cache/important.db": "x", "prior/paper.pdf": "y"}, ["--resume"]),
-       ("2-resume-user-report", (at("d"), "report.md"), {"report.md": "my notes"}, ["--resume"]),
-       ("2-overwrite-user-log-and-report", (at("d"), "log.txt"), {"log.txt": "l", "report.md": "r"}, ["--overwrite"]),
-       ("2-overwrite-user-config", (at("d"), "config.json"), {"config.json": '{"a": 1}'}, ["--overwrite"]),
-       ("2-user-config", (at("d"), "config.json"), {"config.json": '{"a": 1}'}, []),
-       ("2-resume-user-config-and-samples", (at("d"), "samples.png"), {"config.json": '{"a": 1}', "samples.png": "p"}, ["--resume"]),
-       ("2-user-samples-png", (at("d"), "samples.png"), {"samples.png": "p"}, [])])
+
+@rows(
+    [
+        (
+            "2-overwrite-user-cache-and-prior",
+            (at("d"), "--overwrite"),
+            {"cache/important.db": "x", "prior/paper.pdf": "y"},
+            ["--overwrite"],
+        ),
+        ("2-resume-user-cache-and-prior", (at("d"), "--resume"), {"cache/important.db": "x", "prior/paper.pdf": "y"}, ["--resume"]),
+        ("2-resume-user-report", (at("d"), "report.md"), {"report.md": "my notes"}, ["--resume"]),
+        ("2-overwrite-user-log-and-report", (at("d"), "log.txt"), {"log.txt": "l", "report.md": "r"}, ["--overwrite"]),
+        ("2-overwrite-user-config", (at("d"), "config.json"), {"config.json": '{"a": 1}'}, ["--overwrite"]),
+        ("2-user-config", (at("d"), "config.json"), {"config.json": '{"a": 1}'}, []),
+        ("2-resume-user-config-and-samples", (at("d"), "samples.png"), {"config.json": '{"a": 1}', "samples.png": "p"}, ["--resume"]),
+        ("2-user-samples-png", (at("d"), "samples.png"), {"samples.png": "p"}, []),
+    ]
+)
 def _fit_in_user_folder(tmp, made, files, flags):
     for name, text in files.items():
         (tmp / "d" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -220,10 +237,14 @@ def _report_as_a_folder(tmp: Path, d: Path) -> None:
     (d / "report.md" / "draft.txt").write_text("x")
 
 
-@rows([("2-overwrite-cache-is-a-link", (at("d", "cache"), "a link"), _link_cache_elsewhere, ["--overwrite"]),
-       ("2-overwrite-prior-is-a-file", (at("d", "prior"), "a file"), _prior_as_a_file, ["--overwrite"]),
-       ("2-overwrite-report-is-a-folder", (at("d", "report.md"), "a folder"), _report_as_a_folder, ["--overwrite"]),
-       ("2-overwrite-and-resume", ("--overwrite", "--resume"), lambda tmp, d: None, ["--overwrite", "--resume"])])
+@rows(
+    [
+        ("2-overwrite-cache-is-a-link", (at("d", "cache"), "a link"), _link_cache_elsewhere, ["--overwrite"]),
+        ("2-overwrite-prior-is-a-file", (at("d", "prior"), "a file"), _prior_as_a_file, ["--overwrite"]),
+        ("2-overwrite-report-is-a-folder", (at("d", "report.md"), "a folder"), _report_as_a_folder, ["--overwrite"]),
+        ("2-overwrite-and-resume", ("--overwrite", "--resume"), lambda tmp, d: None, ["--overwrite", "--resume"]),
+    ]
+)
 def _fit_in_damaged_run_folder(tmp, made, damage, flags):
     d = _marked_run_folder(tmp)
     damage(tmp, d)
@@ -231,6 +252,7 @@ def _fit_in_damaged_run_folder(tmp, made, damage, flags):
 
 
 # ---- 3. sample / fit --latents / eval writing over files -----------------------------------------
+
 
 def _existing_file(tmp: Path, name: str) -> None:
     (tmp / name).write_text("my file")
@@ -245,22 +267,30 @@ def _folder_named(tmp: Path, name: str) -> None:
     (tmp / name).mkdir()
 
 
-@rows([("3-sample-existing-safetensors", (at("z.safetensors"), "--overwrite"), _existing_file, "z.safetensors", []),
-       ("3-sample-existing-png", (at("g.png"), "--overwrite"), _existing_file, "g.png", ["--vae", "default"]),
-       ("3-sample-link-to-a-file", (at("z.safetensors"), "--overwrite"), _link_to_my_file, "z.safetensors", []),
-       ("3-sample-folder-named-safetensors", (at("x.safetensors"), "folder"), _folder_named, "x.safetensors", ["--overwrite"]),
-       ("3-sample-folder-named-png", (at("x.png"), "folder"), _folder_named, "x.png", ["--vae", "default"])])
+@rows(
+    [
+        ("3-sample-existing-safetensors", (at("z.safetensors"), "--overwrite"), _existing_file, "z.safetensors", []),
+        ("3-sample-existing-png", (at("g.png"), "--overwrite"), _existing_file, "g.png", ["--vae", "default"]),
+        ("3-sample-link-to-a-file", (at("z.safetensors"), "--overwrite"), _link_to_my_file, "z.safetensors", []),
+        ("3-sample-folder-named-safetensors", (at("x.safetensors"), "folder"), _folder_named, "x.safetensors", ["--overwrite"]),
+        ("3-sample-folder-named-png", (at("x.png"), "folder"), _folder_named, "x.png", ["--vae", "default"]),
+    ]
+)
 def _sample_over_a_file(tmp, made, make, name, flags):
     make(tmp, name)
     return ["sample", "--prior", made["prior"], "-n", "3", "--out", tmp / name, "--device", "cpu", "--quiet", *flags]
 
 
-@rows([("3-sample-into-prior-model", ("inside the prior folder",), "model.safetensors", []),
-       ("3-sample-into-prior-model-overwrite", ("inside the prior folder",), "model.safetensors", ["--overwrite"]),
-       ("3-sample-into-prior-new-file", ("inside the prior folder",), "new.safetensors", []),
-       ("3-sample-into-prior-png", ("inside the prior folder",), "config.png", ["--vae", "default", "--overwrite"]),
-       ("3-sample-folder-is-the-prior", ("inside the prior folder",), "", ["--vae", "default", "--overwrite"]),
-       ("3-sample-into-prior-subfolder", ("inside the prior folder",), "grids", ["--vae", "default", "--overwrite"])])
+@rows(
+    [
+        ("3-sample-into-prior-model", ("inside the prior folder",), "model.safetensors", []),
+        ("3-sample-into-prior-model-overwrite", ("inside the prior folder",), "model.safetensors", ["--overwrite"]),
+        ("3-sample-into-prior-new-file", ("inside the prior folder",), "new.safetensors", []),
+        ("3-sample-into-prior-png", ("inside the prior folder",), "config.png", ["--vae", "default", "--overwrite"]),
+        ("3-sample-folder-is-the-prior", ("inside the prior folder",), "", ["--vae", "default", "--overwrite"]),
+        ("3-sample-into-prior-subfolder", ("inside the prior folder",), "grids", ["--vae", "default", "--overwrite"]),
+    ]
+)
 def _sample_into_the_prior(tmp, made, name, flags):
     prior = copy(made["prior"], tmp / "prior")
     return ["sample", "--prior", prior, "-n", "2", "--out", prior / name, "--device", "cpu", "--quiet", *flags]
@@ -273,8 +303,7 @@ def _fit_latents_into_user_folder(tmp, made, name):
     return ["fit", "--latents", made["latents"], "--out", tmp / "out", "--steps", "2", *FIT_FLAGS]
 
 
-@rows([("3-eval-existing-report", (at("r.json"), "--overwrite"), False),
-       ("3-eval-report-into-prior", ("inside the prior folder",), True)])
+@rows([("3-eval-existing-report", (at("r.json"), "--overwrite"), False), ("3-eval-report-into-prior", ("inside the prior folder",), True)])
 def _eval_over_a_report(tmp, made, into_prior):
     if into_prior:
         prior = copy(made["prior"], tmp / "prior")
@@ -285,6 +314,7 @@ def _eval_over_a_report(tmp, made, into_prior):
 
 # ---- 4, 5, 6. paths out of a cache, tampered manifests, damaged shards ----------------------------
 # Each damage is fed to `fit --latents` (which would train on it) and to `info` (which would call it complete).
+
 
 def _outside_copy(cache: Path, tmp: Path) -> Path:
     outside = tmp / "outside.safetensors"
@@ -322,11 +352,18 @@ def _garble_header(cache: Path, tmp: Path) -> None:
 
 DAMAGE: list[tuple[str, tuple, Callable[[Path, Path], None]]] = [
     # 4: a path in the manifest that leaves the folder
-    ("4-dotdot-shard", ("manifest.json", "../outside.safetensors"),
-     lambda c, t: (_outside_copy(c, t), _manifest(lambda m: m["shards"][0].update(file="../outside.safetensors"))(c, t))),
+    (
+        "4-dotdot-shard",
+        ("manifest.json", "../outside.safetensors"),
+        lambda c, t: (_outside_copy(c, t), _manifest(lambda m: m["shards"][0].update(file="../outside.safetensors"))(c, t)),
+    ),
     ("4-absolute-shard", ("manifest.json", "outside.safetensors"), _point_entry_outside),
     ("4-etc-passwd", ("manifest.json", "/etc/passwd"), _manifest(lambda m: m["shards"][0].update(file="/etc/passwd"))),
-    ("4-subfolder-shard", ("manifest.json", "sub/shard-00000"), _manifest(lambda m: m["shards"][0].update(file="sub/shard-00000.safetensors"))),
+    (
+        "4-subfolder-shard",
+        ("manifest.json", "sub/shard-00000"),
+        _manifest(lambda m: m["shards"][0].update(file="sub/shard-00000.safetensors")),
+    ),
     ("4-shard-is-a-link-out", ("shard-00000.safetensors", "link"), _shard_link_out),
     # 5: tampering
     ("5-duplicated-entry", ("manifest.json", "twice"), _manifest(lambda m: m["shards"].insert(1, m["shards"][0]))),
@@ -335,12 +372,19 @@ DAMAGE: list[tuple[str, tuple, Callable[[Path, Path], None]]] = [
     ("5-deterministic-true", ("shard-00000.safetensors", "logvar"), _manifest(lambda m: m.update(deterministic=True))),
     ("5-flip-true", ("shard-00000.safetensors", "mean_flip"), _manifest(lambda m: m.update(flip=True))),
     ("5-deterministic-string", ("manifest.json", "deterministic"), _manifest(lambda m: m.update(deterministic="yes"))),
-    ("5-scaling-1000-behind-the-checksum", ("manifest.json", "checksum"),
-     _manifest(lambda m: m["normalization"].update(scaling_factor=1000), keep_checksum=True)),
+    (
+        "5-scaling-1000-behind-the-checksum",
+        ("manifest.json", "checksum"),
+        _manifest(lambda m: m["normalization"].update(scaling_factor=1000), keep_checksum=True),
+    ),
     ("5-scaling-0", ("manifest.json", "scaling_factor"), _manifest(lambda m: m["normalization"].update(scaling_factor=0))),
     ("5-scaling-big", ("manifest.json", "scaling_factor"), _manifest(lambda m: m["normalization"].update(scaling_factor="big"))),
     ("5-normalization-string", ("manifest.json", "normalization"), _manifest(lambda m: m.update(normalization="x"))),
-    ("5-latents-std-zero", ("manifest.json", "latents_std"), _manifest(lambda m: m["normalization"].update(latents_std=[0.0, 1.0, 1.0, 1.0]))),
+    (
+        "5-latents-std-zero",
+        ("manifest.json", "latents_std"),
+        _manifest(lambda m: m["normalization"].update(latents_std=[0.0, 1.0, 1.0, 1.0])),
+    ),
     ("5-latents-mean-one-of-four", ("manifest.json", "latents_mean"), _manifest(lambda m: m["normalization"].update(latents_mean=[0.0]))),
     ("5-count-999", ("manifest.json", "count 999"), _manifest(lambda m: m.update(count=999))),
     ("5-count-999-behind-the-checksum", ("manifest.json", "checksum"), _manifest(lambda m: m.update(count=999), keep_checksum=True)),
@@ -353,10 +397,16 @@ DAMAGE: list[tuple[str, tuple, Callable[[Path, Path], None]]] = [
     ("5-manifest-a-list", ("manifest.json", "JSON object"), _manifest(lambda m: [m])),
     ("5-format-version-string", ("manifest.json", "format_version"), _manifest(lambda m: m.update(format_version="1"))),
     ("5-checksum-forged", ("manifest.json", "checksum"), _manifest(lambda m: m.update(checksum="0" * 64), keep_checksum=True)),
-    ("5-swapped-shards", ("shard-00000.safetensors", "chunk 1"),
-     lambda c, t: shutil.copy(c / "shard-00001.safetensors", c / "shard-00000.safetensors")),
-    ("5-foreign-shard", ("shard-00000.safetensors",),
-     lambda c, t: save_file({"mean": torch.zeros(4, 4, 8, 8), "logvar": torch.zeros(4, 4, 8, 8)}, str(c / "shard-00000.safetensors"))),
+    (
+        "5-swapped-shards",
+        ("shard-00000.safetensors", "chunk 1"),
+        lambda c, t: shutil.copy(c / "shard-00001.safetensors", c / "shard-00000.safetensors"),
+    ),
+    (
+        "5-foreign-shard",
+        ("shard-00000.safetensors",),
+        lambda c, t: save_file({"mean": torch.zeros(4, 4, 8, 8), "logvar": torch.zeros(4, 4, 8, 8)}, str(c / "shard-00000.safetensors")),
+    ),
     # 6: damaged shards, each repaired by rerunning the same encode (test_rerunning_encode_repairs_...)
     ("6-truncated-shard", ("shard-00001.safetensors", "damaged", "encode"), lambda c, t: truncate(c / "shard-00001.safetensors")),
     ("6-empty-shard", ("shard-00001.safetensors", "damaged", "encode"), lambda c, t: (c / "shard-00001.safetensors").write_bytes(b"")),
@@ -383,17 +433,24 @@ def _info_on_damaged_cache(tmp, made, damage):
     return ["info", _damaged_cache(tmp, made, damage)]
 
 
-@rows([("5-bit-flip-fit", ("shard-00001.safetensors", "sha256"), "fit"),
-       ("5-bit-flip-info-verify", ("shard-00001.safetensors", "sha256"), "info"),
-       ("5-bit-flip-eval", ("shard-00001.safetensors", "sha256"), "eval")])
+@rows(
+    [
+        ("5-bit-flip-fit", ("shard-00001.safetensors", "sha256"), "fit"),
+        ("5-bit-flip-info-verify", ("shard-00001.safetensors", "sha256"), "info"),
+        ("5-bit-flip-eval", ("shard-00001.safetensors", "sha256"), "eval"),
+    ]
+)
 def _bit_flipped_cache(tmp, made, command):
     cache = _damaged_cache(tmp, made, lambda c, t: flip_a_bit(c / "shard-00001.safetensors"))
-    return {"fit": ["fit", "--latents", cache, "--out", tmp / "prior", "--steps", "2", "--quiet"],
-            "info": ["info", cache, "--verify"],
-            "eval": ["eval", "--prior", made["prior"], "--latents", cache, "--quiet"]}[command]
+    return {
+        "fit": ["fit", "--latents", cache, "--out", tmp / "prior", "--steps", "2", "--quiet"],
+        "info": ["info", cache, "--verify"],
+        "eval": ["eval", "--prior", made["prior"], "--latents", cache, "--quiet"],
+    }[command]
 
 
 # ---- 7. file names that are not UTF-8, named pipes, links to nothing -----------------------------
+
 
 def _named_pipe(tmp: Path, made: dict) -> None:
     os.mkfifo(tmp / "data" / "x.png")
@@ -409,9 +466,13 @@ def _dangling_link_and_folder(tmp: Path, made: dict) -> None:
     (tmp / "data" / "dangling.png").symlink_to(tmp / "nowhere.png")
 
 
-@rows([("7-only-a-named-pipe", ("x.png", "named pipe"), _named_pipe),
-       ("7-only-a-non-utf8-name", ("UTF-8", "rename it"), _non_utf8_name),
-       ("7-only-a-link-to-nothing", ("dangling.png",), _dangling_link_and_folder)])
+@rows(
+    [
+        ("7-only-a-named-pipe", ("x.png", "named pipe"), _named_pipe),
+        ("7-only-a-non-utf8-name", ("UTF-8", "rename it"), _non_utf8_name),
+        ("7-only-a-link-to-nothing", ("dangling.png",), _dangling_link_and_folder),
+    ]
+)
 def _encode_odd_files(tmp, made, make):
     (tmp / "data").mkdir()
     make(tmp, made)
@@ -420,6 +481,7 @@ def _encode_odd_files(tmp, made, make):
 
 # ---- 8. wrong types in --config ---------------------------------------------------------------------
 
+
 def _config(tmp: Path, text: str | bytes, suffix: str) -> Path:
     path = tmp / f"c{suffix}"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -427,40 +489,46 @@ def _config(tmp: Path, text: str | bytes, suffix: str) -> Path:
 
 
 def _base_argv(tmp: Path, made: dict, command: str) -> list:
-    return {"fit": ["fit", "--latents", made["latents"], "--out", tmp / "p"],
-            "encode": ["encode", "--out", tmp / "cache"],
-            "sample": ["sample", "--prior", made["prior"], "--out", tmp / "z.safetensors"],
-            "info": ["info"],
-            "eval": ["eval", "--prior", made["prior"], "--latents", made["latents"]]}[command]
+    return {
+        "fit": ["fit", "--latents", made["latents"], "--out", tmp / "p"],
+        "encode": ["encode", "--out", tmp / "cache"],
+        "sample": ["sample", "--prior", made["prior"], "--out", tmp / "z.safetensors"],
+        "info": ["info"],
+        "eval": ["eval", "--prior", made["prior"], "--latents", made["latents"]],
+    }[command]
 
 
-@rows([("8-batch-size-string", ("batch_size", "'16'", "integer"), "fit", 'batch_size: "16"', ".yaml"),
-       ("8-seed-abc", ("seed", "integer"), "fit", "seed: abc", ".yaml"),
-       ("8-lr-energy-fast", ("lr_energy", "number"), "fit", "lr_energy: fast", ".yaml"),
-       ("8-betas-scalar", ("betas", "list"), "fit", "betas: 0.5", ".yaml"),
-       ("8-betas-strings", ("betas", "list"), "fit", "betas: [a, b]", ".yaml"),
-       ("8-steps-true", ("steps", "integer"), "fit", "steps: true", ".yaml"),
-       ("8-steps-float", ("steps", "integer"), "fit", "steps: 1.5", ".yaml"),
-       ("8-steps-null", ("steps", "integer"), "fit", "steps: null", ".yaml"),
-       ("8-out-int", ("out", "string"), "fit", "out: 5", ".yaml"),
-       ("8-quiet-string", ("quiet", "true or false"), "fit", 'quiet: "yes"', ".yaml"),
-       ("8-objective-unknown", ("objective", "vml"), "fit", "objective: magic", ".yaml"),
-       ("8-unknown-key", ("stepz", "unknown"), "fit", "stepz: 3", ".yaml"),
-       ("8-non-string-key", ("c.yaml", "1"), "fit", "1: 2", ".yaml"),
-       ("8-list-not-mapping", ("c.yaml", "mapping"), "fit", "- 1\n- 2", ".yaml"),
-       ("8-yaml-syntax", ("c.yaml", "parse"), "fit", "steps: [1, 2", ".yaml"),
-       ("8-not-utf8", ("c.yaml", "UTF-8"), "fit", b"steps: \xff\xfe\n", ".yaml"),
-       ("8-json-shard-size-1e3", ("shard_size", "integer"), "encode", '{"shard_size": 1e3}', ".json"),
-       ("8-yaml-shard-size-1e3", ("shard_size", "integer"), "encode", "shard_size: 1e3", ".yaml"),
-       ("8-data-list", ("data", "string"), "encode", "data: [1, 2]", ".yaml"),
-       ("8-dtype-fp64", ("dtype", "fp32"), "encode", "dtype: fp64", ".yaml"),
-       ("8-flip-string", ("flip", "true or false"), "encode", "flip: 'no'", ".yaml"),
-       ("8-sample-n-string", ("`n`", "integer"), "sample", 'n: "4"', ".yaml"),
-       ("8-sample-temperature-hot", ("temperature", "number"), "sample", "temperature: hot", ".yaml"),
-       ("8-info-path-int", ("path", "string"), "info", "path: 5", ".yaml"),
-       ("8-eval-methods-string", ("methods", "list"), "eval", "methods: evalp", ".yaml"),
-       ("8-eval-methods-unknown", ("methods", "magic"), "eval", "methods: [evalp, magic]", ".yaml"),
-       ("8-json-not-json", ("c.json", "parse"), "info", "{steps: 2", ".json")])
+@rows(
+    [
+        ("8-batch-size-string", ("batch_size", "'16'", "integer"), "fit", 'batch_size: "16"', ".yaml"),
+        ("8-seed-abc", ("seed", "integer"), "fit", "seed: abc", ".yaml"),
+        ("8-lr-energy-fast", ("lr_energy", "number"), "fit", "lr_energy: fast", ".yaml"),
+        ("8-betas-scalar", ("betas", "list"), "fit", "betas: 0.5", ".yaml"),
+        ("8-betas-strings", ("betas", "list"), "fit", "betas: [a, b]", ".yaml"),
+        ("8-steps-true", ("steps", "integer"), "fit", "steps: true", ".yaml"),
+        ("8-steps-float", ("steps", "integer"), "fit", "steps: 1.5", ".yaml"),
+        ("8-steps-null", ("steps", "integer"), "fit", "steps: null", ".yaml"),
+        ("8-out-int", ("out", "string"), "fit", "out: 5", ".yaml"),
+        ("8-quiet-string", ("quiet", "true or false"), "fit", 'quiet: "yes"', ".yaml"),
+        ("8-objective-unknown", ("objective", "vml"), "fit", "objective: magic", ".yaml"),
+        ("8-unknown-key", ("stepz", "unknown"), "fit", "stepz: 3", ".yaml"),
+        ("8-non-string-key", ("c.yaml", "1"), "fit", "1: 2", ".yaml"),
+        ("8-list-not-mapping", ("c.yaml", "mapping"), "fit", "- 1\n- 2", ".yaml"),
+        ("8-yaml-syntax", ("c.yaml", "parse"), "fit", "steps: [1, 2", ".yaml"),
+        ("8-not-utf8", ("c.yaml", "UTF-8"), "fit", b"steps: \xff\xfe\n", ".yaml"),
+        ("8-json-shard-size-1e3", ("shard_size", "integer"), "encode", '{"shard_size": 1e3}', ".json"),
+        ("8-yaml-shard-size-1e3", ("shard_size", "integer"), "encode", "shard_size: 1e3", ".yaml"),
+        ("8-data-list", ("data", "string"), "encode", "data: [1, 2]", ".yaml"),
+        ("8-dtype-fp64", ("dtype", "fp32"), "encode", "dtype: fp64", ".yaml"),
+        ("8-flip-string", ("flip", "true or false"), "encode", "flip: 'no'", ".yaml"),
+        ("8-sample-n-string", ("`n`", "integer"), "sample", 'n: "4"', ".yaml"),
+        ("8-sample-temperature-hot", ("temperature", "number"), "sample", "temperature: hot", ".yaml"),
+        ("8-info-path-int", ("path", "string"), "info", "path: 5", ".yaml"),
+        ("8-eval-methods-string", ("methods", "list"), "eval", "methods: evalp", ".yaml"),
+        ("8-eval-methods-unknown", ("methods", "magic"), "eval", "methods: [evalp, magic]", ".yaml"),
+        ("8-json-not-json", ("c.json", "parse"), "info", "{steps: 2", ".json"),
+    ]
+)
 def _bad_config_file(tmp, made, command, text, suffix):
     return [*_base_argv(tmp, made, command), "--config", _config(tmp, text, suffix)]
 
@@ -522,10 +590,14 @@ def _info_edited_prior(tmp, made, edit):
     return ["info", _edited_prior(tmp, made, edit)]
 
 
-@rows([("9-config-not-utf8", ("config.json",), lambda p: (p / "config.json").write_bytes(b"\xff\xfe")),
-       ("9-config-truncated", ("config.json",), lambda p: truncate(p / "config.json")),
-       ("9-model-truncated", ("model.safetensors",), lambda p: truncate(p / "model.safetensors")),
-       ("9-model-empty", ("model.safetensors",), lambda p: (p / "model.safetensors").write_bytes(b""))])
+@rows(
+    [
+        ("9-config-not-utf8", ("config.json",), lambda p: (p / "config.json").write_bytes(b"\xff\xfe")),
+        ("9-config-truncated", ("config.json",), lambda p: truncate(p / "config.json")),
+        ("9-model-truncated", ("model.safetensors",), lambda p: truncate(p / "model.safetensors")),
+        ("9-model-empty", ("model.safetensors",), lambda p: (p / "model.safetensors").write_bytes(b"")),
+    ]
+)
 def _sample_damaged_prior(tmp, made, damage):
     prior = copy(made["prior"], tmp / "prior")
     damage(prior)
@@ -534,18 +606,32 @@ def _sample_damaged_prior(tmp, made, damage):
 
 # ---- 10. a damaged checkpoint on --resume -------------------------------------------------------------
 
-@rows([("10-state-json-garbled", ("state.json", "damaged"), lambda c: (c / "state.json").write_text("{ half"), []),
-       ("10-state-step-string", ("state.json", "damaged"), lambda c: edit_json(c / "state.json", lambda s: s.update(step="ten")), []),
-       ("10-energy-truncated", ("energy.safetensors", "damaged"), lambda c: truncate(c / "energy.safetensors"), []),
-       ("10-flow-empty", ("flow.safetensors", "damaged"), lambda c: (c / "flow.safetensors").write_bytes(b""), []),
-       ("10-ema-missing", ("flow_ema.safetensors", "damaged"), lambda c: (c / "flow_ema.safetensors").unlink(), []),
-       ("10-optim-json-a-list", ("optim.json", "damaged"), lambda c: (c / "optim.json").write_text("[]"), []),
-       ("10-optim-tensors-garbled", ("optim_energy.safetensors", "damaged"),
-        lambda c: (c / "optim_energy.safetensors").write_bytes(b"\x00" * 16), []),
-       ("10-rng-truncated", ("rng-rank0.safetensors", "damaged"), lambda c: truncate(c / "rng-rank0.safetensors"), []),
-       ("10-rng-json-garbled", ("rng-rank0.json", "damaged"), lambda c: (c / "rng-rank0.json").write_text("nope"), []),
-       ("10-foreign-weights", ("does not fit the networks",), lambda c: save_file({"x": torch.zeros(3)}, str(c / "energy.safetensors")), []),
-       ("10-other-architecture", ("does not fit the networks", "energy"), lambda c: None, ["--energy-depth", "2"])])
+
+@rows(
+    [
+        ("10-state-json-garbled", ("state.json", "damaged"), lambda c: (c / "state.json").write_text("{ half"), []),
+        ("10-state-step-string", ("state.json", "damaged"), lambda c: edit_json(c / "state.json", lambda s: s.update(step="ten")), []),
+        ("10-energy-truncated", ("energy.safetensors", "damaged"), lambda c: truncate(c / "energy.safetensors"), []),
+        ("10-flow-empty", ("flow.safetensors", "damaged"), lambda c: (c / "flow.safetensors").write_bytes(b""), []),
+        ("10-ema-missing", ("flow_ema.safetensors", "damaged"), lambda c: (c / "flow_ema.safetensors").unlink(), []),
+        ("10-optim-json-a-list", ("optim.json", "damaged"), lambda c: (c / "optim.json").write_text("[]"), []),
+        (
+            "10-optim-tensors-garbled",
+            ("optim_energy.safetensors", "damaged"),
+            lambda c: (c / "optim_energy.safetensors").write_bytes(b"\x00" * 16),
+            [],
+        ),
+        ("10-rng-truncated", ("rng-rank0.safetensors", "damaged"), lambda c: truncate(c / "rng-rank0.safetensors"), []),
+        ("10-rng-json-garbled", ("rng-rank0.json", "damaged"), lambda c: (c / "rng-rank0.json").write_text("nope"), []),
+        (
+            "10-foreign-weights",
+            ("does not fit the networks",),
+            lambda c: save_file({"x": torch.zeros(3)}, str(c / "energy.safetensors")),
+            [],
+        ),
+        ("10-other-architecture", ("does not fit the networks", "energy"), lambda c: None, ["--energy-depth", "2"]),
+    ]
+)
 def _resume_from_damaged_checkpoint(tmp, made, damage, extra):
     out = copy(made["prior"].parent, tmp / "fit")
     damage(sorted((out / "train" / "checkpoints").glob("step-*"))[-1])
@@ -554,8 +640,13 @@ def _resume_from_damaged_checkpoint(tmp, made, damage, extra):
 
 # ---- 11. a VAE with other weights -----------------------------------------------------------------------
 
-@rows([("11-sample-finetuned-vae", ("--vae", "weights", "--allow-finetuned-vae"), "sample"),
-       ("11-eval-finetuned-vae", ("--vae", "weights", "--allow-finetuned-vae"), "eval")])
+
+@rows(
+    [
+        ("11-sample-finetuned-vae", ("--vae", "weights", "--allow-finetuned-vae"), "sample"),
+        ("11-eval-finetuned-vae", ("--vae", "weights", "--allow-finetuned-vae"), "eval"),
+    ]
+)
 def _finetuned_vae(tmp, made, command):
     if command == "sample":
         return ["sample", "--prior", made["prior"], "-n", "2", "--vae", made["finetuned"], "--out", tmp / "g.png", "--quiet"]
@@ -564,8 +655,13 @@ def _finetuned_vae(tmp, made, command):
 
 # ---- 12. settings that cannot fit in memory ---------------------------------------------------------------
 
-@rows([("12-resolution-100000", ("--resolution 100000", "estimated"), ["--resolution", "100000"]),
-       ("12-resolution-and-batch", ("--batch-size 512", "estimated"), ["--resolution", "32768", "--batch-size", "512"])])
+
+@rows(
+    [
+        ("12-resolution-100000", ("--resolution 100000", "estimated"), ["--resolution", "100000"]),
+        ("12-resolution-and-batch", ("--batch-size 512", "estimated"), ["--resolution", "32768", "--batch-size", "512"]),
+    ]
+)
 def _huge_encode(tmp, made, flags):
     return ["encode", "--data", made["data"], "--out", tmp / "cache", "--num-workers", "0", "--quiet", *flags]
 
@@ -577,6 +673,7 @@ def _huge_sample(tmp, made):
 
 # ---- 13. nothing but corrupt images; --prior FILE --------------------------------------------------------
 
+
 @rows([("13-only-corrupt-images", (at("data"), "bad0.png", "bad1.jpg"))])
 def _only_corrupt_images(tmp, made):
     (tmp / "data").mkdir()
@@ -585,14 +682,20 @@ def _only_corrupt_images(tmp, made):
     return ["encode", "--data", tmp / "data", "--out", tmp / "cache", "--num-workers", "0", "--quiet"]
 
 
-@rows([("13-sample-prior-is-a-file", (at("p.txt"), "is a file"), "sample"),
-       ("13-eval-prior-is-a-file", (at("p.txt"), "is a file"), "eval"),
-       ("13-info-prior-config-is-a-file", (at("p.txt"),), "info")])
+@rows(
+    [
+        ("13-sample-prior-is-a-file", (at("p.txt"), "is a file"), "sample"),
+        ("13-eval-prior-is-a-file", (at("p.txt"), "is a file"), "eval"),
+        ("13-info-prior-config-is-a-file", (at("p.txt"),), "info"),
+    ]
+)
 def _prior_is_a_file(tmp, made, command):
     (tmp / "p.txt").write_text("x")
-    return {"sample": ["sample", "--prior", tmp / "p.txt", "-n", "2", "--out", tmp / "z.safetensors"],
-            "eval": ["eval", "--prior", tmp / "p.txt", "--latents", made["latents"], "--quiet"],
-            "info": ["info", tmp / "p.txt"]}[command]
+    return {
+        "sample": ["sample", "--prior", tmp / "p.txt", "-n", "2", "--out", tmp / "z.safetensors"],
+        "eval": ["eval", "--prior", tmp / "p.txt", "--latents", made["latents"], "--quiet"],
+        "info": ["info", tmp / "p.txt"],
+    }[command]
 
 
 def test_the_table_covers_every_item_with_over_100_cases():
@@ -638,15 +741,16 @@ def test_opting_in_still_works(made, tmp_path):
     """Items 3 and 11: --overwrite replaces a sample file the user named, --allow-finetuned-vae decodes with a
     fine-tune; nothing else in the folder changes."""
     out = tmp_path / "z.safetensors"
-    argv = ["sample", "--prior", made["prior"], "-n", "3", "--out", out, "--seed", "1", "--device", "cpu"]
-    assert run_cli(argv)[0] == 0
+    command = ["sample", "--prior", made["prior"], "-n", "3", "--out", out, "--seed", "1", "--device", "cpu"]
+    assert run_cli(command)[0] == 0
     first = load_file(str(out))["latents"]
-    assert run_cli(argv)[0] == 2  # refused: the file exists
-    code, _, err = run_cli([*argv[:-4], "--seed", "2", "--device", "cpu", "--overwrite"])
+    assert run_cli(command)[0] == 2  # refused: the file exists
+    code, _, err = run_cli([*command[:-4], "--seed", "2", "--device", "cpu", "--overwrite"])
     assert code == 0, err
     assert not torch.equal(load_file(str(out))["latents"], first)
-    code, _, err = run_cli(["sample", "--prior", made["prior"], "-n", "2", "--vae", made["finetuned"], "--out", tmp_path / "g.png",
-                            "--allow-finetuned-vae", "--quiet"])
+    code, _, err = run_cli(
+        argv("sample --prior", made["prior"], "-n 2 --vae", made["finetuned"], "--out", tmp_path / "g.png", "--allow-finetuned-vae --quiet")
+    )
     assert code == 0, err
     assert (tmp_path / "g.png").stat().st_size > 0
 
@@ -654,8 +758,24 @@ def test_opting_in_still_works(made, tmp_path):
 def test_fit_overwrite_replaces_its_own_run_and_only_that(made, tmp_path):
     """Item 2: --overwrite deletes what latent-prior wrote (recognized by its marker) and leaves the rest."""
     run = tmp_path / "run"
-    flags = ["fit", "--data", made["data"], "--out", run, "--steps", "5", "--grid-samples", "4", "--report-samples", "64",
-             "--encode-workers", "0", *FIT_FLAGS, "--batch-size", "4"]
+    flags = [
+        "fit",
+        "--data",
+        made["data"],
+        "--out",
+        run,
+        "--steps",
+        "5",
+        "--grid-samples",
+        "4",
+        "--report-samples",
+        "64",
+        "--encode-workers",
+        "0",
+        *FIT_FLAGS,
+        "--batch-size",
+        "4",
+    ]
     code, _, err = run_cli(flags)
     assert code == 0, err
     assert (run / RUN_MARKER).is_file()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import argv
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,16 +26,14 @@ def test_sample_decodes_to_a_grid_and_to_one_png_per_sample(default_vae_prior, t
 
     _, prior_dir, _ = default_vae_prior
     grid = tmp_path / "grid.png"
-    assert main(["sample", "--prior", str(prior_dir), "-n", "6", "--vae", "default", "--out", str(grid),
-                 "--grid-columns", "3", "--scale", "2", "--quiet"]) == 0
+    assert main(argv("sample --prior", prior_dir, "-n 6 --vae default --out", grid, "--grid-columns 3 --scale 2 --quiet")) == 0
     image = Image.open(grid)
     # 3 × 2 tiles of 32·2 px with 2 px padding: 3·66 + 2 by 2·66 + 2
     assert image.size == (200, 134) and image.mode == "RGB"
     assert "decoded" in capsys.readouterr().err
 
     folder = tmp_path / "pngs"
-    assert main(["sample", "--prior", str(prior_dir), "-n", "5", "--seed", "4", "--vae", "default", "--out", str(folder),
-                 "--decode-batch-size", "2", "--quiet"]) == 0
+    assert main(argv("sample --prior", prior_dir, "-n 5 --seed 4 --vae default --out", folder, "--decode-batch-size 2 --quiet")) == 0
     files = sorted(p.name for p in folder.iterdir())
     assert files == [f"sample_{i:06d}.png" for i in range(5)]
     pngs = np.stack([np.asarray(Image.open(folder / f).convert("RGB")) for f in files])
@@ -71,8 +70,7 @@ def test_sample_refuses_png_without_vae_another_vae_and_an_occupied_folder(defau
     assert main(["sample", "--prior", str(prior_dir), "-n", "4", "--vae", "default", "--out", str(folder), "--quiet"]) == 0
     assert main(["sample", "--prior", str(prior_dir), "-n", "2", "--vae", "default", "--out", str(folder), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["sample", "--prior", str(prior_dir), "-n", "2", "--vae", "default", "--out", str(folder), "--quiet",
-                 "--overwrite"]) == 0
+    assert main(["sample", "--prior", str(prior_dir), "-n", "2", "--vae", "default", "--out", str(folder), "--quiet", "--overwrite"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["sample_000000.png", "sample_000001.png"]  # no stale files left
 
 
@@ -91,12 +89,11 @@ def test_a_sample_file_opens_as_latents_and_feeds_eval(default_vae_prior, tmp_pa
     assert logvar is None
 
     out = tmp_path / "r.json"
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(samples), "--train-latents", str(latents),
-                 "--samples", "100", "--methods", "gaussian", "--quiet", "--out", str(out)]) == 0
+    quick = "--samples 100 --methods gaussian --quiet --out"
+    assert main(argv("eval --prior", prior_dir, "--latents", samples, "--train-latents", latents, quick, out)) == 0
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 40 and str(latents) in report["training_reference"]
     # without --train-latents the path the prior recorded is not opened: half of the samples are the reference
-    assert main(["eval", "--prior", str(prior_dir), "--latents", str(samples), "--samples", "100", "--methods", "gaussian",
-                 "--quiet", "--out", str(out), "--overwrite"]) == 0
+    assert main(argv("eval --prior", prior_dir, "--latents", samples, quick, out, "--overwrite")) == 0
     report = json.loads(out.read_text())
     assert report["n_heldout"] == 20 and str(latents) not in report["training_reference"]

@@ -433,8 +433,9 @@ def test_base_space_langevin_with_a_mixture_base_keeps_both_modes(covariance):
     from latent_prior.flows import build_flow
 
     torch.manual_seed(0)
-    base = build_flow((2,), num_blocks=2, hidden=16, base_components=2, base_covariance=covariance,
-                      base_init="em" if covariance == "full" else "kmeans")
+    base = build_flow(
+        (2,), num_blocks=2, hidden=16, base_components=2, base_covariance=covariance, base_init="em" if covariance == "full" else "kmeans"
+    )
     data = torch.cat([0.1 * torch.randn(3000, 2) + 2.0, 0.1 * torch.randn(1000, 2) - 2.0])
     base.initialize(data)
     residual = build_energy((2,), hidden=16, depth=2)
@@ -462,8 +463,9 @@ def test_base_space_langevin_on_a_subspace_flow_keeps_its_components_apart():
     torch.manual_seed(0)
     left = torch.cat([0.1 * torch.randn(1000, 2) - 2.0, 0.05 * torch.randn(1000, 2)], 1)
     right = torch.cat([0.1 * torch.randn(3000, 2) + 2.0, 0.5 * torch.randn(3000, 2)], 1)
-    base = build_flow((4,), kind="subspace", subspace_dims=2, num_blocks=2, hidden=16, base_components=2,
-                      base_covariance="full", base_init="em")
+    base = build_flow(
+        (4,), kind="subspace", subspace_dims=2, num_blocks=2, hidden=16, base_components=2, base_covariance="full", base_init="em"
+    )
     base.initialize(torch.cat([right, left]))
     residual = build_energy((4,), hidden=16, depth=2)
     with torch.no_grad():

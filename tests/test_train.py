@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _launch import run_two_gloo_processes
+from _tiny import DEFAULT_VAE_FIT, FLAT_NETS, flags
 from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
@@ -27,10 +28,8 @@ from latent_prior.train import FitConfig, fit
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny networks, cheap evaluations: seconds per fit.
-TINY = ["--energy-hidden", "32", "--energy-depth", "2", "--flow-blocks", "2", "--flow-hidden", "16", "--batch-size", "32",
-        "--eval-samples", "256", "--eval-latents", "128", "--log-z-samples", "512", "--log-every", "5", "--quiet"]
-TINY_KW = dict(energy_hidden=32, energy_depth=2, flow_blocks=2, flow_hidden=16, batch_size=32, eval_samples=256,
-               eval_latents=128, log_z_samples=512, log_every=5, quiet=True)
+TINY_KW = dict(**FLAT_NETS, batch_size=32, eval_samples=256, eval_latents=128, log_z_samples=512, log_every=5, quiet=True)
+TINY = flags(TINY_KW)
 CENTRES = torch.tensor([[2.5, 0.0], [-2.5, 0.0], [0.0, 2.5]])
 
 
@@ -92,11 +91,14 @@ def test_fit_then_sample_through_the_cli(latents, tmp_path, capsys):
         assert curves.width > 300 and curves.height > 200
     selected = json.loads((out / "train" / "fit_summary.json").read_text())["selected_step"]
     # the last two checkpoints, and the selected one (step 0, the GMM start, is a candidate too)
-    assert sorted(p.name for p in (out / "train" / "checkpoints").iterdir()) == sorted({f"step-{selected:07d}", "step-0000010", "step-0000020"})
+    assert sorted(p.name for p in (out / "train" / "checkpoints").iterdir()) == sorted(
+        {f"step-{selected:07d}", "step-0000010", "step-0000020"}
+    )
     rows = (out / "train" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for column in ("e_pos", "e_neg", "sampler_loss", "log_z_bound", "forward_kl", "energy_grad_norm", "sampler_grad_norm",
-                   "val_gain_nats", "val_fd", "val_precision"):
+    for (
+        column
+    ) in "e_pos e_neg sampler_loss log_z_bound forward_kl energy_grad_norm sampler_grad_norm val_gain_nats val_fd val_precision".split():
         assert column in header
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10", "15", "20"]
 
@@ -236,9 +238,18 @@ def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, t
     args = ["--steps", "200", "--checkpoint-every", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "import torch; torch.set_num_threads(1); "
-           "from latent_prior.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
-           "fit", "--latents", str(latents), "--out", str(killed), *TINY, *args]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import torch; torch.set_num_threads(1); from latent_prior.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
+        "fit",
+        "--latents",
+        str(latents),
+        "--out",
+        str(killed),
+        *TINY,
+        *args,
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (killed / "train" / "checkpoints" / "step-0000020").is_dir():
@@ -261,8 +272,7 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
     out = tmp_path / "early"
     # An unreachable ESS requirement: no evaluation can become "best", so patience 2 stops at the 2nd one
     # (steps 0 and 2).
-    assert fit_cli(latents, out, "--steps", "40", "--checkpoint-every", "2", "--early-stop-patience", "2",
-                   "--min-ess-fraction", "1.0") == 0
+    assert fit_cli(latents, out, "--steps", "40", "--checkpoint-every", "2", "--early-stop-patience", "2", "--min-ess-fraction", "1.0") == 0
     summary = json.loads((out / "train" / "fit_summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 2 and summary["selected_step"] == 2
     assert "no checkpoint reached --min-ess-fraction" in capsys.readouterr().err
@@ -280,8 +290,13 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
             keys = ("step", "val_gain_nats", "val_fd", "val_precision")
             assert first["step"] == 0 and summary["reference"] == {k: first[k] for k in keys}
             assert 0.0 <= first["val_precision"] <= 1.0
-            admissible = [h for h in eligible if h["val_gain_nats"] >= first["val_gain_nats"] and h["val_fd"] <= first["val_fd"]
-                          and h["val_precision"] >= first["val_precision"] - 0.01]
+            admissible = [
+                h
+                for h in eligible
+                if h["val_gain_nats"] >= first["val_gain_nats"]
+                and h["val_fd"] <= first["val_fd"]
+                and h["val_precision"] >= first["val_precision"] - 0.01
+            ]
             assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
     kept = sorted(p.name for p in (out / "train" / "checkpoints").iterdir())
     assert kept == sorted({f"step-{summary['selected_step']:07d}", "step-0000012"})  # best + the last one
@@ -294,8 +309,22 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
 
 def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_path, capsys):
     out = tmp_path / "boom"
-    code = fit_cli(latents, out, "--steps", "50", "--checkpoint-every", "1", "--lr-energy", "1e4",
-                   "--energy-magnitude-penalty", "0", "--grad-penalty", "0", "--divergence-threshold", "1e3")
+    code = fit_cli(
+        latents,
+        out,
+        "--steps",
+        "50",
+        "--checkpoint-every",
+        "1",
+        "--lr-energy",
+        "1e4",
+        "--energy-magnitude-penalty",
+        "0",
+        "--grad-penalty",
+        "0",
+        "--divergence-threshold",
+        "1e3",
+    )
     err = capsys.readouterr().err
     assert code == 1  # a run that failed on good input; 2 is for bad input
     assert "training diverged at step" in err and "lower --lr-energy" in err and "--resume" in err
@@ -308,9 +337,10 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(latents, tmp_pat
 
 def test_divergence_before_the_first_periodic_checkpoint_names_the_initial_one(latents, tmp_path):
     # The initialized model is evaluated and checkpointed before the first step, so there is always one to resume from.
+    # an energy learning rate that makes the first steps diverge, and nothing to hold it back
+    diverging = dict(lr_energy=1e4, energy_magnitude_penalty=0.0, grad_penalty=0.0, divergence_threshold=1e3, warmup_steps=0)
     with pytest.raises(LatentPriorError, match=r"diverged at step \d+ .*the last good checkpoint is .*step-0000000"):
-        fit(latents, out=str(tmp_path / "x"), steps=50, checkpoint_every=100, lr_energy=1e4, energy_magnitude_penalty=0.0,
-            grad_penalty=0.0, divergence_threshold=1e3, warmup_steps=0, **TINY_KW)
+        fit(latents, out=str(tmp_path / "x"), steps=50, checkpoint_every=100, **diverging, **TINY_KW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +357,24 @@ def test_evalp_code_objective_and_explicit_flags_win(latents, tmp_path):
 
 def test_bf16_and_tensorboard_and_prefetch_run(latents, tmp_path):
     out = tmp_path / "bf16"
-    assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4", "--mixed-precision", "bf16", "--log-with", "tensorboard",
-                   "--num-workers", "1", "--spectral-norm") == 0
+    assert (
+        fit_cli(
+            latents,
+            out,
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "4",
+            "--mixed-precision",
+            "bf16",
+            "--log-with",
+            "tensorboard",
+            "--num-workers",
+            "1",
+            "--spectral-norm",
+        )
+        == 0
+    )
     assert json.loads((out / "prior" / "config.json").read_text())["training"]["mixed_precision"] == "bf16"
     assert list(out.rglob("events.out.tfevents*")), "no tensorboard event file"
     # Accelerate fixes its precision once per process; a second fit in the same process still chooses its own.
@@ -356,11 +402,14 @@ def test_spatial_latents_train_in_normalized_space_and_sample_raw(tmp_path):
     raw = 10.0 + 2.0 * torch.randn(160, 4, 4, 4, generator=g)  # normalized = (raw - 10) * 0.5 ~ N(0, 1)
     provenance = {"source": "test-vae", "class_name": "AutoencoderKL", "config_hash": "c0ffee", "fingerprint": "f00d"}
     path = tmp_path / "spatial.safetensors"
-    save_file({"mean": raw, "logvar": torch.full_like(raw, -6.0)}, str(path), metadata={
-        "normalization": json.dumps({"scaling_factor": 0.5, "shift_factor": 10.0}), "provenance": json.dumps(provenance)})
+    save_file(
+        {"mean": raw, "logvar": torch.full_like(raw, -6.0)},
+        str(path),
+        metadata={"normalization": json.dumps({"scaling_factor": 0.5, "shift_factor": 10.0}), "provenance": json.dumps(provenance)},
+    )
     # explicit kinds: "auto" flattens latents this small (see SUBSPACE_MIN_DIMS)
-    prior = fit(str(path), out=str(tmp_path / "p"), steps=4, checkpoint_every=2, batch_size=32, energy_channels=8, energy_depth=1,
-                energy_kind="conv", flow_kind="multiscale", flow_channels=8, flow_blocks=1, eval_samples=64, eval_latents=64, log_z_samples=128, quiet=True)
+    tiny = {**DEFAULT_VAE_FIT, "checkpoint_every": 2}  # conftest's tiny spatial networks and evaluations
+    prior = fit(str(path), out=str(tmp_path / "p"), steps=4, energy_kind="conv", flow_kind="multiscale", **tiny)
     config = json.loads((tmp_path / "p" / "prior" / "config.json").read_text())
     energy = config["energy"]
     assert energy["kind"] == "flow_based" and energy["residual"]["kind"] == "conv" and energy["base"]["kind"] == "multiscale"
@@ -385,7 +434,9 @@ def test_two_gloo_processes_write_one_prior(latents, tmp_path):
     assert config["training"]["world_size"] == 2
     assert json.loads((out / "train" / "checkpoints" / "step-0000006" / "state.json").read_text())["world_size"] == 2
     assert {p.name for p in (out / "train" / "checkpoints" / "step-0000006").glob("rng-rank*.safetensors")} == {
-        "rng-rank0.safetensors", "rng-rank1.safetensors"}
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    }
     assert sorted(p.name for p in (out / "prior").glob("*.safetensors")) == ["model.safetensors"]
     LatentPrior.from_pretrained(out / "prior").sample(4)
 
@@ -402,8 +453,9 @@ def _energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_fitted_prior_beats_the_gaussian_on_a_separated_mixture(tmp_path):
     data = write_latents(tmp_path / "train.safetensors", n=1500, seed=0)
     heldout = mixture(1000, seed=99)
-    prior = fit(str(data), out=str(tmp_path / "p"), steps=200, checkpoint_every=50, batch_size=128, energy_hidden=64,
-                flow_hidden=32, flow_blocks=4, eval_samples=1024, log_z_samples=4096, quiet=True)
+    networks = dict(energy_hidden=64, flow_hidden=32, flow_blocks=4)
+    budget = dict(steps=200, checkpoint_every=50, batch_size=128, eval_samples=1024, log_z_samples=4096, quiet=True)
+    prior = fit(str(data), out=str(tmp_path / "p"), **networks, **budget)
     gaussian = _energy_distance(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1)), heldout)
     g = torch.Generator().manual_seed(2)
     flow_samples = prior.sample(1000, generator=g)
@@ -473,11 +525,16 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     summary = fit(str(path), out=str(tmp_path / "auto"), **short).training_info["summary"]
     choice = summary["base_choice"]
     assert [(r["components"], r["em_seed"], r["em_starts"]) for r in choice] == [
-        *((k, s, 1) for k in (10, 20, 40) for s in (0, 1, 2)), (10, 0, 5)]
+        *((k, s, 1) for k in (10, 20, 40) for s in (0, 1, 2)),
+        (10, 0, 5),
+    ]
     admissible = [r for r in choice if r["val_fd"] <= 1.5 * min(r["val_fd"] for r in choice)]
     best = max(admissible, key=lambda r: r["val_precision"] + r["val_recall"])
     assert (summary["base_components"], summary["base_em_seed"], summary["base_em_starts"]) == (
-        best["components"], best["em_seed"], best["em_starts"])
+        best["components"],
+        best["em_seed"],
+        best["em_starts"],
+    )
     assert summary["base_components"] > 10 and max(r["val_precision"] for r in choice[:3]) < 0.9  # ten components bridge the modes
     # Step 0 is the chosen GMM itself (not a fresh EM of the base codes): its held-out precision, on other
     # sampler draws, is the candidate's within sampling noise.
@@ -503,8 +560,8 @@ def fit_wide_latents(tmp_path):
     mean = (codes @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(600, 48, generator=g)).reshape(600, 3, 4, 4)
     path = tmp_path / "wide.safetensors"
     save_file({"mean": mean, "logvar": torch.full_like(mean, -8.0)}, str(path))
-    return fit(str(path), out=str(tmp_path / "p"), flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4,
-               steps=4, warmup_steps=2, checkpoint_every=2, **TINY_KW)
+    subspace = dict(flow_kind="subspace", flow_subspace_dims=6, flow_base_components=4)
+    return fit(str(path), out=str(tmp_path / "p"), steps=4, warmup_steps=2, checkpoint_every=2, **subspace, **TINY_KW)
 
 
 def test_latents_above_the_dense_basis_limit_fit_on_a_low_rank_basis_and_reload(tmp_path, monkeypatch):

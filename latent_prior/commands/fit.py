@@ -18,7 +18,9 @@ def run_fit(config: RunConfig, load_adapter: Callable[[], VAEAdapter]) -> int:
 
         given = [f"--{name}" for name in ("vae", "data") if getattr(config, name, None) is not None]
         if given:
-            raise LatentPriorError(f"--latents fits an existing cache, while {' and '.join(given)} encode images: "
-                                   "give --latents alone, or leave it out to encode and fit in one run.")
+            raise LatentPriorError(
+                f"--latents fits an existing cache, while {' and '.join(given)} encode images: "
+                "give --latents alone, or leave it out to encode and fit in one run."
+            )
         return fit_on_latents(config.fit_config())
     return run_pipeline(config, load_adapter())

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError, read_json_object
 from latent_prior.prior import PRIOR_DIR, TRAIN_DIR
 
@@ -27,11 +28,19 @@ __all__ = ["InfoConfig", "run_info", "describe"]
 class InfoConfig:
     """`latent-prior info`: `latent-prior info PATH` is the same as `latent-prior info --path PATH`."""
 
-    path: str | None = field(default=None, metadata={"help": "a latent cache folder, a .safetensors latents file, an "
-            "exported prior folder, or a run folder of `latent-prior fit`", "required": True, "positional": True, "metavar": "PATH"})
-    json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
-    verify: bool = field(default=False, metadata={"help": "also compare every shard of a cache with the sha256 its "
-            "manifest recorded (reads all of the cache once; without it only headers are read)"})
+    path: str | None = option(
+        None,
+        "a latent cache folder, a .safetensors latents file, an exported prior folder, or a run folder of `latent-prior fit`",
+        required=True,
+        positional=True,
+        metavar="PATH",
+    )
+    json: bool = option(False, "print one JSON object instead of text")
+    verify: bool = option(
+        False,
+        "also compare every shard of a cache with the sha256 its "
+        "manifest recorded (reads all of the cache once; without it only headers are read)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,28 +140,30 @@ def describe_cache(path: Path, *, verify: bool = False) -> dict[str, Any]:
     if (path / "manifest.json").is_file():
         m = read_manifest(path)
         check_shards(path, m, verify=verify)
-        out.update({
-            "complete": True,
-            "verified": bool(verify),
-            "format_version": m.get("format_version"),
-            "count": m.get("count"),
-            "num_files": m.get("num_files"),
-            "skipped": len(m.get("skipped") or []),
-            "shards": len(m.get("shards") or []),
-            "shard_size": m.get("shard_size"),
-            "latent_shape": m.get("latent_shape"),
-            "deterministic": m.get("deterministic"),
-            "flip": m.get("flip"),
-            "normalization": m.get("normalization"),
-            "vae": m.get("vae"),
-            "resolution": m.get("resolution"),
-            "image_channels": m.get("image_channels"),
-            "dtype": m.get("dtype"),
-            "data": m.get("data"),
-            "created": m.get("created"),
-            "finished": m.get("finished"),
-            "latent_prior_version": m.get("latent_prior_version"),
-        })
+        out.update(
+            {
+                "complete": True,
+                "verified": bool(verify),
+                "format_version": m.get("format_version"),
+                "count": m.get("count"),
+                "num_files": m.get("num_files"),
+                "skipped": len(m.get("skipped") or []),
+                "shards": len(m.get("shards") or []),
+                "shard_size": m.get("shard_size"),
+                "latent_shape": m.get("latent_shape"),
+                "deterministic": m.get("deterministic"),
+                "flip": m.get("flip"),
+                "normalization": m.get("normalization"),
+                "vae": m.get("vae"),
+                "resolution": m.get("resolution"),
+                "image_channels": m.get("image_channels"),
+                "dtype": m.get("dtype"),
+                "data": m.get("data"),
+                "created": m.get("created"),
+                "finished": m.get("finished"),
+                "latent_prior_version": m.get("latent_prior_version"),
+            }
+        )
         return out
     plan = _read_json(path / "plan.json")
     identity = plan.get("identity") or {}
@@ -165,25 +176,27 @@ def describe_cache(path: Path, *, verify: bool = False) -> dict[str, Any]:
         if meta.get("identity") == plan.get("identity_hash"):
             done_shards += 1
             done_items += len(_meta_json(meta, "files") or [])
-    out.update({
-        "complete": False,
-        "resumable": True,
-        "format_version": plan.get("format_version"),
-        "num_files": identity.get("num_files"),
-        "count_so_far": done_items,
-        "shards": plan.get("num_chunks"),
-        "shards_done": done_shards,
-        "shard_size": identity.get("shard_size"),
-        "latent_shape": identity.get("latent_shape"),
-        "deterministic": identity.get("deterministic"),
-        "flip": identity.get("flip"),
-        "vae": identity.get("vae"),
-        "resolution": identity.get("resolution"),
-        "image_channels": identity.get("image_channels"),
-        "dtype": identity.get("dtype"),
-        "created": plan.get("created"),
-        "note": "incomplete (no manifest.json): rerun the same `latent-prior encode` command to resume it",
-    })
+    out.update(
+        {
+            "complete": False,
+            "resumable": True,
+            "format_version": plan.get("format_version"),
+            "num_files": identity.get("num_files"),
+            "count_so_far": done_items,
+            "shards": plan.get("num_chunks"),
+            "shards_done": done_shards,
+            "shard_size": identity.get("shard_size"),
+            "latent_shape": identity.get("latent_shape"),
+            "deterministic": identity.get("deterministic"),
+            "flip": identity.get("flip"),
+            "vae": identity.get("vae"),
+            "resolution": identity.get("resolution"),
+            "image_channels": identity.get("image_channels"),
+            "dtype": identity.get("dtype"),
+            "created": plan.get("created"),
+            "note": "incomplete (no manifest.json): rerun the same `latent-prior encode` command to resume it",
+        }
+    )
     return out
 
 
@@ -192,8 +205,9 @@ def describe_latents_file(path: Path) -> dict[str, Any]:
     shapes, dtypes, meta = _header(path)
     key = "mean" if "mean" in shapes else "latents" if "latents" in shapes else None
     if key is None:
-        raise LatentPriorError(f"{path}: holds neither `mean` nor `latents` ({', '.join(sorted(shapes)) or 'no tensors'}); "
-                               "it is not a latents file.")
+        raise LatentPriorError(
+            f"{path}: holds neither `mean` nor `latents` ({', '.join(sorted(shapes)) or 'no tensors'}); it is not a latents file."
+        )
     shape = shapes[key]
     out: dict[str, Any] = {
         "kind": "latents_file",
@@ -237,8 +251,19 @@ def describe_prior(path: Path) -> dict[str, Any]:
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     # a fit's checkpoints: beside the prior in its train/ folder, or (latent-prior 0.1.0) inside it
     checkpoints = path.parent / TRAIN_DIR / "checkpoints" if path.name == PRIOR_DIR else path / "checkpoints"
-    highlights = ("latents", "objective", "steps", "batch_size", "seed", "validation_fraction", "energy_kind",
-                  "flow_kind", "kl_weight", "forward_kl_weight", "mixed_precision")
+    highlights = (
+        "latents",
+        "objective",
+        "steps",
+        "batch_size",
+        "seed",
+        "validation_fraction",
+        "energy_kind",
+        "flow_kind",
+        "kl_weight",
+        "forward_kl_weight",
+        "mixed_precision",
+    )
     return {
         "kind": "prior",
         "path": str(path.resolve()),
@@ -278,8 +303,11 @@ def describe_prior(path: Path) -> dict[str, Any]:
 def describe_fit_in_progress(path: Path) -> dict[str, Any]:
     """A fit's --out with checkpoints but no exported prior yet."""
     config = _read_json(path / TRAIN_DIR / "fit_config.json")
-    steps = sorted(int(d.name.removeprefix("step-")) for d in (path / TRAIN_DIR / "checkpoints").glob("step-*")
-                   if d.is_dir() and d.name.removeprefix("step-").isdigit())
+    steps = sorted(
+        int(d.name.removeprefix("step-"))
+        for d in (path / TRAIN_DIR / "checkpoints").glob("step-*")
+        if d.is_dir() and d.name.removeprefix("step-").isdigit()
+    )
     return {
         "kind": "fit_in_progress",
         "path": str(path.resolve()),
@@ -295,8 +323,13 @@ def describe_fit_in_progress(path: Path) -> dict[str, Any]:
 def describe_run(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """A run folder of `latent-prior fit` (prior/, train/, cache/, samples.png, report.md, ...), or a fit's --out."""
     out: dict[str, Any] = {"kind": "run", "path": str(path.resolve()), "size_bytes": _size(path)}
-    out["prior"] = (describe_prior(path / PRIOR_DIR) if _is_prior(path / PRIOR_DIR) else
-                    describe_fit_in_progress(path) if _is_fit_in_progress(path) else None)
+    out["prior"] = (
+        describe_prior(path / PRIOR_DIR)
+        if _is_prior(path / PRIOR_DIR)
+        else describe_fit_in_progress(path)
+        if _is_fit_in_progress(path)
+        else None
+    )
     out["cache"] = describe_cache(path / "cache", verify=verify) if _is_cache(path / "cache") else None
     out["files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     return out
@@ -337,12 +370,16 @@ def _shape(shape: Any) -> str:
 
 def _cache_lines(d: dict[str, Any]) -> list[str]:
     if d["complete"]:
-        status = (f"complete, {d['count']} latents from {d['num_files']} files ({d['skipped']} skipped); "
-                  + ("every shard matches its recorded sha256" if d.get("verified") else
-                     "headers checked (--verify also compares each shard's sha256)"))
+        status = f"complete, {d['count']} latents from {d['num_files']} files ({d['skipped']} skipped); " + (
+            "every shard matches its recorded sha256"
+            if d.get("verified")
+            else "headers checked (--verify also compares each shard's sha256)"
+        )
     else:
-        status = (f"PARTIAL: {d['shards_done']} of {d['shards']} shards, {d['count_so_far']} of {d['num_files']} files "
-                  "encoded; rerun the same `latent-prior encode` command to resume it")
+        status = (
+            f"PARTIAL: {d['shards_done']} of {d['shards']} shards, {d['count_so_far']} of {d['num_files']} files "
+            "encoded; rerun the same `latent-prior encode` command to resume it"
+        )
     lines = [
         f"latent cache {d['path']}",
         f"  status:        {status}",
@@ -370,8 +407,9 @@ def _latents_file_lines(d: dict[str, Any]) -> list[str]:
         f"  VAE:           {_vae_text(d.get('provenance'))}",
     ]
     if "method" in d:
-        lines.append(f"  drawn by:      method {d['method']}, seed {d.get('seed')}, temperature "
-                f"{d.get('temperature')} from {d.get('prior')}")
+        lines.append(
+            f"  drawn by:      method {d['method']}, seed {d.get('seed')}, temperature {d.get('temperature')} from {d.get('prior')}"
+        )
     lines.append(f"  size on disk:  {_mb(d['size_bytes'])}")
     return lines
 
@@ -381,8 +419,11 @@ def _prior_lines(d: dict[str, Any]) -> list[str]:
     gain = d.get("heldout_gain_nats")
     if gain is not None and isinstance(gain, float) and math.isfinite(gain):
         bits = d.get("heldout_gain_bits_per_data_dim")
-        bits_text = (f"{bits:+.6f} bits/data-dim" if bits is not None
-                     else f"{_num(d.get('heldout_gain_bits_per_latent_dim'), '+.5f')} bits/latent-dim")
+        bits_text = (
+            f"{bits:+.6f} bits/data-dim"
+            if bits is not None
+            else f"{_num(d.get('heldout_gain_bits_per_latent_dim'), '+.5f')} bits/latent-dim"
+        )
         gain_text = f"{gain:+.4f} nats per item = {bits_text} (estimate, optimistic)"
     else:
         gain_text = f"unknown (train gain {_num(d.get('train_gain_nats'), '+.4f')} nats; no validation split)"
@@ -398,14 +439,19 @@ def _prior_lines(d: dict[str, Any]) -> list[str]:
         f"{d['flow'].get('kind')} ({d['flow']['parameters']:,} params)",
         f"  training:      {t.get('steps')} steps in {_num(t.get('seconds'), '.1f')} s (selected step {t.get('selected_step')}), "
         f"{t.get('num_train')} training / {t.get('num_validation')} validation latents, {t.get('world_size')} "
-                f"process(es) on {t.get('device')}",
+        f"process(es) on {t.get('device')}",
     ]
     if t.get("config"):
         lines.append("  fit config:    " + ", ".join(f"{k}={v}" for k, v in t["config"].items()))
-    lines.append(f"  versions:      format {d.get('format_version')}, latent-prior {d.get('latent_prior_version')}, "
-            f"torch {t.get('torch_version')}")
-    lines.append("  files:         " + ", ".join(f"{name} {_mb(size)}" for name, size in d["files"].items())
-                 + (f"; {d['checkpoints']} checkpoint(s)" if d["checkpoints"] else "") + f"; {_mb(d['size_bytes'])} in all")
+    lines.append(
+        f"  versions:      format {d.get('format_version')}, latent-prior {d.get('latent_prior_version')}, torch {t.get('torch_version')}"
+    )
+    lines.append(
+        "  files:         "
+        + ", ".join(f"{name} {_mb(size)}" for name, size in d["files"].items())
+        + (f"; {d['checkpoints']} checkpoint(s)" if d["checkpoints"] else "")
+        + f"; {_mb(d['size_bytes'])} in all"
+    )
     return lines
 
 
@@ -419,8 +465,9 @@ def _fit_in_progress_lines(d: dict[str, Any]) -> list[str]:
 
 
 def _lines(d: dict[str, Any]) -> list[str]:
-    return {"cache": _cache_lines, "latents_file": _latents_file_lines, "prior": _prior_lines,
-            "fit_in_progress": _fit_in_progress_lines}[d["kind"]](d)
+    return {"cache": _cache_lines, "latents_file": _latents_file_lines, "prior": _prior_lines, "fit_in_progress": _fit_in_progress_lines}[
+        d["kind"]
+    ](d)
 
 
 def render(d: dict[str, Any]) -> str:

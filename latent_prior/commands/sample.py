@@ -9,13 +9,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latent_prior.commands import check_new_output, load_prior_for, resolve_device
+from latent_prior.config import option
 from latent_prior.errors import LatentPriorError
 from latent_prior.files import atomic_save_safetensors, atomic_write
 from latent_prior.log import logger
@@ -29,48 +30,70 @@ class SampleConfig:
     """`latent-prior sample`: draw raw latents from an exported prior into a .safetensors file, or decode
     them with --vae into one grid (.png) or one PNG per sample (a folder)."""
 
-    prior: str | None = field(default=None, metadata={"help": "folder of an exported prior (the --out of "
-            "`latent-prior fit --latents`, or RUN_DIR/prior)", "required": True})
-    n: int | None = field(default=None, metadata={"help": "number of latents to draw", "flags": ("-n",), "required": True})
-    out: str | None = field(default=None, metadata={"help": "FILE.safetensors: tensor `latents` (N, *latent_shape) in "
-            "raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded "
-            "sample, sample_000000.png, ... (needs --vae)", "required": True})
-    vae: str | None = field(default=None, metadata={"help": "VAE to decode with (hub id, folder, .safetensors, or "
-            "'default' for the embedded one): the one the prior was fitted on"})
-    dtype: str = field(default="fp32", metadata={"help": "precision of the VAE decoder", "choices": ("fp32", "fp16", "bf16")})
-    subfolder: str | None = field(default=None, metadata={"help": "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of --vae"})
-    decode_batch_size: int = field(default=32, metadata={"help": "latents per decoder call"})
-    grid_columns: int | None = field(default=None, metadata={"help": "--out .png: images per grid row (about sqrt(N) when left out)"})
-    scale: int | None = field(default=None, metadata={"help": "--out .png: enlarge each image this many times, "
-            "nearest neighbour (when left out, enough for tiles of at least 64 px)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file, or the sample_*.png "
-            "files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    method: str = field(default="sampler", metadata={"help": "sampler: one flow pass; sir: importance resampling "
-            "towards the EBM; langevin: short-run Langevin", "choices": SAMPLE_METHODS})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    batch_size: int | None = field(default=None, metadata={"help": "latents per chunk (automatic when left out)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampler: scale of the flow's base noise; sir/langevin: "
-            "temperature of the target"})
-    proposals: int | None = field(default=None, metadata={"help": "sir: proposals per sample (100 when left out)"})
-    langevin_steps: int | None = field(default=None, metadata={"help": "langevin: number of steps (60 when left out)"})
-    step_size: float | None = field(default=None, metadata={"help": "langevin: step size s (0.4 when left out)"})
-    langevin_space: str = field(default="auto", metadata={"help": "langevin: where the chain runs. base: in the "
-            "coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the "
-            "latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, "
-            "else latent", "choices": ("auto", "latent", "base")})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads of the prior's sampling on CPU (0: one, or "
-            "OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); "
-            "decoding keeps torch's own count"})
-    allow_finetuned_vae: bool = field(default=False, metadata={"help": "decode with a --vae whose weights differ from "
-            "the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents "
-            "may be distributed differently"})
+    prior: str | None = option(
+        None, "folder of an exported prior (the --out of `latent-prior fit --latents`, or RUN_DIR/prior)", required=True
+    )
+    n: int | None = option(None, "number of latents to draw", flags=("-n",), required=True)
+    out: str | None = option(
+        None,
+        "FILE.safetensors: tensor `latents` (N, *latent_shape) in "
+        "raw latent space; FILE.png: one grid of the decoded samples (needs --vae); FOLDER: one PNG per decoded "
+        "sample, sample_000000.png, ... (needs --vae)",
+        required=True,
+    )
+    vae: str | None = option(
+        None, "VAE to decode with (hub id, folder, .safetensors, or 'default' for the embedded one): the one the prior was fitted on"
+    )
+    dtype: str = option("fp32", "precision of the VAE decoder", choices=("fp32", "fp16", "bf16"))
+    subfolder: str | None = option(None, "subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repo)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of --vae")
+    decode_batch_size: int = option(32, "latents per decoder call")
+    grid_columns: int | None = option(None, "--out .png: images per grid row (about sqrt(N) when left out)")
+    scale: int | None = option(
+        None, "--out .png: enlarge each image this many times, nearest neighbour (when left out, enough for tiles of at least 64 px)"
+    )
+    overwrite: bool = option(
+        False,
+        "replace an existing --out file, or the sample_*.png "
+        "files a previous run left in --out FOLDER (otherwise refused); the prior's own folder is never written to",
+    )
+    quiet: bool = option(False, "no progress bar")
+    method: str = option(
+        "sampler",
+        "sampler: one flow pass; sir: importance resampling towards the EBM; langevin: short-run Langevin",
+        choices=SAMPLE_METHODS,
+    )
+    seed: int = option(0, "random seed")
+    batch_size: int | None = option(None, "latents per chunk (automatic when left out)")
+    temperature: float = option(1.0, "sampler: scale of the flow's base noise; sir/langevin: temperature of the target")
+    proposals: int | None = option(None, "sir: proposals per sample (100 when left out)")
+    langevin_steps: int | None = option(None, "langevin: number of steps (60 when left out)")
+    step_size: float | None = option(None, "langevin: step size s (0.4 when left out)")
+    langevin_space: str = option(
+        "auto",
+        "langevin: where the chain runs. base: in the "
+        "coordinates of the energy's frozen base flow (same target; does not blow up on sharp latents, where the "
+        "latent chain overflows); latent: in z itself (LEBM's chain); auto: base when the energy has a base flow, "
+        "else latent",
+        choices=("auto", "latent", "base"),
+    )
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    cpu_threads: int = option(
+        0,
+        "torch threads of the prior's sampling on CPU (0: one, or "
+        "OMP_NUM_THREADS when set: the small networks ran 15-60x slower on two threads of a busy 2-core machine); "
+        "decoding keeps torch's own count",
+    )
+    allow_finetuned_vae: bool = option(
+        False,
+        "decode with a --vae whose weights differ from "
+        "the VAE the prior was fitted on (same config: a fine-tune of it); refused otherwise, since its latents "
+        "may be distributed differently",
+    )
 
 
 def _output_kind(out: Path) -> str:
-    """"latents" (.safetensors), "grid" (.png) or "folder" (no suffix, or an existing folder)."""
+    """ "latents" (.safetensors), "grid" (.png) or "folder" (no suffix, or an existing folder)."""
     if out.suffix == ".safetensors":
         return "latents"
     if out.suffix.lower() == ".png":
@@ -89,8 +112,10 @@ def _check_sample_memory(n: int, prior: LatentPrior, device: torch.device) -> No
 
     needed, available = 4 * n * prior.num_latent_dims * 4, machine_memory_bytes(device)
     if available is not None and needed > available:
-        raise LatentPriorError(f"-n {n}: {n} latents of {prior.num_latent_dims} values need at least {human_bytes(needed)}, "
-                               f"more than the {human_bytes(available)} of memory here; draw fewer at a time.")
+        raise LatentPriorError(
+            f"-n {n}: {n} latents of {prior.num_latent_dims} values need at least {human_bytes(needed)}, "
+            f"more than the {human_bytes(available)} of memory here; draw fewer at a time."
+        )
 
 
 def _prepare_folder(out: Path, overwrite: bool) -> None:
@@ -147,14 +172,17 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     start = time.perf_counter()
     with cpu_threads(config.cpu_threads) if device.type == "cpu" else contextlib.nullcontext():
-        latents = prior.sample(config.n, method=config.method, temperature=config.temperature, generator=generator,
-                               batch_size=config.batch_size, **options)
+        latents = prior.sample(
+            config.n, method=config.method, temperature=config.temperature, generator=generator, batch_size=config.batch_size, **options
+        )
     seconds = time.perf_counter() - start
     what = f"(method={config.method}, seed={config.seed}, temperature={config.temperature})"
     if kind != "latents":
         _decode_to_pngs(latents, adapter, out, kind, config, device)
-        logger.info(f"latent-prior sample: drew {config.n} latents {tuple(latents.shape[1:])} {what} in {seconds:.1f} s and decoded "
-                    f"them with {config.vae or 'the VAE'} to {out}{'' if kind == 'grid' else ' (sample_000000.png, ...)'}")
+        logger.info(
+            f"latent-prior sample: drew {config.n} latents {tuple(latents.shape[1:])} {what} in {seconds:.1f} s and decoded "
+            f"them with {config.vae or 'the VAE'} to {out}{'' if kind == 'grid' else ' (sample_000000.png, ...)'}"
+        )
         return 0
     metadata = {
         "method": config.method,
@@ -169,13 +197,14 @@ def run_sample(config: SampleConfig, adapter: VAEAdapter | None = None) -> int:
     if prior.provenance:
         metadata["provenance"] = json.dumps(prior.provenance)
     atomic_save_safetensors({"latents": latents.detach().float()}, out, metadata)
-    logger.info(f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
-                f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s")
+    logger.info(
+        f"latent-prior sample: wrote {config.n} latents {tuple(latents.shape[1:])} (raw space, method={config.method}, "
+        f"seed={config.seed}, temperature={config.temperature}) to {out} in {seconds:.1f} s"
+    )
     return 0
 
 
-def _decode_to_pngs(latents: torch.Tensor, adapter: VAEAdapter, out: Path, kind: str, config: SampleConfig,
-                    device: torch.device) -> None:
+def _decode_to_pngs(latents: torch.Tensor, adapter: VAEAdapter, out: Path, kind: str, config: SampleConfig, device: torch.device) -> None:
     """Decode raw latents in batches (with a progress bar) into one grid or one PNG per sample."""
     from tqdm.auto import tqdm
 
@@ -186,7 +215,7 @@ def _decode_to_pngs(latents: torch.Tensor, adapter: VAEAdapter, out: Path, kind:
     decoded = []
     with tqdm(total=len(latents), desc="decode", unit="img", disable=config.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
         for i in range(0, len(latents), config.decode_batch_size):
-            images = adapter.decode(latents[i:i + config.decode_batch_size]).float().cpu()
+            images = adapter.decode(latents[i : i + config.decode_batch_size]).float().cpu()
             if kind == "folder":
                 save_pngs(images, out, prefix="sample", start=i)  # as we go: memory stays at one batch
             else:
