@@ -59,6 +59,33 @@ def test_help_documents_every_flag_and_bad_flags_are_refused(capsys):
         assert "--" + name.replace("_", "-") in text
     assert script.main(["--crop-size", "30", "--output-dir", "unused", "--quiet"]) == 2
     assert "--crop-size 30" in capsys.readouterr().err
+    assert script.main(["--downsamplings", "5", "--output-dir", "unused", "--quiet"]) == 2
+    assert "--downsamplings 5" in capsys.readouterr().err
+    assert script.main(["--downsamplings", "3", "--crop-size", "36", "--output-dir", "unused", "--quiet"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_a_third_downsampling_and_more_channels_give_the_photos_c32_shape(tmp_path):
+    from bench.datasets import PHOTO_SETS, _cached_photo_vae
+
+    shape = {k: PHOTO_SETS["photos-c32"][False][k] for k in ("crop_size", "photo_side", "latent_channels", "downsamplings")}
+    cfg = script.TrainPhotoVAEConfig(
+        output_dir=str(tmp_path / "c32"), epochs=1, num_train=64, num_heldout=20, batch_size=32, quiet=True, **shape
+    )
+    summary = script.train_photo_vae(cfg)
+    assert summary["latent_shape"] == [32, 8, 8]
+    assert summary["architecture"]["block_out_channels"] == [16, 32, 32, 64]
+
+    # A folder trained before the script had these fields was trained with their defaults: it still counts as cached
+    # for the defaults, and not for photos-c32.
+    wanted, defaults = script.to_dict(cfg), script.to_dict(script.TrainPhotoVAEConfig())
+    old = tmp_path / "old"
+    old.mkdir()
+    old_config = {k: v for k, v in wanted.items() if k not in ("latent_channels", "downsamplings")}
+    (old / "training_summary.json").write_text(json.dumps({"train_config": old_config, "architecture": script.photo_vae_architecture(64)}))
+    plain = {**wanted, "latent_channels": 4, "downsamplings": 2}
+    assert _cached_photo_vae(old, plain, defaults, script.photo_vae_architecture(64)) is not None
+    assert _cached_photo_vae(old, wanted, defaults, script.architecture_of(cfg)) is None
 
 
 def test_one_epoch_gives_a_loadable_vae_that_beats_the_mean_crop(tmp_path):
