@@ -1351,9 +1351,17 @@ def gpu_section() -> list[str]:
 
 def _seeds_of(result: dict[str, Any], spatial: bool) -> str:
     """The seeds the flat (or spatial) cells were measured with, as the cells record them (merged runs may add
-    seeds to the command's), e.g. "0,1,2"; "" when there is no such cell."""
-    seeds = sorted({s for c in result["cells"].values() if "seeds" in c and bool(c.get("spatial")) == spatial for s in c["seeds"]})
-    return ",".join(map(str, seeds))
+    seeds to the command's), e.g. "0,1,2", or "0 (default-vae: 0,1,2)" where cells differ; "" when there is no such cell."""
+    by_cell = {
+        name: ",".join(map(str, sorted(c["seeds"])))
+        for name, c in result["cells"].items()
+        if "seeds" in c and bool(c.get("spatial")) == spatial
+    }
+    if not by_cell:
+        return ""
+    common = max(set(by_cell.values()), key=list(by_cell.values()).count)
+    others = [f"{name}: {seeds}" for name, seeds in by_cell.items() if seeds != common]
+    return common + (f" ({'; '.join(others)})" if others else "")
 
 
 def render_markdown(result: dict[str, Any], out: Path) -> str:

@@ -381,3 +381,15 @@ def test_the_warmup_shock_study_freezes_the_named_parameters_and_only_those(tmp_
         linear = {k for k in start if k.endswith((".lower", ".upper", ".log_s"))}
         assert linear and bool(moved & linear) == linear_moved
         assert moved - linear  # the couplings train in both
+
+
+def test_the_page_names_the_cells_measured_with_other_seeds():
+    cells = {
+        "photos": {"spatial": True, "seeds": [0]},
+        "photos-16": {"spatial": True, "seeds": [0]},
+        "default-vae": {"spatial": True, "seeds": [2, 0, 1]},
+        "digits-d8-b1": {"spatial": False, "seeds": [0, 1, 2]},
+    }
+    assert suite._seeds_of({"cells": cells}, spatial=True) == "0 (default-vae: 0,1,2)"
+    assert suite._seeds_of({"cells": cells}, spatial=False) == "0,1,2"
+    assert suite._seeds_of({"cells": {}}, spatial=True) == ""
