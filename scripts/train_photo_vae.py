@@ -7,7 +7,8 @@ What it does, in order (seeded, reproducible on CPU):
    side of `--photo-side` pixels (256), 3000 for training and 500 held out, split by image region
    (held-out crops come from tiles that no training crop touches), pixels in [-1, 1].
 2. Trains a small diffusers `AutoencoderKL` (block_out_channels [16, 32, 32], one layer per block,
-   no mid-block attention, 4 latent channels: 32 px -> 4×8×8 latents, 64 px -> 4×16×16, 0.23M parameters) with the
+   no mid-block attention, 4 latent channels: 32 px -> 4×8×8 latents, 64 px -> 4×16×16, 0.23M parameters;
+   `--downsamplings 3 --latent-channels 32` adds a 64-channel block: 64 px -> 32×8×8) with the
    same loop as the embedded default VAE (`scripts/train_default_vae.py`, imported, not copied):
 
        loss = MSE(x, x̂) (mean over pixels) + kl_weight · KL(q(z|x) ‖ N(0, I)) (nats summed over the 256 latent dims)
@@ -40,7 +41,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 from bench.photos import CROP_SIZE, NUM_HELDOUT, NUM_TRAIN, PHOTO_SIDE, import_repo_script, make_patches  # noqa: E402
-from latent_prior.config import parse_config, to_dict  # noqa: E402
+from latent_prior.config import option, parse_config, to_dict  # noqa: E402
 from latent_prior.errors import LatentPriorError  # noqa: E402
 
 _default_vae = import_repo_script("train_default_vae")  # its `train` loop and `measure` figures
@@ -84,35 +85,23 @@ def photo_vae_architecture(crop_size: int = CROP_SIZE, latent_channels: int = 4,
 
 @dataclass
 class TrainPhotoVAEConfig:
-    output_dir: str = field(
-        default="runs/photo_vae", metadata={"help": "folder to save_pretrained the VAE and write training_summary.json into"}
+    output_dir: str = option("runs/photo_vae", "folder to save_pretrained the VAE and write training_summary.json into")
+    epochs: int = option(8, "passes over the training crops; one epoch is ceil(num_train / batch_size) steps")
+    batch_size: int = option(64, "crops per step")
+    lr: float = option(2e-3, "peak Adam learning rate (warm-up over the first 5%% of steps, cosine decay to lr/20)")
+    kl_weight: float = option(1e-5, "weight of the KL (nats summed over latent dims) against the per-pixel MSE")
+    num_train: int = option(NUM_TRAIN, "training crops")
+    num_heldout: int = option(NUM_HELDOUT, "held-out crops (from image tiles no training crop touches)")
+    crop_size: int = option(CROP_SIZE, "crop side in pixels; latents are latent_channels x crop/2^downsamplings x crop/2^downsamplings")
+    latent_channels: int = option(4, "channels of the latents")
+    downsamplings: int = option(2, "the encoder's downsamplings by 2 (2 to 4)")
+    photo_side: int = option(
+        PHOTO_SIDE,
+        "each photo is resized so its shorter side has this many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)",
     )
-    epochs: int = field(default=8, metadata={"help": "passes over the training crops; one epoch is ceil(num_train / batch_size) steps"})
-    batch_size: int = field(default=64, metadata={"help": "crops per step"})
-    lr: float = field(
-        default=2e-3, metadata={"help": "peak Adam learning rate (warm-up over the first 5%% of steps, cosine decay to lr/20)"}
-    )
-    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the KL (nats summed over latent dims) against the per-pixel MSE"})
-    num_train: int = field(default=NUM_TRAIN, metadata={"help": "training crops"})
-    num_heldout: int = field(default=NUM_HELDOUT, metadata={"help": "held-out crops (from image tiles no training crop touches)"})
-    crop_size: int = field(
-        default=CROP_SIZE,
-        metadata={"help": "crop side in pixels; latents are latent_channels x crop/2^downsamplings x crop/2^downsamplings"},
-    )
-    latent_channels: int = field(default=4, metadata={"help": "channels of the latents"})
-    downsamplings: int = field(default=2, metadata={"help": "the encoder's downsamplings by 2 (2 to 4)"})
-    photo_side: int = field(
-        default=PHOTO_SIDE,
-        metadata={
-            "help": "each photo is resized so its shorter side has this "
-            "many pixels before cropping (at least 4 x crop size: two tiles of 2 x crop)"
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the crops, the initialisation, the batches and the posterior draws"})
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (leave out to keep torch's setting; 1 is fastest on busy shared cores)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "print nothing"})
+    seed: int = option(0, "seed of the crops, the initialisation, the batches and the posterior draws")
+    threads: int | None = option(None, "torch CPU threads (leave out to keep torch's setting; 1 is fastest on busy shared cores)")
+    quiet: bool = option(False, "print nothing")
 
 
 def architecture_of(cfg: TrainPhotoVAEConfig) -> dict[str, Any]:
