@@ -32,7 +32,8 @@ the first candidate (step 0): with the default EM-initialized mixture base it is
 selection (`select_by="gain_and_fd"`) keeps the checkpoint with the lowest held-out FD among those at
 least as good as step 0 on held-out gain, FD and k-NN precision (within its noise), whose importance sampling is healthy (ESS fraction
 ≥ `min_ess_fraction`), so the prior falls back to the GMM when training does not improve on it;
-`select_by="gain"` keeps the highest held-out gain; without a validation split, the last checkpoint.
+`select_by="gain_within_fd"` keeps the highest held-out gain among the checkpoints that pass the same guards with an FD
+up to `select_fd_tolerance` worse; `select_by="gain"` keeps the highest held-out gain; without a validation split, the last checkpoint.
 The chosen energy and EMA flow, with a final log Ẑ over `log_z_samples` proposals, are exported as a
 `latent_prior.prior.LatentPrior` into `out/prior/` (`LatentPrior.from_pretrained(out / "prior")`), a folder that holds
 only the prior, to copy or upload as it is; the training records (checkpoints/, metrics.csv, fit_config.json,
@@ -606,7 +607,11 @@ class Trainer:
             value = gain
             eligible = eligible and math.isfinite(gain) and result["ess_fraction"] >= c.min_ess_fraction
         else:
-            value = -fd
+            # gain_and_fd: the lowest FD among the checkpoints that match the start; gain_within_fd: the highest gain
+            # among those whose FD is at most select_fd_tolerance worse (a validation FD is noisy, and may disagree
+            # with other held-out latents where training gains much likelihood and precision).
+            value = gain if c.select_by == "gain_within_fd" else -fd
+            fd_allowance = 1 + c.select_fd_tolerance if c.select_by == "gain_within_fd" else 1.0
             eligible = eligible and math.isfinite(gain) and math.isfinite(fd) and result["ess_fraction"] >= c.min_ess_fraction
             if eligible and s.reference is None:
                 s.reference = {"step": s.step, "val_gain_nats": gain, "val_fd": fd, "val_precision": precision}
@@ -616,7 +621,7 @@ class Trainer:
             eligible = (
                 eligible
                 and gain >= s.reference["val_gain_nats"]
-                and fd <= s.reference["val_fd"]
+                and fd <= s.reference["val_fd"] * fd_allowance
                 and not precision < ref_precision - PRECISION_TOLERANCE
             )
         if eligible and (s.best_value is None or value > s.best_value):
@@ -632,6 +637,12 @@ class Trainer:
             return "last checkpoint (no validation split)"
         if c.select_by == "gain":
             return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
+        if c.select_by == "gain_within_fd":
+            return (
+                f"highest held-out ELBO gain among checkpoints with ESS fraction >= {c.min_ess_fraction:g} whose held-out gain "
+                f"is at least the first candidate's, FD at most {1 + c.select_fd_tolerance:g} times its FD, and precision at "
+                f"most {PRECISION_TOLERANCE:g} below it (step 0, the initialized model)"
+            )
         return (
             "lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
             f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
