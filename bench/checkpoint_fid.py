@@ -54,9 +54,9 @@ def noise_augmented_training(sigma: float) -> Iterator[None]:
 
     step, draw = trainer.Trainer._step, trainer.posterior_draw
 
-    def noisy_draw(*args, **kwargs):
-        z = draw(*args, **kwargs)
-        return z + sigma * torch.randn(z.shape, generator=args[2], device=z.device, dtype=z.dtype)
+    def noisy_draw(mean, logvar, generator=None, **kwargs):
+        z = draw(mean, logvar, generator, **kwargs)
+        return z + sigma * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
     def noisy_step(self, stream):
         trainer.posterior_draw = noisy_draw
@@ -112,13 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     from latent_prior.prior import LatentPrior
     from latent_prior.train import fit
 
+    if args.noise < 0:
+        parser.error(f"--noise {args.noise:g}: give σ >= 0 (0: no noise)")
+    try:
+        wanted = {int(v) for v in args.steps.split(",")} if args.steps else None
+    except ValueError:
+        parser.error(f"--steps {args.steps}: give comma-separated checkpoint steps, e.g. 0,1000,2000")
     overrides = parse_overrides(args.fit, "--fit")
     start = time.perf_counter()
     lset = load_set(args.set, cache_dir=args.cache_dir, verbose=False)
     run = Path(args.run)
     if not (run / "prior").is_dir():
         run.mkdir(parents=True, exist_ok=True)
-        if args.noise > 0 and args.steps:  # keep the checkpoints to score
+        if wanted:  # keep the checkpoints to score
             overrides.setdefault("keep_checkpoints", 100)
         with noise_augmented_training(args.noise) if args.noise > 0 else contextlib.nullcontext():
             fit(str(lset.save_train(run / "train.safetensors")), out=str(run), **{"quiet": True, **overrides})
@@ -134,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     with (run / "train" / "metrics.csv").open(newline="") as f:
         seen = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val_fd")}
     kept = sorted(int(p.name.split("-")[1]) for p in (run / "train" / "checkpoints").iterdir())
-    if args.steps:
-        kept = [s for s in kept if s in {int(v) for v in args.steps.split(",")}]
+    if wanted:
+        if wanted - set(kept):
+            print(f"not kept by the fit, so not scored: steps {', '.join(map(str, sorted(wanted - set(kept))))}", flush=True)
+        kept = [s for s in kept if s in wanted]
     print("step | test excess FD (3 evaluations) | FID | validation gain | validation FD | validation precision | ESS")
     for step in kept:
         prior.flow.load_state_dict(load_tensors(run / "train" / "checkpoints" / f"step-{step:07d}" / "flow_ema.safetensors"))

@@ -697,6 +697,9 @@ def load_default_vae_set(verbose: bool = True) -> LatentSet:
     )
 
 
+#: photos-c32's crops, KL weight and VAE shape, shared by its full and --quick settings
+_C32_SHAPE = dict(crop_size=64, photo_side=384, kl_weight=1e-6, latent_channels=32, downsamplings=3)
+
 #: scripts/train_photo_vae.py settings of the photo sets (the rest are the script's defaults), full and --quick;
 #: seed 0 always, like the digits VAEs, so every benchmark seed sees the same VAE and crops.
 #: "photos": 32-px crops, 4×8×8 latents, KL weight 1e-5. "photos-16": 64-px crops of the photos resized to a
@@ -710,12 +713,8 @@ PHOTO_SETS: dict[str, dict[bool, dict[str, Any]]] = {
         True: dict(epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6),
     },
     "photos-c32": {
-        False: dict(
-            epochs=6, num_train=3000, num_heldout=500, crop_size=64, photo_side=384, kl_weight=1e-6, latent_channels=32, downsamplings=3
-        ),
-        True: dict(
-            epochs=2, num_train=400, num_heldout=150, crop_size=64, photo_side=384, kl_weight=1e-6, latent_channels=32, downsamplings=3
-        ),
+        False: dict(epochs=6, num_train=3000, num_heldout=500, **_C32_SHAPE),
+        True: dict(epochs=2, num_train=400, num_heldout=150, **_C32_SHAPE),
     },
 }
 PHOTOS_SETTINGS = PHOTO_SETS["photos"]  # the earlier name

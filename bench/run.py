@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1359,7 +1360,7 @@ def _seeds_of(result: dict[str, Any], spatial: bool) -> str:
     }
     if not by_cell:
         return ""
-    common = max(set(by_cell.values()), key=list(by_cell.values()).count)
+    common = Counter(by_cell.values()).most_common(1)[0][0]  # ties: the first cell's seeds, so a rerender reads the same
     others = [f"{name}: {seeds}" for name, seeds in by_cell.items() if seeds != common]
     return common + (f" ({'; '.join(others)})" if others else "")
 

@@ -222,6 +222,9 @@ def test_the_flows_dense_factors_learn_slower_and_a_resume_with_another_power_is
     assert fit_cli(latents, out, "--steps", "4", "--lr-linear-power", "-1") == 2
     assert "--lr-linear-power -1.0: pass 0 (no scaling) or a positive power" in capsys.readouterr().err
     assert not (out / "train").exists()
+    assert fit_cli(latents, out, "--steps", "4", "--select-by", "gain_within_fd", "--select-fd-tolerance", "-0.1") == 2
+    assert "--select-fd-tolerance -0.1: give a relative FD loss >= 0" in capsys.readouterr().err
+    assert not (out / "train").exists()
     power = ["--lr-final-fraction", "1", "--lr-linear-power", "0.5"]
     assert fit_cli(latents, out, "--steps", "4", "--checkpoint-every", "4", *power) == 0
     groups = json.loads((out / "train" / "checkpoints" / "step-0000004" / "optim.json").read_text())["sampler"]["param_groups"]
