@@ -630,6 +630,41 @@ def true_density_metrics(lset: LatentSet, z: torch.Tensor, threshold: float) -> 
     return out
 
 
+def sample_figures(lset: LatentSet, z: torch.Tensor, classifier: Any, threshold: float | None) -> dict[str, float]:
+    """What a method's normalized samples z (N, *shape) score beside latent_report: the digit classifier's mean
+    confidence on their decodings (with its s.e.; when there is a classifier and a decoder) and the true density's
+    figures (when the set has one)."""
+    figures: dict[str, float] = {}
+    if classifier is not None and lset.decode is not None:
+        with torch.no_grad():
+            images = torch.cat([lset.decode(lset.normalization.denormalize(c)) for c in z.split(1000)])
+            p = torch.softmax(classifier(images), 1).amax(1)
+        figures |= {"conf": p.mean().item(), "conf_se": (p.std() / math.sqrt(len(p))).item()}
+    if threshold is not None:
+        figures |= true_density_metrics(lset, z, threshold)
+    return figures
+
+
+def sampler_row(
+    prior: Any,
+    source: Any,
+    heldout: np.ndarray,
+    train: np.ndarray,
+    *,
+    samples: int,
+    seed: int,
+    evaluations: int,
+    keep: Callable[[str, torch.Tensor], None],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """A fitted prior measured by its sampler alone, as one row like the suite's evalp row (with the ELBO gain);
+    {"error": text} when that fails. keep("evalp", samples) sees its samples."""
+    report, errors = _report(
+        prior, source, heldout, train, ["evalp"], samples=samples, seed=seed, evaluations=evaluations, gain=True, keep=keep, log=log
+    )
+    return {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
+
+
 def run_seed(
     lset: LatentSet,
     seed: int,
@@ -657,14 +692,7 @@ def run_seed(
     def keep(method: str, z: torch.Tensor) -> None:
         name = current["name"] or method
         kept[name] = z[:keep_n].clone()
-        extra[name] = {}
-        if classifier is not None and lset.decode is not None:
-            with torch.no_grad():
-                images = torch.cat([lset.decode(lset.normalization.denormalize(c)) for c in z.split(1000)])
-                p = torch.softmax(classifier(images), 1).amax(1)
-            extra[name] |= {"conf": p.mean().item(), "conf_se": (p.std() / math.sqrt(len(p))).item()}
-        if threshold is not None:
-            extra[name] |= true_density_metrics(lset, z, threshold)
+        extra[name] = sample_figures(lset, z, classifier, threshold)
 
     fits: dict[str, dict[str, Any]] = {}
     priors: dict[str, Any] = {}
@@ -735,21 +763,10 @@ def run_seed(
             continue
         log(f"  seed {seed}: measuring {key} on {samples} samples ...")
         current["name"] = key
-        report, errors = _report(
-            priors[key],
-            source,
-            heldout,
-            train,
-            ["evalp"],
-            samples=samples,
-            seed=seed,
-            evaluations=evaluations,
-            gain=True,
-            keep=keep,
-            log=log,
+        rows[key] = sampler_row(
+            priors[key], source, heldout, train, samples=samples, seed=seed, evaluations=evaluations, keep=keep, log=log
         )
         current["name"] = ""
-        rows[key] = {"error": errors["evalp"]} if errors else {**_row_of(report["rows"][0]), **_gain_of(report.get("elbo_gain"))}
     for m, row in rows.items():
         if "error" in row:
             continue

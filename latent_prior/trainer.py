@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from latent_prior import selection
 from latent_prior.baselines import gmm_covariance, gmm_fit_draws, gmm_fit_items
 from latent_prior.batches import BatchStream, subset, validation_split
 from latent_prior.cache import data_dims as latent_data_dims
@@ -88,7 +89,6 @@ from latent_prior.fit_config import (
     FD_TOLERANCE,
     FULL_BASE_BUDGET,
     PRECISION_NEIGHBOURS,
-    PRECISION_TOLERANCE,
     SEEDS,
     SUBSPACE_MIN_DIMS,
     FitConfig,
@@ -592,64 +592,6 @@ class Trainer:
             "val_precision": val_precision,
         }
 
-    def _select(self, result: dict[str, Any]) -> None:
-        """Model selection on the held-out latents (see the module docstring)."""
-        s, c = self.state, self.config
-        has_val = len(self.val_idx) > 0
-        gain, fd = result["val_gain_nats"], result.get("val_fd", float("nan"))
-        precision = result.get("val_precision", float("nan"))
-        # A flow-based energy's warm-up candidates are priors too (the EMA flow alone); the paper's form is not
-        # a prior before its energy has trained.
-        eligible = c.energy_base == "flow" or s.step >= s.warmup_steps
-        if not has_val:
-            value = float(s.step)
-        elif c.select_by == "gain":
-            value = gain
-            eligible = eligible and math.isfinite(gain) and result["ess_fraction"] >= c.min_ess_fraction
-        else:
-            # gain_and_fd: the lowest FD among the checkpoints that match the start; gain_within_fd: the highest gain
-            # among those whose FD is at most select_fd_tolerance worse (a validation FD is noisy, and may disagree
-            # with other held-out latents where training gains much likelihood and precision).
-            value = gain if c.select_by == "gain_within_fd" else -fd
-            fd_allowance = 1 + c.select_fd_tolerance if c.select_by == "gain_within_fd" else 1.0
-            eligible = eligible and math.isfinite(gain) and math.isfinite(fd) and result["ess_fraction"] >= c.min_ess_fraction
-            if eligible and s.reference is None:
-                s.reference = {"step": s.step, "val_gain_nats": gain, "val_fd": fd, "val_precision": precision}
-            # Never worse than the first candidate, the GMM that the base started as: on likelihood and on samples,
-            # both their spread (FD) and their sharpness (precision; a NaN, from too few held-out items, never blocks).
-            ref_precision = s.reference.get("val_precision", float("nan")) if s.reference else float("nan")
-            eligible = (
-                eligible
-                and gain >= s.reference["val_gain_nats"]
-                and fd <= s.reference["val_fd"] * fd_allowance
-                and not precision < ref_precision - PRECISION_TOLERANCE
-            )
-        if eligible and (s.best_value is None or value > s.best_value):
-            s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
-        else:
-            s.evals_since_best += 1
-        if self.config.early_stop_patience and has_val and s.evals_since_best >= self.config.early_stop_patience:
-            s.stopped_early = True
-
-    def _selection_rule(self) -> str:
-        c = self.config
-        if not len(self.val_idx):
-            return "last checkpoint (no validation split)"
-        if c.select_by == "gain":
-            return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
-        if c.select_by == "gain_within_fd":
-            return (
-                f"highest held-out ELBO gain among checkpoints with ESS fraction >= {c.min_ess_fraction:g} whose held-out gain "
-                f"is at least the first candidate's, FD at most {1 + c.select_fd_tolerance:g} times its FD, and precision at "
-                f"most {PRECISION_TOLERANCE:g} below it (step 0, the initialized model)"
-            )
-        return (
-            "lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
-            f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
-            f"at most {PRECISION_TOLERANCE:g} below it "
-            "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)"
-        )
-
     def _what_the_phases_add(self) -> dict[str, Any]:
         """Held-out gain and FD of the initialized model (the GMM start), of the warmed-up flow (the energy's base)
         and of the best alternating-phase checkpoint by gain: what the warm-up and then the energy add."""
@@ -676,7 +618,7 @@ class Trainer:
     def _evaluate_candidate(self) -> dict[str, Any]:
         result = self.evaluate(self.config.eval_samples)
         self.state.history.append(result)
-        self._select(result)
+        selection.offer(self.state, result, self.config, has_validation=len(self.val_idx) > 0)
         return result
 
     # -- training -------------------------------------------------------------------------------
@@ -939,7 +881,7 @@ class Trainer:
             "base_em_seed": self._base_em_seed(),
             "base_em_starts": None if self.base_gmm is None else self.base_gmm.n_init,
             "base_choice": self.base_choice,
-            "selection": self._selection_rule(),
+            "selection": selection.describe(self.config, has_validation=len(self.val_idx) > 0),
             "reference": s.reference,
             "stopped_early": s.stopped_early,
             "log_z": result["log_z_is"],

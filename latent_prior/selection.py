@@ -1,0 +1,99 @@
+"""Model selection: which evaluated checkpoint a fit exports.
+
+The trainer offers every evaluation (a dict with val_gain_nats, val_fd, val_precision, ess_fraction, step) to
+`offer`, which updates the run's selection state (best_step, best_value, reference, evals_since_best,
+stopped_early of `checkpoints.RunState`). `replay` runs the same rule over a finished fit's recorded history, so
+another rule's choice can be read off one fit (bench.selection_rules), and `describe` words the rule for the fit
+summary. The rules (`FitConfig.select_by`):
+
+* gain_and_fd (default): the lowest held-out FD among the checkpoints at least as good as the first candidate
+  (step 0, the GMM start) on held-out gain and FD, with k-NN precision at most PRECISION_TOLERANCE below it;
+* gain_within_fd: the highest held-out gain among the checkpoints passing the same guards, with an FD up to
+  `select_fd_tolerance` worse than the first candidate's;
+* gain: the highest held-out gain.
+
+All of them require an ESS fraction of the log Z estimate of at least `min_ess_fraction`; without a validation
+split the last checkpoint wins.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from latent_prior.checkpoints import RunState
+from latent_prior.fit_config import PRECISION_TOLERANCE, FitConfig
+
+
+def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_validation: bool) -> None:
+    """Judge the evaluation `result` of the checkpoint at `state.step` and update `state`'s selection fields."""
+    s, c = state, config
+    gain, fd = result["val_gain_nats"], result.get("val_fd", float("nan"))
+    precision = result.get("val_precision", float("nan"))
+    # A flow-based energy's warm-up candidates are priors too (the EMA flow alone); the paper's form is not
+    # a prior before its energy has trained.
+    eligible = c.energy_base == "flow" or s.step >= (s.warmup_steps or 0)
+    if not has_validation:
+        value = float(s.step)
+    elif c.select_by == "gain":
+        value = gain
+        eligible = eligible and math.isfinite(gain) and result["ess_fraction"] >= c.min_ess_fraction
+    else:
+        # gain_and_fd: the lowest FD among the checkpoints that match the start; gain_within_fd: the highest gain
+        # among those whose FD is at most select_fd_tolerance worse (a validation FD is noisy, and may disagree
+        # with other held-out latents where training gains much likelihood and precision).
+        value = gain if c.select_by == "gain_within_fd" else -fd
+        fd_allowance = 1 + c.select_fd_tolerance if c.select_by == "gain_within_fd" else 1.0
+        eligible = eligible and math.isfinite(gain) and math.isfinite(fd) and result["ess_fraction"] >= c.min_ess_fraction
+        if eligible and s.reference is None:
+            s.reference = {"step": s.step, "val_gain_nats": gain, "val_fd": fd, "val_precision": precision}
+        # Never worse than the first candidate, the GMM that the base started as: on likelihood and on samples,
+        # both their spread (FD) and their sharpness (precision; a NaN, from too few held-out items, never blocks).
+        ref_precision = s.reference.get("val_precision", float("nan")) if s.reference else float("nan")
+        eligible = (
+            eligible
+            and gain >= s.reference["val_gain_nats"]
+            and fd <= s.reference["val_fd"] * fd_allowance
+            and not precision < ref_precision - PRECISION_TOLERANCE
+        )
+    if eligible and (s.best_value is None or value > s.best_value):
+        s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
+    else:
+        s.evals_since_best += 1
+    if c.early_stop_patience and has_validation and s.evals_since_best >= c.early_stop_patience:
+        s.stopped_early = True
+
+
+def replay(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) -> int | None:
+    """The step that `config`'s rule selects from a fit's evaluations (`LatentPrior.training_info["history"]`, in
+    order; the fit's own warm-up length), or None when no checkpoint is eligible (the fit then exports its last).
+    Where the rule would have stopped early, later evaluations are ignored; a history that the fit's own rule cut
+    short by early stopping holds nothing after that point."""
+    state = RunState(warmup_steps=warmup_steps)
+    for result in history:
+        state.step = int(result["step"])
+        offer(state, result, config, has_validation=True)
+        if state.stopped_early:
+            break
+    return state.best_step
+
+
+def describe(config: FitConfig, has_validation: bool) -> str:
+    """The rule in words, for the fit summary."""
+    c = config
+    if not has_validation:
+        return "last checkpoint (no validation split)"
+    if c.select_by == "gain":
+        return f"highest held-out ELBO gain estimate among checkpoints with ESS fraction >= {c.min_ess_fraction:g}"
+    if c.select_by == "gain_within_fd":
+        return (
+            f"highest held-out ELBO gain among checkpoints with ESS fraction >= {c.min_ess_fraction:g} whose held-out gain "
+            f"is at least the first candidate's, FD at most {1 + c.select_fd_tolerance:g} times its FD, and precision at "
+            f"most {PRECISION_TOLERANCE:g} below it (step 0, the initialized model)"
+        )
+    return (
+        "lowest held-out latent FD of the sampler among checkpoints with ESS fraction >= "
+        f"{c.min_ess_fraction:g} whose held-out gain and FD are at least as good as the first candidate's, and precision "
+        f"at most {PRECISION_TOLERANCE:g} below it "
+        "(step 0, the initialized model: with an EM-initialized base, the GMM fitted to the training latents)"
+    )
