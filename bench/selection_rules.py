@@ -14,8 +14,6 @@ Writes markdown tables to stdout and every figure to --json (`--rerender A.json,
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -47,27 +45,14 @@ FIGURES = ("excess_fd", "precision", "recall", "conf", "true_hole_share", "min_m
 
 
 def picks(prior: Any, run: Path) -> dict[str, int]:
-    """rule -> the step it selects from the fit's history (the fit's own rule replayed must give its exported step)."""
+    """rule -> the step it selects from the fit in `run` (the fit's own rule replayed must give its exported step)."""
     from latent_prior.checkpoints import checkpoint_dirs
-    from latent_prior.fit_config import FitConfig
-    from latent_prior.selection import replay
+    from latent_prior.selection import replay_run
 
-    info = prior.training_info
-    history = [h for h in info["history"] if math.isfinite(h.get("val_gain_nats", float("nan")))]
-    fields = {f.name for f in dataclasses.fields(FitConfig)}
-    config = FitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items() if k in fields})
-    last_step, last_dir = checkpoint_dirs(run / "train" / "checkpoints")[-1]
-    warmup = int(json.loads((last_dir / "state.json").read_text())["warmup_steps"] or 0)
-    steps = {"start": history[0]["step"], "last": last_step}
-    for label, rule in RULES.items():
-        if rule:
-            chosen = replay(history, dataclasses.replace(config, **rule), warmup)
-            steps[label] = last_step if chosen is None else chosen
-    exported = info["summary"]["selected_step"]
-    own = replay(history, config, warmup)
-    if (last_step if own is None else own) != exported:
-        raise RuntimeError(f"{run}: replaying the fit's own rule picks step {own}, the fit exported {exported}: replay is out of step")
-    return steps
+    if replay_run(run) != prior.training_info["summary"]["selected_step"]:
+        raise RuntimeError(f"{run}: replaying the fit's own rule does not pick the step it exported: replay is out of step")
+    steps = {"start": prior.training_info["history"][0]["step"], "last": checkpoint_dirs(run / "train" / "checkpoints")[-1][0]}
+    return steps | {label: replay_run(run, **rule) for label, rule in RULES.items() if rule}
 
 
 def load_checkpoint(prior: Any, run: Path, step: int, log_z_samples: int, seed: int) -> Any:

@@ -18,11 +18,16 @@ split the last checkpoint wins.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
-from latent_prior.checkpoints import RunState
+from latent_prior.checkpoints import RunState, checkpoint_dirs
+from latent_prior.config import from_dict
 from latent_prior.fit_config import PRECISION_TOLERANCE, FitConfig
+from latent_prior.prior import CONFIG_FILE, PRIOR_DIR, TRAIN_DIR
 
 
 def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_validation: bool) -> None:
@@ -76,6 +81,21 @@ def replay(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) 
         if state.stopped_early:
             break
     return state.best_step
+
+
+def replay_run(out: str | Path, **rule: Any) -> int:
+    """The step that the finished fit in `out` (its prior/ and train/checkpoints/) exports under its own config with
+    the selection fields `rule` (select_by=..., select_fd_tolerance=...) instead; the last kept step where no
+    checkpoint is eligible. That checkpoint is kept only where the fit kept them all (keep_checkpoints)."""
+    out = Path(out)
+    saved = out / PRIOR_DIR / CONFIG_FILE
+    training = json.loads(saved.read_text())["training"]
+    config = dataclasses.replace(from_dict(FitConfig, training["config"], f"{saved}: training config"), **rule)
+    last_step, last = checkpoint_dirs(out / TRAIN_DIR / "checkpoints")[-1]
+    warmup = json.loads((last / "state.json").read_text())["warmup_steps"] or 0
+    history = [h for h in training["history"] if math.isfinite(h.get("val_gain_nats", float("nan")))]
+    chosen = replay(history, config, warmup)
+    return last_step if chosen is None else chosen
 
 
 def describe(config: FitConfig, has_validation: bool) -> str:

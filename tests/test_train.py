@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from latent_prior.cli import main
 from latent_prior.errors import LatentPriorError
 from latent_prior.prior import LatentPrior
+from latent_prior.selection import replay_run
 from latent_prior.train import FitConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,6 +306,8 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
                 assert summary["selected_step"] == max(admissible, key=lambda h: h["val_gain_nats"])["step"]
             else:
                 assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
+        # the fits differ only in their rule, so replaying a rule on the first fit's history picks what its own fit did
+        assert replay_run(out) == replay_run(tmp_path / "selected-gain", select_by=select_by) == summary["selected_step"]
     kept = sorted(p.name for p in (out / "train" / "checkpoints").iterdir())
     assert kept == sorted({f"step-{summary['selected_step']:07d}", "step-0000012"})  # best + the last one
     exported = load_file(str(out / "prior" / "model.safetensors"))
