@@ -2,7 +2,7 @@
 
 For every cell and seed, one fit with FitConfig defaults (the suite's evalp fit) keeps all its checkpoints. Each
 rule of RULES is replayed on the fit's validation history (`latent_prior.selection.replay`, the trainer's own
-code), and every checkpoint some rule picks is measured as the suite measures a prior: its EMA sampler's excess
+code), and every evaluated checkpoint is measured as the suite measures a prior: its EMA sampler's excess
 FD, precision and recall, the ELBO gain over N(0, I) with a fresh log Ẑ (`bench.run.sampler_row`), the digit
 classifier's confidence and the true density's figures; beside them the suite's GMM row for the same seed. So the
 rules are compared on the same fits, and the default rule's rows are the suite's evalp rows.
@@ -100,14 +100,17 @@ def measure(name: str, seed: int, cache_dir: str, classifier: Any) -> list[dict[
             prior, source, heldout, train, ["gmm"], samples=samples, seed=seed, evaluations=EVALUATIONS, gain=False, keep=keep, log=log
         )
         gmm_row = {"error": errors["gmm"]} if errors else {**_row_of(report["rows"][0]), **figures}
+        # every evaluated checkpoint, so that a rule not in RULES can be judged from the --json file later
+        history = {h["step"]: h for h in prior.training_info["history"]}
         scored: dict[int, dict[str, Any]] = {}
-        for step in sorted(set(steps.values())):
+        for step in sorted(set(history) | set(steps.values())):
             candidate = load_checkpoint(prior, run, step, prior.training_info["config"]["log_z_samples"], seed)
             row = sampler_row(candidate, source, heldout, train, samples=samples, seed=seed, evaluations=EVALUATIONS, keep=keep, log=log)
-            history = {h["step"]: h for h in prior.training_info["history"]}.get(step, {})
-            scored[step] = {**row, **figures, **{k: history.get(k) for k in ("val_gain_nats", "val_fd", "val_precision")}}
+            validation = {k: history.get(step, {}).get(k) for k in ("val_gain_nats", "val_fd", "val_precision", "ess_fraction")}
+            scored[step] = {**row, **figures, **validation}
     rows = [{"cell": name, "seed": seed, "rule": "GMM row", **gmm_row}]
     rows += [{"cell": name, "seed": seed, "rule": label, "step": step, **scored[step]} for label, step in steps.items()]
+    rows += [{"cell": name, "seed": seed, "rule": "checkpoint", "step": step, **row} for step, row in scored.items()]
     for r in rows:
         r["fit_seconds"], r["seconds"] = seconds, time.perf_counter() - start
     return rows
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def say(rows: list[dict[str, Any]]) -> str:
-        return "; ".join(f"{r['rule']} {r.get('step', '')} {r.get('excess_fd', float('nan')):+.4f}" for r in rows)
+        return "; ".join(
+            f"{r['rule']} {r.get('step', '')} {r.get('excess_fd', float('nan')):+.4f}" for r in rows if r["rule"] != "checkpoint"
+        )
 
     measure_cell = lambda name, seed: measure(name, seed, args.cache_dir, digit_classifier(args.sets))
     print(table(stored_or_measured(args, parser, measure_cell, say)))
