@@ -11,6 +11,7 @@ validation gain, FD, k-NN precision and the ESS of log Z.
     python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16fit --fit checkpoint_every=125 --images 500
     python -m bench.checkpoint_fid --set default-vae --run /tmp/dvfit --fit keep_checkpoints=20 --images 297
     python -m bench.checkpoint_fid --set photos-16 --run /tmp/p16noise --noise 0.2 --steps 0,1000,2000
+    python -m bench.checkpoint_fid --set photos-c32 --run /tmp/pc32s1 --seed 1 --steps 0,2000
 
 --noise σ trains on noise-augmented latents, as TarFlow / STARFlow do: every training step's posterior draws (both
 phases; not the held-out evaluations) get N(0, σ²I) added in the normalized latent space, so the prior models the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fit", default="", help="FitConfig overrides of the fit, key=value,key=value (e.g. keep_checkpoints=20,lr_sampler=2e-4)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="the fit's seed (the evaluation's draws do not depend on it)")
     parser.add_argument("--noise", type=float, default=0.0, help="σ of noise on the training draws; also scores after a score step")
     parser.add_argument("--steps", default="", help="comma-separated checkpoint steps to score (default: every kept one)")
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
@@ -119,15 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--steps {args.steps}: give comma-separated checkpoint steps, e.g. 0,1000,2000")
     overrides = parse_overrides(args.fit, "--fit")
+    run = Path(args.run)
+    if (run / "prior").is_dir():
+        fitted_seed = json.loads((run / "prior" / "config.json").read_text())["training"]["config"]["seed"]
+        if fitted_seed != args.seed:
+            parser.error(f"--seed {args.seed}: {run} holds a fit with seed {fitted_seed}; pass --seed {fitted_seed} or a new --run")
     start = time.perf_counter()
     lset = load_set(args.set, cache_dir=args.cache_dir, verbose=False)
-    run = Path(args.run)
     if not (run / "prior").is_dir():
         run.mkdir(parents=True, exist_ok=True)
         if wanted:  # keep the checkpoints to score
             overrides.setdefault("keep_checkpoints", 100)
         with noise_augmented_training(args.noise) if args.noise > 0 else contextlib.nullcontext():
-            fit(str(lset.save_train(run / "train.safetensors")), out=str(run), **{"quiet": True, **overrides})
+            fit(str(lset.save_train(run / "train.safetensors")), out=str(run), seed=args.seed, **{"quiet": True, **overrides})
         print(f"fitted in {time.perf_counter() - start:.0f} s", flush=True)
     references = []
     for e in range(EVALUATIONS):

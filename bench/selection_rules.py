@@ -5,7 +5,8 @@ rule of RULES is replayed on the fit's validation history (`latent_prior.selecti
 code), and every evaluated checkpoint is measured as the suite measures a prior: its EMA sampler's excess
 FD, precision and recall, the ELBO gain over N(0, I) with a fresh log Ẑ (`bench.run.sampler_row`), the digit
 classifier's confidence and the true density's figures; beside them the suite's GMM row for the same seed. So the
-rules are compared on the same fits, and the default rule's rows are the suite's evalp rows.
+rules are compared on the same fits, and the default rule's rows are the suite's evalp rows. The tables end with
+the checkpoint of each fit that is best on the test figure itself (`oracle_rows`): the ceiling of any rule.
 
     python -m bench.selection_rules --sets digits-d16-b0.1,syn-mix8-d16 --seeds 0,1,2 --json /tmp/sel.json
 
@@ -30,6 +31,8 @@ from scipy.stats import rankdata
 
 from bench.study import digit_classifier, stored_or_measured, study_parser
 
+#: the row label of `oracle_rows`
+ORACLE = "best test FD (oracle)"
 #: label -> the FitConfig selection fields of the rule; "start" and "last" are the first and the last checkpoint
 RULES: dict[str, dict[str, Any]] = {
     "gain_and_fd": {"select_by": "gain_and_fd"},
@@ -128,18 +131,33 @@ def _values(rows: list[dict[str, Any]], cell: str, rule: str, key: str) -> list[
     ]
 
 
+def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell and seed, the scored checkpoint with the lowest test excess FD, as a row of rule ORACLE: what a rule
+    that could see the test split would export, the ceiling of any selection rule on that figure."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["cell"], r["seed"])
+        if r["rule"] == "checkpoint" and math.isfinite(r.get("excess_fd", math.nan)):
+            if key not in best or r["excess_fd"] < best[key]["excess_fd"]:
+                best[key] = r
+    return [{**r, "rule": ORACLE} for r in best.values()]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Per rule over the cells: how often its excess FD is at most the GMM row's (strictly, and within 2 s.e. over
     seeds) and its digit confidence at least the GMM row's (within 2 s.e.), its median rank by excess FD among the
     rules, and the smallest mode ratio; then per cell the median over seeds of each rule's excess FD, confidence or
-    smallest mode ratio, and the steps each picked."""
-    rules = [r for r in RULES if any(x["rule"] == r for x in rows)]
+    smallest mode ratio, and the steps each picked. The last line of each table is ORACLE (not ranked)."""
+    ranked = [r for r in RULES if any(x["rule"] == r for x in rows)]
+    oracle = oracle_rows(rows)
+    rows = rows + oracle
+    rules = ranked + ([ORACLE] if oracle else [])
     cells = list(dict.fromkeys(r["cell"] for r in rows))
     median = lambda v: float(np.median(v)) if v else float("nan")
     ranks: dict[str, list[float]] = {rule: [] for rule in rules}
     for cell in cells:
-        fds = [median(_values(rows, cell, rule, "excess_fd")) for rule in rules]
-        for rule, rank in zip(rules, rankdata(fds)):  # ties share their mean rank
+        fds = [median(_values(rows, cell, rule, "excess_fd")) for rule in ranked]
+        for rule, rank in zip(ranked, rankdata(fds)):  # ties share their mean rank
             ranks[rule].append(float(rank))
     lines = [
         "| rule | excess FD ≤ GMM row's | within 2 s.e. | conf ≥ GMM row's within 2 s.e. | median rank by excess FD | worst mode ratio |",
@@ -158,7 +176,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         modes = [v for cell in cells for v in _values(rows, cell, rule, "min_mode_ratio")]
         lines.append(
             f"| {rule} | {strict} of {len(cells)} | {within} of {len(cells)} | {conf_ok} of {conf_n} | "
-            f"{median(ranks[rule]):.1f} | {min(modes, default=float('nan')):.2f} |"
+            f"{f'{median(ranks[rule]):.1f}' if ranks[rule] else '—'} | {min(modes, default=float('nan')):.2f} |"
         )
     every = ["GMM row", *rules]
     for title, key, fmt in (

@@ -393,3 +393,35 @@ def test_the_page_names_the_cells_measured_with_other_seeds():
     assert suite._seeds_of({"cells": cells}, spatial=True) == "0 (default-vae: 0,1,2)"
     assert suite._seeds_of({"cells": cells}, spatial=False) == "0,1,2"
     assert suite._seeds_of({"cells": {}}, spatial=True) == ""
+
+
+def test_checkpoint_fid_refuses_a_seed_that_is_not_the_fitted_runs(tmp_path, capsys):
+    from bench import checkpoint_fid
+
+    (tmp_path / "run" / "prior").mkdir(parents=True)
+    (tmp_path / "run" / "prior" / "config.json").write_text(json.dumps({"training": {"config": {"seed": 1}}}))
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_:
+        checkpoint_fid.main(cli_words("--set syn-aniso4-d8 --run", tmp_path / "run", "--cache-dir", cache))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seed 0" in err and "holds a fit with seed 1" in err and err.count("error:") == 1
+    assert not cache.exists()  # refused before any cell was built
+
+
+def test_the_selection_study_reports_the_best_test_fd_checkpoint_beside_the_rules():
+    from bench.selection_rules import ORACLE, table
+
+    rows = []
+    for seed in (0, 1):
+        rows.append({"cell": "c", "seed": seed, "rule": "GMM row", "excess_fd": 0.01})
+        rows.append({"cell": "c", "seed": seed, "rule": "gain_and_fd", "step": 0, "excess_fd": 0.02})
+        rows += [
+            {"cell": "c", "seed": seed, "rule": "checkpoint", "step": s, "excess_fd": fd}
+            for s, fd in ((0, 0.02), (250, 0.005), (500, 0.03))
+        ]
+    lines = table(rows).splitlines()
+    summary = {line.split(" | ")[0][2:]: line for line in lines[:4]}
+    assert "| 0 of 1 | 0 of 1 |" in summary["gain_and_fd"]
+    assert "| 1 of 1 | 1 of 1 |" in summary[ORACLE] and "| — |" in summary[ORACLE]  # not ranked among the rules
+    assert "| c | 0/0 | 250/250 |" in lines  # the steps each exported
