@@ -251,16 +251,19 @@ class FitConfig:
         0.01, "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"
     )
     select_by: str = option(
-        "gain_and_fd",
+        "auto",
         "model selection on the held-out latents: "
         "gain_and_fd (a checkpoint must match the first candidate, the GMM start, on held-out gain AND on the "
         "latent FD and k-NN precision of its samples, and the lowest FD among those wins), gain_within_fd (the same "
         "guards, but the FD may be up to --select-fd-tolerance worse than the start's, and the highest held-out gain "
-        "among those wins) or gain (the highest held-out gain)",
-        choices=("gain_and_fd", "gain_within_fd", "gain"),
+        "among those wins), gain (the highest held-out gain) or auto (gain_within_fd for the subspace flow, i.e. "
+        "latents of more than 512 dims under --flow-kind auto; gain_and_fd otherwise)",
+        choices=("auto", "gain_and_fd", "gain_within_fd", "gain"),
     )
     select_fd_tolerance: float = option(
-        0.1, "with --select-by gain_within_fd: the relative held-out FD loss against the first candidate a checkpoint may have"
+        0.1,
+        "with --select-by gain_within_fd (and auto for the subspace flow): the relative held-out FD loss against the first "
+        "candidate a checkpoint may have",
     )
     fd_samples: int = option(2048, "sampler draws for the held-out latent FD at each evaluation")
     eval_samples: int = option(4096, "importance samples for log Z at each evaluation")
@@ -372,7 +375,12 @@ def check_config(config: FitConfig) -> None:
         c.flow_base_covariance,
         "full covariances need --flow-base-init em",
     )
-    need(c.select_by in ("gain_and_fd", "gain_within_fd", "gain"), "select_by", c.select_by, "choose gain_and_fd, gain_within_fd or gain")
+    need(
+        c.select_by in ("auto", "gain_and_fd", "gain_within_fd", "gain"),
+        "select_by",
+        c.select_by,
+        "choose auto, gain_and_fd, gain_within_fd or gain",
+    )
     need(c.select_fd_tolerance >= 0, "select_fd_tolerance", c.select_fd_tolerance, "give a relative FD loss >= 0")
     need(c.flow_subspace_dims >= 2, "flow_subspace_dims", c.flow_subspace_dims, "pass at least 2 principal axes")
     need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")

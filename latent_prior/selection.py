@@ -1,16 +1,23 @@
 """Model selection: which evaluated checkpoint a fit exports.
 
-The trainer offers every evaluation (a dict with val_gain_nats, val_fd, val_precision, ess_fraction, step) to
-`offer`, which updates the run's selection state (best_step, best_value, reference, evals_since_best,
-stopped_early of `checkpoints.RunState`). `replay` runs the same rule over a finished fit's recorded history, so
-another rule's choice can be read off one fit (bench.selection_rules), and `describe` words the rule for the fit
-summary. The rules (`FitConfig.select_by`):
+The trainer resolves the rule once (`resolve`: select_by="auto" by the flow kind) and offers every evaluation (a
+dict with val_gain_nats, val_fd, val_precision, ess_fraction, step) to `offer`, which updates the run's selection
+state (best_step, best_value, reference, evals_since_best, stopped_early of `checkpoints.RunState`). `replay` runs the
+same rule over a finished fit's recorded history, so another rule's choice can be read off one fit
+(bench.selection_rules), and `describe` words the rule for the fit summary. The rules (`FitConfig.select_by`):
 
-* gain_and_fd (default): the lowest held-out FD among the checkpoints at least as good as the first candidate
-  (step 0, the GMM start) on held-out gain and FD, with k-NN precision at most PRECISION_TOLERANCE below it;
+* gain_and_fd: the lowest held-out FD among the checkpoints at least as good as the first candidate (step 0, the
+  GMM start) on held-out gain and FD, with k-NN precision at most PRECISION_TOLERANCE below it;
 * gain_within_fd: the highest held-out gain among the checkpoints passing the same guards, with an FD up to
   `select_fd_tolerance` worse than the first candidate's;
-* gain: the highest held-out gain.
+* gain: the highest held-out gain;
+* auto (default): gain_within_fd for the subspace flow (latents of more than SUBSPACE_MIN_DIMS dims), gain_and_fd
+  for the others (AUTO_RULES). Above SUBSPACE_MIN_DIMS the validation split usually holds fewer items than the
+  latents have dims, and its FD is mostly the floor of an estimate from so few items (two samples of the training
+  latents themselves are 90 % of the start's figure apart on the photo cells), so a relative tolerance on it is a
+  loose guard and the held-out likelihood chooses; on photos-16 and photos-c32 that exported checkpoints with a
+  better decoded FID at an equal or better test FD, while on the flat cells gain_and_fd is the better rule
+  (docs/prior-development.md, eighth session).
 
 All of them require an ESS fraction of the log Z estimate of at least `min_ess_fraction`; without a validation
 split the last checkpoint wins.
@@ -29,10 +36,29 @@ from latent_prior.config import from_dict
 from latent_prior.fit_config import PRECISION_TOLERANCE, FitConfig
 from latent_prior.prior import CONFIG_FILE, PRIOR_DIR, TRAIN_DIR
 
+#: select_by="auto": the rule for a flow kind (`Trainer._flow_kind`); every other kind gets AUTO_DEFAULT
+AUTO_RULES = {"subspace": "gain_within_fd"}
+AUTO_DEFAULT = "gain_and_fd"
+
+
+def resolve(config: FitConfig, flow_kind: str) -> FitConfig:
+    """`config` with select_by="auto" replaced by the rule for a fit whose flow is `flow_kind` (AUTO_RULES);
+    any other select_by is returned as it is."""
+    if config.select_by != "auto":
+        return config
+    return dataclasses.replace(config, select_by=AUTO_RULES.get(flow_kind, AUTO_DEFAULT))
+
+
+def _resolved(config: FitConfig) -> FitConfig:
+    if config.select_by == "auto":
+        raise ValueError('select_by="auto" depends on the flow kind: pass selection.resolve(config, flow_kind)')
+    return config
+
 
 def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_validation: bool) -> None:
-    """Judge the evaluation `result` of the checkpoint at `state.step` and update `state`'s selection fields."""
-    s, c = state, config
+    """Judge the evaluation `result` of the checkpoint at `state.step` and update `state`'s selection fields
+    (`config` resolved: `resolve`)."""
+    s, c = state, _resolved(config)
     gain, fd = result["val_gain_nats"], result.get("val_fd", float("nan"))
     precision = result.get("val_precision", float("nan"))
     # A flow-based energy's warm-up candidates are priors too (the EMA flow alone); the paper's form is not
@@ -70,8 +96,9 @@ def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_valida
 
 
 def replay(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) -> int | None:
-    """The step that `config`'s rule selects from a fit's evaluations (`LatentPrior.training_info["history"]`, in
-    order; the fit's own warm-up length), or None when no checkpoint is eligible (the fit then exports its last).
+    """The step that `config`'s rule (resolved: `resolve`) selects from a fit's evaluations
+    (`LatentPrior.training_info["history"]`, in order; the fit's own warm-up length), or None when no checkpoint is
+    eligible (the fit then exports its last).
     Where the rule would have stopped early, later evaluations are ignored; a history that the fit's own rule cut
     short by early stopping holds nothing after that point."""
     state = RunState(warmup_steps=warmup_steps)
@@ -89,8 +116,10 @@ def replay_run(out: str | Path, **rule: Any) -> int:
     checkpoint is eligible. That checkpoint is kept only where the fit kept them all (keep_checkpoints)."""
     out = Path(out)
     saved = out / PRIOR_DIR / CONFIG_FILE
-    training = json.loads(saved.read_text())["training"]
+    prior_config = json.loads(saved.read_text())
+    training = prior_config["training"]
     config = dataclasses.replace(from_dict(FitConfig, training["config"], f"{saved}: training config"), **rule)
+    config = resolve(config, prior_config["flow"]["kind"])
     last_step, last = checkpoint_dirs(out / TRAIN_DIR / "checkpoints")[-1]
     warmup = json.loads((last / "state.json").read_text())["warmup_steps"] or 0
     history = [h for h in training["history"] if math.isfinite(h.get("val_gain_nats", float("nan")))]
@@ -99,8 +128,8 @@ def replay_run(out: str | Path, **rule: Any) -> int:
 
 
 def describe(config: FitConfig, has_validation: bool) -> str:
-    """The rule in words, for the fit summary."""
-    c = config
+    """The rule in words, for the fit summary (`config` resolved: `resolve`)."""
+    c = _resolved(config)
     if not has_validation:
         return "last checkpoint (no validation split)"
     if c.select_by == "gain":

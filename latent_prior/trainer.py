@@ -33,7 +33,9 @@ selection (`select_by="gain_and_fd"`) keeps the checkpoint with the lowest held-
 least as good as step 0 on held-out gain, FD and k-NN precision (within its noise), whose importance sampling is healthy (ESS fraction
 ≥ `min_ess_fraction`), so the prior falls back to the GMM when training does not improve on it;
 `select_by="gain_within_fd"` keeps the highest held-out gain among the checkpoints that pass the same guards with an FD
-up to `select_fd_tolerance` worse; `select_by="gain"` keeps the highest held-out gain; without a validation split, the last checkpoint.
+up to `select_fd_tolerance` worse; `select_by="gain"` keeps the highest held-out gain; the default, "auto", is
+gain_within_fd for the subspace flow and gain_and_fd otherwise (`latent_prior.selection`); without a validation
+split, the last checkpoint.
 The chosen energy and EMA flow, with a final log Ẑ over `log_z_samples` proposals, are exported as a
 `latent_prior.prior.LatentPrior` into `out/prior/` (`LatentPrior.from_pretrained(out / "prior")`), a folder that holds
 only the prior, to copy or upload as it is; the training records (checkpoints/, metrics.csv, fit_config.json,
@@ -149,6 +151,7 @@ class Trainer:
         self.basis = self._fit_basis()
         self._moments: tuple[torch.Tensor, torch.Tensor | None] | None = None  # `_base_moments`, read on first use
         self.base_components, self.base_choice, self.base_gmm = self._choose_base()
+        self.selection_config = selection.resolve(config, self._flow_kind())  # select_by="auto" made concrete
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
@@ -618,7 +621,7 @@ class Trainer:
     def _evaluate_candidate(self) -> dict[str, Any]:
         result = self.evaluate(self.config.eval_samples)
         self.state.history.append(result)
-        selection.offer(self.state, result, self.config, has_validation=len(self.val_idx) > 0)
+        selection.offer(self.state, result, self.selection_config, has_validation=len(self.val_idx) > 0)
         return result
 
     # -- training -------------------------------------------------------------------------------
@@ -850,7 +853,7 @@ class Trainer:
                         if self.is_main:
                             logger.info(
                                 f"latent-prior fit: early stop at step {self.state.step}: no better candidate (--select-by "
-                                f"{c.select_by}) in {c.early_stop_patience} evaluations."
+                                f"{self.selection_config.select_by}) in {c.early_stop_patience} evaluations."
                             )
                         break
                 if bar is not None:
@@ -881,7 +884,8 @@ class Trainer:
             "base_em_seed": self._base_em_seed(),
             "base_em_starts": None if self.base_gmm is None else self.base_gmm.n_init,
             "base_choice": self.base_choice,
-            "selection": selection.describe(self.config, has_validation=len(self.val_idx) > 0),
+            "select_by": self.selection_config.select_by,
+            "selection": selection.describe(self.selection_config, has_validation=len(self.val_idx) > 0),
             "reference": s.reference,
             "stopped_early": s.stopped_early,
             "log_z": result["log_z_is"],

@@ -425,3 +425,17 @@ def test_the_selection_study_reports_the_best_test_fd_checkpoint_beside_the_rule
     assert "| 0 of 1 | 0 of 1 |" in summary["gain_and_fd"]
     assert "| 1 of 1 | 1 of 1 |" in summary[ORACLE] and "| — |" in summary[ORACLE]  # not ranked among the rules
     assert "| c | 0/0 | 250/250 |" in lines  # the steps each exported
+
+
+def test_the_fd_floor_study_scores_other_training_items_against_the_validation_layout(tmp_path, capsys):
+    from bench import fd_floor
+
+    cache = tmp_path / "cache"
+    assert fd_floor.main(cli_words("--set syn-aniso4-d8 --items 300 --splits 2 --cache-dir", cache)) == 0
+    out = capsys.readouterr().out.splitlines()
+    floors = [float(line.split("FD ")[1]) for line in out if line.startswith("split ")]
+    assert len(floors) == 2 and all(0 < f < 1 for f in floors)  # 8 dims, 300 items: a small floor
+    assert out[-1].startswith("syn-aniso4-d8, 300 items × 7 draws, 8 dims: floor ")
+    with pytest.raises(SystemExit) as exit_:
+        fd_floor.main(cli_words("--set syn-aniso4-d8 --items 5000 --cache-dir", cache))
+    assert exit_.value.code == 2 and "--items 5000" in capsys.readouterr().err

@@ -281,17 +281,19 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
     assert summary["stopped_early"] and summary["steps"] == 2 and summary["selected_step"] == 2
     assert "no checkpoint reached --min-ess-fraction" in capsys.readouterr().err
 
-    for select_by in ("gain", "gain_and_fd", "gain_within_fd"):
+    for select_by in ("gain", "gain_and_fd", "gain_within_fd", "auto"):
         out = tmp_path / f"selected-{select_by}"
         assert fit_cli(latents, out, "--steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "1", "--select-by", select_by) == 0
         summary = json.loads((out / "train" / "fit_summary.json").read_text())
+        rule = "gain_and_fd" if select_by == "auto" else select_by  # auto, for latents of the flat networks
+        assert summary["select_by"] == rule
         history = json.loads((out / "prior" / "config.json").read_text())["training"]["history"]
         eligible = [h for h in history if h["ess_fraction"] >= 0.01]
-        if select_by == "gain":
+        if rule == "gain":
             assert summary["selected_step"] == max(eligible, key=lambda h: h["val_gain_nats"])["step"]
         else:  # the lowest FD (or highest gain) among the candidates at least as good as the first one on all three counts
             first = history[0]
-            fd_allowance = 1.1 if select_by == "gain_within_fd" else 1.0
+            fd_allowance = 1 + FitConfig().select_fd_tolerance if rule == "gain_within_fd" else 1.0
             keys = ("step", "val_gain_nats", "val_fd", "val_precision")
             assert first["step"] == 0 and summary["reference"] == {k: first[k] for k in keys}
             assert 0.0 <= first["val_precision"] <= 1.0
@@ -302,7 +304,7 @@ def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents
                 and h["val_fd"] <= first["val_fd"] * fd_allowance
                 and h["val_precision"] >= first["val_precision"] - 0.01
             ]
-            if select_by == "gain_within_fd":
+            if rule == "gain_within_fd":
                 assert summary["selected_step"] == max(admissible, key=lambda h: h["val_gain_nats"])["step"]
             else:
                 assert summary["selected_step"] == min(admissible, key=lambda h: h["val_fd"])["step"]
@@ -607,8 +609,26 @@ def test_many_latent_dims_get_the_subspace_flow_which_starts_as_the_chosen_gmm_o
     reloaded = LatentPrior.from_pretrained(tmp_path / "p" / "prior")
     z = prior.sample(16, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(reloaded.log_prob(z), prior.log_prob(z))
+    assert summary["select_by"] == "gain_within_fd"  # select_by="auto" for the subspace flow
+    assert replay_run(tmp_path / "p") == summary["selected_step"]
     # the automatic choice by size
     for shape, kind in (((4, 8, 8), "realnvp"), ((4, 16, 16), "subspace"), ((4, 32, 32), "subspace"), ((4, 64, 64), "subspace")):
         trainer = Trainer.__new__(Trainer)
         trainer.config, trainer.shape = FitConfig(), shape
         assert trainer._flow_kind() == kind, shape
+
+
+def test_select_by_auto_resolves_by_the_flow_kind_and_must_be_resolved_before_use():
+    from latent_prior.checkpoints import RunState
+    from latent_prior.selection import describe, offer, replay, resolve
+
+    default = FitConfig()
+    assert default.select_by == "auto"
+    assert resolve(default, "subspace").select_by == "gain_within_fd"
+    assert {resolve(default, kind).select_by for kind in ("realnvp", "spline", "multiscale")} == {"gain_and_fd"}
+    explicit = FitConfig(select_by="gain")
+    assert resolve(explicit, "subspace") is explicit
+    result = {"step": 0, "val_gain_nats": 1.0, "val_fd": 1.0, "val_precision": 0.5, "ess_fraction": 1.0}
+    for call in (lambda: offer(RunState(), result, default, True), lambda: replay([result], default, 0), lambda: describe(default, True)):
+        with pytest.raises(ValueError, match="resolve"):
+            call()
