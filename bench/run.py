@@ -1588,11 +1588,38 @@ def _keep_grid(cell: dict[str, Any], grid_dir: Path) -> None:
         cell.pop("grid")
 
 
+#: how `merge` begins the note that names the cells it took whole from another run
+FROM_ANOTHER_RUN = " come from another run: "
+
+
+def _forget_replaced(notes: list[str], replaced: list[str]) -> list[str]:
+    """`notes` without the cells in `replaced` where an earlier merge's note said "cells A, B [and seeds 2 of cells C]
+    come from another run" (those cells are now another run's, all their seeds); a note left naming no cell is
+    dropped. Other notes are kept as they are."""
+
+    def without_replaced(part: str) -> str | None:
+        lead, sep, names = part.rpartition("cells ")
+        left = [n for n in names.split(", ") if n not in replaced]
+        return f"{lead}{sep}{', '.join(left)}" if left else None
+
+    kept = []
+    for note in notes:
+        head, sep, tail = note.partition(FROM_ANOTHER_RUN)
+        if sep and head.startswith(("cells ", "seeds ")):
+            parts = [p for p in map(without_replaced, head.split(" and ")) if p]
+            if not parts:
+                continue
+            head = " and ".join(parts)
+        kept.append(head + sep + tail)
+    return kept
+
+
 def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
     """Add the cells of other runs to the run saved in `into`, and save it back. A cell that is new, or measured again
-    with some of the same seeds, is taken whole (its sample grid copied into `grid_dir`); a cell measured with other
-    seeds only joins them to the seeds already there (`_add_seeds`). Each run's command, date and code is recorded
-    as a note: a page whose cells came from several commands says which."""
+    with some of the same seeds, is taken whole (its sample grid copied into `grid_dir`, and the note of the run it
+    replaces no longer names it: `_forget_replaced`); a cell measured with other seeds only joins them to the seeds
+    already there (`_add_seeds`). Each run's command, date and code is recorded as a note: a page whose cells came
+    from several commands says which."""
     result = _read_run(into)
     for path in others:
         other = _read_run(path)
@@ -1610,8 +1637,9 @@ def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
         what = [f"cells {', '.join(whole)}"] if whole else []
         if seeded:
             what.append(f"seeds {', '.join(map(str, other['cells'][seeded[0]]['seeds']))} of cells {', '.join(seeded)}")
-        result.setdefault("notes", []).append(
-            f"{' and '.join(what)} come from another run: `{other['command']}` ({other['machine']['date']}, "
+        result["notes"] = _forget_replaced(result.get("notes", []), whole)
+        result["notes"].append(
+            f"{' and '.join(what)}{FROM_ANOTHER_RUN}`{other['command']}` ({other['machine']['date']}, "
             f"{other['machine']['code']}, {other.get('total_seconds', float('nan')):.0f} s, load average "
             f"{other['machine']['load_average_start']} .. {other.get('load_average_end')})"
         )

@@ -439,3 +439,17 @@ def test_the_fd_floor_study_scores_other_training_items_against_the_validation_l
     with pytest.raises(SystemExit) as exit_:
         fd_floor.main(cli_words("--set syn-aniso4-d8 --items 5000 --cache-dir", cache))
     assert exit_.value.code == 2 and "--items 5000" in capsys.readouterr().err
+
+
+def test_a_cell_measured_again_leaves_the_notes_of_the_run_it_replaces():
+    notes = [
+        "cells photos come from another run: `python -m bench --sets photos` (date)",
+        "cells photos-16, photos-c32 come from another run: `python -m bench --sets photos-16,photos-c32` (date)",
+        "cells a and seeds 2 of cells b, photos come from another run: `python -m bench --sets a,b,photos` (date)",
+        "the photos run shared the 2 cores with another: its times are upper bounds",
+    ]
+    assert suite._forget_replaced(notes, ["photos", "photos-c32", "a"]) == [
+        "cells photos-16 come from another run: `python -m bench --sets photos-16,photos-c32` (date)",
+        "seeds 2 of cells b come from another run: `python -m bench --sets a,b,photos` (date)",
+        "the photos run shared the 2 cores with another: its times are upper bounds",  # free text is kept as written
+    ]
