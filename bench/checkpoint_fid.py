@@ -3,8 +3,8 @@ scored on held-out latents and decoded images.
 
 A fit (`latent_prior.fit`, FitConfig defaults but the --fit overrides) of one cell's training latents is written to
 --run (or read from it, when it holds one already); then the EMA sampler of every
-checkpoint it kept is scored like the suite scores a prior: excess latent FD against held-out posterior draws (3,000
-samples, the mean of 3 evaluations), and FID of --images decoded samples against as many held-out images (the
+checkpoint it kept is scored like the suite scores a prior: excess latent FD against held-out posterior draws
+(--samples, 3,000 by default; the mean of 3 evaluations), and FID of --images decoded samples against as many held-out images (the
 suite's Inception-v3 and image order). Beside them, the held-out figures that model selection saw (train/metrics.csv):
 validation gain, FD, k-NN precision and the ESS of log Z.
 
@@ -35,7 +35,6 @@ if __package__ in (None, ""):
 
 import torch
 
-SAMPLES = 3000
 EVALUATIONS = 3
 
 
@@ -94,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the fit's seed (the evaluation's draws do not depend on it)")
     parser.add_argument("--noise", type=float, default=0.0, help="σ of noise on the training draws; also scores after a score step")
     parser.add_argument("--steps", default="", help="comma-separated checkpoint steps to score (default: every kept one)")
+    parser.add_argument(
+        "--samples", type=int, default=3000, help="sampler draws per latent FD, against as many held-out draws (3 evaluations)"
+    )
     parser.add_argument("--images", type=int, default=500, help="decoded samples per checkpoint, against as many held-out images")
     parser.add_argument(
         "--cache-dir", default="runs/bench_prior", help="where the suite trains its VAEs once (python -m bench --cache-dir)"
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from latent_prior.prior import LatentPrior
     from latent_prior.train import fit
 
+    if args.samples < 2 or args.images < 2:
+        parser.error(f"--samples {args.samples} --images {args.images}: give at least 2 of each")
     if args.noise < 0:
         parser.error(f"--noise {args.noise:g}: give σ >= 0 (0: no noise)")
     try:
@@ -138,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fitted in {time.perf_counter() - start:.0f} s", flush=True)
     references = []
     for e in range(EVALUATIONS):
-        held = lset.draws("heldout", SAMPLES, _seeded(100 + e)).flatten(1).double()
-        references.append((held, frechet_distance(lset.draws("train", SAMPLES, _seeded(200 + e)).flatten(1).double(), held)))
+        held = lset.draws("heldout", args.samples, _seeded(100 + e)).flatten(1).double()
+        references.append((held, frechet_distance(lset.draws("train", args.samples, _seeded(200 + e)).flatten(1).double(), held)))
     prior = LatentPrior.from_pretrained(str(run / "prior")).eval()
     images = CellImages(lset)
     extractor = load_inception(find_offline_inception())
@@ -162,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     z = prior.flow.sample(n, generator=_seeded(seed))
                 return z if denoise is None else score_step(prior.flow, z, denoise)
 
-            fds = [frechet_distance(draw(SAMPLES, 300 + e).flatten(1).double(), held) - ref for e, (held, ref) in enumerate(references)]
+            fds = [
+                frechet_distance(draw(args.samples, 300 + e).flatten(1).double(), held) - ref for e, (held, ref) in enumerate(references)
+            ]
             z = draw(args.images, 5)
             with torch.no_grad():
                 fake = features_of(extractor, images.decode(lset.normalization.denormalize(z.float())), batch_size=50)
