@@ -127,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps {args.steps}: give comma-separated checkpoint steps, e.g. 0,1000,2000")
     overrides = parse_overrides(args.fit, "--fit")
     run = Path(args.run)
-    if (run / "prior").is_dir():
+    fitted = (run / "prior").is_dir()
+    if fitted:
         fitted_seed = json.loads((run / "prior" / "config.json").read_text())["training"]["config"]["seed"]
         if fitted_seed != args.seed:
             parser.error(f"--seed {args.seed}: {run} holds a fit with seed {fitted_seed}; pass --seed {fitted_seed} or a new --run")
     start = time.perf_counter()
     lset = load_set(args.set, cache_dir=args.cache_dir, verbose=False)
-    if not (run / "prior").is_dir():
+    if not fitted:
         run.mkdir(parents=True, exist_ok=True)
         if wanted:  # keep the checkpoints to score
             overrides.setdefault("keep_checkpoints", 100)

@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     mean, logvar = lset.train_mean, lset.train_logvar
     if not 2 <= args.items <= len(mean) - SAMPLES // 4:
         parser.error(f"--items {args.items}: give 2 to {len(mean) - SAMPLES // 4} (the cell has {len(mean)} training items)")
+    repeats = max(1, round(SAMPLES / args.items))
     floors = []
     for split in range(args.splits):
         g = torch.Generator().manual_seed(split)
         order = torch.randperm(len(mean), generator=g)
         held, other = order[: args.items], order[args.items :]
         other = other[torch.randint(len(other), (SAMPLES,), generator=g)] if len(other) < SAMPLES else other[:SAMPLES]
-        repeats = max(1, round(SAMPLES / args.items))
         reference = torch.cat([lset.draws_of(mean[held], logvar[held], g) for _ in range(repeats)]).flatten(1).double()
         floors.append(frechet_distance(lset.draws_of(mean[other], logvar[other], g).flatten(1).double(), reference))
         print(f"split {split}: FD {floors[-1]:.2f}", flush=True)

@@ -102,6 +102,8 @@ FD_TOLERANCE = 0.5
 #: the estimate at 150 held-out items × 14 draws. A strict comparison kept the start on 8-D digits whose warmed-up
 #: flow had a better held-out gain (+0.09 vs −0.88 nats) and FD (0.083 vs 0.119) at precision 0.866 vs 0.873.
 PRECISION_TOLERANCE = 0.01
+#: the values of `FitConfig.select_by` (latent_prior.selection describes each)
+SELECT_BY_RULES = ("auto", "gain_and_fd", "gain_within_fd", "gain")
 #: k of the k-NN precision that model selection compares (as `evaluate.latent_report`'s PR_NEIGHBOURS)
 PRECISION_NEIGHBOURS = 3
 
@@ -258,7 +260,7 @@ class FitConfig:
         "guards, but the FD may be up to --select-fd-tolerance worse than the start's, and the highest held-out gain "
         "among those wins), gain (the highest held-out gain) or auto (gain_within_fd for the subspace flow, i.e. "
         "latents of more than 512 dims under --flow-kind auto; gain_and_fd otherwise)",
-        choices=("auto", "gain_and_fd", "gain_within_fd", "gain"),
+        choices=SELECT_BY_RULES,
     )
     select_fd_tolerance: float = option(
         0.1,
@@ -375,12 +377,7 @@ def check_config(config: FitConfig) -> None:
         c.flow_base_covariance,
         "full covariances need --flow-base-init em",
     )
-    need(
-        c.select_by in ("auto", "gain_and_fd", "gain_within_fd", "gain"),
-        "select_by",
-        c.select_by,
-        "choose auto, gain_and_fd, gain_within_fd or gain",
-    )
+    need(c.select_by in SELECT_BY_RULES, "select_by", c.select_by, f"choose {', '.join(SELECT_BY_RULES[:-1])} or {SELECT_BY_RULES[-1]}")
     need(c.select_fd_tolerance >= 0, "select_fd_tolerance", c.select_fd_tolerance, "give a relative FD loss >= 0")
     need(c.flow_subspace_dims >= 2, "flow_subspace_dims", c.flow_subspace_dims, "pass at least 2 principal axes")
     need(c.cpu_threads >= 0, "cpu_threads", c.cpu_threads, "pass 0 (one thread) or a number of threads")

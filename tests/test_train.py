@@ -632,3 +632,9 @@ def test_select_by_auto_resolves_by_the_flow_kind_and_must_be_resolved_before_us
     for call in (lambda: offer(RunState(), result, default, True), lambda: replay([result], default, 0), lambda: describe(default, True)):
         with pytest.raises(ValueError, match="resolve"):
             call()
+
+
+def test_an_unknown_select_by_is_refused_with_the_rules_to_choose_from(tmp_path):
+    with pytest.raises(LatentPriorError, match=r"--select-by 'best': choose auto, gain_and_fd, gain_within_fd or gain"):
+        fit(torch.randn(64, 8), out=str(tmp_path / "never"), steps=2, select_by="best")
+    assert not (tmp_path / "never").exists()  # refused before anything is written
