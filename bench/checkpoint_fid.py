@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     fitted = (run / "prior").is_dir()
     if fitted:
-        fitted_seed = json.loads((run / "prior" / "config.json").read_text())["training"]["config"]["seed"]
+        saved = run / "prior" / "config.json"
+        try:
+            fitted_seed = json.loads(saved.read_text())["training"]["config"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--run {run}: {saved} is not a latent-prior fit's ({exc!r}); pass a new --run")
         if fitted_seed != args.seed:
             parser.error(f"--seed {args.seed}: {run} holds a fit with seed {fitted_seed}; pass --seed {fitted_seed} or a new --run")
     start = time.perf_counter()

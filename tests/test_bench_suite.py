@@ -407,6 +407,11 @@ def test_checkpoint_fid_refuses_a_seed_that_is_not_the_fitted_runs(tmp_path, cap
     err = capsys.readouterr().err
     assert "--seed 0" in err and "holds a fit with seed 1" in err and err.count("error:") == 1
     assert not cache.exists()  # refused before any cell was built
+    (tmp_path / "run" / "prior" / "config.json").write_text("{not json")  # a prior/ folder latent-prior did not write
+    with pytest.raises(SystemExit) as exit_:
+        checkpoint_fid.main(cli_words("--set syn-aniso4-d8 --run", tmp_path / "run", "--cache-dir", cache))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "is not a latent-prior fit's" in err and "config.json" in err and not cache.exists()
 
 
 def test_the_selection_study_reports_the_best_test_fd_checkpoint_beside_the_rules():
