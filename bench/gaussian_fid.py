@@ -53,7 +53,7 @@ def latent_models(lset, train: torch.Tensor) -> dict[str, torch.Tensor]:
             samples[name] = GMMPrior(k, covariance, seed=0, n_init=starts).fit(x).sample(DRAWS, generator=_seeded(5))
         basis = PrincipalBasis.fit(train)
         for r in (256, 512):
-            gmm = GMMPrior(10, "full", seed=0, n_init=1).fit(basis.whiten(train, r).double())
+            gmm = basis.fit_mixture(GMMPrior(10, "full", seed=0, n_init=1), train, r)
             flow = build_flow(
                 lset.latent_shape, kind="subspace", subspace_dims=r, base_components=10, base_covariance="full", base_init="em"
             )

@@ -19,6 +19,7 @@ item overfits the sample (docs/prior-development.md, "The GMM on posterior momen
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -429,6 +430,21 @@ class GMMPrior(BaselinePrior):
             rows = components == j
             z[rows] = self.means[j] + temperature * eps[rows] @ self._chol[j].T
         return z.float().reshape(n, *self._fitted_shape())
+
+    def scaled(self, scale: torch.Tensor) -> "GMMPrior":
+        """This GMM's image under x ↦ scale ⊙ x (scale (D,) > 0): the same components in rescaled coordinates (a copy).
+        Its densities, and the `log_likelihood_` history, shift by −Σ log scale nats."""
+        self._check_fitted()
+        c = scale.detach().double().cpu().flatten()
+        if c.shape != (self.dims,) or not bool((c > 0).all()):
+            raise LatentPriorError(f"GMMPrior.scaled: pass {self.dims} positive scales, one per dim; got shape {tuple(scale.shape)}.")
+        out = copy.copy(self)
+        out.means = self.means * c
+        out.covariances = self.covariances * c[:, None] * c[None, :]
+        out._chol = self._chol * c[:, None]  # diag(c)·L stays lower triangular
+        shift = float(c.log().sum())
+        out.log_likelihood_ = [v - shift for v in self.log_likelihood_]
+        return out
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()

@@ -277,20 +277,19 @@ class Trainer:
     def _base_gmm(self, components: int, em_seed: int, em_starts: int = 1) -> Any:
         """The GMM baseline's estimator (float64 EM, full covariances) from the best of `em_starts` k-means starts
         seeded by `em_seed`: on the posterior moments of the training items, as the GMM baseline (`GMMPrior.fit`'s
-        `variances`), or for the subspace flow on its leading whitened axes, where the posteriors are not diagonal,
-        on training draws (`_base_fit_draws`, which also initialize the flow's ActNorms)."""
+        `variances`), or for the subspace flow on its leading whitened axes (`PrincipalBasis.fit_mixture`), where the
+        posteriors are not diagonal, on training draws (`_base_fit_draws`, which also initialize the flow's ActNorms)."""
         from latent_prior.baselines import GMMPrior
 
-        if self.basis is None:
-            means, variances = self._base_moments()
-        else:
-            draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components)
-            means, variances = self.basis.whiten(draws, self._base_dims()).double().cpu(), None
+        gmm = GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=em_starts)
         with warnings.catch_warnings():
             # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
             # here the held-out scores above and training's model selection judge the result.
             warnings.simplefilter("ignore", RuntimeWarning)
-            return GMMPrior(n_components=components, covariance="full", seed=em_seed, n_init=em_starts).fit(means, variances)
+            if self.basis is None:
+                return gmm.fit(*self._base_moments())
+            draws = self._base_fit_draws(self.config.seed + SEEDS.init_draws, components)
+            return self.basis.fit_mixture(gmm, draws, self._base_dims())
 
     def _base_moments(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized posterior means and variances (None for a deterministic cache) of up to `gmm_fit_items` training

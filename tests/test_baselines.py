@@ -88,6 +88,25 @@ def test_gmm_density_integrates_to_one_and_samples_match_it():
     assert (torch.cov(z.T) - mix_cov).abs().max() < 0.3  # entries are ~16; measured error ≈ 0.1
 
 
+def test_a_scaled_gmm_is_the_same_mixture_in_rescaled_coordinates():
+    """GMMPrior.scaled(c) is the image of the mixture under x ↦ c ⊙ x: densities shift by −Σ log c nats, samples scale,
+    and the original is left as it was."""
+    gmm = GMMPrior(n_components=3).fit(draw_mixture(1000, seed=2))
+    means = gmm.means.clone()
+    scale = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    scaled = gmm.scaled(scale)
+    x = draw_mixture(200, seed=4).double()
+    torch.testing.assert_close(scaled.log_prob(x * scale), gmm.log_prob(x) - scale.log().sum())
+    torch.testing.assert_close(
+        scaled.sample(64, generator=torch.Generator().manual_seed(0)),
+        gmm.sample(64, generator=torch.Generator().manual_seed(0)) * scale.float(),
+    )
+    torch.testing.assert_close(scaled.covariances, gmm.covariances * torch.outer(scale, scale))
+    assert torch.equal(gmm.means, means)
+    with pytest.raises(LatentPriorError, match="2 positive scales"):
+        gmm.scaled(torch.tensor([1.0, -1.0]))
+
+
 def test_temperature_scales_the_noise():
     gauss = GaussianPrior().fit(torch.zeros(4, 3, 2))
     z = gauss.sample(20000, generator=torch.Generator().manual_seed(0), temperature=2.0)

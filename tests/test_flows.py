@@ -764,6 +764,30 @@ def test_an_energy_whose_flow_base_shares_the_samplers_basis_reads_its_whitened_
     assert shared.log_z == pytest.approx(plain.log_z, abs=1e-4) and shared.ess == pytest.approx(plain.ess, rel=1e-4)
 
 
+def test_the_leading_axes_mixture_is_fitted_in_the_latents_own_scale_and_a_full_em_base_starts_as_it():
+    """PrincipalBasis.fit_mixture runs k-means and EM on the principal coordinates (z − m)·Q, where the axes keep
+    their variances, and returns that GMM in the whitened coordinates; a subspace flow with a full EM base and no
+    mixture given starts as the one it fits (5 k-means starts, as Flow's own EM)."""
+    from latent_prior.baselines import GMMPrior
+    from latent_prior.flows import PrincipalBasis
+
+    z = correlated_latents(3000)
+    basis = PrincipalBasis.fit(z)
+    scale = basis.log_std[:8].double().exp()
+    y = basis.whiten(z, 8).double()
+    gmm = basis.fit_mixture(GMMPrior(n_components=3, covariance="full", n_init=1, seed=0), z, 8)
+    direct = GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(y * scale)
+    torch.testing.assert_close(gmm.means, direct.means / scale)
+    torch.testing.assert_close(gmm.log_prob(y), direct.log_prob(y * scale) + scale.log().sum())
+    assert not torch.allclose(gmm.weights, GMMPrior(n_components=3, covariance="full", n_init=1, seed=0).fit(y).weights, atol=1e-3)
+    kwargs = dict(kind="subspace", subspace_dims=8, num_blocks=2, hidden=16, base_components=3, base_covariance="full", base_init="em")
+    own, given = build_flow((4, 4, 4), **kwargs), build_flow((4, 4, 4), **kwargs)
+    own.initialize(z, basis=basis)
+    given.initialize(z, basis=basis, mixture=basis.fit_mixture(GMMPrior(n_components=3, covariance="full", n_init=5, seed=0), z, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(own.log_prob(z[:100]), given.log_prob(z[:100]), rtol=0, atol=1e-4)
+
+
 def test_the_subspace_flow_is_a_gmm_on_the_leading_axes_with_a_gaussian_per_component_on_the_rest_and_inverts():
     """A fresh subspace flow given a GMM of the leading whitened axes has exactly the density
     Σ_k π_k N_k(y_r)·N(y_rest; m_k, diag σ_k²)·|det whiten|, where m_k and σ_k² are the responsibility-weighted
