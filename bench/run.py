@@ -149,6 +149,18 @@ FIT_TIME_LIMIT_S = 120.0
 SPEEDUP_TARGET = 30.0
 QUICK_SAMPLES = {"flat": 300, "spatial": 200}
 FULL_SAMPLES = {"flat": 3000, "spatial": 1000}
+#: a spatial cell's latent samples are at least this many times its latent dims (full runs)
+SAMPLES_PER_DIM = 2
+
+
+def default_samples(kind: str, dims: int, quick: bool) -> int:
+    """Latent samples per method and seed of a cell of `kind` ("flat" or "spatial") with `dims` latent dims. A full
+    run's spatial cell gets at least SAMPLES_PER_DIM × dims: with fewer samples than dims the FD estimate favours
+    smooth priors (on photos-c32, 2,048 dims, a fit's start and its step 2000 scored excess FD +19.6 / +47.8 at 1,000
+    samples and +66.8 / +37.1 at 6,000: docs/prior-development.md, eighth session)."""
+    if quick:
+        return QUICK_SAMPLES[kind]
+    return max(FULL_SAMPLES[kind], SAMPLES_PER_DIM * dims) if kind == "spatial" else FULL_SAMPLES[kind]
 #: evaluations averaged per fit (`latent_report(evaluations=...)`): the noise study (bench.eval_noise) measured one
 #: evaluation's excess FD moving by 0.01-0.03 s.d. on 16-32-D digit latents; three cut that by √3. The fits run once,
 #: the sampling and the metrics thrice: the 19 flat cells took about 1.5× as long (docs/prior-development.md)
@@ -218,8 +230,8 @@ class SuiteConfig:
         default=None,
         metadata={
             "help": "latent samples per method and seed (flat "
-            f"{FULL_SAMPLES['flat']}, 4×8×8 {FULL_SAMPLES['spatial']}; --quick {QUICK_SAMPLES['flat']} / "
-            f"{QUICK_SAMPLES['spatial']})"
+            f"{FULL_SAMPLES['flat']}, spatial {FULL_SAMPLES['spatial']} or {SAMPLES_PER_DIM}× the latent dims if more; "
+            f"--quick {QUICK_SAMPLES['flat']} / {QUICK_SAMPLES['spatial']})"
         },
     )
     evaluations: int = field(
@@ -902,7 +914,7 @@ def run_cell(
     spatial = _is_spatial(lset)
     kind = "spatial" if spatial else "flat"
     seeds = spatial_seeds if spatial else flat_seeds
-    samples = cfg.samples or (QUICK_SAMPLES if cfg.quick else FULL_SAMPLES)[kind]
+    samples = cfg.samples or default_samples(kind, math.prod(lset.latent_shape), cfg.quick)
     variants = parse_variants(cfg.variants)
     methods = [*_method_list(cfg.methods), *map(variant_key, variants)]
     overrides: dict[str, Any] = {}

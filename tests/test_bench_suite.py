@@ -70,6 +70,13 @@ def test_quick_run_writes_tables_targets_and_grid(quick_run):
         assert image.width > 7 * 8 * 8 and image.height > 8 * 8  # 7 panels of 8×8 digits, 8 per row
 
 
+def test_a_full_runs_spatial_cell_takes_at_least_twice_as_many_latent_samples_as_dims():
+    assert suite.default_samples("spatial", 4 * 8 * 8, quick=False) == suite.FULL_SAMPLES["spatial"] == 1000
+    assert suite.default_samples("spatial", 32 * 8 * 8, quick=False) == 4096
+    assert suite.default_samples("flat", 64, quick=False) == suite.FULL_SAMPLES["flat"]
+    assert suite.default_samples("spatial", 4 * 32 * 32, quick=True) == suite.QUICK_SAMPLES["spatial"]
+
+
 @pytest.mark.slow  # the --quick run of one cell (~50 s): the benchmark harness, in CI's slow step
 def test_quick_run_json_holds_the_figures(quick_run):
     tmp, _ = quick_run
