@@ -161,6 +161,8 @@ def default_samples(kind: str, dims: int, quick: bool) -> int:
     if quick:
         return QUICK_SAMPLES[kind]
     return max(FULL_SAMPLES[kind], SAMPLES_PER_DIM * dims) if kind == "spatial" else FULL_SAMPLES[kind]
+
+
 #: evaluations averaged per fit (`latent_report(evaluations=...)`): the noise study (bench.eval_noise) measured one
 #: evaluation's excess FD moving by 0.01-0.03 s.d. on 16-32-D digit latents; three cut that by √3. The fits run once,
 #: the sampling and the metrics thrice: the 19 flat cells took about 1.5× as long (docs/prior-development.md)
