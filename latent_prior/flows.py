@@ -1317,9 +1317,9 @@ class SubspaceFlow(Flow):
     def initialize(self, z: torch.Tensor, *, force: bool = False, mixture: Any = None, basis: PrincipalBasis | None = None) -> bool:
         """Fit the principal basis to z (N, *latent_shape), or take `basis` (a `PrincipalBasis` of these latents),
         initialize the inner flow on the leading whitened coordinates (`mixture`: a full-covariance GMM fitted in
-        them, `basis.whiten(z, subspace_dims)`; see `Flow.initialize`; a full EM base without one fits its own there,
-        `PrincipalBasis.fit_mixture`), then give each mixture component the mean and
-        variance of the trailing coordinates weighted by its responsibilities for z."""
+        them, `basis.whiten(z, subspace_dims)`, see `Flow.initialize`; without one a full EM base fits its own there
+        by `PrincipalBasis.fit_mixture`), then give each mixture component the mean and variance of the trailing
+        coordinates weighted by its responsibilities for z."""
         if self.is_initialized and not force:
             return False
         self._check_latents(z, "SubspaceFlow.initialize")
