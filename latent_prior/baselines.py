@@ -435,9 +435,9 @@ class GMMPrior(BaselinePrior):
         """This GMM's image under x ↦ scale ⊙ x (scale (D,) > 0): the same components in rescaled coordinates (a copy).
         Its densities, and the `log_likelihood_` history, shift by −Σ log scale nats."""
         self._check_fitted()
-        c = scale.detach().double().cpu().flatten()
+        c = torch.as_tensor(scale).detach().double().cpu().flatten()
         if c.shape != (self.dims,) or not bool((c > 0).all()):
-            raise LatentPriorError(f"GMMPrior.scaled: pass {self.dims} positive scales, one per dim; got shape {tuple(scale.shape)}.")
+            raise LatentPriorError(f"GMMPrior.scaled: pass {self.dims} positive scales, one per dim; got shape {tuple(c.shape)}.")
         out = copy.copy(self)
         out.means = self.means * c
         out.covariances = self.covariances * c[:, None] * c[None, :]
