@@ -741,19 +741,24 @@ class Flow(nn.Module):
         self.base_log_scales.copy_(log_scales)
         self.base_logits.copy_(torch.log((counts + 1.0) / (counts.sum() + self.base_components)).to(self.base_logits.dtype))
 
-    @torch.no_grad()
-    def _initialize_mixture_em(self, eps: torch.Tensor) -> None:
-        """Mixture base = the GMM that EM fits to the base codes ε (N, D), with `GMMPrior`'s settings (float64,
-        the best of 5 k-means starts, covariance regularization 1e-6): the baseline's own estimator, so an
-        affine flow on this base is that GMM. Components beyond N keep weight ~0."""
+    def _fit_em_base(self, items: int, fit: Callable[[Any], Any]) -> Any:
+        """The EM base's estimator, `GMMPrior` with its settings (float64, the best of 5 k-means starts, covariance
+        regularization 1e-6) and min(base_components, items) components, fitted by `fit(gmm)`."""
         from latent_prior.baselines import GMMPrior
 
-        k = min(self.base_components, len(eps))
+        gmm = GMMPrior(n_components=min(self.base_components, items), covariance=self.base_covariance, seed=0, n_init=5)
         with warnings.catch_warnings():
             # Its warnings (collapsed dims, few points per component) concern a GMM used as a prior on its own;
             # here training and the trainer's held-out selection judge the result.
             warnings.simplefilter("ignore", RuntimeWarning)
-            gmm = GMMPrior(n_components=k, covariance=self.base_covariance, seed=0, n_init=5).fit(eps.double())
+            return fit(gmm)
+
+    @torch.no_grad()
+    def _initialize_mixture_em(self, eps: torch.Tensor) -> None:
+        """Mixture base = the GMM that EM fits to the base codes ε (N, D) (`_fit_em_base`): the baseline's own
+        estimator, so an affine flow on this base is that GMM. Components beyond N keep weight ~0."""
+        gmm = self._fit_em_base(len(eps), lambda g: g.fit(eps.double()))
+        k = gmm.n_components
         chol = gmm._chol  # (k, D, D) lower triangular, float64
         diag = torch.diagonal(chol, dim1=-2, dim2=-1)
         weights = torch.full((self.base_components,), 1e-8, dtype=torch.float64)
@@ -1340,7 +1345,7 @@ class SubspaceFlow(Flow):
         y = self.basis.whiten(z.to(device=device, dtype=dtype))
         r = self.subspace_dims
         if mixture is None and self.base_components > 1 and self.base_init == "em" and self.base_covariance == "full":
-            mixture = self._leading_mixture(z, basis)
+            mixture = self._fit_em_base(len(z), lambda g: basis.fit_mixture(g, z, self.subspace_dims))
         self.inner.initialize(y[:, :r], force=True, mixture=mixture)
         if self.base_components > 1:
             eps, _ = self.inner.to_base(y[:, :r])
@@ -1353,16 +1358,6 @@ class SubspaceFlow(Flow):
             self.rest_log_scales.copy_((0.5 * variances.log()).to(self.rest_log_scales.dtype))
         self.initialized.fill_(1)
         return True
-
-    def _leading_mixture(self, z: torch.Tensor, basis: PrincipalBasis) -> Any:
-        """The full-covariance EM base on the leading axes, with `Flow._initialize_mixture_em`'s settings, fitted in the
-        latents' own scale (`PrincipalBasis.fit_mixture`)."""
-        from latent_prior.baselines import GMMPrior
-
-        gmm = GMMPrior(n_components=min(self.base_components, len(z)), covariance="full", seed=0, n_init=5)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # as in Flow._initialize_mixture_em
-            return basis.fit_mixture(gmm, z, self.subspace_dims)
 
     def _base_config(self) -> dict[str, Any]:
         return self.inner._base_config()
