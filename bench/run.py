@@ -1125,22 +1125,34 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         fit_s = _med(cell, "evalp", "fit_seconds")
         dims = math.prod(cell["latent_shape"])
         if fit_s is not None and dims <= 64 and cell["n_train"] <= 2000:
-            jobs = result["config"].get("jobs", 1)
-            parallel = jobs > 1 and len(result["cells"]) > 1
-            status = "n/a" if quick or parallel else "pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"
-            note = (
-                " (--quick: not the default fit)"
-                if quick
-                else f" beside another cell's work (--jobs {jobs}): an upper bound; the goal is stated for a machine doing nothing else"
-                if parallel
-                else ""
-            )
-            add(
-                f"default fit ≤ {FIT_TIME_LIMIT_S:g} s (≤ 2,000 latents, ≤ 64 dims)",
-                status,
-                f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s){note}",
-            )
+            add(f"default fit ≤ {FIT_TIME_LIMIT_S:g} s (≤ 2,000 latents, ≤ 64 dims)", *_fit_time_verdict(result, name, fit_s, quick))
     return out
+
+
+def _fit_time_verdict(result: dict[str, Any], name: str, fit_s: float, quick: bool) -> tuple[str, str]:
+    """(status, detail) of the fit-time goal for cell `name`: from the run's own fit time when the fit had the
+    machine to itself, else from `python -m bench.fit_time`'s measurement alone (the JSON's "fit_time") when
+    there is one, else n/a (a --jobs run's fit shares the cores: its time is an upper bound)."""
+    jobs = result["config"].get("jobs", 1)
+    parallel = jobs > 1 and len(result["cells"]) > 1
+    in_run = f"{fit_s:.1f} s on {result['machine']['torch_threads']} thread(s)"
+    if quick:
+        return "n/a", f"{in_run} (--quick: not the default fit)"
+    if not parallel:
+        return ("pass" if fit_s <= FIT_TIME_LIMIT_S else "miss"), in_run
+    alone = [(run, r) for run in result.get("fit_time", {}).get("runs", []) for r in run["rows"] if r["cell"] == name]
+    if not alone:
+        return (
+            "n/a",
+            f"{in_run} beside another cell's work (--jobs {jobs}): an upper bound; the goal is stated for a machine doing nothing else",
+        )
+    worst = max(r["seconds"] for _, r in alone)
+    run = alone[0][0]
+    seeds = ", ".join(f"seed {r['seed']} {r['seconds']:.1f} s (load {r['load_before']} / {r['load_after']})" for _, r in alone)
+    return (
+        "pass" if worst <= FIT_TIME_LIMIT_S else "miss",
+        f"alone on {run['threads']} thread(s) (python -m bench.fit_time, {run['code']}): {seeds}; in the suite run {in_run} beside another cell's work",
+    )
 
 
 RANKED = ("gaussian", "gmm", "evalp", "sir", "langevin", "flow-matching", "evalp-code")
@@ -1422,6 +1434,12 @@ def render_markdown(result: dict[str, Any], out: Path) -> str:
         + ("; **--quick run: short fits and few samples, not the benchmark's figures**" if cfg.get("quick") else ""),
         f"- full results: `{result.get('json_path', 'suite.json')}` (`python -m bench --rerender` rebuilds this page from it)",
         *(f"- note: {note}" for note in result.get("notes", [])),
+        *(
+            f'- fit times alone (the goal "default fit ≤ {FIT_TIME_LIMIT_S:g} s" of the cells it measured): `{run["command"]}` '
+            f"({run['date']}, {run['code']}, {run['threads']} thread(s), {len(run['rows'])} fits)"
+            + (f"; {run['note']}" if run.get("note") else "")
+            for run in result.get("fit_time", {}).get("runs", [])
+        ),
         "",
     ]
     lines += summary_section(result)
@@ -1514,11 +1532,16 @@ def summary_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def save_json(result: dict[str, Any], json_path: Path) -> None:
+    """Write a run's results as bench/results/suite.json holds them (2-space indent, one trailing newline)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
 def write_outputs(result: dict[str, Any], out: Path, json_path: Path) -> None:
     result["targets"] = evaluate_targets(result)
     out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(result, json_path)
     out.write_text(render_markdown(result, out))
 
 
@@ -1659,7 +1682,7 @@ def merge(into: Path, others: list[Path], grid_dir: Path) -> None:
         )
     for cell in result["cells"].values():
         _keep_grid(cell, grid_dir)
-    into.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(result, into)
 
 
 def rerender(source: Path, out: Path | None) -> int:

@@ -465,3 +465,52 @@ def test_a_cell_measured_again_leaves_the_notes_of_the_run_it_replaces():
         "seeds 2 of cells b come from another run: `python -m bench --sets a,b,photos` (date)",
         "the photos run shared the 2 cores with another: its times are upper bounds",  # free text is kept as written
     ]
+
+
+def test_the_fit_time_goal_takes_its_verdict_from_a_fit_alone_when_the_run_shared_the_cores(tmp_path):
+    """A --jobs 2 run's fit times are upper bounds (N/A); `python -m bench.fit_time --into` records fits alone,
+    which then decide the goal, and a cell measured again replaces its own rows only."""
+    from bench import fit_time
+
+    per_seed = [{"rows": {m: dict(ROW) for m in ("gaussian", "gmm", "evalp")}, "fits": {}}]
+    cell = {"cell": "digits-d8-b1", "seeds": [0], "methods": suite.aggregate_cell(per_seed, [0]), "latent_shape": [8], "n_train": 1500}
+    result = {
+        "config": {"quick": False, "jobs": 2},
+        "machine": {"torch_threads": 1},
+        "cells": {"digits-d8-b1": cell, "digits-d64-b1": {**cell, "cell": "digits-d64-b1", "latent_shape": [64]}},
+    }
+
+    def verdicts() -> dict[str, tuple[str, str]]:
+        return {t["cell"]: (t["status"], t["detail"]) for t in suite.evaluate_targets(result) if "default fit" in t["target"]}
+
+    assert {c: v[0] for c, v in verdicts().items()} == {"digits-d8-b1": "n/a", "digits-d64-b1": "n/a"}
+    suite_json = tmp_path / "suite.json"
+    suite_json.write_text(json.dumps(result))
+
+    def alone(rows: list[tuple[str, float]], code: str) -> dict:
+        fits = [
+            {"cell": c, "seed": 0, "dims": 8, "n_train": 1500, "seconds": s, "selected_step": 0, "load_before": 0.1, "load_after": 1.0}
+            for c, s in rows
+        ]
+        return {"command": "python -m bench.fit_time", "code": code, "date": "today", "threads": 2, "cpu_count": 2, "rows": fits}
+
+    fit_time.record_into(suite_json, alone([("digits-d8-b1", 150.0), ("digits-d64-b1", 100.0)], "git a"))
+    fit_time.record_into(suite_json, alone([("digits-d8-b1", 90.0)], "git b"))
+    result = json.loads(suite_json.read_text())
+    assert [[r["cell"] for r in run["rows"]] for run in result["fit_time"]["runs"]] == [["digits-d64-b1"], ["digits-d8-b1"]]
+    got = verdicts()
+    assert got["digits-d8-b1"][0] == "pass" and "seed 0 90.0 s" in got["digits-d8-b1"][1] and "git b" in got["digits-d8-b1"][1]
+    assert got["digits-d64-b1"][0] == "pass" and "100.0 s" in got["digits-d64-b1"][1]
+    fit_time.record_into(suite_json, alone([("digits-d64-b1", 121.0)], "git c"))
+    result = json.loads(suite_json.read_text())
+    assert verdicts()["digits-d64-b1"][0] == "miss"
+    # the command line records an earlier --json into a page's results without measuring: here a copy of the repo's
+    record, page, suite_copy = tmp_path / "fit_time.json", tmp_path / "page.md", tmp_path / "suite_copy.json"
+    record.write_text(json.dumps(alone([("digits-d64-b1", 121.0)], "git c")))
+    suite_copy.write_text((REPO / "bench" / "results" / "suite.json").read_text())
+    assert fit_time.main(cli_words("--rerender", record, "--into", suite_copy, "--out", page)) == 0
+    line = next(line for line in page.read_text().splitlines() if line.startswith("| digits-d64-b1 | default fit"))
+    assert "**MISS**" in line and "121.0 s" in line and "git c" in line
+    with pytest.raises(SystemExit):
+        fit_time.main(["--sets", "no-such-cell"])
+    assert fit_time.flat_cells() and not set(fit_time.flat_cells()) & set(suite.SPATIAL_CELLS)
