@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in CELLS]
         if unknown:
             parser.error(f"--sets: unknown cells {', '.join(unknown)}; python -m bench --help lists them")
+        spatial = [n for n in names if n in SPATIAL_CELLS]
+        if spatial:  # refused before their VAEs are trained: the goal covers flat latents of ≤ 64 dims
+            parser.error(f"--sets: {', '.join(spatial)} are spatial cells, outside the goal (≤ 64 dims); choose flat cells")
         records = [
             {
                 "command": "python -m bench.fit_time " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -511,6 +511,7 @@ def test_the_fit_time_goal_takes_its_verdict_from_a_fit_alone_when_the_run_share
     assert fit_time.main(cli_words("--rerender", record, "--into", suite_copy, "--out", page)) == 0
     line = next(line for line in page.read_text().splitlines() if line.startswith("| digits-d64-b1 | default fit"))
     assert "**MISS**" in line and "121.0 s" in line and "git c" in line
-    with pytest.raises(SystemExit):
-        fit_time.main(["--sets", "no-such-cell"])
+    for cell in ("no-such-cell", "photos-16"):  # an unknown cell, and one outside the goal: refused before any work
+        with pytest.raises(SystemExit):
+            fit_time.main(["--sets", cell])
     assert fit_time.flat_cells() and not set(fit_time.flat_cells()) & set(suite.SPATIAL_CELLS)
