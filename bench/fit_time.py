@@ -32,12 +32,20 @@ if __package__ in (None, ""):
 
 from bench.datasets import load_set
 from bench.fits import fit_evalp
-from bench.run import CELLS, FIT_TIME_LIMIT_S, SPATIAL_CELLS, code_version, evaluate_targets, rerender, save_json
+from bench.run import (
+    CELLS,
+    FIT_TIME_LIMIT_S,
+    FIT_TIME_MAX_DIMS,
+    FIT_TIME_MAX_LATENTS,
+    SPATIAL_CELLS,
+    _read_run,
+    code_version,
+    evaluate_targets,
+    rerender,
+    save_json,
+)
 from bench.study import study_parser
 from latent_prior.errors import LatentPriorError
-
-#: the goal covers fits on at most this many latents of at most this many dims
-GOAL_MAX_LATENTS, GOAL_MAX_DIMS = 2000, 64
 
 
 def _load() -> float | None:
@@ -50,10 +58,10 @@ def measure(name: str, seed: int, cache_dir: str) -> dict[str, Any]:
     lset = load_set(name, cache_dir=cache_dir, seed=seed, verbose=False)
     dims = math.prod(lset.latent_shape)
     n_train = int(lset.train_mean.shape[0])
-    if dims > GOAL_MAX_DIMS or n_train > GOAL_MAX_LATENTS:
+    if dims > FIT_TIME_MAX_DIMS or n_train > FIT_TIME_MAX_LATENTS:
         raise LatentPriorError(
-            f"--sets {name}: {n_train} latents of {dims} dims lie outside the goal (≤ {GOAL_MAX_LATENTS} latents, "
-            f"≤ {GOAL_MAX_DIMS} dims); choose flat cells."
+            f"--sets {name}: {n_train} latents of {dims} dims lie outside the goal (≤ {FIT_TIME_MAX_LATENTS} latents, "
+            f"≤ {FIT_TIME_MAX_DIMS} dims); choose flat cells."
         )
     load_before = _load()
     with tempfile.TemporaryDirectory() as work, contextlib.redirect_stdout(sys.stderr):  # the fit's summary: not the table's
@@ -75,7 +83,7 @@ def table(record: dict[str, Any]) -> str:
     lines = [
         f"{record['threads']} torch thread(s) on {record['cpu_count']} CPUs, {record['code']}, {record['date']}",
         "",
-        "| cell | seed | latents | fit s | selected step | 1-min load before / after | ≤ 120 s |",
+        f"| cell | seed | latents | fit s | selected step | 1-min load before / after | ≤ {FIT_TIME_LIMIT_S:g} s |",
         "|---|---:|---|---:|---:|---|---|",
     ]
     for r in record["rows"]:
@@ -89,7 +97,7 @@ def table(record: dict[str, Any]) -> str:
 
 def record_into(suite_json: Path, record: dict[str, Any]) -> None:
     """Store `record` under the suite JSON's "fit_time" key; rows of a cell and seed measured again replace the old."""
-    result = json.loads(suite_json.read_text())
+    result = _read_run(suite_json)  # a suite JSON, or a LatentPriorError naming the file: nothing else is rewritten
     old = result.get("fit_time", {"runs": []})
     new_keys = {(r["cell"], r["seed"]) for r in record["rows"]}
     runs = []
@@ -102,22 +110,29 @@ def record_into(suite_json: Path, record: dict[str, Any]) -> None:
     save_json(result, suite_json)
 
 
+def _read_record(path: Path) -> dict[str, Any]:
+    """A --json that this script wrote, or an error naming the file."""
+    try:
+        record = json.loads(path.read_text())
+        record["rows"], record["command"], record["code"], record["threads"]  # noqa: B018 - the keys the page needs
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LatentPriorError(f"--rerender {path}: not a readable --json of bench.fit_time ({exc}).") from None
+    return record
+
+
 def flat_cells() -> list[str]:
     """The suite's cells the goal covers: the flat digits and synthetic sets."""
     return [name for name in CELLS if name not in SPATIAL_CELLS]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from latent_prior.threads import policy_threads
-
     parser = study_parser(__doc__, seeds="0")
     parser.add_argument("--flat", action="store_true", help="every flat cell of the suite (instead of --sets)")
     parser.add_argument("--into", default=None, help="record the figures in this suite JSON and rerender its page from it")
     parser.add_argument("--out", default=None, help="with --into: the page to rewrite (default docs/benchmarks.md)")
     args = parser.parse_args(argv)
-    if args.rerender:
-        records = [json.loads(Path(path).read_text()) for path in args.rerender.split(",")]
-    else:
+    names: list[str] = []
+    if not args.rerender:
         names = flat_cells() if args.flat else [n for n in args.sets.split(",") if n]
         if not names:
             parser.error("pass --sets or --flat (or --rerender FILE)")
@@ -126,36 +141,43 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--sets: unknown cells {', '.join(unknown)}; python -m bench --help lists them")
         spatial = [n for n in names if n in SPATIAL_CELLS]
         if spatial:  # refused before their VAEs are trained: the goal covers flat latents of ≤ 64 dims
-            parser.error(f"--sets: {', '.join(spatial)} are spatial cells, outside the goal (≤ 64 dims); choose flat cells")
-        records = [
-            {
-                "command": "python -m bench.fit_time " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "code": code_version(),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "threads": policy_threads(None),  # what a default fit runs on (latent_prior.threads)
-                "cpu_count": os.cpu_count(),
-                "rows": [],
-            }
-        ]
-        try:
-            for name in names:
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    row = measure(name, seed, args.cache_dir)
-                    records[0]["rows"].append(row)
-                    print(
-                        f"[fit_time] {name} seed {seed}: {row['seconds']:.1f} s (load {row['load_before']} / {row['load_after']})",
-                        file=sys.stderr,
-                    )
-                    if args.json_out:
-                        Path(args.json_out).write_text(json.dumps(records[0], indent=1))
-        except LatentPriorError as exc:
-            print(f"python -m bench.fit_time: error: {exc}", file=sys.stderr)
-            return 2
-    for record in records:
-        print(table(record))
-        if args.into:
-            record_into(Path(args.into), record)
-    return rerender(Path(args.into), Path(args.out) if args.out else None) if args.into else 0
+            parser.error(
+                f"--sets: {', '.join(spatial)} are spatial cells, outside the goal (≤ {FIT_TIME_MAX_DIMS} dims); choose flat cells"
+            )
+    try:
+        records = [_read_record(Path(path)) for path in args.rerender.split(",")] if args.rerender else [time_fits(args, names, argv)]
+        for record in records:
+            print(table(record))
+            if args.into:
+                record_into(Path(args.into), record)
+        return rerender(Path(args.into), Path(args.out) if args.out else None) if args.into else 0
+    except LatentPriorError as exc:
+        print(f"python -m bench.fit_time: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def time_fits(args: Any, names: list[str], argv: list[str] | None) -> dict[str, Any]:
+    """`measure` every cell of `names` and seed of --seeds, one at a time; the record so far goes to --json after each."""
+    from latent_prior.threads import policy_threads
+
+    record: dict[str, Any] = {
+        "command": "python -m bench.fit_time " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "code": code_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "threads": policy_threads(None),  # what a default fit runs on (latent_prior.threads)
+        "cpu_count": os.cpu_count(),
+        "rows": [],
+    }
+    for name in names:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            row = measure(name, seed, args.cache_dir)
+            record["rows"].append(row)
+            print(
+                f"[fit_time] {name} seed {seed}: {row['seconds']:.1f} s (load {row['load_before']} / {row['load_after']})", file=sys.stderr
+            )
+            if args.json_out:
+                save_json(record, Path(args.json_out))
+    return record
 
 
 if __name__ == "__main__":

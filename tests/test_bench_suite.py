@@ -467,7 +467,7 @@ def test_a_cell_measured_again_leaves_the_notes_of_the_run_it_replaces():
     ]
 
 
-def test_the_fit_time_goal_takes_its_verdict_from_a_fit_alone_when_the_run_shared_the_cores(tmp_path):
+def test_the_fit_time_goal_takes_its_verdict_from_a_fit_alone_when_the_run_shared_the_cores(tmp_path, capsys):
     """A --jobs 2 run's fit times are upper bounds (N/A); `python -m bench.fit_time --into` records fits alone,
     which then decide the goal, and a cell measured again replaces its own rows only."""
     from bench import fit_time
@@ -511,6 +511,12 @@ def test_the_fit_time_goal_takes_its_verdict_from_a_fit_alone_when_the_run_share
     assert fit_time.main(cli_words("--rerender", record, "--into", suite_copy, "--out", page)) == 0
     line = next(line for line in page.read_text().splitlines() if line.startswith("| digits-d64-b1 | default fit"))
     assert "**MISS**" in line and "121.0 s" in line and "git c" in line
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for args in (["--rerender", broken, "--into", suite_copy], ["--rerender", record, "--into", broken]):  # unreadable: named
+        before = broken.read_text()
+        assert fit_time.main(cli_words(*args)) == 2
+        assert str(broken) in capsys.readouterr().err and broken.read_text() == before
     for cell in ("no-such-cell", "photos-16"):  # an unknown cell, and one outside the goal: refused before any work
         with pytest.raises(SystemExit):
             fit_time.main(["--sets", cell])
