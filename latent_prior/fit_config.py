@@ -248,7 +248,13 @@ class FitConfig:
     )
     checkpoint_every: int = option(250, "write a checkpoint and evaluate on the held-out latents every N steps (and at the end)")
     keep_checkpoints: int = option(2, "most recent checkpoints to keep, besides the best one")
-    early_stop_patience: int = option(0, "stop after N evaluations without a better candidate by --select-by's rule (0: never)")
+    early_stop_patience: int = option(
+        2,
+        "stop after N evaluations of the alternating phase without a better candidate by --select-by's rule (the "
+        "warm-up's evaluations do not count, so the energy trains for at least N evaluations; 0: never stop early). "
+        "On the suite's flat cells the alternating phase moved the held-out gain and FD by noise-level amounts after "
+        "its first 500 steps, and it was 3/4 of a fit's time",
+    )
     min_ess_fraction: float = option(
         0.01, "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"
     )

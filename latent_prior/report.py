@@ -157,7 +157,9 @@ def _fit_section(s: dict[str, Any]) -> list[str]:
         "are optimistic; a low ESS makes them unreliable."
     )
     if s.get("stopped_early"):
-        lines.append("- The fit stopped early (no better candidate by --select-by's rule for --early-stop-patience evaluations).")
+        lines.append(
+            "- The fit stopped early (no better candidate by --select-by's rule in --early-stop-patience evaluations of the alternating phase)."
+        )
     return lines
 
 

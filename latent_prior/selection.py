@@ -89,7 +89,9 @@ def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_valida
         )
     if eligible and (s.best_value is None or value > s.best_value):
         s.best_step, s.best_value, s.evals_since_best = s.step, value, 0
-    else:
+    elif s.step > (s.warmup_steps or 0):
+        # Only the alternating phase's evaluations count towards early stopping: the warm-up is the energy's base,
+        # and a fit stopped inside it would never train the energy.
         s.evals_since_best += 1
     if c.early_stop_patience and has_validation and s.evals_since_best >= c.early_stop_patience:
         s.stopped_early = True

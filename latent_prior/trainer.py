@@ -469,6 +469,9 @@ class Trainer:
         self.ema.updates = int(state.pop("ema_updates", 0))
         known = {f.name for f in dataclasses.fields(RunState)}
         self.state = RunState(**{k: v for k, v in state.items() if k in known})
+        # by this run's --early-stop-patience, which a resume may change (0 continues a run that stopped early)
+        patience = self.config.early_stop_patience
+        self.state.stopped_early = bool(patience) and self.state.evals_since_best >= patience
 
     # -- evaluation -----------------------------------------------------------------------------
     def _fixed_draws(self, indices: np.ndarray) -> Iterator[torch.Tensor]:

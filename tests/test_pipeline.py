@@ -297,7 +297,7 @@ def _metrics_rows(path: Path) -> list[dict]:
 
 def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
     d = tmp_path / "run"
-    args = ["fit", "--data", str(digits), "--out", str(d), *TINY, "--steps", "200"]
+    args = ["fit", "--data", str(digits), "--out", str(d), *TINY, "--steps", "200", "--early-stop-patience", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "latent_prior", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

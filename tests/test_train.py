@@ -5,6 +5,7 @@ Every fit here uses tiny networks and few steps (TINY) so the file stays fast on
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -203,7 +204,7 @@ def test_out_dir_with_another_run_is_refused_without_resume(latents, tmp_path, c
 def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     # An explicit warm-up and constant learning rates: the default warm-up (capped at half of --steps) and
     # the cosine decay depend on --steps, which differs between the runs.
-    fixed = ["--warmup-steps", "3", "--lr-final-fraction", "1"]
+    fixed = ["--warmup-steps", "3", "--lr-final-fraction", "1", "--early-stop-patience", "0"]
     common = ["--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "5", *fixed]
     assert fit_cli(latents, tmp_path / "a", *common) == 0
     # the "interrupted" run stops at step 8 (its config says 8 steps), then resumes to 12
@@ -239,7 +240,7 @@ def test_the_flows_dense_factors_learn_slower_and_a_resume_with_another_power_is
 
 
 def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, tmp_path):
-    args = ["--steps", "200", "--checkpoint-every", "10"]
+    args = ["--steps", "200", "--checkpoint-every", "10", "--early-stop-patience", "0"]  # to step 200, which is compared
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     killed = tmp_path / "killed"
     cmd = [
@@ -274,12 +275,19 @@ def test_kill_9_midway_then_resume_finishes_like_an_uninterrupted_run(latents, t
 
 def test_early_stop_and_the_exported_weights_are_the_selected_checkpoint(latents, tmp_path, capsys):
     out = tmp_path / "early"
-    # An unreachable ESS requirement: no evaluation can become "best", so patience 2 stops at the 2nd one
-    # (steps 0 and 2).
-    assert fit_cli(latents, out, "--steps", "40", "--checkpoint-every", "2", "--early-stop-patience", "2", "--min-ess-fraction", "1.0") == 0
+    # An unreachable ESS requirement: no evaluation can become "best". The warm-up (20 of 40 steps) is not cut short;
+    # patience 2 stops at the 2nd evaluation after it (steps 22 and 24).
+    unreachable = ["--checkpoint-every", "2", "--early-stop-patience", "2", "--min-ess-fraction", "1.0"]
+    assert fit_cli(latents, out, "--steps", "40", *unreachable) == 0
     summary = json.loads((out / "train" / "fit_summary.json").read_text())
-    assert summary["stopped_early"] and summary["steps"] == 2 and summary["selected_step"] == 2
+    assert summary["stopped_early"] and summary["steps"] == 24 and summary["selected_step"] == 24
     assert "no checkpoint reached --min-ess-fraction" in capsys.readouterr().err
+    # a resume keeps the stop; with patience 0 it trains on to --steps
+    assert fit_cli(latents, out, "--steps", "40", *unreachable, "--resume") == 0
+    assert json.loads((out / "train" / "fit_summary.json").read_text())["steps"] == 24
+    assert fit_cli(latents, out, "--steps", "40", *unreachable, "--early-stop-patience", "0", "--resume") == 0
+    summary = json.loads((out / "train" / "fit_summary.json").read_text())
+    assert not summary["stopped_early"] and summary["steps"] == 40
 
     for select_by in ("gain", "gain_and_fd", "gain_within_fd", "auto"):
         out = tmp_path / f"selected-{select_by}"
@@ -632,6 +640,38 @@ def test_select_by_auto_resolves_by_the_flow_kind_and_must_be_resolved_before_us
     for call in (lambda: offer(RunState(), result, default, True), lambda: replay([result], default, 0), lambda: describe(default, True)):
         with pytest.raises(ValueError, match="resolve"):
             call()
+
+
+def test_early_stopping_counts_the_evaluations_of_the_alternating_phase_only():
+    """A run whose later checkpoints never beat the start: patience 2 stops at the 2nd evaluation after the warm-up
+    (steps 1250 and 1500 of a 1000-step warm-up), whatever the warm-up's evaluations were; a new best resets the count."""
+    from latent_prior.checkpoints import RunState
+    from latent_prior.fit_config import resolve_objective
+    from latent_prior.selection import offer, replay
+
+    config = resolve_objective(FitConfig(early_stop_patience=2, select_by="gain"))
+
+    def evaluation(step: int, gain: float) -> dict:
+        return {"step": step, "val_gain_nats": gain, "val_fd": 1.0, "val_precision": 0.5, "ess_fraction": 1.0}
+
+    flat = [evaluation(step, 1.0 if step == 0 else 0.5) for step in range(0, 2001, 250)]
+    state = RunState(warmup_steps=1000)
+    for result in flat:
+        state.step = result["step"]
+        offer(state, result, config, has_validation=True)
+        if state.stopped_early:
+            break
+    assert (state.step, state.best_step, state.evals_since_best) == (1500, 0, 2)
+    late = [*flat[:6], evaluation(1500, 2.0), *flat[7:]]  # a new best at 1500 gives the energy two more evaluations
+    assert replay(late, config, warmup_steps=1000) == 1500
+    state = RunState(warmup_steps=1000)
+    for result in late:
+        state.step = result["step"]
+        offer(state, result, config, has_validation=True)
+        if state.stopped_early:
+            break
+    assert state.step == 2000 and state.stopped_early
+    assert replay(flat, dataclasses.replace(config, early_stop_patience=0), warmup_steps=1000) == 0
 
 
 def test_an_unknown_select_by_is_refused_with_the_rules_to_choose_from(tmp_path):
