@@ -654,22 +654,21 @@ def test_early_stopping_counts_the_evaluations_of_the_alternating_phase_only():
     def evaluation(step: int, gain: float) -> dict:
         return {"step": step, "val_gain_nats": gain, "val_fd": 1.0, "val_precision": 0.5, "ess_fraction": 1.0}
 
+    def offered(history: list[dict]) -> RunState:
+        state = RunState(warmup_steps=1000)
+        for result in history:
+            state.step = result["step"]
+            offer(state, result, config, has_validation=True)
+            if state.stopped_early:
+                break
+        return state
+
     flat = [evaluation(step, 1.0 if step == 0 else 0.5) for step in range(0, 2001, 250)]
-    state = RunState(warmup_steps=1000)
-    for result in flat:
-        state.step = result["step"]
-        offer(state, result, config, has_validation=True)
-        if state.stopped_early:
-            break
+    state = offered(flat)
     assert (state.step, state.best_step, state.evals_since_best) == (1500, 0, 2)
     late = [*flat[:6], evaluation(1500, 2.0), *flat[7:]]  # a new best at 1500 gives the energy two more evaluations
     assert replay(late, config, warmup_steps=1000) == 1500
-    state = RunState(warmup_steps=1000)
-    for result in late:
-        state.step = result["step"]
-        offer(state, result, config, has_validation=True)
-        if state.stopped_early:
-            break
+    state = offered(late)
     assert state.step == 2000 and state.stopped_early
     assert replay(flat, dataclasses.replace(config, early_stop_patience=0), warmup_steps=1000) == 0
 
