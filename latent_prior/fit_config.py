@@ -251,9 +251,8 @@ class FitConfig:
     early_stop_patience: int = option(
         2,
         "stop after N evaluations of the alternating phase without a better candidate by --select-by's rule (the "
-        "warm-up's evaluations do not count, so the energy trains for at least N evaluations; 0: never stop early). "
-        "On the suite's flat cells the alternating phase moved the held-out gain and FD by noise-level amounts after "
-        "its first 500 steps, and it was 3/4 of a fit's time",
+        "warm-up's evaluations do not count, so the energy trains for at least N evaluations; 0: never stop early; "
+        "why 2: docs/prior-development.md)",
     )
     min_ess_fraction: float = option(
         0.01, "checkpoints whose importance-sampling ESS fraction is below this cannot be selected (their log Z is unreliable)"

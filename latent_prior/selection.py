@@ -93,8 +93,14 @@ def offer(state: RunState, result: dict[str, Any], config: FitConfig, has_valida
         # Only the alternating phase's evaluations count towards early stopping: the warm-up is the energy's base,
         # and a fit stopped inside it would never train the energy.
         s.evals_since_best += 1
-    if c.early_stop_patience and has_validation and s.evals_since_best >= c.early_stop_patience:
+    if has_validation and patience_spent(s, c):
         s.stopped_early = True
+
+
+def patience_spent(state: RunState, config: FitConfig) -> bool:
+    """Whether `config.early_stop_patience` (0: never) evaluations of the alternating phase have passed without a
+    better candidate: where `offer` stops a fit, and what a resume under another patience re-decides."""
+    return bool(config.early_stop_patience) and state.evals_since_best >= config.early_stop_patience
 
 
 def replay(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) -> int | None:

@@ -470,8 +470,7 @@ class Trainer:
         known = {f.name for f in dataclasses.fields(RunState)}
         self.state = RunState(**{k: v for k, v in state.items() if k in known})
         # by this run's --early-stop-patience, which a resume may change (0 continues a run that stopped early)
-        patience = self.config.early_stop_patience
-        self.state.stopped_early = bool(patience) and self.state.evals_since_best >= patience
+        self.state.stopped_early = selection.patience_spent(self.state, self.config)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _fixed_draws(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
