@@ -88,12 +88,33 @@ class _SeedOffsets:
 
 
 SEEDS = _SeedOffsets()
-#: flow_base_components=0 chooses among these, for a full-covariance base of at most FULL_BASE_BUDGET values
-#: (K·D²: 10 components at 4×8×8 = 256 dims, whose per-step cost on 2 CPU cores was the largest we accepted)
+#: flow_base_components=0 chooses among these: the first always, a larger K where its full-covariance base has at
+#: most FULL_BASE_BUDGET values (`base_em_starts`)
 BASE_COMPONENT_CHOICES = (10, 20, 40)
 #: the k-means starts of EM scored for each K (each its own candidate: see Trainer._choose_base)
 BASE_EM_SEEDS = (0, 1, 2)
-FULL_BASE_BUDGET = 10 * 256**2
+#: K·D² of the largest full-covariance base that the start search tries beyond its first K: 20 components in 64
+#: dims. The base's log-density costs K·D² per latent and pass, and EM as much per item and iteration; at d = 64 a
+#: 40-component start made a default fit miss the 2-minute goal (docs/prior-development.md, twelfth session)
+FULL_BASE_BUDGET = 20 * 64**2
+
+
+def base_em_starts(dims: int) -> dict[int, tuple[int, ...]]:
+    """The start search's EM candidates for flow_base_components=0 in `dims` dimensions, {K: k-means seeds}: each K of
+    BASE_COMPONENT_CHOICES whose K·dims² is within FULL_BASE_BUDGET (the first always) with the seeds BASE_EM_SEEDS,
+    and the seeds of the K beyond the budget go to the largest K within it, the first excepted: {10: 0-2, 20: 0-2,
+    40: 0-2} up to 45 dims, {10: 0-2, 20: 0-5} up to 64, {10: 0-2} above. More starts, because the best of three
+    K = 20 starts can merge two of 20 separated modes where one of six does not (docs/prior-development.md)."""
+    first, *larger = BASE_COMPONENT_CHOICES
+    kept = [k for k in larger if k * dims**2 <= FULL_BASE_BUDGET]
+    starts = {k: BASE_EM_SEEDS for k in (first, *kept)}
+    dropped = len(larger) - len(kept)
+    if kept and dropped:
+        after = max(BASE_EM_SEEDS) + 1
+        starts[kept[-1]] = (*BASE_EM_SEEDS, *range(after, after + dropped * len(BASE_EM_SEEDS)))
+    return starts
+
+
 #: relative held-out FD a larger mixture may lose against the first choice and still be chosen: a sanity bound,
 #: not a criterion, since a GMM that merges modes keeps the first two moments, which is all FD compares (20
 #: separated modes in 4-D: FD 0.70 with 10 components and precision 0.37, 0.82 and 0.94 with 40)
@@ -178,8 +199,9 @@ class FitConfig:
         "components of the flow's base "
         "distribution: 1 is N(0, I), K > 1 a learned mixture of K Gaussians, which keeps separate modes (digit "
         "classes) apart instead of joining them by bridges of blended samples; 0 chooses K from 10, 20, 40 by the "
-        "held-out precision + recall of EM GMMs with 3 k-means starts per K (full covariances within 10·256² "
-        "values, else 10; a full EM base starts as the GMM chosen, for a K given too); " + _objective_help("flow_base_components"),
+        "held-out precision + recall of EM GMMs with 3 k-means starts per K (K > 10 only "
+        "where K·D² ≤ 20·64², i.e. 40 up to 45 dims and 20, with 6 starts, up to 64; a full EM base starts as the GMM chosen, for a K given too); "
+        + _objective_help("flow_base_components"),
     )
     flow_base_covariance: str | None = option(
         None,

@@ -89,11 +89,11 @@ from latent_prior.fit_config import (
     BASE_COMPONENT_CHOICES,
     BASE_EM_SEEDS,
     FD_TOLERANCE,
-    FULL_BASE_BUDGET,
     PRECISION_NEIGHBOURS,
     SEEDS,
     SUBSPACE_MIN_DIMS,
     FitConfig,
+    base_em_starts,
 )
 from latent_prior.log import logger
 from latent_prior.losses import energy_loss, sampler_loss
@@ -206,9 +206,9 @@ class Trainer:
     def _choose_base(self) -> tuple[int, list[dict[str, Any]], Any]:
         """(K, the scores of every candidate, the chosen GMM or None) for a full-covariance EM base.
 
-        The candidates are EM GMMs fitted on the training items (`_base_gmm`): one per k-means start in
-        BASE_EM_SEEDS for each K in BASE_COMPONENT_CHOICES (full covariances within FULL_BASE_BUDGET) or for the K
-        given, and the GMM baseline's own estimator (GMM_COMPONENTS components, the best of GMM_KMEANS_STARTS
+        The candidates are EM GMMs fitted on the training items (`_base_gmm`): one per K and k-means seed of
+        `base_em_starts`, or per seed of BASE_EM_SEEDS for a K given, and the GMM baseline's own estimator
+        (GMM_COMPONENTS components, the best of GMM_KMEANS_STARTS
         k-means starts seeded by the fit's seed) where that K is among them. The choice is the candidate whose
         samples have the highest held-out k-NN precision + recall among those whose held-out FD is within
         FD_TOLERANCE of the best; the flow then starts as exactly that GMM (Flow.initialize's `mixture`), so step 0
@@ -226,13 +226,11 @@ class Trainer:
         dims = self._base_dims()
         if self._base_covariance() != "full" or c.flow_base_init != "em":
             return c.flow_base_components or BASE_COMPONENT_CHOICES[0], [], None
-        if c.flow_base_components:
-            choices = [c.flow_base_components]
-        else:
-            choices = [k for k in BASE_COMPONENT_CHOICES if k * dims**2 <= FULL_BASE_BUDGET] or [BASE_COMPONENT_CHOICES[0]]
+        starts = {c.flow_base_components: BASE_EM_SEEDS} if c.flow_base_components else base_em_starts(dims)
+        choices = list(starts)
         if choices[0] <= 1 or len(self.eval_val_idx) <= PRECISION_NEIGHBOURS:
             return choices[0], [], None
-        keys = [(k, em_seed, 1) for k in choices for em_seed in BASE_EM_SEEDS]
+        keys = [(k, em_seed, 1) for k, seeds in starts.items() for em_seed in seeds]
         if GMM_COMPONENTS in choices:
             keys.append((GMM_COMPONENTS, c.seed, GMM_KMEANS_STARTS))
         scores: list[dict[str, Any]] = []

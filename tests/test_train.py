@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from latent_prior.cli import main
 from latent_prior.errors import LatentPriorError
+from latent_prior.fit_config import base_em_starts
 from latent_prior.prior import LatentPrior
 from latent_prior.selection import replay_run
 from latent_prior.train import FitConfig, fit
@@ -569,6 +570,28 @@ def test_the_base_components_are_chosen_on_heldout_latents(tmp_path):
     assert prior.flow.base_components == summary["base_components"]  # the exported prior records the count
     fixed = fit(str(path), out=str(tmp_path / "ten"), flow_base_components=10, **short).training_info["summary"]
     assert fixed["base_components"] == 10 and [r["components"] for r in fixed["base_choice"]] == [10, 10, 10, 10]
+
+
+def test_the_start_search_tries_a_larger_mixture_only_within_its_cost_budget(tmp_path):
+    """K·D² per latent is what the mixture base costs in every pass and EM per item and iteration: ten components
+    always, 40 up to 45 dims, 20 up to 64 (with the k-means starts that 40 would have had), then ten alone; a fit
+    on 48-D latents scores exactly those candidates and the GMM baseline's estimator."""
+    three, six = (0, 1, 2), (0, 1, 2, 3, 4, 5)
+    assert [base_em_starts(d) for d in (4, 45, 46, 64, 65, 256)] == [
+        {10: three, 20: three, 40: three},
+        {10: three, 20: three, 40: three},
+        {10: three, 20: six},
+        {10: three, 20: six},
+        {10: three},
+        {10: three},
+    ]
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 48, generator=g)[torch.randint(0, 4, (600,), generator=g)] + 0.3 * torch.randn(600, 48, generator=g)
+    save_file({"mean": mean, "logvar": torch.full_like(mean, -6.0)}, str(tmp_path / "wide.safetensors"))
+    short = dict(TINY_KW, steps=2, warmup_steps=1, checkpoint_every=2)
+    summary = fit(str(tmp_path / "wide.safetensors"), out=str(tmp_path / "fit"), **short).training_info["summary"]
+    tried = [(r["components"], r["em_seed"], r["em_starts"]) for r in summary["base_choice"]]
+    assert tried == [*((10, s, 1) for s in three), *((20, s, 1) for s in six), (10, 0, 5)]
 
 
 def fit_wide_latents(tmp_path):
