@@ -124,6 +124,7 @@ def test_training_is_seeded(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.slow  # trains the quick photos VAE (~18 s): the benchmark harness, in CI's slow step
 def test_load_set_photos_quick_trains_once_and_gives_finite_moments(tmp_path):
     assert "photos" in REAL_SETS and "photos" in ALL_SETS
     lset = load_set("photos", quick=True, cache_dir=tmp_path, verbose=False)

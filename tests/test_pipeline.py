@@ -295,6 +295,7 @@ def _metrics_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # ~40 s; a killed fit and a killed encode resume in test_train and test_encode's default tests
 def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
     d = tmp_path / "run"
     args = ["fit", "--data", str(digits), "--out", str(d), *TINY, "--steps", "200", "--early-stop-patience", "0"]
@@ -335,6 +336,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, digits):
 # two real processes
 
 
+@pytest.mark.slow  # ~21 s; two gloo processes fit (test_train) and encode (test_encode) in the default tests
 def test_two_gloo_processes_run_the_pipeline(tmp_path, digits):
     d = tmp_path / "run"
     result = run_two_gloo_processes(
