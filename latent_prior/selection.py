@@ -106,16 +106,21 @@ def patience_spent(state: RunState, config: FitConfig) -> bool:
 def replay(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) -> int | None:
     """The step that `config`'s rule (resolved: `resolve`) selects from a fit's evaluations
     (`LatentPrior.training_info["history"]`, in order; the fit's own warm-up length), or None when no checkpoint is
-    eligible (the fit then exports its last).
-    Where the rule would have stopped early, later evaluations are ignored; a history that the fit's own rule cut
-    short by early stopping holds nothing after that point."""
+    eligible (the fit then exports its last). `replay_state` gives the whole selection state."""
+    return replay_state(history, config, warmup_steps).best_step
+
+
+def replay_state(history: list[dict[str, Any]], config: FitConfig, warmup_steps: int) -> RunState:
+    """The selection fields of a RunState after `offer` judged `history` in order (its `step`: the last evaluation
+    judged). Where the rule would have stopped early, later evaluations are ignored; a history that the fit's own rule
+    cut short by early stopping holds nothing after that point."""
     state = RunState(warmup_steps=warmup_steps)
     for result in history:
         state.step = int(result["step"])
         offer(state, result, config, has_validation=True)
         if state.stopped_early:
             break
-    return state.best_step
+    return state
 
 
 def replay_run(out: str | Path, **rule: Any) -> int:

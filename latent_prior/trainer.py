@@ -227,11 +227,11 @@ class Trainer:
         if self._base_covariance() != "full" or c.flow_base_init != "em":
             return c.flow_base_components or BASE_COMPONENT_CHOICES[0], [], None
         starts = {c.flow_base_components: BASE_EM_SEEDS} if c.flow_base_components else base_em_starts(dims)
-        choices = list(starts)
-        if choices[0] <= 1 or len(self.eval_val_idx) <= PRECISION_NEIGHBOURS:
-            return choices[0], [], None
+        first = next(iter(starts))
+        if first <= 1 or len(self.eval_val_idx) <= PRECISION_NEIGHBOURS:
+            return first, [], None
         keys = [(k, em_seed, 1) for k, seeds in starts.items() for em_seed in seeds]
-        if GMM_COMPONENTS in choices:
+        if GMM_COMPONENTS in starts:
             keys.append((GMM_COMPONENTS, c.seed, GMM_KMEANS_STARTS))
         scores: list[dict[str, Any]] = []
         fitted: dict[tuple[int, int, int], Any] = {}

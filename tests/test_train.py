@@ -668,30 +668,20 @@ def test_select_by_auto_resolves_by_the_flow_kind_and_must_be_resolved_before_us
 def test_early_stopping_counts_the_evaluations_of_the_alternating_phase_only():
     """A run whose later checkpoints never beat the start: patience 2 stops at the 2nd evaluation after the warm-up
     (steps 1250 and 1500 of a 1000-step warm-up), whatever the warm-up's evaluations were; a new best resets the count."""
-    from latent_prior.checkpoints import RunState
     from latent_prior.fit_config import resolve_objective
-    from latent_prior.selection import offer, replay
+    from latent_prior.selection import replay, replay_state
 
     config = resolve_objective(FitConfig(early_stop_patience=2, select_by="gain"))
 
     def evaluation(step: int, gain: float) -> dict:
         return {"step": step, "val_gain_nats": gain, "val_fd": 1.0, "val_precision": 0.5, "ess_fraction": 1.0}
 
-    def offered(history: list[dict]) -> RunState:
-        state = RunState(warmup_steps=1000)
-        for result in history:
-            state.step = result["step"]
-            offer(state, result, config, has_validation=True)
-            if state.stopped_early:
-                break
-        return state
-
     flat = [evaluation(step, 1.0 if step == 0 else 0.5) for step in range(0, 2001, 250)]
-    state = offered(flat)
+    state = replay_state(flat, config, warmup_steps=1000)
     assert (state.step, state.best_step, state.evals_since_best) == (1500, 0, 2)
     late = [*flat[:6], evaluation(1500, 2.0), *flat[7:]]  # a new best at 1500 gives the energy two more evaluations
     assert replay(late, config, warmup_steps=1000) == 1500
-    state = offered(late)
+    state = replay_state(late, config, warmup_steps=1000)
     assert state.step == 2000 and state.stopped_early
     assert replay(flat, dataclasses.replace(config, early_stop_patience=0), warmup_steps=1000) == 0
 
